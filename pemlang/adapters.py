@@ -1,0 +1,350 @@
+"""Reading PEFT adapters: `adapter_config.json` + the safetensors header → a ModuleType.
+
+Type checking never reads tensor data: the signature comes from the JSON config and the
+safetensors header (an 8-byte length and a JSON table of dtypes, shapes and offsets). Tensors
+are read later, one at a time, by the backend (`Adapter.tensor`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .types import (
+    DTYPE_SIZES,
+    FLOAT_DTYPES,
+    BaseModelRef,
+    Head,
+    Ia3Layer,
+    Layer,
+    LoraLayer,
+    ModuleType,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_PEFT_TYPE_NAMES = {
+    "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT", "BOFT": "BOFT",
+    "PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning", "P_TUNING": "p-tuning",
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning", "VERA": "VeRA", "FOURIERFT": "FourierFT",
+    "VBLORA": "VB-LoRA", "HRA": "HRA", "BONE": "Bone", "LN_TUNING": "LayerNorm tuning",
+    "POLY": "Poly", "XLORA": "X-LoRA", "ADAPTION_PROMPT": "adaption prompt", "RANDLORA": "RandLoRA",
+}
+# Config fields that change what a LoRA adapter computes beyond ΔW = s·B·A (SPEC §2.4).
+_UNSUPPORTED_LORA_FIELDS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias (lora_bias)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer replication (layer_replication)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "megatron_config": "Megatron layers (megatron_config)",
+}
+
+
+class AdapterError(Exception):
+    """An adapter cannot be read: carries a diagnostic code, message, notes and hints."""
+
+    def __init__(self, code: str, message: str, notes: Iterable[str] = (), hints: Iterable[str] = ()):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.notes = tuple(notes)
+        self.hints = tuple(hints)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One entry of a safetensors header."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT adapter directory, its type, and where each tensor lives."""
+
+    path: Path
+    config: dict[str, Any]
+    type: ModuleType
+    weights_file: Path
+    tensors: dict[str, TensorInfo]  # by full PEFT key
+    # For each layer: the PEFT keys of its tensors ("A"/"B" for LoRA, "l" for (IA)3).
+    layer_keys: dict[str, dict[str, str]]
+    head_keys: dict[str, str]
+    unsupported: tuple[str, ...] = ()
+    data_start: int = 0
+    file_size: int = 0
+    pickled: bool = False
+    _pickled_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def data_bytes_expected(self) -> int:
+        return max((t.end for t in self.tensors.values()), default=0)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the file is shorter than its header says (a cut-off download)."""
+        return not self.pickled and self.data_start + self.data_bytes_expected > self.file_size
+
+    def tensor(self, key: str, device: str = "cpu"):  # type: ignore[no-untyped-def]
+        """Read one tensor by its PEFT key (imports torch; never used by the checker)."""
+        if self._pickled_state is not None:
+            return self._pickled_state[key].to(device)
+        from safetensors import safe_open
+
+        with safe_open(str(self.weights_file), framework="pt", device=str(device)) as f:
+            return f.get_tensor(key)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int, int]:
+    """Parse a safetensors header without reading tensor data.
+
+    Returns (tensors by key, `__metadata__`, offset where data starts, file size)."""
+    try:
+        file_size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise AdapterError("E013", f"{path.name} is too short to be a safetensors file",
+                                   notes=[f"{path}: {file_size} bytes"])
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or length > file_size - 8:
+                raise AdapterError(
+                    "E013", f"{path.name} has a truncated or malformed safetensors header",
+                    notes=[f"{path}: the header claims {length} bytes but the file has {file_size}"])
+            raw = f.read(length)
+    except OSError as exc:
+        raise AdapterError("E012", f"cannot read {path.name}", notes=[f"{path}: {exc.strerror}"]) from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = {}
+        for key, entry in header.items():
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if dtype not in DTYPE_SIZES:
+                raise ValueError(f"tensor {key!r} has unknown dtype {dtype!r}")
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {key!r} has a malformed shape {list(shape)}")
+            numel = 1
+            for d in shape:
+                numel *= d
+            if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != numel * DTYPE_SIZES[dtype]:
+                raise ValueError(f"tensor {key!r}: offsets [{begin}, {end}] do not fit {dtype}{list(shape)}")
+            tensors[key] = TensorInfo(key, dtype, shape, begin, end)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise AdapterError("E013", f"{path.name} has a malformed safetensors header",
+                           notes=[f"{path}: {detail}"]) from None
+    return tensors, metadata, 8 + length, file_size
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    config_path = directory / CONFIG_NAME
+    if not directory.exists():
+        raise AdapterError("E012", "adapter directory not found", notes=[f"no such directory: {directory}"])
+    if not directory.is_dir():
+        raise AdapterError("E012", "not an adapter directory", notes=[f"{directory} is a file"],
+                           hints=["an input is a PEFT adapter directory (adapter_config.json + weights)"])
+    if not config_path.is_file():
+        raise AdapterError("E012", f"no {CONFIG_NAME} in the adapter directory",
+                           notes=[f"looked for {config_path}"],
+                           hints=["an input is a directory written by PEFT's save_pretrained"])
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AdapterError("E012", f"cannot read {CONFIG_NAME}", notes=[f"{config_path}: {exc.strerror}"]) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError("E013", f"{CONFIG_NAME} is not valid JSON", notes=[f"{config_path}: {exc}"]) from None
+    if not isinstance(config, dict):
+        raise AdapterError("E013", f"{CONFIG_NAME} is not a JSON object", notes=[str(config_path)])
+    return config
+
+
+def _pattern_value(patterns: dict[str, Any] | None, layer_key: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for pattern in patterns or {}:
+        if re.match(rf"(.*\.)?({pattern})$", layer_key):
+            return patterns[pattern]  # type: ignore[index]
+    return default
+
+
+def _module_matches(module_path: str, names: Iterable[str]) -> bool:
+    return any(module_path == n or module_path.endswith("." + n) for n in names)
+
+
+def _strip(key: str) -> str:
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
+    """Read an adapter directory's signature (config + header only; no tensor data)."""
+    directory = Path(path)
+    config = _read_config(directory)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in {"LORA", "IA3"}:
+        name = _PEFT_TYPE_NAMES.get(peft_type, peft_type or "an adapter with no peft_type")
+        raise AdapterError("E011", f"{name} adapters are not supported",
+                           notes=[f"{directory / CONFIG_NAME}: peft_type {config.get('peft_type')!r}"],
+                           hints=["pemlang composes LoRA and (IA)3 adapters"])
+    kind = "lora" if peft_type == "LORA" else "ia3"
+
+    weights_file = directory / WEIGHTS_NAME
+    pickled_state = None
+    if weights_file.is_file():
+        tensors, _metadata, data_start, file_size = read_safetensors_header(weights_file)
+    elif (directory / PICKLE_NAME).is_file():
+        weights_file = directory / PICKLE_NAME
+        if not allow_pickle:
+            raise AdapterError("E023", f"the adapter's weights are pickled ({PICKLE_NAME})",
+                               notes=[f"{weights_file}: loading a pickle can run arbitrary code"],
+                               hints=["re-save it as safetensors, or pass --allow-pickle if you trust it "
+                                      "(then it is loaded with torch.load(weights_only=True))"])
+        tensors, pickled_state = _read_pickle(weights_file)
+        data_start, file_size = 0, weights_file.stat().st_size
+    else:
+        raise AdapterError("E012", f"no {WEIGHTS_NAME} in the adapter directory",
+                           notes=[f"looked for {weights_file}"])
+
+    unsupported: list[str] = []
+    if kind == "lora":
+        for field_name, feature in _UNSUPPORTED_LORA_FIELDS.items():
+            if config.get(field_name):
+                unsupported.append(feature)
+    if config.get("bias", "none") not in (None, "none"):
+        unsupported.append(f"bias training (bias={config['bias']!r})")
+
+    base = BaseModelRef(config.get("base_model_name_or_path"), config.get("revision"))
+    auto_mapping = config.get("auto_mapping") or {}
+    heads_names = config.get("modules_to_save") or []
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+
+    layer_keys: dict[str, dict[str, str]] = {}
+    head_keys: dict[str, str] = {}
+    groups: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in tensors.items():
+        short = _strip(key)
+        if kind == "lora" and (m := re.fullmatch(r"(.+)\.lora_([AB])\.weight", short)):
+            groups.setdefault(m.group(1), {})[m.group(2)] = info
+            layer_keys.setdefault(m.group(1), {})[m.group(2)] = key
+        elif kind == "ia3" and (m := re.fullmatch(r"(.+)\.ia3_l", short)):
+            groups.setdefault(m.group(1), {})["l"] = info
+            layer_keys.setdefault(m.group(1), {})["l"] = key
+        elif short.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in short:
+            _note(unsupported, "DoRA (use_dora)")
+        elif re.fullmatch(r".+\.lora_B\.bias", short):
+            _note(unsupported, "LoRA bias (lora_bias)")
+        elif ".lora_embedding_" in short:
+            _note(unsupported, "LoRA on embedding layers (lora_embedding_A/B)")
+        elif "trainable_tokens" in short:
+            _note(unsupported, "trainable tokens")
+        elif _module_matches(short.rsplit(".", 1)[0], heads_names):
+            head_keys[short] = key
+        else:
+            _note(unsupported, f"an unrecognised tensor {short!r}")
+
+    layers: dict[str, Layer] = {}
+    for layer_key, group in groups.items():
+        if kind == "lora":
+            layer = _lora_layer(directory, config, layer_key, group, fan_in_fan_out, unsupported)
+        else:
+            layer = _ia3_layer(layer_key, group["l"], unsupported)
+        if layer is not None:
+            layers[layer_key] = layer
+    if not layers and not unsupported:
+        raise AdapterError("E013", f"the adapter has no {'LoRA' if kind == 'lora' else '(IA)3'} tensors",
+                           notes=[f"{weights_file}: {len(tensors)} tensors, none of them adapter weights"])
+    heads = {
+        short: Head(short, tensors[key].shape, tensors[key].dtype, tensors[key].nbytes)
+        for short, key in head_keys.items()
+    }
+    for head in heads.values():
+        if head.dtype not in FLOAT_DTYPES:
+            _note(unsupported, f"a non-floating-point head tensor {head.key!r} ({head.dtype})")
+    module_type = ModuleType(kind, base, dict(sorted(layers.items())), dict(sorted(heads.items())),
+                             auto_mapping.get("base_model_class"))
+    return Adapter(directory, config, module_type, weights_file, tensors, layer_keys, head_keys,
+                   tuple(unsupported), data_start, file_size, pickled_state is not None, pickled_state)
+
+
+def _note(features: list[str], feature: str) -> None:
+    if feature not in features:
+        features.append(feature)
+
+
+def _lora_layer(directory: Path, config: dict[str, Any], layer_key: str, group: dict[str, TensorInfo],
+                fan_in_fan_out: bool, unsupported: list[str]) -> LoraLayer | None:
+    if set(group) != {"A", "B"}:
+        missing = "lora_B" if "A" in group else "lora_A"
+        raise AdapterError("E013", f"layer {layer_key} has no {missing} tensor",
+                           notes=[f"{directory / WEIGHTS_NAME}: a LoRA layer needs both lora_A and lora_B"])
+    a, b = group["A"], group["B"]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        _note(unsupported, "LoRA on convolution layers")
+        return None
+    rank, in_features = a.shape
+    out_features, rank_b = b.shape
+    if rank_b != rank:
+        raise AdapterError("E013", f"layer {layer_key}: lora_A and lora_B ranks disagree",
+                           notes=[f"lora_A is {rank}×{in_features}, lora_B is {out_features}×{rank_b}"])
+    configured_rank = _pattern_value(config.get("rank_pattern"), layer_key, config.get("r", rank))
+    if configured_rank != rank:
+        raise AdapterError("E013", f"layer {layer_key}: the tensors have rank {rank} but the config says "
+                           f"{configured_rank}", notes=[f"{directory / CONFIG_NAME}: r / rank_pattern"])
+    alpha = _pattern_value(config.get("alpha_pattern"), layer_key, config.get("lora_alpha", 8))
+    for info in (a, b):
+        if info.dtype not in FLOAT_DTYPES:
+            _note(unsupported, f"quantised or non-float LoRA weights ({info.dtype})")
+    return LoraLayer(layer_key, in_features, out_features, rank, float(alpha),
+                     bool(config.get("use_rslora", False)), fan_in_fan_out, a.dtype, a.nbytes + b.nbytes)
+
+
+def _ia3_layer(layer_key: str, info: TensorInfo, unsupported: list[str]) -> Ia3Layer | None:
+    if len(info.shape) != 2 or 1 not in info.shape:
+        _note(unsupported, "(IA)3 on convolution layers")
+        return None
+    return Ia3Layer(layer_key, info.shape, info.shape[0] == 1 and info.shape[1] != 1, info.dtype, info.nbytes)
+
+
+def _read_pickle(path: Path) -> tuple[dict[str, TensorInfo], dict[str, Any]]:
+    import torch
+
+    from .types import DTYPE_SIZES as sizes
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise AdapterError("E013", f"cannot load {path.name}", notes=[f"{path}: {exc}"]) from None
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+    tensors = {}
+    offset = 0
+    for key, value in state.items():
+        dtype = names.get(value.dtype, "I64")
+        nbytes = value.numel() * sizes[dtype]
+        tensors[key] = TensorInfo(key, dtype, tuple(value.shape), offset, offset + nbytes)
+        offset += nbytes
+    return tensors, state

@@ -1,0 +1,175 @@
+"""Diagnostics: every user error and warning, and the one renderer that prints them (SPEC §4).
+
+A diagnostic carries a code, a message, the source span it is about, and notes and hints. The
+renderer prints them as rustc does:
+
+    error[E006]: cannot add modules trained on different base models
+     --> transfer.pem:7:12
+      |
+    7 | yelp_cls = amazon_cls + llama_lm
+      |            ^^^^^^^^^^^^^^^^^^^^^
+      = note: amazon_cls: base "t5-base"; llama_lm: base "huggyllama/llama-7b"
+
+Colour is used only when the stream is a terminal (and then through rich, imported lazily).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Literal
+
+from .source import Source, Span
+
+Severity = Literal["error", "warning"]
+
+# Every code a user can see, with a one-line title (the README lists them).
+CODES: dict[str, str] = {
+    "E001": "syntax error",
+    "E002": "unknown name",
+    "E003": "product of two modules (not linear)",
+    "E004": "division by a module (not linear)",
+    "E005": "scalar added to a module",
+    "E006": "modules trained on different base models",
+    "E007": "modules of different kinds (lora with ia3)",
+    "E008": "modules adapt different layers (different architecture)",
+    "E009": "a layer has different shapes (different architecture)",
+    "E010": "rank mismatch in paper mode",
+    "E011": "unsupported adapter feature",
+    "E012": "adapter missing or unreadable",
+    "E013": "corrupt adapter file",
+    "E014": "non-finite values in an input",
+    "E015": "division by zero",
+    "E016": "redefinition",
+    "E017": "unknown --set name",
+    "E018": "output would overwrite an input or an existing directory",
+    "E019": "wrong kind of value (a module where a number is needed, or the reverse)",
+    "E020": "unknown function or bad arguments",
+    "E021": "bad mode statement",
+    "E022": "heads (modules_to_save) cannot be combined",
+    "E023": "pickled adapter refused",
+    "W001": "base model not recorded in an input",
+    "W002": "paper mode over LoRA inputs whose A matrices differ",
+    "W003": "unused input or binding",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One error or warning about a program, pointing into its source."""
+
+    code: str
+    message: str
+    source: Source | None = None
+    span: Span | None = None
+    notes: tuple[str, ...] = ()
+    hints: tuple[str, ...] = ()
+    severity: Severity = field(default="error")
+
+    @property
+    def is_error(self) -> bool:
+        """Whether this diagnostic makes the program invalid."""
+        return self.severity == "error"
+
+    def location(self) -> str | None:
+        """`file:line:col` of the span's start, or None when the diagnostic has no location."""
+        if self.source is None:
+            return None
+        if self.span is None:
+            return self.source.filename
+        line, col = self.source.line_col(self.span.start)
+        return f"{self.source.filename}:{line}:{col}"
+
+
+def error(code: str, message: str, source: Source | None = None, span: Span | None = None, *,
+          notes: Iterable[str] = (), hints: Iterable[str] = ()) -> Diagnostic:
+    """An error diagnostic."""
+    return Diagnostic(code, message, source, span, tuple(notes), tuple(hints), "error")
+
+
+def warning(code: str, message: str, source: Source | None = None, span: Span | None = None, *,
+            notes: Iterable[str] = (), hints: Iterable[str] = ()) -> Diagnostic:
+    """A warning diagnostic (never fatal)."""
+    return Diagnostic(code, message, source, span, tuple(notes), tuple(hints), "warning")
+
+
+class PemError(Exception):
+    """A user error that stops a stage: carries the diagnostics to print (never a traceback)."""
+
+    def __init__(self, diagnostics: Iterable[Diagnostic]):
+        self.diagnostics = tuple(diagnostics)
+        super().__init__("\n".join(d.message for d in self.diagnostics))
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+_Segment = tuple[str, str]  # (text, rich style); the style is dropped in plain output
+
+
+def _segments(diag: Diagnostic) -> Iterator[list[_Segment]]:
+    head_style = "bold red" if diag.is_error else "bold yellow"
+    yield [(f"{diag.severity}[{diag.code}]", head_style), (f": {diag.message}", "bold")]
+    gutter = 1
+    line = col = end_col = 0
+    text = ""
+    if diag.source is not None and diag.span is not None:
+        line, col = diag.source.line_col(diag.span.start)
+        end_line, end_col = diag.source.line_col(diag.span.end)
+        text = diag.source.line_text(line)
+        if end_line != line:
+            end_col = len(text) + 1
+        gutter = len(str(line))
+    pad = " " * gutter
+    location = diag.location()
+    if location is not None:
+        yield [(f"{pad}--> ", "bold blue"), (location, "")]
+    if diag.source is not None and diag.span is not None:
+        # Carets start under the span: copy tabs from the source line so they line up.
+        lead = "".join("\t" if ch == "\t" else " " for ch in text[: col - 1])
+        width = max(1, end_col - col)
+        yield [(f"{pad} |", "bold blue")]
+        yield [(f"{line} | ", "bold blue"), (text, "")]
+        yield [(f"{pad} | ", "bold blue"), (lead, ""), ("^" * width, head_style)]
+    for note in diag.notes:
+        yield [(f"{pad} = ", "bold blue"), ("note", "bold"), (f": {note}", "")]
+    for hint in diag.hints:
+        yield [(f"{pad} = ", "bold blue"), ("hint", "bold cyan"), (f": {hint}", "")]
+
+
+def render(diag: Diagnostic) -> str:
+    """The plain-text rendering of one diagnostic (what golden files hold)."""
+    return "\n".join("".join(text for text, _ in line).rstrip() for line in _segments(diag))
+
+
+def summary(diagnostics: Iterable[Diagnostic]) -> str | None:
+    """`2 errors, 1 warning` — or None when there is nothing to report."""
+    diags = list(diagnostics)
+    errors = sum(d.is_error for d in diags)
+    warnings = len(diags) - errors
+    parts = []
+    if errors:
+        parts.append(f"{errors} error{'s' if errors != 1 else ''}")
+    if warnings:
+        parts.append(f"{warnings} warning{'s' if warnings != 1 else ''}")
+    return ", ".join(parts) or None
+
+
+def emit(diagnostics: Iterable[Diagnostic], stream: IO[str] | None = None, *,
+         color: bool | None = None) -> None:
+    """Print diagnostics to `stream` (stderr by default), in colour only on a terminal."""
+    stream = stream if stream is not None else sys.stderr
+    if color is None:
+        color = stream.isatty()
+    if not color:
+        for diag in diagnostics:
+            stream.write(render(diag) + "\n\n")
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(file=stream, force_terminal=True, highlight=False, soft_wrap=True)
+    for diag in diagnostics:
+        for line in _segments(diag):
+            console.print(Text.assemble(*line))
+        console.print()

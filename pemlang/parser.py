@@ -1,0 +1,326 @@
+"""Text → AST. Lark parses each statement; its errors become E001 diagnostics.
+
+A program is first split into statements (one per logical line; a newline inside parentheses
+continues the statement), and each is parsed on its own, so every syntax error of a file is
+reported in one run. The Lark transformer only builds nodes: no check runs inside it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+
+from . import ast
+from .diagnostics import Diagnostic, error
+from .source import Source, Span
+
+_STATEMENT_KEYWORD = re.compile(r"[ \t]*(input|param|output|mode|heads)[ \t]")
+
+
+def grammar_text() -> str:
+    """The grammar: inside the installed package (wheel), or the repository's grammar/ folder."""
+    packaged = resources.files("pemlang").joinpath("grammar/pem.lark")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "grammar" / "pem.lark").read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=False,
+                cache=True)
+
+
+# -- splitting into statements ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    start: int
+    end: int
+    unclosed: int | None = None  # offset of an opening parenthesis never closed
+    unmatched: int | None = None  # offset of a closing parenthesis with no opening one
+
+
+def _split(text: str) -> list[_Chunk]:
+    chunks: list[_Chunk] = []
+    start = 0
+    opens: list[int] = []
+    unmatched: int | None = None
+    i = 0
+    n = len(text)
+
+    def close(end: int) -> None:
+        nonlocal start, unmatched
+        chunks.append(_Chunk(start, end, opens[0] if opens else None, unmatched))
+        opens.clear()
+        unmatched = None
+        start = end + 1
+
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            i += 1
+            while i < n and text[i] not in '"\n':
+                i += 2 if text[i] == "\\" else 1
+            if i < n and text[i] == '"':
+                i += 1
+            continue
+        if ch == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        if ch == "(":
+            opens.append(i)
+        elif ch == ")":
+            if opens:
+                opens.pop()
+            elif unmatched is None:
+                unmatched = i
+        elif ch == "\n" and (not opens or _STATEMENT_KEYWORD.match(text, i + 1)):
+            # Inside parentheses a newline continues the statement, unless the next line plainly
+            # starts a new statement: then the parenthesis was left open.
+            close(i)
+        i += 1
+    close(n)
+    return [c for c in chunks if _is_code(text[c.start : c.end])]
+
+
+def _is_code(text: str) -> bool:
+    return any(line.split("#", 1)[0].strip() for line in text.splitlines())
+
+
+# -- the transformer: nodes only ----------------------------------------------------------------
+
+
+def _unquote(token: str) -> str:
+    return re.sub(r'\\(["\\])', r"\1", token[1:-1])
+
+
+@v_args(meta=True)
+class _Build(Transformer):
+    def __init__(self, offset: int):
+        super().__init__()
+        self.offset = offset
+
+    def _span(self, meta) -> Span:  # type: ignore[no-untyped-def]
+        return Span(meta.start_pos + self.offset, meta.end_pos + self.offset)
+
+    def _tok(self, token: Token) -> Span:
+        assert token.start_pos is not None and token.end_pos is not None
+        return Span(token.start_pos + self.offset, token.end_pos + self.offset)
+
+    def _name(self, token: Token) -> ast.Name:
+        return ast.Name(str(token), self._tok(token))
+
+    def number(self, meta, children):  # type: ignore[no-untyped-def]
+        return ast.Number(float(children[0]), self._span(meta))
+
+    def name(self, meta, children):  # type: ignore[no-untyped-def]
+        return self._name(children[0])
+
+    def neg(self, meta, children):  # type: ignore[no-untyped-def]
+        return ast.Neg(children[1], self._span(meta))
+
+    def _binop(self, op: ast.BinaryOperator, meta, children):  # type: ignore[no-untyped-def]
+        return ast.BinOp(op, children[0], children[2], self._span(meta))
+
+    def add(self, meta, children):  # type: ignore[no-untyped-def]
+        return self._binop("+", meta, children)
+
+    def sub(self, meta, children):  # type: ignore[no-untyped-def]
+        return self._binop("-", meta, children)
+
+    def mul(self, meta, children):  # type: ignore[no-untyped-def]
+        return self._binop("*", meta, children)
+
+    def div(self, meta, children):  # type: ignore[no-untyped-def]
+        return self._binop("/", meta, children)
+
+    def paren(self, meta, children):  # type: ignore[no-untyped-def]
+        # The parentheses vanish from the tree; the span widens to include them.
+        return replace(children[0], span=self._span(meta))
+
+    def keyword(self, meta, children):  # type: ignore[no-untyped-def]
+        return ast.Keyword(self._name(children[0]), children[1], self._span(meta))
+
+    def arguments(self, meta, children):  # type: ignore[no-untyped-def]
+        return children
+
+    def call(self, meta, children):  # type: ignore[no-untyped-def]
+        arguments = children[1] if len(children) > 1 else []
+        args = tuple(a for a in arguments if not isinstance(a, ast.Keyword))
+        kwargs = tuple(a for a in arguments if isinstance(a, ast.Keyword))
+        return ast.Call(self._name(children[0]), args, kwargs, self._span(meta))
+
+    def mode_stmt(self, meta, children):  # type: ignore[no-untyped-def]
+        return ast.ModeStmt(self._name(children[0]), self._span(meta))
+
+    def input_stmt(self, meta, children):  # type: ignore[no-untyped-def]
+        name, path = children
+        return ast.InputStmt(self._name(name), _unquote(path), self._tok(path), self._span(meta))
+
+    def param_stmt(self, meta, children):  # type: ignore[no-untyped-def]
+        return ast.ParamStmt(self._name(children[0]), children[1], self._span(meta))
+
+    def binding(self, meta, children):  # type: ignore[no-untyped-def]
+        return ast.Binding(self._name(children[0]), children[1], self._span(meta))
+
+    def output_stmt(self, meta, children):  # type: ignore[no-untyped-def]
+        value, path = children
+        return ast.OutputStmt(value, _unquote(path), self._tok(path), self._span(meta))
+
+    def heads_stmt(self, meta, children):  # type: ignore[no-untyped-def]
+        policy = str(children[0])
+        source = self._name(children[1]) if len(children) > 1 else None
+        return ast.HeadsStmt(policy, source, self._span(meta))  # type: ignore[arg-type]
+
+    def expr_stmt(self, meta, children):  # type: ignore[no-untyped-def]
+        return ast.ExprStmt(children[0], self._span(meta))
+
+
+# -- syntax errors ------------------------------------------------------------------------------
+
+_OPERAND_TERMINALS = {"NAME", "NUMBER", "LPAR", "MINUS"}
+_TERMINAL_WORDS = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": 'a quoted path ("...")',
+    "$END": "the end of the statement",
+    "HEADS_FROM": "'from'",
+    "HEADS_DROP": "'drop'",
+    "HEADS_MIX": "'mix'",
+}
+
+
+def _describe_terminal(name: str) -> str:
+    if name in _TERMINAL_WORDS:
+        return _TERMINAL_WORDS[name]
+    try:
+        pattern = _lark().get_terminal(name).pattern
+    except KeyError:
+        return name
+    if pattern.type == "str":
+        return f"'{pattern.value}'"
+    return {"PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'"}.get(name, name.lower())
+
+
+def _describe_token(token: Token) -> str:
+    if token.type == "$END":
+        return "end of statement"
+    if token.type == "NAME":
+        return f"name '{token}'"
+    if token.type == "NUMBER":
+        return f"number {token}"
+    if token.type == "STRING":
+        return f"string {token}"
+    return f"'{token}'"
+
+
+def _plausible(expected: set[str], before: str) -> set[str]:
+    """Drop terminals that LALR's merged lookahead sets allow but this context cannot use."""
+    code = before.split("#", 1)[0]
+    if code.count("(") <= code.count(")"):
+        expected = expected - {"RPAR", "COMMA"}
+    if not code.lstrip().startswith("output"):
+        expected = expected - {"__ANON_0"}
+    if {"PLUS", "STAR"} <= expected:
+        expected = expected - {"LPAR"}  # a call's '(' after a name: rarely what was meant
+    return expected
+
+
+def _syntax_error(exc: UnexpectedInput, source: Source, chunk: _Chunk) -> Diagnostic:
+    text = source.text
+    if isinstance(exc, UnexpectedCharacters):
+        pos = chunk.start + exc.pos_in_stream
+        char = text[pos]
+        hints = []
+        if char == "'":
+            hints.append('strings are written in double quotes: "adapters/name"')
+        elif char == '"':
+            hints.append("this string is not closed before the end of the line")
+        elif char == "=" and text[pos : pos + 2] == "==":
+            hints.append("pemlang has no comparisons; a binding is written `name = expression`")
+        return error("E001", f"unexpected character {char!r}", source, Span(pos, pos + 1), hints=hints)
+    assert isinstance(exc, UnexpectedToken)
+    token = exc.token
+    expected = set(exc.expected)
+    if token.type == "$END":
+        end = chunk.end
+        while end > chunk.start and text[end - 1].isspace():
+            end -= 1
+        # Point just past the last character of the statement (ignoring a trailing comment).
+        stmt = text[chunk.start : end]
+        code_end = chunk.start + len(stmt.split("#", 1)[0].rstrip()) if "#" in stmt else end
+        span = Span(code_end, code_end)
+    else:
+        span = Span(chunk.start + token.start_pos, chunk.start + token.end_pos)  # type: ignore[operator]
+    expected = _plausible(expected, text[chunk.start : span.start])
+    notes: list[str] = []
+    hints: list[str] = []
+    if {"NUMBER", "LPAR"} <= expected:
+        found = "the end of the statement" if token.type == "$END" else _describe_token(token)
+        message = f"expected an expression, found {found}"
+    else:
+        message = f"unexpected {_describe_token(token)}"
+        words = sorted({_describe_terminal(t) for t in expected})
+        if words:
+            notes.append("expected " + (", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1
+                                         else words[0]))
+    if token.type == "NAME" and "STRING" in expected:
+        hints.append(f'paths are written in double quotes: "{token}"')
+    elif token.type in {"NAME", "NUMBER", "LPAR"} and {"PLUS", "STAR"} <= expected:
+        hints.append("an operator (+ - * /) may be missing before this")
+    elif token.type == "STRING" and "__ANON_0" in expected:
+        hints.append('an output is written `output NAME -> "path"`')
+    return error("E001", message, source, span, notes=notes, hints=hints)
+
+
+# -- entry points -------------------------------------------------------------------------------
+
+
+def parse_program(source: Source) -> tuple[ast.Program, list[Diagnostic]]:
+    """Parse a whole program; statements with syntax errors are left out and reported."""
+    statements: list[ast.Statement] = []
+    diagnostics: list[Diagnostic] = []
+    for chunk in _split(source.text):
+        stmt, diag = _parse_chunk(source, chunk)
+        if diag is not None:
+            diagnostics.append(diag)
+        elif stmt is not None:
+            statements.append(stmt)
+    return ast.Program(tuple(statements)), diagnostics
+
+
+def _parse_chunk(source: Source, chunk: _Chunk) -> tuple[ast.Statement | None, Diagnostic | None]:
+    if chunk.unmatched is not None:
+        return None, error("E001", "unmatched ')'", source, Span(chunk.unmatched, chunk.unmatched + 1),
+                           hints=["remove it, or add the '(' it closes"])
+    if chunk.unclosed is not None:
+        return None, error("E001", "unclosed parenthesis", source, Span(chunk.unclosed, chunk.unclosed + 1),
+                           hints=["add the ')' that closes it"])
+    text = source.text[chunk.start : chunk.end]
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as exc:
+        return None, _syntax_error(exc, source, chunk)
+    return _Build(chunk.start).transform(tree), None
+
+
+def parse_expression(source: Source) -> tuple[ast.Expr | None, list[Diagnostic]]:
+    """Parse text that must be a single bare expression (e.g. `pemlang eval`)."""
+    program, diagnostics = parse_program(source)
+    if diagnostics:
+        return None, diagnostics
+    stmts = program.statements
+    if len(stmts) == 1 and isinstance(stmts[0], ast.ExprStmt):
+        return stmts[0].value, []
+    span = stmts[0].span if stmts else Span(0, len(source.text))
+    return None, [error("E001", "expected a single expression", source, span,
+                        hints=["statements such as `input` or bindings belong in a .pem file"])]
