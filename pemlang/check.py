@@ -1,0 +1,652 @@
+"""AST → typed program, collecting every diagnostic (SPEC §1, §2, §4).
+
+Every module-valued expression is typed as a linear form over its sources (the inputs, and the
+results of `svd(...)`): per source the coefficients alpha and beta of SPEC §2. Scalars fold here.
+The checker reads adapter signatures only (config + safetensors header), never tensor data.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from . import ast
+from .adapters import Adapter, AdapterError, read_adapter
+from .diagnostics import Diagnostic, error, warning
+from .source import Source, Span
+from .types import Ia3Layer, LoraLayer, ModuleType, architecture_families
+
+Mode = Literal["paper", "exact"]
+MODES: tuple[Mode, ...] = ("paper", "exact")
+FUNCTIONS = ("svd",)
+_svd_ids = itertools.count(1)
+
+
+# -- values -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InputRef:
+    """A term's source: one input adapter, by name."""
+
+    name: str
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class SvdRef:
+    """A term's source: the best rank-`rank` approximation of `value` (SPEC §2.2)."""
+
+    value: ModuleValue
+    rank: int
+    id: int = field(default_factory=lambda: next(_svd_ids))
+    text: str = field(default="svd(...)", compare=False)
+
+    def describe(self) -> str:
+        return self.text
+
+
+TermSource = InputRef | SvdRef
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    """`alpha` scales A (paper mode); `beta` scales B, (IA)3 offsets and heads (SPEC §2)."""
+
+    source: TermSource
+    alpha: float
+    beta: float
+
+
+@dataclass(frozen=True)
+class ScalarValue:
+    value: float
+
+
+@dataclass(frozen=True)
+class ModuleValue:
+    """A linear form Σ (alpha_i, beta_i) · source_i, and its module type."""
+
+    terms: tuple[Term, ...]
+    type: ModuleType
+
+    @property
+    def label(self) -> str:
+        """A name to speak of this value by in notes: its first source."""
+        return self.terms[0].source.describe() if self.terms else "0"
+
+    def scaled(self, factor: float) -> ModuleValue:
+        """λ·(A, B) = (λA, λB) (SPEC §2.1)."""
+        return ModuleValue(tuple(Term(t.source, t.alpha * factor, t.beta * factor) for t in self.terms),
+                           self.type)
+
+    def negated(self) -> ModuleValue:
+        """⊖(A, B) = (A, −B): alpha is kept, beta changes sign (SPEC §2.1)."""
+        return ModuleValue(tuple(Term(t.source, t.alpha, -t.beta) for t in self.terms), self.type)
+
+    def plus(self, other: ModuleValue, combined: ModuleType) -> ModuleValue:
+        """(A1, B1) ⊕ (A2, B2): coefficients add; a source that occurs twice is one term."""
+        merged: dict[TermSource, Term] = {}
+        for term in self.terms + other.terms:
+            if term.source in merged:
+                old = merged[term.source]
+                merged[term.source] = Term(term.source, old.alpha + term.alpha, old.beta + term.beta)
+            else:
+                merged[term.source] = term
+        return ModuleValue(tuple(merged.values()), combined)
+
+    def input_betas(self) -> dict[str, float]:
+        """beta per input, with svd results expanded into the inputs they came from."""
+        betas: dict[str, float] = {}
+        for term in self.terms:
+            if isinstance(term.source, InputRef):
+                betas[term.source.name] = betas.get(term.source.name, 0.0) + term.beta
+            else:
+                for name, inner in term.source.value.input_betas().items():
+                    betas[name] = betas.get(name, 0.0) + term.beta * inner
+        return betas
+
+
+class Poison:
+    """The value of an expression whose error was already reported (stops cascades)."""
+
+
+POISON = Poison()
+Value = ScalarValue | ModuleValue | Poison
+
+
+@dataclass
+class Entry:
+    """A name in scope."""
+
+    kind: Literal["input", "param", "binding"]
+    value: Value
+    span: Span
+    used: bool = False
+
+
+@dataclass(frozen=True)
+class Override:
+    """A `--set NAME=VALUE` from the command line, with its own source for diagnostics."""
+
+    name: str
+    value: float
+    source: Source
+
+
+@dataclass(frozen=True)
+class CheckedOutput:
+    name: str | None
+    expression: str
+    path: Path
+    value: ModuleValue
+    span: Span
+
+
+@dataclass(frozen=True)
+class CheckedProgram:
+    """The typed program: what lowering needs, and every diagnostic found."""
+
+    source: Source
+    mode: Mode
+    inputs: dict[str, Adapter]
+    params: dict[str, float]
+    outputs: tuple[CheckedOutput, ...]
+    heads: ast.HeadsStmt | None
+    diagnostics: tuple[Diagnostic, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not any(d.is_error for d in self.diagnostics)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> list[str]:
+    """A hint naming the closest candidate, if one is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return [f"did you mean `{close[0]}`?"] if close else []
+
+
+def _fmt(x: float) -> str:
+    return ast.format_number(round(x, 12))
+
+
+# -- combining module types ---------------------------------------------------------------------
+
+
+def _listing(keys: Iterable[str], limit: int = 3) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+class Checker:
+    """Types statements one by one (a file, or REPL lines), collecting diagnostics."""
+
+    def __init__(self, source: Source, *, mode: Mode = "paper", base_dir: Path | None = None,
+                 overrides: Iterable[Override] = (), force: bool = False, allow_pickle: bool = False,
+                 read: Callable[..., Adapter] = read_adapter):
+        self.source = source
+        self.mode: Mode = mode
+        self.base_dir = base_dir if base_dir is not None else Path.cwd()
+        self.overrides = {o.name: o for o in overrides}
+        self.force = force
+        self.allow_pickle = allow_pickle
+        self.read = read
+        self.env: dict[str, Entry] = {}
+        self.inputs: dict[str, Adapter] = {}
+        self.input_paths: dict[str, Path] = {}
+        self.params: dict[str, float] = {}
+        self.outputs: list[CheckedOutput] = []
+        self.heads: ast.HeadsStmt | None = None
+        self.diagnostics: list[Diagnostic] = []
+        self._statements_seen = 0
+
+    # reporting
+    def _error(self, code: str, message: str, span: Span | None, **kw) -> Poison:  # type: ignore[no-untyped-def]
+        self.diagnostics.append(error(code, message, self.source, span, **kw))
+        return POISON
+
+    def _warn(self, code: str, message: str, span: Span | None, **kw) -> None:  # type: ignore[no-untyped-def]
+        self.diagnostics.append(warning(code, message, self.source, span, **kw))
+
+    # -- statements ----------------------------------------------------------------------------
+
+    def program(self, program: ast.Program) -> CheckedProgram:
+        """Check a whole program and report unused names and missing overrides."""
+        for stmt in program.statements:
+            if isinstance(stmt, ast.ExprStmt):
+                self.expr(stmt.value)  # still checked, so its errors are reported too
+                self._error("E024", "a bare expression does nothing in a file", stmt.span,
+                            hints=["bind it (`name = ...`) or write it (`output ... -> \"DIR\"`); bare "
+                                   "expressions belong in the REPL and `pemlang eval`"])
+                continue
+            self.statement(stmt)
+        self.finish()
+        return self.result()
+
+    def result(self) -> CheckedProgram:
+        ordered = sorted(self.diagnostics, key=lambda d: (d.source is not self.source,
+                                                           d.span.start if d.span else 0))
+        return CheckedProgram(self.source, self.mode, dict(self.inputs), dict(self.params),
+                              tuple(self.outputs), self.heads, tuple(ordered))
+
+    def finish(self, *, require_output: bool = True) -> None:
+        for name, override in self.overrides.items():
+            if name not in self.params:
+                params = [n for n, e in self.env.items() if e.kind == "param"]
+                notes = ([f"the program's params: {', '.join(params)}"] if params
+                         else ["the program declares no `param`"])
+                self.diagnostics.append(error(
+                    "E017", f"--set names `{name}`, which is not a param of the program",
+                    override.source, Span(0, len(name)), notes=notes, hints=did_you_mean(name, params)))
+        for name, entry in self.env.items():
+            if not entry.used and entry.kind in ("input", "binding"):
+                self._warn("W003", f"{entry.kind} `{name}` is never used", entry.span,
+                           hints=[f"remove it, or write it out with `output {name} -> \"DIR\"`"]
+                           if entry.kind == "binding" else [])
+        if require_output and not self.outputs and not any(d.is_error for d in self.diagnostics):
+            self._warn("W003", "the program writes no output", Span(len(self.source.text), len(self.source.text)),
+                       hints=['add `output NAME -> "DIR"`'])
+
+    def statement(self, stmt: ast.Statement) -> Value | None:
+        """Check one statement; returns the value of a bare expression (for the REPL)."""
+        index = self._statements_seen
+        self._statements_seen += 1
+        match stmt:
+            case ast.ModeStmt(mode=mode):
+                self._mode(mode, stmt.span, first=index == 0)
+            case ast.InputStmt():
+                self._input(stmt)
+            case ast.ParamStmt(name=name, value=value):
+                if self._declare(name, "param"):
+                    override = self.overrides.get(name.id)
+                    scalar = self._scalar(value, what="a param")
+                    number = override.value if override is not None else (
+                        scalar.value if isinstance(scalar, ScalarValue) else None)
+                    if number is not None:
+                        self.params[name.id] = number
+                        self.env[name.id] = Entry("param", ScalarValue(number), name.span)
+                    else:
+                        self.env[name.id] = Entry("param", POISON, name.span)
+            case ast.Binding(name=name, value=value):
+                if self._declare(name, "binding"):
+                    self.env[name.id] = Entry("binding", self.expr(value), name.span)
+            case ast.OutputStmt():
+                self._output(stmt)
+            case ast.HeadsStmt():
+                self._heads(stmt)
+            case ast.ExprStmt(value=value):
+                return self.expr(value)
+        return None
+
+    def _mode(self, mode: ast.Name, span: Span, *, first: bool) -> None:
+        if mode.id not in MODES:
+            self._error("E021", f"unknown mode `{mode.id}`", mode.span,
+                        notes=["the modes are `paper` (the paper's operators) and `exact` (the weight update ΔW)"],
+                        hints=did_you_mean(mode.id, MODES))
+        elif not first:
+            self._error("E021", "`mode` must be the first statement", span,
+                        hints=["move it to the top of the file: it decides how every expression is read"])
+        else:
+            self.mode = mode.id  # type: ignore[assignment]
+
+    def _declare(self, name: ast.Name, kind: str) -> bool:
+        if name.id in FUNCTIONS:
+            self._error("E016", f"`{name.id}` is a built-in function and cannot be redefined", name.span)
+            return False
+        previous = self.env.get(name.id)
+        if previous is None:
+            return True
+        line, _ = self.source.line_col(previous.span.start)
+        self._error("E016", f"`{name.id}` is defined twice", name.span,
+                    notes=[f"first defined as {'an' if previous.kind == 'input' else 'a'} {previous.kind} "
+                           f"on line {line}"],
+                    hints=["pick another name: a program defines each name once"])
+        return False
+
+    def _input(self, stmt: ast.InputStmt) -> None:
+        if not self._declare(stmt.name, "input"):
+            return
+        path = (self.base_dir / stmt.path).resolve()
+        try:
+            adapter = self.read(path, allow_pickle=self.allow_pickle)
+        except AdapterError as exc:
+            self.env[stmt.name.id] = Entry("input", POISON, stmt.name.span)
+            self._error(exc.code, f"input `{stmt.name.id}`: {exc.message}", stmt.path_span,
+                        notes=exc.notes, hints=exc.hints)
+            return
+        self.input_paths[stmt.name.id] = path
+        if adapter.unsupported:
+            features = adapter.unsupported
+            self.env[stmt.name.id] = Entry("input", POISON, stmt.name.span)
+            self._error("E011", f"input `{stmt.name.id}` uses {features[0]}, which pemlang does not support",
+                        stmt.path_span,
+                        notes=[f"also: {f}" for f in features[1:]] + [f"{path}"],
+                        hints=["pemlang composes plain LoRA and (IA)3 exactly and refuses anything it "
+                               "cannot compose exactly; merge this adapter into its base model instead"])
+            return
+        if adapter.truncated:
+            self.env[stmt.name.id] = Entry("input", POISON, stmt.name.span)
+            self._error("E013", f"input `{stmt.name.id}`: {adapter.weights_file.name} is truncated",
+                        stmt.path_span,
+                        notes=[f"{adapter.weights_file}: the header promises "
+                               f"{adapter.data_start + adapter.data_bytes_expected} bytes, the file has "
+                               f"{adapter.file_size}"],
+                        hints=["the file was cut off (an interrupted copy or download?): fetch it again"])
+            return
+        if not adapter.type.base.recorded:
+            self._warn("W001", f"input `{stmt.name.id}` does not record its base model", stmt.path_span,
+                       notes=[f"{path / 'adapter_config.json'}: base_model_name_or_path is null"],
+                       hints=["pemlang cannot check that this input shares a base model with the others; "
+                              "set base_model_name_or_path in its adapter_config.json"])
+        self.inputs[stmt.name.id] = adapter
+        value = ModuleValue((Term(InputRef(stmt.name.id), 1.0, 1.0),), adapter.type)
+        self.env[stmt.name.id] = Entry("input", value, stmt.name.span)
+
+    def _output(self, stmt: ast.OutputStmt) -> None:
+        value = self.expr(stmt.value)
+        path = (self.base_dir / stmt.path).resolve()
+        if isinstance(value, ScalarValue):
+            self._error("E019", "an output must be a module, but this is a number", stmt.value.span,
+                        notes=[f"it evaluates to {_fmt(value.value)}"])
+        bad_path = False
+        for name, input_path in self.input_paths.items():
+            if path == input_path or input_path.is_relative_to(path) or path.is_relative_to(input_path):
+                bad_path = True
+                self._error("E018", f"output would overwrite input `{name}`", stmt.path_span,
+                            notes=[f"{path} and the input {input_path} overlap"],
+                            hints=["inputs are never written: choose another output directory"])
+        for other in self.outputs:
+            if other.path == path:
+                bad_path = True
+                self._error("E018", "two outputs write the same directory", stmt.path_span,
+                            notes=[f"{path} is also written on line {self.source.line_col(other.span.start)[0]}"])
+        if not bad_path and path.exists() and not self.force:
+            what = "directory" if path.is_dir() else "file"
+            self._error("E018", f"output {what} already exists", stmt.path_span, notes=[str(path)],
+                        hints=["pass --force to replace it"] if path.is_dir() else
+                        ["an output is a directory: choose another path"])
+        elif not bad_path and path.exists() and not path.is_dir():
+            self._error("E018", "output path is a file", stmt.path_span, notes=[str(path)],
+                        hints=["an output is a directory: choose another path"])
+        if isinstance(value, ModuleValue):
+            self._check_heads(value, stmt.value.span)
+            name = stmt.value.id if isinstance(stmt.value, ast.Name) else None
+            self.outputs.append(CheckedOutput(name, self.source.snippet(stmt.value.span), path, value, stmt.span))
+
+    def _heads(self, stmt: ast.HeadsStmt) -> None:
+        if self.heads is not None:
+            self._error("E016", "`heads` is given twice", stmt.span)
+            return
+        if stmt.source is not None:
+            entry = self.env.get(stmt.source.id)
+            if entry is None:
+                self._error("E002", f"unknown name `{stmt.source.id}`", stmt.source.span,
+                            hints=did_you_mean(stmt.source.id, self.inputs))
+                return
+            entry.used = True
+            if entry.kind != "input":
+                self._error("E019", f"`heads from` needs an input, and `{stmt.source.id}` is a {entry.kind}",
+                            stmt.source.span)
+                return
+            adapter = self.inputs.get(stmt.source.id)
+            if adapter is not None and not adapter.type.heads:
+                self._error("E022", f"input `{stmt.source.id}` has no heads (modules_to_save) to take",
+                            stmt.source.span,
+                            hints=["name an input whose adapter_config.json lists modules_to_save"])
+                return
+        self.heads = stmt
+
+    def _check_heads(self, value: ModuleValue, span: Span) -> None:
+        """SPEC §2.3: full tensors mix only as a convex combination."""
+        if self.heads is not None and self.heads.policy in ("from", "drop"):
+            return
+        betas = {n: b for n, b in value.input_betas().items() if b != 0.0}
+        with_heads = {n: set(self.inputs[n].type.heads) for n in betas if self.inputs[n].type.heads}
+        if not with_heads:
+            return
+        first = next(iter(with_heads))
+        hints = [f"`heads from {first}` takes the heads of one input unchanged; `heads drop` writes none"]
+        lacking = [n for n in betas if set(self.inputs[n].type.heads) != with_heads[first]]
+        if lacking:
+            self._error("E022", "the inputs do not have the same heads (modules_to_save)", span,
+                        notes=[f"{n}: {_listing(self.inputs[n].type.heads) or 'no heads'}"
+                               for n in [first, *lacking]], hints=hints)
+            return
+        total = sum(betas.values())
+        if any(b < 0 for b in betas.values()) or not math.isclose(total, 1.0, rel_tol=1e-9, abs_tol=1e-9):
+            self._error("E022", "heads (modules_to_save) mix only as a convex combination", span,
+                        notes=["coefficients: " + ", ".join(f"{n} {_fmt(b)}" for n, b in betas.items())
+                               + f" (sum {_fmt(total)}); full tensors combine only when every coefficient "
+                               "is ≥ 0 and they sum to 1"],
+                        hints=hints)
+
+    # -- expressions -----------------------------------------------------------------------------
+
+    def _scalar(self, expr: ast.Expr, *, what: str) -> ScalarValue | Poison:
+        value = self.expr(expr)
+        if isinstance(value, ModuleValue):
+            return self._error("E019", f"{what} must be a number, but this is a module", expr.span)
+        return value
+
+    def expr(self, expr: ast.Expr) -> Value:
+        """The value of an expression; errors are recorded and give POISON."""
+        match expr:
+            case ast.Number(value=value):
+                return ScalarValue(value)
+            case ast.Name(id=name):
+                entry = self.env.get(name)
+                if entry is None:
+                    return self._error("E002", f"unknown name `{name}`", expr.span,
+                                       hints=did_you_mean(name, list(self.env) + list(FUNCTIONS)))
+                entry.used = True
+                return entry.value
+            case ast.Neg(operand=operand):
+                value = self.expr(operand)
+                if isinstance(value, ScalarValue):
+                    return ScalarValue(-value.value)
+                return value.negated() if isinstance(value, ModuleValue) else POISON
+            case ast.BinOp(op=op, lhs=lhs, rhs=rhs):
+                return self._binop(expr, op, self.expr(lhs), self.expr(rhs))
+            case ast.Call():
+                return self._call(expr)
+        raise TypeError(f"not an expression: {expr!r}")
+
+    def _binop(self, expr: ast.BinOp, op: str, lhs: Value, rhs: Value) -> Value:
+        if isinstance(lhs, Poison) or isinstance(rhs, Poison):
+            return POISON
+        if isinstance(lhs, ScalarValue) and isinstance(rhs, ScalarValue):
+            if op == "/" and rhs.value == 0:
+                return self._error("E015", "division by zero", expr.rhs.span,
+                                   notes=[f"`{self.source.snippet(expr.rhs.span)}` is 0"])
+            result = {"+": lhs.value + rhs.value, "-": lhs.value - rhs.value,
+                      "*": lhs.value * rhs.value, "/": lhs.value / rhs.value if rhs.value else 0.0}[op]
+            if not math.isfinite(result):
+                return self._error("E015", "this number overflows", expr.span, notes=[f"it is {result}"])
+            return ScalarValue(result)
+        if op in "+-":
+            if isinstance(lhs, ModuleValue) and isinstance(rhs, ModuleValue):
+                return self._add(expr, lhs, rhs.negated() if op == "-" else rhs)
+            scalar_side = expr.lhs if isinstance(lhs, ScalarValue) else expr.rhs
+            return self._error("E005", f"cannot {'add' if op == '+' else 'subtract'} a number and a module",
+                               expr.span,
+                               notes=[f"`{self.source.snippet(scalar_side.span)}` is a number"],
+                               hints=["modules are scaled by numbers and added to modules: e.g. `0.5*a + 0.5*b`"])
+        if op == "*":
+            if isinstance(lhs, ModuleValue) and isinstance(rhs, ModuleValue):
+                return self._error("E003", "cannot multiply two modules", expr.span,
+                                   notes=["module arithmetic is linear: modules are added, subtracted and "
+                                          "scaled by numbers"],
+                                   hints=["to mix two modules, weight them: `0.5*a + 0.5*b`"])
+            module, factor = (lhs, rhs) if isinstance(lhs, ModuleValue) else (rhs, lhs)
+            assert isinstance(module, ModuleValue) and isinstance(factor, ScalarValue)
+            return module.scaled(factor.value)
+        # op == "/"
+        if isinstance(rhs, ModuleValue):
+            return self._error("E004", "cannot divide by a module", expr.rhs.span,
+                               notes=["module arithmetic is linear: a module can only be divided by a number"])
+        assert isinstance(lhs, ModuleValue) and isinstance(rhs, ScalarValue)
+        if rhs.value == 0:
+            return self._error("E015", "division by zero", expr.rhs.span,
+                               notes=[f"`{self.source.snippet(expr.rhs.span)}` is 0"])
+        return lhs.scaled(1.0 / rhs.value)
+
+    def _add(self, expr: ast.BinOp, lhs: ModuleValue, rhs: ModuleValue) -> Value:
+        combined = self._combine_types(expr.span, lhs, rhs)
+        if combined is None:
+            return POISON
+        return lhs.plus(rhs, combined)
+
+    def _combine_types(self, span: Span, lhs: ModuleValue, rhs: ModuleValue) -> ModuleType | None:
+        lt, rt = lhs.type, rhs.type
+        ln, rn = lhs.label, rhs.label
+        if lt.kind != rt.kind:
+            names = {"lora": "LoRA", "ia3": "(IA)3"}
+            self._error("E007", f"cannot combine a {names[lt.kind]} module with an {names[rt.kind]} module", span,
+                        notes=[f"{ln}: {names[lt.kind]}; {rn}: {names[rt.kind]}"],
+                        hints=["LoRA adds a low-rank update to weights, (IA)3 rescales activations: "
+                               "they have no common arithmetic"])
+            return None
+        if not lt.base.same_as(rt.base):
+            self._error("E006", "cannot add modules trained on different base models", span,
+                        notes=[f"{ln}: base {lt.base.describe()}; {rn}: base {rt.base.describe()}"])
+            return None
+        only_left = lt.layers.keys() - rt.layers.keys()
+        only_right = rt.layers.keys() - lt.layers.keys()
+        common = lt.layers.keys() & rt.layers.keys()
+        families_differ = not (architecture_families(lt.layers) & architecture_families(rt.layers))
+        if (only_left or only_right) and (families_differ or (lt.kind == "lora" and self.mode == "paper")):
+            if families_differ and not common:
+                message = "cannot add modules of different architectures"
+                hints: list[str] = []
+            else:
+                message = "cannot add modules that adapt different layers in paper mode"
+                hints = ["`mode exact` adds the weight updates, so a layer adapted by only some inputs gets "
+                         "only their contributions"]
+            notes = []
+            if only_left:
+                notes.append(f"only {ln} adapts: {_listing(only_left)}")
+            if only_right:
+                notes.append(f"only {rn} adapts: {_listing(only_right)}")
+            if lt.architecture and rt.architecture and lt.architecture != rt.architecture:
+                notes.append(f"{ln}: {lt.architecture}; {rn}: {rt.architecture}")
+            self._error("E008", message, span, notes=notes, hints=hints)
+            return None
+        shape_mismatch = [k for k in sorted(common) if _shape_of(lt.layers[k]) != _shape_of(rt.layers[k])]
+        head_mismatch = [k for k in sorted(lt.heads.keys() & rt.heads.keys())
+                         if lt.heads[k].shape != rt.heads[k].shape]
+        if shape_mismatch or head_mismatch:
+            key = (shape_mismatch or head_mismatch)[0]
+            if shape_mismatch:
+                left, right = _shape_of(lt.layers[key]), _shape_of(rt.layers[key])
+            else:
+                left, right = _dims(lt.heads[key].shape), _dims(rt.heads[key].shape)
+            count = len(shape_mismatch) + len(head_mismatch)
+            self._error("E009", f"layer shapes differ: the modules come from different architectures", span,
+                        notes=[f"{key}: {ln} {left}, {rn} {right}"]
+                        + ([f"{count - 1} more layers differ"] if count > 1 else []))
+            return None
+        if lt.kind == "lora" and self.mode == "paper":
+            rank_mismatch = [k for k in sorted(common)
+                             if lt.layers[k].rank != rt.layers[k].rank]  # type: ignore[union-attr]
+            if rank_mismatch:
+                key = rank_mismatch[0]
+                self._error("E010", "cannot add LoRA modules of different ranks in paper mode", span,
+                            notes=[f"{key}: {ln} has rank {lt.layers[key].rank}, "  # type: ignore[union-attr]
+                                   f"{rn} has rank {rt.layers[key].rank}"]  # type: ignore[union-attr]
+                            + ([f"{len(rank_mismatch) - 1} more layers differ"] if len(rank_mismatch) > 1 else []),
+                            hints=["paper mode adds A and B component-wise, which needs equal ranks; "
+                                   "`mode exact` adds the weight updates ΔW = s·B·A of any ranks"])
+                return None
+        layers = dict(lt.layers)
+        if self.mode == "exact" and lt.kind == "lora":
+            for key, layer in rt.layers.items():
+                mine = layers.get(key)
+                layers[key] = layer if mine is None else replace(
+                    mine, rank=mine.rank + layer.rank, alpha=float(mine.rank + layer.rank), use_rslora=False)  # type: ignore[union-attr,arg-type]
+        else:
+            for key, layer in rt.layers.items():
+                layers.setdefault(key, layer)
+        base = lt.base if lt.base.recorded else rt.base
+        return ModuleType(lt.kind, base, dict(sorted(layers.items())), {**rt.heads, **lt.heads},
+                          lt.architecture or rt.architecture)
+
+    def _call(self, call: ast.Call) -> Value:
+        name = call.func.id
+        if name not in FUNCTIONS:
+            entry = self.env.get(name)
+            if entry is not None:
+                entry.used = True
+                return self._error("E020", f"`{name}` is a {entry.kind}, not a function", call.func.span)
+            return self._error("E020", f"unknown function `{name}`", call.func.span,
+                               notes=[f"the functions are: {', '.join(FUNCTIONS)}"],
+                               hints=did_you_mean(name, FUNCTIONS))
+        args = [self.expr(a) for a in call.args]
+        kwargs = {k.name.id: (k, self.expr(k.value)) for k in call.kwargs}
+        usage = ["usage: `svd(x, rank=R)`: the best rank-R approximation of x's weight update"]
+        for key, (kw, _) in kwargs.items():
+            if key != "rank":
+                return self._error("E020", f"svd() has no argument `{key}`", kw.name.span,
+                                   hints=did_you_mean(key, ["rank"]) or usage)
+        if len(args) != 1:
+            return self._error("E020", f"svd() takes one module, {len(args)} given", call.span, hints=usage)
+        if "rank" not in kwargs:
+            return self._error("E020", "svd() needs `rank=`", call.span, hints=usage)
+        (inner,) = args
+        rank_kw, rank_value = kwargs["rank"]
+        if isinstance(inner, Poison) or isinstance(rank_value, Poison):
+            return POISON
+        if self.mode != "exact":
+            return self._error("E020", "svd() needs `mode exact`", call.func.span,
+                               notes=["svd approximates the weight update ΔW, which paper mode does not compute"],
+                               hints=["add `mode exact` as the first statement"])
+        if not isinstance(inner, ModuleValue):
+            return self._error("E019", "svd() needs a module, but this is a number", call.args[0].span)
+        if inner.type.kind != "lora":
+            return self._error("E020", "svd() applies to LoRA modules", call.args[0].span,
+                               notes=[f"`{self.source.snippet(call.args[0].span)}` is an (IA)3 module"])
+        if not isinstance(rank_value, ScalarValue) or rank_value.value != int(rank_value.value) \
+                or rank_value.value < 1:
+            return self._error("E020", "svd() rank must be a positive whole number", rank_kw.value.span,
+                               hints=usage)
+        rank = int(rank_value.value)
+        layers = {k: replace(layer, rank=rank, alpha=float(rank), use_rslora=False)  # type: ignore[type-var]
+                  for k, layer in inner.type.layers.items()}
+        result_type = ModuleType("lora", inner.type.base, layers, inner.type.heads, inner.type.architecture)
+        ref = SvdRef(inner, rank, text=self.source.snippet(call.span))
+        return ModuleValue((Term(ref, 1.0, 1.0),), result_type)
+
+
+def _shape_of(layer: LoraLayer | Ia3Layer) -> str:
+    if isinstance(layer, LoraLayer):
+        return layer.shape_text + (" (fan_in_fan_out)" if layer.fan_in_fan_out else "")
+    return layer.shape_text + (" (feed-forward)" if layer.feedforward else "")
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape))
+
+
+def check_source(source: Source, **options) -> CheckedProgram:  # type: ignore[no-untyped-def]
+    """Parse and check a program text; every diagnostic of both stages is in the result."""
+    from .parser import parse_program
+
+    program, syntax = parse_program(source)
+    if "base_dir" not in options and source.filename not in ("<input>", "<repl>"):
+        options["base_dir"] = Path(source.filename).resolve().parent
+    checker = Checker(source, **options)
+    checker.diagnostics.extend(syntax)
+    return checker.program(program)
+
+
+def check_file(path: str | Path, **options) -> CheckedProgram:  # type: ignore[no-untyped-def]
+    """Read, parse and check a .pem file."""
+    text = Path(path).read_text(encoding="utf-8")
+    return check_source(Source(text, str(path)), **options)

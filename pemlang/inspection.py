@@ -1,0 +1,130 @@
+"""`pemlang inspect`: an adapter's type signature as a readable table.
+
+Layers that differ only in their block index (model.layers.0…31.self_attn.q_proj) and agree on
+shape, rank, scaling and dtype are shown as one row, so a 7B model's adapter fits a screen.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .adapters import Adapter
+from .types import LoraLayer
+
+
+def human_bytes(n: int) -> str:
+    """1536 → '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def compact_indices(indices: Iterable[int]) -> str:
+    """[0, 1, 2, 3, 7] → '0-3,7'."""
+    values = sorted(set(indices))
+    runs: list[str] = []
+    start = prev = values[0]
+    for v in values[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ",".join(runs)
+
+
+def _format_number(x: float) -> str:
+    return f"{x:g}"
+
+
+def layer_rows(adapter: Adapter) -> list[tuple[str, ...]]:
+    """Rows of (layers, shape, rank, alpha, scaling, dtype, size), grouped over block indices."""
+    groups: dict[tuple[str, ...], list[tuple[int | None, int]]] = {}
+    for key, layer in adapter.type.layers.items():
+        match = re.search(r"\.(\d+)\.", key)
+        pattern = key[: match.start(1)] + "{}" + key[match.end(1):] if match else key
+        index = int(match.group(1)) if match else None
+        if isinstance(layer, LoraLayer):
+            facts = (layer.shape_text + (" (fan_in_fan_out)" if layer.fan_in_fan_out else ""),
+                     str(layer.rank), _format_number(layer.alpha),
+                     _format_number(layer.scaling) + (" (rsLoRA)" if layer.use_rslora else ""), layer.dtype)
+        else:
+            facts = (layer.shape_text + (" (feed-forward)" if layer.feedforward else ""), "", "", "",
+                     layer.dtype)
+        groups.setdefault((pattern, *facts), []).append((index, layer.nbytes))
+    rows = []
+    for (pattern, *facts), members in groups.items():
+        indices = [i for i, _ in members if i is not None]
+        name = pattern.format(f"[{compact_indices(indices)}]" if len(indices) > 1 else indices[0]) \
+            if "{}" in pattern else pattern
+        rows.append((name, *facts, human_bytes(sum(n for _, n in members))))
+    return rows
+
+
+def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-untyped-def]
+    """Print an adapter's signature: summary, layers table, heads, refused features."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import sys
+
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    t = adapter.type
+    cfg = adapter.config
+    kind = "LoRA" if t.kind == "lora" else "(IA)3"
+    if t.kind == "lora" and cfg.get("use_rslora"):
+        kind += " (rsLoRA)"
+    total = sum(layer.nbytes for layer in t.layers.values()) + sum(h.nbytes for h in t.heads.values())
+    console.print(f"[bold]{adapter.path}[/bold]")
+    facts = [
+        ("kind", kind),
+        ("base model", t.base.name or "[yellow]not recorded[/yellow]"),
+        ("revision", t.base.revision or "-"),
+        ("architecture", t.architecture or "-"),
+        ("task type", cfg.get("task_type") or "-"),
+        ("layers", f"{len(t.layers)} adapted"),
+        ("weights", f"{adapter.weights_file.name}, {human_bytes(total)} in {len(adapter.tensors)} tensors"),
+        ("saved by", f"PEFT {cfg['peft_version']}" if cfg.get("peft_version") else "-"),
+    ]
+    if t.kind == "lora":
+        facts.insert(5, ("r / lora_alpha", f"{cfg.get('r')} / {cfg.get('lora_alpha')}"
+                         + ("  (rank_pattern)" if cfg.get("rank_pattern") else "")
+                         + ("  (alpha_pattern)" if cfg.get("alpha_pattern") else "")))
+    summary = Table.grid(padding=(0, 2))
+    for label, value in facts:
+        summary.add_row(f"[dim]{label}[/dim]", value)
+    console.print(summary)
+
+    table = Table(show_edge=False, header_style="bold")
+    table.add_column("layers", no_wrap=True)
+    table.add_column("shape (out×in)" if t.kind == "lora" else "vector", justify="right")
+    if t.kind == "lora":
+        table.add_column("rank", justify="right")
+        table.add_column("alpha", justify="right")
+        table.add_column("scaling", justify="right")
+    table.add_column("dtype")
+    table.add_column("size", justify="right")
+    for row in layer_rows(adapter):
+        name, shape, rank, alpha, scaling, dtype, size = row
+        table.add_row(*((name, shape, rank, alpha, scaling, dtype, size) if t.kind == "lora"
+                        else (name, shape, dtype, size)))
+    console.print(table)
+    if t.heads:
+        heads = Table(show_edge=False, header_style="bold", title="heads (modules_to_save)", title_justify="left")
+        heads.add_column("tensor")
+        heads.add_column("shape", justify="right")
+        heads.add_column("dtype")
+        heads.add_column("size", justify="right")
+        for head in t.heads.values():
+            heads.add_row(head.key, "×".join(map(str, head.shape)), head.dtype, human_bytes(head.nbytes))
+        console.print(heads)
+    if adapter.unsupported:
+        console.print("[bold red]not composable by pemlang:[/bold red] " + "; ".join(adapter.unsupported))
+    if adapter.truncated:
+        console.print(f"[bold red]truncated:[/bold red] the header promises "
+                      f"{adapter.data_start + adapter.data_bytes_expected} bytes, the file has {adapter.file_size}")
