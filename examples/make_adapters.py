@@ -11,9 +11,12 @@ initialisation, so all LoRA adapters here share their initial A (seed) and then 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import warnings
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched: PEFT's save must not try the hub
 
 BASE_NAME = "pemlang-examples/tiny-llama"
 

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .diagnostics import display_path
 from .types import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
     BaseModelRef,
     Head,
     Ia3Layer,
+    Kind,
     Layer,
     LoraLayer,
     ModuleType,
@@ -129,15 +131,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise AdapterError("E013", f"{path.name} is too short to be a safetensors file",
-                                   notes=[f"{path}: {file_size} bytes"])
+                                   notes=[f"{display_path(path)}: {file_size} bytes"])
             (length,) = struct.unpack("<Q", prefix)
             if length > MAX_HEADER_BYTES or length > file_size - 8:
                 raise AdapterError(
                     "E013", f"{path.name} has a truncated or malformed safetensors header",
-                    notes=[f"{path}: the header claims {length} bytes but the file has {file_size}"])
+                    notes=[f"{display_path(path)}: the header claims {length} bytes but the file has {file_size}"])
             raw = f.read(length)
     except OSError as exc:
-        raise AdapterError("E012", f"cannot read {path.name}", notes=[f"{path}: {exc.strerror}"]) from None
+        raise AdapterError("E012", f"cannot read {path.name}", notes=[f"{display_path(path)}: {exc.strerror}"]) from None
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
@@ -159,27 +161,27 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         raise AdapterError("E013", f"{path.name} has a malformed safetensors header",
-                           notes=[f"{path}: {detail}"]) from None
+                           notes=[f"{display_path(path)}: {detail}"]) from None
     return tensors, metadata, 8 + length, file_size
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG_NAME
     if not directory.exists():
-        raise AdapterError("E012", "adapter directory not found", notes=[f"no such directory: {directory}"])
+        raise AdapterError("E012", "adapter directory not found", notes=[f"no such directory: {display_path(directory)}"])
     if not directory.is_dir():
-        raise AdapterError("E012", "not an adapter directory", notes=[f"{directory} is a file"],
+        raise AdapterError("E012", "not an adapter directory", notes=[f"{display_path(directory)} is a file"],
                            hints=["an input is a PEFT adapter directory (adapter_config.json + weights)"])
     if not config_path.is_file():
         raise AdapterError("E012", f"no {CONFIG_NAME} in the adapter directory",
-                           notes=[f"looked for {config_path}"],
+                           notes=[f"looked for {display_path(config_path)}"],
                            hints=["an input is a directory written by PEFT's save_pretrained"])
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise AdapterError("E012", f"cannot read {CONFIG_NAME}", notes=[f"{config_path}: {exc.strerror}"]) from None
+        raise AdapterError("E012", f"cannot read {CONFIG_NAME}", notes=[f"{display_path(config_path)}: {exc.strerror}"]) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError("E013", f"{CONFIG_NAME} is not valid JSON", notes=[f"{config_path}: {exc}"]) from None
+        raise AdapterError("E013", f"{CONFIG_NAME} is not valid JSON", notes=[f"{display_path(config_path)}: {exc}"]) from None
     if not isinstance(config, dict):
         raise AdapterError("E013", f"{CONFIG_NAME} is not a JSON object", notes=[str(config_path)])
     return config
@@ -209,9 +211,9 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     if peft_type not in {"LORA", "IA3"}:
         name = _PEFT_TYPE_NAMES.get(peft_type, peft_type or "an adapter with no peft_type")
         raise AdapterError("E011", f"{name} adapters are not supported",
-                           notes=[f"{directory / CONFIG_NAME}: peft_type {config.get('peft_type')!r}"],
+                           notes=[f"{display_path(directory / CONFIG_NAME)}: peft_type {config.get('peft_type')!r}"],
                            hints=["pemlang composes LoRA and (IA)3 adapters"])
-    kind = "lora" if peft_type == "LORA" else "ia3"
+    kind: Kind = "lora" if peft_type == "LORA" else "ia3"
 
     weights_file = directory / WEIGHTS_NAME
     pickled_state = None
@@ -221,14 +223,14 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         weights_file = directory / PICKLE_NAME
         if not allow_pickle:
             raise AdapterError("E023", f"the adapter's weights are pickled ({PICKLE_NAME})",
-                               notes=[f"{weights_file}: loading a pickle can run arbitrary code"],
+                               notes=[f"{display_path(weights_file)}: loading a pickle can run arbitrary code"],
                                hints=["re-save it as safetensors, or pass --allow-pickle if you trust it "
                                       "(then it is loaded with torch.load(weights_only=True))"])
         tensors, pickled_state = _read_pickle(weights_file)
         data_start, file_size = 0, weights_file.stat().st_size
     else:
         raise AdapterError("E012", f"no {WEIGHTS_NAME} in the adapter directory",
-                           notes=[f"looked for {weights_file}"])
+                           notes=[f"looked for {display_path(weights_file)}"])
 
     unsupported: list[str] = []
     if kind == "lora":
@@ -269,6 +271,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
 
     layers: dict[str, Layer] = {}
     for layer_key, group in groups.items():
+        layer: Layer | None
         if kind == "lora":
             layer = _lora_layer(directory, config, layer_key, group, fan_in_fan_out, unsupported)
         else:
@@ -277,7 +280,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
             layers[layer_key] = layer
     if not layers and not unsupported:
         raise AdapterError("E013", f"the adapter has no {'LoRA' if kind == 'lora' else '(IA)3'} tensors",
-                           notes=[f"{weights_file}: {len(tensors)} tensors, none of them adapter weights"])
+                           notes=[f"{display_path(weights_file)}: {len(tensors)} tensors, none of them adapter weights"])
     heads = {
         short: Head(short, tensors[key].shape, tensors[key].dtype, tensors[key].nbytes)
         for short, key in head_keys.items()
@@ -301,7 +304,7 @@ def _lora_layer(directory: Path, config: dict[str, Any], layer_key: str, group: 
     if set(group) != {"A", "B"}:
         missing = "lora_B" if "A" in group else "lora_A"
         raise AdapterError("E013", f"layer {layer_key} has no {missing} tensor",
-                           notes=[f"{directory / WEIGHTS_NAME}: a LoRA layer needs both lora_A and lora_B"])
+                           notes=[f"{display_path(directory / WEIGHTS_NAME)}: a LoRA layer needs both lora_A and lora_B"])
     a, b = group["A"], group["B"]
     if len(a.shape) != 2 or len(b.shape) != 2:
         _note(unsupported, "LoRA on convolution layers")
@@ -314,7 +317,7 @@ def _lora_layer(directory: Path, config: dict[str, Any], layer_key: str, group: 
     configured_rank = _pattern_value(config.get("rank_pattern"), layer_key, config.get("r", rank))
     if configured_rank != rank:
         raise AdapterError("E013", f"layer {layer_key}: the tensors have rank {rank} but the config says "
-                           f"{configured_rank}", notes=[f"{directory / CONFIG_NAME}: r / rank_pattern"])
+                           f"{configured_rank}", notes=[f"{display_path(directory / CONFIG_NAME)}: r / rank_pattern"])
     alpha = _pattern_value(config.get("alpha_pattern"), layer_key, config.get("lora_alpha", 8))
     for info in (a, b):
         if info.dtype not in FLOAT_DTYPES:
@@ -338,7 +341,7 @@ def _read_pickle(path: Path) -> tuple[dict[str, TensorInfo], dict[str, Any]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad pickle
-        raise AdapterError("E013", f"cannot load {path.name}", notes=[f"{path}: {exc}"]) from None
+        raise AdapterError("E013", f"cannot load {path.name}", notes=[f"{display_path(path)}: {exc}"]) from None
     names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
     tensors = {}
     offset = 0

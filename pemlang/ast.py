@@ -114,6 +114,8 @@ Statement: TypeAlias = ModeStmt | InputStmt | ParamStmt | Binding | OutputStmt |
 @dataclass(frozen=True, slots=True)
 class Program:
     statements: tuple[Statement, ...]
+    # Names whose defining statement had a syntax error: their uses are not reported again.
+    broken_names: frozenset[str] = field(default=frozenset(), compare=False)
 
 
 # -- printing ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,9 +18,9 @@ from typing import Literal
 
 from . import ast
 from .adapters import Adapter, AdapterError, read_adapter
-from .diagnostics import Diagnostic, error, warning
+from .diagnostics import Diagnostic, display_path, error, warning
 from .source import Source, Span
-from .types import Ia3Layer, LoraLayer, ModuleType, architecture_families
+from .types import Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
 
 Mode = Literal["paper", "exact"]
 MODES: tuple[Mode, ...] = ("paper", "exact")
@@ -206,6 +207,7 @@ class Checker:
         self.outputs: list[CheckedOutput] = []
         self.heads: ast.HeadsStmt | None = None
         self.diagnostics: list[Diagnostic] = []
+        self.broken_names: frozenset[str] = frozenset()
         self._statements_seen = 0
 
     # reporting
@@ -220,6 +222,7 @@ class Checker:
 
     def program(self, program: ast.Program) -> CheckedProgram:
         """Check a whole program and report unused names and missing overrides."""
+        self.broken_names = program.broken_names
         for stmt in program.statements:
             if isinstance(stmt, ast.ExprStmt):
                 self.expr(stmt.value)  # still checked, so its errors are reported too
@@ -246,8 +249,9 @@ class Checker:
                 self.diagnostics.append(error(
                     "E017", f"--set names `{name}`, which is not a param of the program",
                     override.source, Span(0, len(name)), notes=notes, hints=did_you_mean(name, params)))
+        syntax_errors = any(d.code == "E001" for d in self.diagnostics)
         for name, entry in self.env.items():
-            if not entry.used and entry.kind in ("input", "binding"):
+            if not syntax_errors and not entry.used and entry.kind in ("input", "binding"):
                 self._warn("W003", f"{entry.kind} `{name}` is never used", entry.span,
                            hints=[f"remove it, or write it out with `output {name} -> \"DIR\"`"]
                            if entry.kind == "binding" else [])
@@ -268,7 +272,7 @@ class Checker:
                 if self._declare(name, "param"):
                     override = self.overrides.get(name.id)
                     scalar = self._scalar(value, what="a param")
-                    number = override.value if override is not None else (
+                    number: float | None = override.value if override is not None else (
                         scalar.value if isinstance(scalar, ScalarValue) else None)
                     if number is not None:
                         self.params[name.id] = number
@@ -314,7 +318,7 @@ class Checker:
     def _input(self, stmt: ast.InputStmt) -> None:
         if not self._declare(stmt.name, "input"):
             return
-        path = (self.base_dir / stmt.path).resolve()
+        path = Path(os.path.abspath(self.base_dir / stmt.path))
         try:
             adapter = self.read(path, allow_pickle=self.allow_pickle)
         except AdapterError as exc:
@@ -328,7 +332,7 @@ class Checker:
             self.env[stmt.name.id] = Entry("input", POISON, stmt.name.span)
             self._error("E011", f"input `{stmt.name.id}` uses {features[0]}, which pemlang does not support",
                         stmt.path_span,
-                        notes=[f"also: {f}" for f in features[1:]] + [f"{path}"],
+                        notes=[f"also: {f}" for f in features[1:]] + [display_path(path)],
                         hints=["pemlang composes plain LoRA and (IA)3 exactly and refuses anything it "
                                "cannot compose exactly; merge this adapter into its base model instead"])
             return
@@ -336,14 +340,14 @@ class Checker:
             self.env[stmt.name.id] = Entry("input", POISON, stmt.name.span)
             self._error("E013", f"input `{stmt.name.id}`: {adapter.weights_file.name} is truncated",
                         stmt.path_span,
-                        notes=[f"{adapter.weights_file}: the header promises "
+                        notes=[f"{display_path(adapter.weights_file)}: the header promises "
                                f"{adapter.data_start + adapter.data_bytes_expected} bytes, the file has "
                                f"{adapter.file_size}"],
                         hints=["the file was cut off (an interrupted copy or download?): fetch it again"])
             return
         if not adapter.type.base.recorded:
             self._warn("W001", f"input `{stmt.name.id}` does not record its base model", stmt.path_span,
-                       notes=[f"{path / 'adapter_config.json'}: base_model_name_or_path is null"],
+                       notes=[f"{display_path(path / 'adapter_config.json')}: base_model_name_or_path is null"],
                        hints=["pemlang cannot check that this input shares a base model with the others; "
                               "set base_model_name_or_path in its adapter_config.json"])
         self.inputs[stmt.name.id] = adapter
@@ -352,34 +356,39 @@ class Checker:
 
     def _output(self, stmt: ast.OutputStmt) -> None:
         value = self.expr(stmt.value)
-        path = (self.base_dir / stmt.path).resolve()
+        path = Path(os.path.abspath(self.base_dir / stmt.path))
+        real = path.resolve()
         if isinstance(value, ScalarValue):
             self._error("E019", "an output must be a module, but this is a number", stmt.value.span,
                         notes=[f"it evaluates to {_fmt(value.value)}"])
         bad_path = False
         for name, input_path in self.input_paths.items():
-            if path == input_path or input_path.is_relative_to(path) or path.is_relative_to(input_path):
+            input_real = input_path.resolve()
+            if real == input_real or input_real.is_relative_to(real) or real.is_relative_to(input_real):
                 bad_path = True
+                where = ("is the input's directory" if real == input_real else
+                         "contains the input" if input_real.is_relative_to(real) else "is inside the input")
                 self._error("E018", f"output would overwrite input `{name}`", stmt.path_span,
-                            notes=[f"{path} and the input {input_path} overlap"],
+                            notes=[f"{display_path(path)} {where}"],
                             hints=["inputs are never written: choose another output directory"])
         for other in self.outputs:
-            if other.path == path:
+            if other.path.resolve() == real:
                 bad_path = True
                 self._error("E018", "two outputs write the same directory", stmt.path_span,
-                            notes=[f"{path} is also written on line {self.source.line_col(other.span.start)[0]}"])
+                            notes=[f"{display_path(path)} is also written on line {self.source.line_col(other.span.start)[0]}"])
         if not bad_path and path.exists() and not self.force:
             what = "directory" if path.is_dir() else "file"
-            self._error("E018", f"output {what} already exists", stmt.path_span, notes=[str(path)],
+            self._error("E018", f"output {what} already exists", stmt.path_span, notes=[display_path(path)],
                         hints=["pass --force to replace it"] if path.is_dir() else
                         ["an output is a directory: choose another path"])
         elif not bad_path and path.exists() and not path.is_dir():
-            self._error("E018", "output path is a file", stmt.path_span, notes=[str(path)],
+            self._error("E018", "output path is a file", stmt.path_span, notes=[display_path(path)],
                         hints=["an output is a directory: choose another path"])
         if isinstance(value, ModuleValue):
             self._check_heads(value, stmt.value.span)
-            name = stmt.value.id if isinstance(stmt.value, ast.Name) else None
-            self.outputs.append(CheckedOutput(name, self.source.snippet(stmt.value.span), path, value, stmt.span))
+            output_name = stmt.value.id if isinstance(stmt.value, ast.Name) else None
+            self.outputs.append(CheckedOutput(output_name, self.source.snippet(stmt.value.span), path, value,
+                                              stmt.span))
 
     def _heads(self, stmt: ast.HeadsStmt) -> None:
         if self.heads is not None:
@@ -439,20 +448,22 @@ class Checker:
     def expr(self, expr: ast.Expr) -> Value:
         """The value of an expression; errors are recorded and give POISON."""
         match expr:
-            case ast.Number(value=value):
-                return ScalarValue(value)
+            case ast.Number(value=number):
+                return ScalarValue(number)
             case ast.Name(id=name):
                 entry = self.env.get(name)
+                if entry is None and name in self.broken_names:
+                    return POISON  # its definition's syntax error is already reported
                 if entry is None:
                     return self._error("E002", f"unknown name `{name}`", expr.span,
                                        hints=did_you_mean(name, list(self.env) + list(FUNCTIONS)))
                 entry.used = True
                 return entry.value
             case ast.Neg(operand=operand):
-                value = self.expr(operand)
-                if isinstance(value, ScalarValue):
-                    return ScalarValue(-value.value)
-                return value.negated() if isinstance(value, ModuleValue) else POISON
+                operand_value = self.expr(operand)
+                if isinstance(operand_value, ScalarValue):
+                    return ScalarValue(-operand_value.value)
+                return operand_value.negated() if isinstance(operand_value, ModuleValue) else POISON
             case ast.BinOp(op=op, lhs=lhs, rhs=rhs):
                 return self._binop(expr, op, self.expr(lhs), self.expr(rhs))
             case ast.Call():
@@ -549,7 +560,7 @@ class Checker:
             else:
                 left, right = _dims(lt.heads[key].shape), _dims(rt.heads[key].shape)
             count = len(shape_mismatch) + len(head_mismatch)
-            self._error("E009", f"layer shapes differ: the modules come from different architectures", span,
+            self._error("E009", "layer shapes differ: the modules come from different architectures", span,
                         notes=[f"{key}: {ln} {left}, {rn} {right}"]
                         + ([f"{count - 1} more layers differ"] if count > 1 else []))
             return None
@@ -617,8 +628,9 @@ class Checker:
             return self._error("E020", "svd() rank must be a positive whole number", rank_kw.value.span,
                                hints=usage)
         rank = int(rank_value.value)
-        layers = {k: replace(layer, rank=rank, alpha=float(rank), use_rslora=False)  # type: ignore[type-var]
-                  for k, layer in inner.type.layers.items()}
+        layers: dict[str, Layer] = {
+            k: replace(layer, rank=rank, alpha=float(rank), use_rslora=False)
+            for k, layer in inner.type.layers.items() if isinstance(layer, LoraLayer)}
         result_type = ModuleType("lora", inner.type.base, layers, inner.type.heads, inner.type.architecture)
         ref = SvdRef(inner, rank, text=self.source.snippet(call.span))
         return ModuleValue((Term(ref, 1.0, 1.0),), result_type)

@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .diagnostics import Diagnostic, emit, error, summary
@@ -46,8 +47,9 @@ def parse_set(text: str):  # type: ignore[no-untyped-def]
     return Override(name, number, source)
 
 
-def _overrides(values: Sequence[str]) -> tuple[list, list[Diagnostic]]:  # type: ignore[type-arg]
-    overrides, diagnostics = [], []
+def _overrides(values: Sequence[str]) -> tuple[list[Any], list[Diagnostic]]:
+    overrides: list[Any] = []
+    diagnostics: list[Diagnostic] = []
     for text in values:
         parsed = parse_set(text)
         (diagnostics if isinstance(parsed, Diagnostic) else overrides).append(parsed)

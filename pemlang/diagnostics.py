@@ -15,6 +15,7 @@ Colour is used only when the stream is a terminal (and then through rich, import
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -101,6 +102,16 @@ class PemError(Exception):
     def __init__(self, diagnostics: Iterable[Diagnostic]):
         self.diagnostics = tuple(diagnostics)
         super().__init__("\n".join(d.message for d in self.diagnostics))
+
+
+def display_path(path: object) -> str:
+    """A path as users want to read it: relative to the working directory when inside it."""
+    text = os.fspath(path)  # type: ignore[call-overload]
+    try:
+        relative = os.path.relpath(text)
+    except ValueError:  # another drive (Windows)
+        return text
+    return text if relative.startswith("..") else relative
 
 
 # -- rendering --------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def _format_number(x: float) -> str:
 def layer_rows(adapter: Adapter) -> list[tuple[str, ...]]:
     """Rows of (layers, shape, rank, alpha, scaling, dtype, size), grouped over block indices."""
     groups: dict[tuple[str, ...], list[tuple[int | None, int]]] = {}
+    facts: tuple[str, ...]
     for key, layer in adapter.type.layers.items():
         match = re.search(r"\.(\d+)\.", key)
         pattern = key[: match.start(1)] + "{}" + key[match.end(1):] if match else key
@@ -57,21 +58,21 @@ def layer_rows(adapter: Adapter) -> list[tuple[str, ...]]:
             facts = (layer.shape_text + (" (feed-forward)" if layer.feedforward else ""), "", "", "",
                      layer.dtype)
         groups.setdefault((pattern, *facts), []).append((index, layer.nbytes))
-    rows = []
-    for (pattern, *facts), members in groups.items():
+    rows: list[tuple[str, ...]] = []
+    for (pattern, *row_facts), members in groups.items():
         indices = [i for i, _ in members if i is not None]
         name = pattern.format(f"[{compact_indices(indices)}]" if len(indices) > 1 else indices[0]) \
             if "{}" in pattern else pattern
-        rows.append((name, *facts, human_bytes(sum(n for _, n in members))))
+        rows.append((name, *row_facts, human_bytes(sum(n for _, n in members))))
     return rows
 
 
 def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-untyped-def]
     """Print an adapter's signature: summary, layers table, heads, refused features."""
+    import sys
+
     from rich.console import Console
     from rich.table import Table
-
-    import sys
 
     console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     t = adapter.type

@@ -20,7 +20,9 @@ from . import ast
 from .diagnostics import Diagnostic, error
 from .source import Source, Span
 
-_STATEMENT_KEYWORD = re.compile(r"[ \t]*(input|param|output|mode|heads)[ \t]")
+# A line that plainly starts a new statement: a keyword, or an unindented `name =`.
+_DEFINITION = re.compile(r"\s*(?:input\s+|param\s+)?([^\W\d]\w*)\s*=(?!=)")
+_STATEMENT_START = re.compile(r"[ \t]*(input|param|output|mode|heads)[ \t]|[^\W\d]\w*[ \t]*=(?!=)")
 
 
 def grammar_text() -> str:
@@ -83,7 +85,7 @@ def _split(text: str) -> list[_Chunk]:
                 opens.pop()
             elif unmatched is None:
                 unmatched = i
-        elif ch == "\n" and (not opens or _STATEMENT_KEYWORD.match(text, i + 1)):
+        elif ch == "\n" and (not opens or _STATEMENT_START.match(text, i + 1)):
             # Inside parentheses a newline continues the statement, unless the next line plainly
             # starts a new statement: then the parenthesis was left open.
             close(i)
@@ -238,16 +240,14 @@ def _plausible(expected: set[str], before: str) -> set[str]:
 def _syntax_error(exc: UnexpectedInput, source: Source, chunk: _Chunk) -> Diagnostic:
     text = source.text
     if isinstance(exc, UnexpectedCharacters):
-        pos = chunk.start + exc.pos_in_stream
+        pos = chunk.start + (exc.pos_in_stream or 0)
         char = text[pos]
-        hints = []
+        char_hints: list[str] = []
         if char == "'":
-            hints.append('strings are written in double quotes: "adapters/name"')
+            char_hints.append('strings are written in double quotes: "adapters/name"')
         elif char == '"':
-            hints.append("this string is not closed before the end of the line")
-        elif char == "=" and text[pos : pos + 2] == "==":
-            hints.append("pemlang has no comparisons; a binding is written `name = expression`")
-        return error("E001", f"unexpected character {char!r}", source, Span(pos, pos + 1), hints=hints)
+            char_hints.append("this string is not closed before the end of the line")
+        return error("E001", f"unexpected character {char!r}", source, Span(pos, pos + 1), hints=char_hints)
     assert isinstance(exc, UnexpectedToken)
     token = exc.token
     expected = set(exc.expected)
@@ -274,7 +274,8 @@ def _syntax_error(exc: UnexpectedInput, source: Source, chunk: _Chunk) -> Diagno
             notes.append("expected " + (", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1
                                          else words[0]))
     if token.type == "NAME" and "STRING" in expected:
-        hints.append(f'paths are written in double quotes: "{token}"')
+        rest = text[span.start : chunk.end].split("#", 1)[0].strip()
+        hints.append(f'paths are written in double quotes: "{rest}"')
     elif token.type in {"NAME", "NUMBER", "LPAR"} and {"PLUS", "STAR"} <= expected:
         hints.append("an operator (+ - * /) may be missing before this")
     elif token.type == "STRING" and "__ANON_0" in expected:
@@ -289,13 +290,16 @@ def parse_program(source: Source) -> tuple[ast.Program, list[Diagnostic]]:
     """Parse a whole program; statements with syntax errors are left out and reported."""
     statements: list[ast.Statement] = []
     diagnostics: list[Diagnostic] = []
+    broken: set[str] = set()
     for chunk in _split(source.text):
         stmt, diag = _parse_chunk(source, chunk)
         if diag is not None:
             diagnostics.append(diag)
+            if defined := _DEFINITION.match(source.text, chunk.start):
+                broken.add(defined.group(1))
         elif stmt is not None:
             statements.append(stmt)
-    return ast.Program(tuple(statements)), diagnostics
+    return ast.Program(tuple(statements), frozenset(broken)), diagnostics
 
 
 def _parse_chunk(source: Source, chunk: _Chunk) -> tuple[ast.Statement | None, Diagnostic | None]:

@@ -1,0 +1,147 @@
+"""Real PEFT adapters for the tests, made by PEFT itself on tiny models built from configs.
+
+Nothing is downloaded: a Llama-style model (q/k/v/o with grouped-query attention) and a
+GPT-2-style model (`c_attn`, a Conv1D layer, hence fan_in_fan_out) are built from configs with
+seeded weights; adapters are made with get_peft_model and written with save_pretrained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched: PEFT's save must not try the hub
+
+LLAMA_BASE = "tiny-org/tiny-llama"
+GPT2_BASE = "tiny-org/tiny-gpt2"
+
+
+def llama_config(hidden: int = 32):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       pad_token_id=0, num_labels=3)
+
+
+def gpt2_config():  # type: ignore[no-untyped-def]
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64,
+                      bos_token_id=0, eos_token_id=0)
+
+
+def base_model(arch: str = "llama", *, task: str = "lm", hidden: int = 32, name: str | None = LLAMA_BASE):  # type: ignore[no-untyped-def]
+    """A tiny base model with seeded weights; `name` is what PEFT records as its base."""
+    import torch
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(gpt2_config())
+    elif task == "cls":
+        model = LlamaForSequenceClassification(llama_config(hidden))
+    else:
+        model = LlamaForCausalLM(llama_config(hidden))
+    model.eval()
+    if name is not None:
+        model.name_or_path = name  # get_peft_model records it as base_model_name_or_path
+    return model
+
+
+def randomize(peft_model, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """Give every trainable adapter tensor seeded random values (as after training)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif any(k in name for k in ("lora_", "modules_to_save")):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def save(peft_config, out: Path, seed: int, *, arch: str = "llama", task: str = "lm", hidden: int = 32,  # type: ignore[no-untyped-def]
+         name: str | None = LLAMA_BASE, dtype=None, safe: bool = True) -> Path:
+    from peft import get_peft_model
+
+    model = base_model(arch, task=task, hidden=hidden, name=name)
+    if dtype is not None:
+        import torch
+
+        model = model.to(getattr(torch, dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on offline base names and the like
+        # autocast_adapter_dtype=False keeps a bf16 base's adapter in bf16 instead of upcasting it
+        peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=dtype is None)
+        randomize(peft_model, seed)
+        peft_model.save_pretrained(out, safe_serialization=safe)
+    return out
+
+
+def lora(out: Path, seed: int, *, r: int = 8, alpha: int = 16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),  # type: ignore[no-untyped-def]
+         **kwargs) -> Path:
+    from peft import LoraConfig
+
+    options = {k: kwargs.pop(k) for k in ("arch", "task", "hidden", "name", "dtype", "safe") if k in kwargs}
+    if options.get("task") == "cls":
+        kwargs.setdefault("modules_to_save", ["score"])
+    return save(LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **kwargs), out, seed, **options)
+
+
+def build_all(root: Path) -> Path:
+    """Every fixture adapter the tests use, under `root` (the golden .pem files name them)."""
+    from peft import IA3Config, LoHaConfig
+
+    root.mkdir(parents=True, exist_ok=True)
+    lora(root / "llama_r8", 1)
+    lora(root / "llama_r8_b", 2)
+    lora(root / "llama_r8_c", 3)
+    lora(root / "llama_r4", 4, r=4, alpha=8)
+    lora(root / "llama_rslora", 5, r=8, alpha=16, use_rslora=True)
+    lora(root / "llama_pattern", 6, rank_pattern={"layers.1.self_attn.q_proj": 4}, alpha_pattern={"v_proj": 4})
+    lora(root / "llama_qv", 7, targets=("q_proj", "v_proj"))
+    lora(root / "llama_other_base", 8, name="someone-else/llama-7b")
+    lora(root / "llama_no_base", 9, name=None)
+    lora(root / "llama_wide_no_base", 10, hidden=48, name=None)
+    lora(root / "llama_cls", 11, task="cls")
+    lora(root / "llama_cls_b", 12, task="cls")
+    lora(root / "llama_dora", 13, use_dora=True)
+    lora(root / "llama_lora_bias", 14, lora_bias=True)
+    lora(root / "llama_bf16", 15, dtype="bfloat16")
+    lora(root / "llama_pickled", 16, safe=False)
+    lora(root / "gpt2_r8", 17, targets=("c_attn",), arch="gpt2", name=GPT2_BASE, fan_in_fan_out=True)
+    lora(root / "gpt2_no_base", 18, targets=("c_attn",), arch="gpt2", name=None, fan_in_fan_out=True)
+    save(IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+         root / "llama_ia3", 19)
+    save(IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+         root / "llama_ia3_b", 20)
+    save(LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "llama_loha", 21)
+    _corrupt_copies(root)
+    return root
+
+
+def _corrupt_copies(root: Path) -> None:
+    """Damaged copies of llama_r8: a cut-off header, a cut-off data section, a broken config."""
+    weights = (root / "llama_r8" / "adapter_model.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", weights[:8])
+
+    def copy(name: str) -> Path:
+        target = root / name
+        shutil.copytree(root / "llama_r8", target)
+        return target
+
+    (copy("bad_header") / "adapter_model.safetensors").write_bytes(weights[: 8 + header_len // 2])
+    (copy("cut_data") / "adapter_model.safetensors").write_bytes(weights[: 8 + header_len + 100])
+    (copy("bad_config") / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,,}')
+    no_weights = copy("no_weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    json_garbage = copy("header_not_json")
+    fake = b"{not json" + b" " * 7
+    (json_garbage / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(fake)) + fake)
+    json.loads((root / "llama_r8" / "adapter_config.json").read_text())  # the original stays valid

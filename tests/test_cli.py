@@ -1,0 +1,106 @@
+"""The command line as a user runs it: exit codes, output, and what `check` imports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pemlang.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pemlang(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pemlang.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture
+def program(adapters: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "mix.pem"
+    path.write_text(f'''input a = "{adapters}/llama_r8"
+input b = "{adapters}/llama_r8_b"
+input c = "{adapters}/llama_r8_c"
+param lam = 0.5
+output lam*a + (1 - lam)*(b - c) -> "out/mix"
+''')
+    return path
+
+
+def test_check_ok_exit_0(program: Path) -> None:
+    result = pemlang("check", str(program))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "ok:" in result.stdout and "3 inputs" in result.stdout
+
+
+def test_check_errors_exit_1_with_a_diagnostic_not_a_traceback(adapters: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text(f'input a = "{adapters}/llama_r8"\ninput r4 = "{adapters}/llama_r4"\noutput a + r4 -> "o"\n')
+    result = pemlang("check", str(bad))
+    assert result.returncode == 1
+    assert "error[E010]" in result.stderr and f"{bad}:3:8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["check"], ["check", "/no/such/file.pem"], ["frobnicate"],
+                                  ["check", "x.pem", "--set", "novalue"]])
+def test_misuse_exits_2(args: list[str], tmp_path: Path) -> None:
+    (tmp_path / "x.pem").write_text("")
+    result = pemlang(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_check_never_imports_torch(program: Path) -> None:
+    code = ("import sys; from pemlang.cli import main; status = main(['check', sys.argv[1]]); "
+            "heavy = [m for m in ('torch', 'peft', 'transformers', 'safetensors', 'rich', 'pydantic') "
+            "if m in sys.modules]; print(heavy); sys.exit(status)")
+    result = subprocess.run([sys.executable, "-c", code, str(program)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_inspect_reads_clearly(adapters: Path) -> None:
+    result = pemlang("inspect", str(adapters / "llama_pattern"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "LoRA" in out and "tiny-org/tiny-llama" in out and "rank_pattern" in out
+    # grouped over block indices, split where a pattern changes rank or alpha
+    assert "model.layers.[0-1].self_attn.k_proj" in out
+    assert "model.layers.1.self_attn.q_proj" in out and "model.layers.0.self_attn.q_proj" in out
+    heads = pemlang("inspect", str(adapters / "llama_cls")).stdout
+    assert "score.weight" in heads and "3×32" in heads
+    refused = pemlang("inspect", str(adapters / "llama_dora")).stdout
+    assert "DoRA" in refused
+
+
+def test_inspect_missing_exit_1(tmp_path: Path) -> None:
+    result = pemlang("inspect", str(tmp_path / "nothing"))
+    assert result.returncode == 1 and "error[E012]" in result.stderr
+
+
+def test_internal_errors_say_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                program: Path) -> None:
+    import pemlang.check
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(pemlang.check, "check_source", boom)
+    assert main(["check", str(program)]) == 70
+    err = capsys.readouterr().err
+    assert "internal error" in err and "report" in err and "Traceback" not in err
+
+
+def test_check_is_fast(program: Path) -> None:
+    """Not a timing assertion (those live in benchmarks): a smoke test that check returns promptly."""
+    start = time.perf_counter()
+    assert pemlang("check", str(program)).returncode == 0
+    assert time.perf_counter() - start < 30

@@ -1,0 +1,66 @@
+"""Golden diagnostics: each tests/golden/<case>.pem next to <case>.err, the exact output of
+`pemlang check` (stderr, then the exit status).
+
+A first line `# args: ...` gives extra command-line arguments. The .pem files name fixture
+adapters as "adapters/<name>" (see peft_factory.build_all).
+
+Regenerate after an intended change of wording:   python -m pytest tests/test_golden.py --regen-golden
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pemlang.cli import main
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = sorted(p.stem for p in GOLDEN.glob("*.pem"))
+
+
+def run_check(pem: Path, workdir: Path, adapters: Path) -> str:
+    """Run `pemlang check` on a copy of `pem` inside `workdir`, where adapters/ are the fixtures."""
+    text = pem.read_text(encoding="utf-8")
+    first = text.splitlines()[0] if text else ""
+    extra = shlex.split(first.removeprefix("# args:")) if first.startswith("# args:") else []
+    link = workdir / "adapters"
+    if not link.exists():
+        link.symlink_to(adapters, target_is_directory=True)
+    shutil.copy(pem, workdir / pem.name)
+    (workdir / "out" / "existing").mkdir(parents=True, exist_ok=True)
+    stderr, stdout = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+            status = main(["check", pem.name, *extra])
+    finally:
+        os.chdir(cwd)
+    return f"{stderr.getvalue()}exit status: {status}\n"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden(case: str, adapters: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    actual = run_check(GOLDEN / f"{case}.pem", tmp_path, adapters)
+    expected_file = GOLDEN / f"{case}.err"
+    if request.config.getoption("--regen-golden"):
+        expected_file.write_text(actual, encoding="utf-8")
+        return
+    assert expected_file.exists(), f"no {expected_file.name}: run with --regen-golden and review it"
+    assert actual == expected_file.read_text(encoding="utf-8")
+
+
+def test_every_code_has_a_golden_case() -> None:
+    """Every diagnostic code a check can produce is shown in at least one golden file."""
+    from pemlang.diagnostics import CODES
+
+    shown = "".join(p.read_text(encoding="utf-8") for p in GOLDEN.glob("*.err"))
+    runtime_only = {"E014", "W002"}  # need tensor data: reported by `pemlang run`, not `check`
+    missing = [code for code in CODES if code not in runtime_only and f"[{code}]" not in shown]
+    assert not missing

@@ -1,0 +1,162 @@
+"""The grammar and parser: structure, aliases, spans, and laws checked with hypothesis."""
+
+from __future__ import annotations
+
+import string
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pemlang import ast
+from pemlang.ast import BinOp, Call, Keyword, Name, Neg, Number
+from pemlang.parser import parse_expression, parse_program
+from pemlang.source import Source
+
+
+def expr(text: str) -> ast.Expr:
+    value, diagnostics = parse_expression(Source(text))
+    assert not diagnostics, diagnostics
+    assert value is not None
+    return value
+
+
+def test_precedence_and_associativity() -> None:
+    a, b, c = Name("a"), Name("b"), Name("c")
+    assert expr("a + b * c") == BinOp("+", a, BinOp("*", b, c))
+    assert expr("a - b - c") == BinOp("-", BinOp("-", a, b), c)
+    assert expr("a / b / c") == BinOp("/", BinOp("/", a, b), c)
+    # unary minus binds tighter than *
+    assert expr("-a * b") == BinOp("*", Neg(a), b)
+    assert expr("2 * -a") == BinOp("*", Number(2), Neg(a))
+    assert expr("(a + b) * c") == BinOp("*", BinOp("+", a, b), c)
+
+
+def test_paper_symbols_are_aliases() -> None:
+    assert expr("a ⊕ b") == expr("a + b")
+    assert expr("a ⊖ b") == expr("a - b")
+    assert expr("⊖a") == expr("-a")
+    assert expr("0.5·a × 2") == expr("0.5*a*2")
+
+
+def test_numbers_names_and_calls() -> None:
+    assert expr(".5") == Number(0.5)
+    assert expr("1e-3") == Number(0.001)
+    assert expr("2.") == Number(2.0)
+    assert expr("θ_tox") == Name("θ_tox")
+    assert expr("λ*a") == BinOp("*", Name("λ"), Name("a"))
+    assert expr("svd(a + b, rank=8)") == Call(Name("svd"), (BinOp("+", Name("a"), Name("b")),),
+                                              (Keyword(Name("rank"), Number(8)),))
+
+
+def test_statements() -> None:
+    text = '''# a comment
+mode exact
+input amazon_cls = "adapters/amazon_cls"   # trailing comment
+param lam = 0.5
+yelp_cls = lam*amazon_cls + (1 - lam)*(yelp_lm
+                                      - amazon_lm)
+heads from amazon_cls
+output yelp_cls -> "out/yelp_cls"
+'''
+    program, diagnostics = parse_program(Source(text))
+    assert not diagnostics
+    kinds = [type(s).__name__ for s in program.statements]
+    assert kinds == ["ModeStmt", "InputStmt", "ParamStmt", "Binding", "HeadsStmt", "OutputStmt"]
+    input_stmt = program.statements[1]
+    assert isinstance(input_stmt, ast.InputStmt) and input_stmt.path == "adapters/amazon_cls"
+    assert text[input_stmt.path_span.start : input_stmt.path_span.end] == '"adapters/amazon_cls"'
+
+
+def test_spans_point_at_the_source() -> None:
+    text = "x = a + (b - c) * 2"
+    program, _ = parse_program(Source(text))
+    binding = program.statements[0]
+    assert isinstance(binding, ast.Binding)
+    value = binding.value
+    assert isinstance(value, BinOp)
+    assert text[value.span.start : value.span.end] == "a + (b - c) * 2"
+    assert isinstance(value.rhs, BinOp)
+    assert text[value.rhs.span.start : value.rhs.span.end] == "(b - c) * 2"
+    assert isinstance(value.rhs.lhs, BinOp)
+    assert text[value.rhs.lhs.span.start : value.rhs.lhs.span.end] == "(b - c)"
+
+
+def test_every_broken_statement_is_reported() -> None:
+    text = "x = a +\ny = (b\nz = c d\nw = 1\n"
+    program, diagnostics = parse_program(Source(text, "t.pem"))
+    assert [d.code for d in diagnostics] == ["E001", "E001", "E001"]
+    assert [Source(text).line_col(d.span.start)[0] for d in diagnostics] == [1, 2, 3]  # type: ignore[union-attr]
+    assert program.statements == (ast.Binding(Name("w"), Number(1)),)
+
+
+# -- laws ---------------------------------------------------------------------------------------
+
+names = st.sampled_from(["a", "b", "amazon_cls", "λ", "θ_tox", "yelp_lm", "x1"])
+numbers = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False) | st.integers(0, 1000).map(float)
+
+
+def expressions(depth: int = 4) -> st.SearchStrategy[ast.Expr]:
+    leaves = st.one_of(numbers.map(Number), names.map(Name))
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(
+            inner.map(Neg),
+            st.tuples(st.sampled_from(["+", "-", "*", "/"]), inner, inner).map(lambda t: BinOp(*t)),
+            st.tuples(names, st.lists(inner, max_size=2), st.lists(st.tuples(names, inner), max_size=2)).map(
+                lambda t: Call(Name(t[0]), tuple(t[1]), tuple(Keyword(Name(k), v) for k, v in t[2]))),
+        ),
+        max_leaves=12,
+    )
+
+
+statements = st.one_of(
+    st.tuples(names, expressions()).map(lambda t: ast.Binding(Name(t[0]), t[1])),
+    st.tuples(names, expressions()).map(lambda t: ast.ParamStmt(Name(t[0]), t[1])),
+    st.tuples(names, st.text(alphabet=string.ascii_letters + '/_."\\ λ', max_size=20)).map(
+        lambda t: ast.InputStmt(Name(t[0]), t[1])),
+    st.tuples(expressions(), st.text(alphabet=string.ascii_letters + "/_.", max_size=20)).map(
+        lambda t: ast.OutputStmt(t[0], t[1])),
+    st.sampled_from(["paper", "exact"]).map(lambda m: ast.ModeStmt(Name(m))),
+    names.map(lambda n: ast.HeadsStmt("from", Name(n))),
+    st.sampled_from(["drop", "mix"]).map(lambda p: ast.HeadsStmt(p)),  # type: ignore[arg-type]
+)
+
+
+@given(st.lists(statements, max_size=6))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_print_then_parse_is_identity(stmts: list[ast.Statement]) -> None:
+    program = ast.Program(tuple(stmts))
+    text = ast.format_program(program)
+    reparsed, diagnostics = parse_program(Source(text))
+    assert not diagnostics, (text, diagnostics)
+    assert reparsed == program
+
+
+TOKENS = ["a", "b", "λ", "1", ".5", "2e3", "+", "-", "*", "/", "⊕", "⊖", "·", "×", "(", ")", ",", "=",
+          "->", '"p"', "input", "param", "output", "mode", "heads", "from", "drop", "svd", "rank", "\n",
+          " ", "#", "\"", "$", "'", "\t", "\\"]
+
+
+def _check_diagnostics_are_well_formed(text: str) -> None:
+    source = Source(text, "soup.pem")
+    _, diagnostics = parse_program(source)
+    for d in diagnostics:
+        assert d.code == "E001"
+        assert d.span is not None and 0 <= d.span.start <= d.span.end <= len(text)
+        from pemlang.diagnostics import render
+
+        rendered = render(d)
+        assert rendered.startswith("error[E001]: ")
+        assert "soup.pem:" in rendered
+
+
+@given(st.lists(st.sampled_from(TOKENS), max_size=30).map("".join))
+@settings(max_examples=400)
+def test_token_soup_gives_only_diagnostics(text: str) -> None:
+    _check_diagnostics_are_well_formed(text)
+
+
+@given(st.text(max_size=60))
+@settings(max_examples=300)
+def test_arbitrary_text_gives_only_diagnostics(text: str) -> None:
+    _check_diagnostics_are_well_formed(text)
