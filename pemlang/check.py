@@ -131,6 +131,7 @@ class Entry:
     value: Value
     span: Span
     used: bool = False
+    source: Source | None = None  # where the name was defined, when not the program (eval's --input)
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ class CheckedProgram:
     outputs: tuple[CheckedOutput, ...]
     heads: ast.HeadsStmt | None
     diagnostics: tuple[Diagnostic, ...]
+    input_written: dict[str, str] = field(default_factory=dict)  # paths as the program wrote them
+    input_spans: dict[str, tuple[Source, Span]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -203,6 +206,9 @@ class Checker:
         self.env: dict[str, Entry] = {}
         self.inputs: dict[str, Adapter] = {}
         self.input_paths: dict[str, Path] = {}
+        self.input_written: dict[str, str] = {}
+        self.input_spans: dict[str, tuple[Source, Span]] = {}
+        self.binding_text: dict[str, str] = {}
         self.params: dict[str, float] = {}
         self.outputs: list[CheckedOutput] = []
         self.heads: ast.HeadsStmt | None = None
@@ -211,12 +217,14 @@ class Checker:
         self._statements_seen = 0
 
     # reporting
-    def _error(self, code: str, message: str, span: Span | None, **kw) -> Poison:  # type: ignore[no-untyped-def]
-        self.diagnostics.append(error(code, message, self.source, span, **kw))
+    def _error(self, code: str, message: str, span: Span | None, *, source: Source | None = None,
+               **kw) -> Poison:  # type: ignore[no-untyped-def]
+        self.diagnostics.append(error(code, message, source or self.source, span, **kw))
         return POISON
 
-    def _warn(self, code: str, message: str, span: Span | None, **kw) -> None:  # type: ignore[no-untyped-def]
-        self.diagnostics.append(warning(code, message, self.source, span, **kw))
+    def _warn(self, code: str, message: str, span: Span | None, *, source: Source | None = None,
+              **kw) -> None:  # type: ignore[no-untyped-def]
+        self.diagnostics.append(warning(code, message, source or self.source, span, **kw))
 
     # -- statements ----------------------------------------------------------------------------
 
@@ -238,7 +246,8 @@ class Checker:
         ordered = sorted(self.diagnostics, key=lambda d: (d.source is not self.source,
                                                            d.span.start if d.span else 0))
         return CheckedProgram(self.source, self.mode, dict(self.inputs), dict(self.params),
-                              tuple(self.outputs), self.heads, tuple(ordered))
+                              tuple(self.outputs), self.heads, tuple(ordered), dict(self.input_written),
+                              dict(self.input_spans))
 
     def finish(self, *, require_output: bool = True) -> None:
         for name, override in self.overrides.items():
@@ -252,7 +261,7 @@ class Checker:
         syntax_errors = any(d.code == "E001" for d in self.diagnostics)
         for name, entry in self.env.items():
             if not syntax_errors and not entry.used and entry.kind in ("input", "binding"):
-                self._warn("W003", f"{entry.kind} `{name}` is never used", entry.span,
+                self._warn("W003", f"{entry.kind} `{name}` is never used", entry.span, source=entry.source,
                            hints=[f"remove it, or write it out with `output {name} -> \"DIR\"`"]
                            if entry.kind == "binding" else [])
         if require_output and not self.outputs and not any(d.is_error for d in self.diagnostics):
@@ -266,8 +275,8 @@ class Checker:
         match stmt:
             case ast.ModeStmt(mode=mode):
                 self._mode(mode, stmt.span, first=index == 0)
-            case ast.InputStmt():
-                self._input(stmt)
+            case ast.InputStmt(name=name, path=path, path_span=path_span):
+                self.add_input(name, path, path_span)
             case ast.ParamStmt(name=name, value=value):
                 if self._declare(name, "param"):
                     override = self.overrides.get(name.id)
@@ -282,8 +291,9 @@ class Checker:
             case ast.Binding(name=name, value=value):
                 if self._declare(name, "binding"):
                     self.env[name.id] = Entry("binding", self.expr(value), name.span)
-            case ast.OutputStmt():
-                self._output(stmt)
+                    self.binding_text[name.id] = self.source.snippet(value.span)
+            case ast.OutputStmt(value=value, path=path, path_span=path_span):
+                self.add_output(value, path, path_span, stmt.span)
             case ast.HeadsStmt():
                 self._heads(stmt)
             case ast.ExprStmt(value=value):
@@ -301,65 +311,71 @@ class Checker:
         else:
             self.mode = mode.id  # type: ignore[assignment]
 
-    def _declare(self, name: ast.Name, kind: str) -> bool:
+    def _declare(self, name: ast.Name, kind: str, source: Source | None = None) -> bool:
         if name.id in FUNCTIONS:
-            self._error("E016", f"`{name.id}` is a built-in function and cannot be redefined", name.span)
+            self._error("E016", f"`{name.id}` is a built-in function and cannot be redefined", name.span,
+                        source=source)
             return False
         previous = self.env.get(name.id)
         if previous is None:
             return True
-        line, _ = self.source.line_col(previous.span.start)
-        self._error("E016", f"`{name.id}` is defined twice", name.span,
+        line, _ = (previous.source or self.source).line_col(previous.span.start)
+        self._error("E016", f"`{name.id}` is defined twice", name.span, source=source,
                     notes=[f"first defined as {'an' if previous.kind == 'input' else 'a'} {previous.kind} "
                            f"on line {line}"],
                     hints=["pick another name: a program defines each name once"])
         return False
 
-    def _input(self, stmt: ast.InputStmt) -> None:
-        if not self._declare(stmt.name, "input"):
+    def add_input(self, name: ast.Name, written: str, path_span: Span, source: Source | None = None) -> None:
+        """Declare an input adapter: read its signature (config + header) and bind the name."""
+        if not self._declare(name, "input", source):
             return
-        path = Path(os.path.abspath(self.base_dir / stmt.path))
+        path = Path(os.path.abspath(self.base_dir / written))
         try:
             adapter = self.read(path, allow_pickle=self.allow_pickle)
         except AdapterError as exc:
-            self.env[stmt.name.id] = Entry("input", POISON, stmt.name.span)
-            self._error(exc.code, f"input `{stmt.name.id}`: {exc.message}", stmt.path_span,
+            self.env[name.id] = Entry("input", POISON, name.span, source=source)
+            self._error(exc.code, f"input `{name.id}`: {exc.message}", path_span, source=source,
                         notes=exc.notes, hints=exc.hints)
             return
-        self.input_paths[stmt.name.id] = path
+        self.input_paths[name.id] = path
         if adapter.unsupported:
             features = adapter.unsupported
-            self.env[stmt.name.id] = Entry("input", POISON, stmt.name.span)
-            self._error("E011", f"input `{stmt.name.id}` uses {features[0]}, which pemlang does not support",
-                        stmt.path_span,
+            self.env[name.id] = Entry("input", POISON, name.span, source=source)
+            self._error("E011", f"input `{name.id}` uses {features[0]}, which pemlang does not support",
+                        path_span, source=source,
                         notes=[f"also: {f}" for f in features[1:]] + [display_path(path)],
                         hints=["pemlang composes plain LoRA and (IA)3 exactly and refuses anything it "
                                "cannot compose exactly; merge this adapter into its base model instead"])
             return
         if adapter.truncated:
-            self.env[stmt.name.id] = Entry("input", POISON, stmt.name.span)
-            self._error("E013", f"input `{stmt.name.id}`: {adapter.weights_file.name} is truncated",
-                        stmt.path_span,
+            self.env[name.id] = Entry("input", POISON, name.span, source=source)
+            self._error("E013", f"input `{name.id}`: {adapter.weights_file.name} is truncated",
+                        path_span, source=source,
                         notes=[f"{display_path(adapter.weights_file)}: the header promises "
                                f"{adapter.data_start + adapter.data_bytes_expected} bytes, the file has "
                                f"{adapter.file_size}"],
                         hints=["the file was cut off (an interrupted copy or download?): fetch it again"])
             return
         if not adapter.type.base.recorded:
-            self._warn("W001", f"input `{stmt.name.id}` does not record its base model", stmt.path_span,
+            self._warn("W001", f"input `{name.id}` does not record its base model", path_span, source=source,
                        notes=[f"{display_path(path / 'adapter_config.json')}: base_model_name_or_path is null"],
                        hints=["pemlang cannot check that this input shares a base model with the others; "
                               "set base_model_name_or_path in its adapter_config.json"])
-        self.inputs[stmt.name.id] = adapter
-        value = ModuleValue((Term(InputRef(stmt.name.id), 1.0, 1.0),), adapter.type)
-        self.env[stmt.name.id] = Entry("input", value, stmt.name.span)
+        self.inputs[name.id] = adapter
+        self.input_written[name.id] = written
+        self.input_spans[name.id] = (source or self.source, path_span)
+        value = ModuleValue((Term(InputRef(name.id), 1.0, 1.0),), adapter.type)
+        self.env[name.id] = Entry("input", value, name.span, source=source)
 
-    def _output(self, stmt: ast.OutputStmt) -> None:
-        value = self.expr(stmt.value)
-        path = Path(os.path.abspath(self.base_dir / stmt.path))
+    def add_output(self, expr: ast.Expr, written: str, path_span: Span, span: Span,
+                   path_source: Source | None = None) -> None:
+        """Declare an output: `expr` must be a module; its directory must not clobber anything."""
+        value = self.expr(expr)
+        path = Path(os.path.abspath(self.base_dir / written))
         real = path.resolve()
         if isinstance(value, ScalarValue):
-            self._error("E019", "an output must be a module, but this is a number", stmt.value.span,
+            self._error("E019", "an output must be a module, but this is a number", expr.span,
                         notes=[f"it evaluates to {_fmt(value.value)}"])
         bad_path = False
         for name, input_path in self.input_paths.items():
@@ -368,27 +384,27 @@ class Checker:
                 bad_path = True
                 where = ("is the input's directory" if real == input_real else
                          "contains the input" if input_real.is_relative_to(real) else "is inside the input")
-                self._error("E018", f"output would overwrite input `{name}`", stmt.path_span,
+                self._error("E018", f"output would overwrite input `{name}`", path_span, source=path_source,
                             notes=[f"{display_path(path)} {where}"],
                             hints=["inputs are never written: choose another output directory"])
         for other in self.outputs:
             if other.path.resolve() == real:
                 bad_path = True
-                self._error("E018", "two outputs write the same directory", stmt.path_span,
+                self._error("E018", "two outputs write the same directory", path_span, source=path_source,
                             notes=[f"{display_path(path)} is also written on line {self.source.line_col(other.span.start)[0]}"])
         if not bad_path and path.exists() and not self.force:
             what = "directory" if path.is_dir() else "file"
-            self._error("E018", f"output {what} already exists", stmt.path_span, notes=[display_path(path)],
+            self._error("E018", f"output {what} already exists", path_span, source=path_source, notes=[display_path(path)],
                         hints=["pass --force to replace it"] if path.is_dir() else
                         ["an output is a directory: choose another path"])
         elif not bad_path and path.exists() and not path.is_dir():
-            self._error("E018", "output path is a file", stmt.path_span, notes=[display_path(path)],
+            self._error("E018", "output path is a file", path_span, source=path_source, notes=[display_path(path)],
                         hints=["an output is a directory: choose another path"])
         if isinstance(value, ModuleValue):
-            self._check_heads(value, stmt.value.span)
-            output_name = stmt.value.id if isinstance(stmt.value, ast.Name) else None
-            self.outputs.append(CheckedOutput(output_name, self.source.snippet(stmt.value.span), path, value,
-                                              stmt.span))
+            self._check_heads(value, expr.span)
+            output_name = expr.id if isinstance(expr, ast.Name) else None
+            expression = self.binding_text.get(output_name or "", self.source.snippet(expr.span))
+            self.outputs.append(CheckedOutput(output_name, expression, path, value, span))
 
     def _heads(self, stmt: ast.HeadsStmt) -> None:
         if self.heads is not None:
@@ -617,7 +633,8 @@ class Checker:
         if self.mode != "exact":
             return self._error("E020", "svd() needs `mode exact`", call.func.span,
                                notes=["svd approximates the weight update ΔW, which paper mode does not compute"],
-                               hints=["add `mode exact` as the first statement"])
+                               hints=["use exact mode: `mode exact` as a file's first statement, "
+                                      "`--mode exact` with `pemlang eval`"])
         if not isinstance(inner, ModuleValue):
             return self._error("E019", "svd() needs a module, but this is a number", call.args[0].span)
         if inner.type.kind != "lora":

@@ -107,6 +107,140 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DTYPE_NAMES = {"f32": "F32", "fp32": "F32", "float32": "F32", "f16": "F16", "fp16": "F16", "float16": "F16",
+               "half": "F16", "bf16": "BF16", "bfloat16": "BF16"}
+
+
+def _dtype(text: str) -> str:
+    try:
+        return DTYPE_NAMES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r} (float32, float16 or bfloat16)") from None
+
+
+def _check_program(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Read and check the FILE of run/plan; exits through PemError-free paths with diagnostics shown."""
+    from .check import check_source
+
+    source = _read_program_file(args.file)
+    overrides, bad_sets = _overrides(args.set)
+    checked = check_source(source, overrides=overrides, force=getattr(args, "force", False),
+                           allow_pickle=args.allow_pickle)
+    diagnostics = list(checked.diagnostics) + bad_sets
+    _report(diagnostics)
+    return checked, any(d.is_error for d in diagnostics)
+
+
+def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from .diagnostics import PemError
+    from .lower import lower
+    from .run import execute, summary_line, write_outputs
+    from .writer import OutputExists
+
+    plan = lower(checked, dtype=args.dtype)
+    total = sum(len(out.layers) for out in plan.outputs)
+    try:
+        with _progress(total) as advance:
+            result = execute(checked, device=args.device, dtype=args.dtype, on_layer=advance, plan=plan)
+    except ValueError as exc:  # an unusable --device
+        raise UsageError(str(exc)) from None
+    except PemError as exc:
+        _report(exc.diagnostics)
+        return EXIT_ERRORS
+    _report(result.diagnostics)
+    print(result.device_note, file=sys.stderr)
+    try:
+        write_outputs(result, force=args.force)
+    except OutputExists as exc:
+        _report([error("E018", "output directory appeared while running", notes=[str(exc)],
+                       hints=["pass --force to replace it"])])
+        return EXIT_ERRORS
+    for out in plan.outputs:
+        print(f"wrote {summary_line(out)}")
+    device = result.device_note.removeprefix("device: ").split(" ")[0]
+    print(f"{len(plan.outputs)} output{'s' if len(plan.outputs) != 1 else ''} in {result.seconds:.2f} s on {device}")
+    return EXIT_OK
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal and the run is long enough to watch."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.bar = None
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        if sys.stderr.isatty() and self.total >= 16:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                transient=True, console=__import__("rich.console").console.Console(stderr=True))
+            self.bar.start()
+            task = self.bar.add_task("layers", total=self.total)
+            return lambda: self.bar.advance(task)  # type: ignore[union-attr]
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    checked, failed = _check_program(args)
+    if failed:
+        return EXIT_ERRORS
+    if not checked.outputs:
+        print("nothing to do: the program has no output", file=sys.stderr)
+        return EXIT_OK
+    return _execute_and_write(checked, args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .lower import lower
+    from .plan import format_plan
+
+    checked, failed = _check_program(args)
+    if failed:
+        return EXIT_ERRORS
+    format_plan(lower(checked, dtype=args.dtype))
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import ast
+    from .check import Checker
+    from .parser import parse_expression
+
+    words = list(args.expression)
+    if words and words[0] == "--":
+        words = words[1:]
+    expression = " ".join(words)
+    if not expression.strip():
+        raise UsageError("eval needs an expression (put `--` before one that starts with '-')")
+    source = Source(expression, "<expression>")
+    checker = Checker(source, mode=args.mode, force=args.force, allow_pickle=args.allow_pickle)
+    diagnostics: list[Diagnostic] = []
+    for text in args.input:
+        name, sep, path = text.partition("=")
+        if not sep or not name.strip() or not path:
+            raise UsageError(f"--input expects NAME=PATH, got {text!r}")
+        arg_source = Source(text, "--input")
+        checker.add_input(ast.Name(name.strip(), Span(0, len(name))), path, Span(len(name) + 1, len(text)),
+                          source=arg_source)
+    expr, syntax = parse_expression(source)
+    diagnostics += syntax
+    if expr is not None:
+        out_source = Source(args.out, "--out")
+        checker.add_output(expr, args.out, Span(0, len(args.out)), expr.span, path_source=out_source)
+    checker.finish(require_output=False)
+    checked = checker.result()
+    diagnostics = list(checked.diagnostics) + syntax
+    _report(diagnostics)
+    if any(d.is_error for d in diagnostics):
+        return EXIT_ERRORS
+    return _execute_and_write(checked, args)
+
+
 # -- the parser ---------------------------------------------------------------------------------
 
 
@@ -134,6 +268,33 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="parse and type-check a program; reads headers only")
     program_options(check)
     check.set_defaults(handler=cmd_check)
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                       help="where to compute (auto: CUDA when available, else the CPU)")
+        p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
+                       help="dtype to write (float32, float16, bfloat16); default: the inputs' dtype")
+
+    run = commands.add_parser("run", help="evaluate a program and write its outputs")
+    program_options(run)
+    run_options(run)
+    run.set_defaults(handler=cmd_run)
+
+    plan = commands.add_parser("plan", help="print the lowered evaluation plan")
+    program_options(plan)
+    plan.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE")
+    plan.set_defaults(handler=cmd_plan)
+
+    evaluate = commands.add_parser("eval", help="evaluate one expression over adapters named on the command line")
+    evaluate.add_argument("--input", action="append", default=[], metavar="NAME=PATH", help="an input adapter")
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="the output adapter directory")
+    evaluate.add_argument("--mode", choices=["paper", "exact"], default="paper")
+    evaluate.add_argument("--force", action="store_true", help="replace an existing output directory")
+    evaluate.add_argument("--allow-pickle", action="store_true")
+    run_options(evaluate)
+    evaluate.add_argument("expression", nargs=argparse.REMAINDER, metavar="EXPR",
+                          help="the expression; put `--` before it when it starts with '-'")
+    evaluate.set_defaults(handler=cmd_eval)
 
     inspect = commands.add_parser("inspect", help="print an adapter's type signature")
     inspect.add_argument("adapter", metavar="ADAPTER_DIR")

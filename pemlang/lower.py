@@ -1,0 +1,208 @@
+"""Typed program → Plan: per output, per layer, the coefficients and shapes of SPEC §2.
+
+Scalars were folded and repeated sources merged by the checker; lowering decides, per layer,
+which terms contribute, the output rank (paper: the inputs' rank; exact: the sum of the
+contributing ranks; svd: min(R, stacked rank, d, k)), the dtype, and the adapter_config.json.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any
+
+from .check import CheckedOutput, CheckedProgram, InputRef, ModuleValue, SvdRef, Term
+from .plan import DTYPE_BYTES, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, SvdStep, pattern_key
+from .types import Ia3Layer, LoraLayer
+
+
+class _Lowering:
+    def __init__(self, program: CheckedProgram, dtype: str | None):
+        self.program = program
+        self.dtype = dtype
+        self.svds: dict[int, SvdStep] = {}
+        self.svd_types: dict[str, ModuleValue] = {}
+
+    # sources
+    def source_id(self, term: Term) -> str:
+        if isinstance(term.source, InputRef):
+            return term.source.name
+        return self.svd(term.source).id
+
+    def plan_terms(self, value: ModuleValue) -> tuple[PlanTerm, ...]:
+        return tuple(PlanTerm(self.source_id(t), t.alpha, t.beta) for t in value.terms)
+
+    def svd(self, ref: SvdRef) -> SvdStep:
+        if ref.id in self.svds:
+            return self.svds[ref.id]
+        terms = self.plan_terms(ref.value)  # nested svd nodes get their ids first
+        layer_ranks = {}
+        for key, layer in ref.value.type.layers.items():
+            assert isinstance(layer, LoraLayer)
+            stacked = sum(self.layer_rank(t, key) for t in ref.value.terms if t.beta != 0)
+            layer_ranks[key] = min(ref.rank, stacked, layer.out_features, layer.in_features)
+        step = SvdStep(f"svd#{len(self.svds) + 1}", ref.text, terms, ref.rank, layer_ranks)
+        self.svds[ref.id] = step
+        self.svd_types[step.id] = ref.value
+        return step
+
+    def layer_rank(self, term: Term, key: str) -> int:
+        """The rank a source contributes to one layer in exact mode (0: it has no such layer)."""
+        if isinstance(term.source, InputRef):
+            layer = self.program.inputs[term.source.name].type.layers.get(key)
+            return layer.rank if isinstance(layer, LoraLayer) else 0
+        return self.svd(term.source).layer_ranks.get(key, 0)
+
+    def first_input(self, value: ModuleValue) -> str:
+        for term in value.terms:
+            if isinstance(term.source, InputRef):
+                return term.source.name
+            return self.first_input(term.source.value)
+        raise AssertionError("a module value has at least one term")
+
+    def out_dtype(self, dtype: str) -> str:
+        return self.dtype or dtype
+
+    # outputs
+    def output(self, out: CheckedOutput) -> OutputPlan:
+        value = out.value
+        inputs = self.program.inputs
+        first = self.first_input(value)
+        first_type = inputs[first].type
+        terms = self.plan_terms(value)
+        steps: list[LayerStep] = []
+        exact = self.program.mode == "exact"
+        if value.type.kind == "ia3":
+            for key in sorted(value.type.layers):
+                contributing = tuple(PlanTerm(t.source.name, t.alpha, t.beta) for t in value.terms  # type: ignore[union-attr]
+                                     if key in inputs[t.source.name].type.layers)  # type: ignore[union-attr]
+                layer = inputs[contributing[0].source].type.layers[key]
+                assert isinstance(layer, Ia3Layer)
+                steps.append(LayerStep(key, "ia3", contributing, 0, layer.shape, 1.0, self.out_dtype(layer.dtype)))
+        elif not exact:
+            for key, layer in first_type.layers.items():
+                assert isinstance(layer, LoraLayer)
+                steps.append(LayerStep(key, "paper", terms, layer.rank, (layer.out_features, layer.in_features),
+                                       layer.scaling, self.out_dtype(layer.dtype)))
+        else:
+            for key in sorted(value.type.layers):
+                contributing = [(t, self.layer_rank(t, key)) for t in value.terms if t.beta != 0]
+                contributing = [(t, r) for t, r in contributing if r > 0]
+                shape_layer = value.type.layers[key]
+                assert isinstance(shape_layer, LoraLayer)
+                dtype = self._lora_dtype(contributing[0][0], key) if contributing else shape_layer.dtype
+                steps.append(LayerStep(
+                    key, "concat", tuple(PlanTerm(self.source_id(t), t.alpha, t.beta) for t, _ in contributing),
+                    sum(r for _, r in contributing) or 1, (shape_layer.out_features, shape_layer.in_features),
+                    1.0, self.out_dtype(dtype)))
+        heads, heads_note, modules_to_save = self.heads(value)
+        config = self.config(value, first, steps, modules_to_save)
+        bytes_read = self._bytes_read(steps, heads)
+        bytes_written = sum(self._step_bytes(step) for step in steps) + sum(
+            _numel(h.shape) * DTYPE_BYTES[h.dtype] for h in heads)
+        return OutputPlan(out.name, out.expression, out.path, value.type.kind, terms, tuple(steps), tuple(heads),
+                          heads_note, config, bytes_read, bytes_written)
+
+    def _lora_dtype(self, term: Term, key: str) -> str:
+        if isinstance(term.source, InputRef):
+            layer = self.program.inputs[term.source.name].type.layers[key]
+            return layer.dtype
+        inner = term.source.value
+        first = next(t for t in inner.terms if t.beta != 0 and self.layer_rank(t, key) > 0)
+        return self._lora_dtype(first, key)
+
+    @staticmethod
+    def _step_bytes(step: LayerStep) -> int:
+        size = DTYPE_BYTES[step.dtype]
+        if step.op == "ia3":
+            return _numel(step.shape) * size
+        out_features, in_features = step.shape
+        return step.rank * (out_features + in_features) * size
+
+    def _bytes_read(self, steps: list[LayerStep], heads: list[HeadStep]) -> int:
+        used: set[tuple[str, str]] = set()
+
+        def visit(source: str, key: str) -> None:
+            if source in self.program.inputs:
+                used.add((source, key))
+            else:
+                step = next(s for s in self.svds.values() if s.id == source)
+                for term in step.terms:
+                    visit(term.source, key)
+
+        for step in steps:
+            for term in step.terms:
+                visit(term.source, step.key)
+        total = sum(self.program.inputs[name].type.layers[key].nbytes for name, key in used
+                    if key in self.program.inputs[name].type.layers)
+        for head in heads:
+            total += sum(self.program.inputs[t.source].type.heads[head.key].nbytes for t in head.terms)
+        return total
+
+    def heads(self, value: ModuleValue) -> tuple[list[HeadStep], str, list[str] | None]:
+        inputs = self.program.inputs
+        policy = self.program.heads
+        if policy is not None and policy.policy == "drop":
+            return [], "dropped (heads drop)", None
+        if policy is not None and policy.policy == "from":
+            assert policy.source is not None
+            name = policy.source.id
+            steps = [HeadStep(k, (PlanTerm(name, 1.0, 1.0),), h.shape, self.out_dtype(h.dtype))
+                     for k, h in inputs[name].type.heads.items()]
+            return steps, f"{', '.join(h.key for h in steps)} from {name}, unchanged", \
+                inputs[name].config.get("modules_to_save")
+        betas = {n: b for n, b in value.input_betas().items() if b != 0.0 and inputs[n].type.heads}
+        if not betas:
+            return [], "none", None
+        first = next(iter(betas))
+        steps = [HeadStep(k, tuple(PlanTerm(n, b, b) for n, b in betas.items()), h.shape, self.out_dtype(h.dtype))
+                 for k, h in inputs[first].type.heads.items()]
+        mix = ", ".join(f"{n} {b:.6g}" for n, b in betas.items())
+        return steps, f"{', '.join(h.key for h in steps)}: convex mix of {mix}", \
+            inputs[first].config.get("modules_to_save")
+
+    def config(self, value: ModuleValue, first: str, steps: list[LayerStep],
+               modules_to_save: list[str] | None) -> dict[str, Any]:
+        source = self.program.inputs[first]
+        config = copy.deepcopy(source.config)
+        config["base_model_name_or_path"] = value.type.base.name
+        config["revision"] = value.type.base.revision
+        config["inference_mode"] = True
+        config["modules_to_save"] = modules_to_save
+        keys = [step.key for step in steps]
+        if set(keys) != set(source.type.layers):
+            # The layer set differs from the first input's: name every layer exactly.
+            config["target_modules"] = sorted(keys)
+            for field_name in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+                config[field_name] = None
+            if value.type.kind == "ia3":
+                config["feedforward_modules"] = sorted(
+                    s.key for s in steps if len(s.shape) == 2 and s.shape[0] == 1 and s.shape[1] != 1)
+        if value.type.kind == "lora" and self.program.mode == "exact":
+            # Scalings are folded into B: every layer is written with lora_alpha = r (scaling 1).
+            rank = Counter(step.rank for step in steps).most_common(1)[0][0]
+            config["r"] = rank
+            config["lora_alpha"] = rank
+            config["use_rslora"] = False
+            config["rank_pattern"] = {pattern_key(s.key): s.rank for s in steps if s.rank != rank}
+            config["alpha_pattern"] = {pattern_key(s.key): s.rank for s in steps if s.rank != rank}
+        return config
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def lower(program: CheckedProgram, *, dtype: str | None = None, filename: str | None = None) -> Plan:
+    """Lower a checked program (it must have no errors) to an evaluation plan."""
+    if not program.ok:
+        raise ValueError("cannot lower a program with errors")
+    lowering = _Lowering(program, dtype)
+    outputs = tuple(lowering.output(out) for out in program.outputs)
+    inputs = {name: PlanInput(name, adapter.path, program.input_written.get(name, str(adapter.path)), adapter)
+              for name, adapter in program.inputs.items()}
+    return Plan(filename or program.source.filename, program.source.text, program.mode, dict(program.params),
+                inputs, {s.id: s for s in lowering.svds.values()}, outputs)

@@ -1,0 +1,210 @@
+"""The evaluation plan: what lowering produces and the backend executes (SPEC §2).
+
+Per output, per layer, which sources combine how: the coefficients are folded numbers, ranks and
+dtypes are decided, and the adapter_config.json to write is built. The plan holds no tensors;
+`format_plan` prints it so that a user sees what will happen before it happens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .adapters import Adapter
+
+LayerOp = Literal["paper", "concat", "ia3"]
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True, slots=True)
+class PlanTerm:
+    """One source's contribution: an input's name, or an svd node's id (`svd#1`)."""
+
+    source: str
+    alpha: float
+    beta: float
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStep:
+    """How one output layer is computed.
+
+    paper:  A = Σ alpha_i·A_i;  B = Σ beta_i·(s_i/s_out)·B_i                       (SPEC §2.1)
+    concat: A = [A_1; A_2; …];  B = [beta_1·s_1·B_1 | beta_2·s_2·B_2 | …], scaling 1   (SPEC §2.2)
+    ia3:    l = 1 + Σ beta_i·(l_i − 1)                                               (SPEC §2.1)
+    """
+
+    key: str
+    op: LayerOp
+    terms: tuple[PlanTerm, ...]
+    rank: int  # output rank (LoRA); 0 for (IA)3
+    shape: tuple[int, ...]  # (out, in) for LoRA; the vector's shape for (IA)3
+    scaling_out: float  # the scaling the written config gives this layer
+    dtype: str  # safetensors dtype written
+
+
+@dataclass(frozen=True, slots=True)
+class SvdStep:
+    """`svd(x, rank=R)`: per layer the best rank-R approximation of x's ΔW (SPEC §2.2)."""
+
+    id: str
+    text: str
+    terms: tuple[PlanTerm, ...]
+    rank: int
+    layer_ranks: dict[str, int] = field(compare=False)  # effective rank per layer: min(R, stacked, d, k)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadStep:
+    """A `modules_to_save` tensor: Σ beta_i·W_i over inputs (a convex mix), or one input's copy."""
+
+    key: str
+    terms: tuple[PlanTerm, ...]
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    name: str | None
+    expression: str
+    path: Path
+    kind: Literal["lora", "ia3"]
+    terms: tuple[PlanTerm, ...]
+    layers: tuple[LayerStep, ...]
+    heads: tuple[HeadStep, ...]
+    heads_note: str
+    config: dict[str, Any]
+    bytes_read: int
+    bytes_written: int
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    name: str
+    path: Path
+    written: str  # the path as the program wrote it
+    adapter: Adapter = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Plan:
+    filename: str
+    program: str
+    mode: Literal["paper", "exact"]
+    params: dict[str, float]
+    inputs: dict[str, PlanInput]
+    svds: dict[str, SvdStep]
+    outputs: tuple[OutputPlan, ...]
+
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def tensor_key(layer_key: str, suffix: str) -> str:
+    """The PEFT state-dict key of a layer's tensor (`lora_A.weight`, `lora_B.weight`, `ia3_l`)."""
+    return f"{PEFT_PREFIX}{layer_key}.{suffix}"
+
+
+def pattern_key(layer_key: str) -> str:
+    """A rank_pattern/alpha_pattern key matching exactly one layer (PEFT reads them as regexes)."""
+    return re.escape(layer_key)
+
+
+def output_inputs(plan: Plan, out: OutputPlan) -> set[str]:
+    """The inputs an output reads, through svd nodes and heads."""
+    names: set[str] = set()
+
+    def visit(source: str) -> None:
+        if source in plan.inputs:
+            names.add(source)
+        else:
+            for term in plan.svds[source].terms:
+                visit(term.source)
+
+    for term in out.terms:
+        visit(term.source)
+    names.update(t.source for head in out.heads for t in head.terms)
+    return names
+
+
+# -- printing -------------------------------------------------------------------------------------
+
+
+def _number(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _bytes(n: int) -> str:
+    from .inspection import human_bytes
+
+    return human_bytes(n)
+
+
+def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-def]
+    """Print the plan: inputs, per output its coefficients, per-layer operations, sizes."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .inspection import compact_indices
+
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console.print(f"[bold]plan[/bold] for {plan.filename}: mode {plan.mode}"
+                  + (", " + ", ".join(f"{k} = {_number(v)}" for k, v in plan.params.items()) if plan.params else ""))
+    inputs = Table(show_edge=False, header_style="bold", title="inputs", title_justify="left")
+    for column in ("name", "path", "kind", "base model", "layers", "size"):
+        inputs.add_column(column)
+    for item in plan.inputs.values():
+        t = item.adapter.type
+        ranks = sorted({getattr(layer, "rank", 0) for layer in t.layers.values()})
+        kind = ("LoRA r=" + "/".join(map(str, ranks))) if t.kind == "lora" else "(IA)3"
+        size = sum(layer.nbytes for layer in t.layers.values()) + sum(h.nbytes for h in t.heads.values())
+        inputs.add_row(item.name, item.written, kind, t.base.name or "-", str(len(t.layers)), _bytes(size))
+    console.print(inputs)
+    for svd in plan.svds.values():
+        console.print(f"\n[bold]{svd.id}[/bold] = {svd.text}: per layer, thin QR of the stacked factors and an "
+                      f"SVD of the small core, truncated to rank {svd.rank}")
+        console.print("  " + ", ".join(f"{t.source}: beta {_number(t.beta)}" for t in svd.terms))
+    for out in plan.outputs:
+        console.print(f"\n[bold]output[/bold] {out.name or out.expression} -> {out.path}")
+        if out.name:
+            console.print(f"  expression: {out.expression}")
+        coefficients = Table(show_edge=False, header_style="bold")
+        coefficients.add_column("source")
+        coefficients.add_column("alpha", justify="right")
+        coefficients.add_column("beta", justify="right")
+        for term in out.terms:
+            coefficients.add_row(term.source, _number(term.alpha) if plan.mode == "paper" and out.kind == "lora"
+                                 else "-", _number(term.beta))
+        console.print(coefficients)
+        formula = {
+            "paper": "A = Σ alpha_i·A_i;  B = Σ beta_i·(s_i/s_out)·B_i  (s_out: the first input's scaling)",
+            "concat": "A = [A_1; A_2; …];  B = [beta_1·s_1·B_1 | beta_2·s_2·B_2 | …];  scaling 1 (no cross terms)",
+            "ia3": "l = 1 + Σ beta_i·(l_i − 1)",
+        }
+        ops = sorted({step.op for step in out.layers})
+        for op in ops:
+            console.print(f"  per layer ({op}): {formula[op]}")
+        layers = Table(show_edge=False, header_style="bold")
+        for column in ("layers", "op", "sources", "shape", "rank", "scaling", "dtype"):
+            layers.add_column(column, no_wrap=column == "layers")
+        groups: dict[tuple[str, ...], list[int | None]] = {}
+        for step in out.layers:
+            match = re.search(r"\.(\d+)\.", step.key)
+            pattern = step.key[: match.start(1)] + "{}" + step.key[match.end(1):] if match else step.key
+            row = (pattern, step.op, ", ".join(t.source for t in step.terms) or "(zero)",
+                   "×".join(map(str, step.shape)), str(step.rank) if step.rank else "-",
+                   _number(step.scaling_out) if out.kind == "lora" else "-", step.dtype)
+            groups.setdefault(row, []).append(int(match.group(1)) if match else None)
+        for (pattern, *rest), indices in groups.items():
+            numbered = [i for i in indices if i is not None]
+            name = pattern.format(f"[{compact_indices(numbered)}]" if len(numbered) > 1 else numbered[0]) \
+                if "{}" in pattern else pattern
+            layers.add_row(name, *rest)
+        console.print(layers)
+        console.print(f"  heads: {out.heads_note}")
+        console.print(f"  reads {_bytes(out.bytes_read)}, writes {_bytes(out.bytes_written)}")

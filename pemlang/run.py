@@ -1,0 +1,94 @@
+"""Running a checked program end to end: lower → execute on a device → write PEFT adapters."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .check import CheckedProgram
+from .diagnostics import Diagnostic, PemError, display_path, error, warning
+from .lower import lower
+from .plan import OutputPlan, Plan
+
+# Paper mode mixes A and B separately; when inputs' A differ (different initialisations), B·A
+# gains cross terms B_i·A_j. Below this mean cosine the user is told (SPEC §4, W002).
+A_COSINE_WARNING = 0.9
+
+
+@dataclass
+class RunResult:
+    plan: Plan
+    tensors: list[dict[str, Any]]
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    device_note: str = ""
+    seconds: float = 0.0
+
+
+def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None = None,
+            on_layer: Callable[[], None] | None = None, plan: Plan | None = None) -> RunResult:
+    """Evaluate every output to tensors (nothing is written). Raises PemError on E014."""
+    from .backend import resolve_device
+    from .backend.torch_backend import TorchBackend
+
+    start = time.perf_counter()
+    plan = plan or lower(program, dtype=dtype)
+    torch_device, note = resolve_device(device)
+    tensors, report = TorchBackend(torch_device).run(plan, on_layer=on_layer)
+    if report.non_finite:
+        diagnostics = []
+        by_input: dict[str, list[str]] = {}
+        for name, key in report.non_finite:
+            by_input.setdefault(name, []).append(key)
+        for name, keys in by_input.items():
+            source, span = program.input_spans[name]
+            diagnostics.append(error(
+                "E014", f"input `{name}` holds non-finite values (NaN or infinity)", source, span,
+                notes=[f"{len(keys)} tensor{'s' if len(keys) > 1 else ''}: {', '.join(keys[:3])}"
+                       + (" …" if len(keys) > 3 else "")],
+                hints=["the adapter is damaged or diverged in training; nothing was written"]))
+        raise PemError(diagnostics)
+    diagnostics = []
+    for index, cosines in report.a_cosines.items():
+        checked = program.outputs[index]
+        out = plan.outputs[index]
+        first = out.terms[0].source if out.terms else "?"
+        for name, values in cosines.items():
+            mean = statistics.fmean(values)
+            if mean < A_COSINE_WARNING:
+                diagnostics.append(warning(
+                    "W002", f"paper mode over LoRA inputs whose A matrices differ ({name} vs {first})",
+                    program.source, checked.span,
+                    notes=[f"mean cosine of A over {len(values)} layers: {mean:.3f} (min {min(values):.3f})",
+                           "paper mode adds A and B separately, so (ΣαA)(ΣβB) gains cross terms B_i·A_j; "
+                           "the paper's modules shared one initialisation"],
+                    hints=["`mode exact` adds the weight updates ΔW = s·B·A themselves, without cross terms"]))
+    return RunResult(plan, tensors, diagnostics, note, time.perf_counter() - start)
+
+
+def write_outputs(result: RunResult, *, force: bool = False) -> list[Path]:
+    """Write every output of an executed plan (atomically; inputs hashed for provenance)."""
+    from .writer import metadata, sha256_file, write_adapter
+
+    hashes = {name: sha256_file(item.adapter.weights_file) for name, item in result.plan.inputs.items()}
+    written = []
+    for out, tensors in zip(result.plan.outputs, result.tensors, strict=True):
+        write_adapter(out.path, tensors, out.config, metadata(result.plan, out, hashes), force=force)
+        written.append(out.path)
+    return written
+
+
+def summary_line(out: OutputPlan) -> str:
+    """`out/yelp_cls: LoRA r=8, 8 layers, 28.5 KiB F32` — one output, for the run summary."""
+    from .inspection import human_bytes
+
+    ranks = sorted({step.rank for step in out.layers})
+    kind = ("LoRA r=" + ("/".join(map(str, ranks)) if len(ranks) <= 3 else f"{ranks[0]}…{ranks[-1]}")
+            if out.kind == "lora" else "(IA)3")
+    dtypes = "/".join(sorted({step.dtype for step in out.layers}))
+    heads = f", {len(out.heads)} head{'s' if len(out.heads) > 1 else ''}" if out.heads else ""
+    return (f"{display_path(out.path)}: {kind}, {len(out.layers)} layers{heads}, "
+            f"{human_bytes(out.bytes_written)} {dtypes}")
