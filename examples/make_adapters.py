@@ -78,10 +78,10 @@ def make_ia3(out: Path, seed: int) -> None:
     peft_model.save_pretrained(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).parent / "adapters"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)

@@ -41,9 +41,11 @@ class InputRef:
         return self.name
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SvdRef:
-    """A term's source: the best rank-`rank` approximation of `value` (SPEC §2.2)."""
+    """A term's source: the best rank-`rank` approximation of `value` (SPEC §2.2).
+
+    Compared by identity: each `svd(...)` call is its own source."""
 
     value: ModuleValue
     rank: int
@@ -150,6 +152,7 @@ class CheckedOutput:
     path: Path
     value: ModuleValue
     span: Span
+    expr_span: Span | None = None
 
 
 @dataclass(frozen=True)
@@ -404,7 +407,7 @@ class Checker:
             self._check_heads(value, expr.span)
             output_name = expr.id if isinstance(expr, ast.Name) else None
             expression = self.binding_text.get(output_name or "", self.source.snippet(expr.span))
-            self.outputs.append(CheckedOutput(output_name, expression, path, value, span))
+            self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span))
 
     def _heads(self, stmt: ast.HeadsStmt) -> None:
         if self.heads is not None:

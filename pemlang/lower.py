@@ -86,14 +86,14 @@ class _Lowering:
                                        layer.scaling, self.out_dtype(layer.dtype)))
         else:
             for key in sorted(value.type.layers):
-                contributing = [(t, self.layer_rank(t, key)) for t in value.terms if t.beta != 0]
-                contributing = [(t, r) for t, r in contributing if r > 0]
+                ranked = [(t, self.layer_rank(t, key)) for t in value.terms if t.beta != 0]
+                ranked = [(t, r) for t, r in ranked if r > 0]
                 shape_layer = value.type.layers[key]
                 assert isinstance(shape_layer, LoraLayer)
-                dtype = self._lora_dtype(contributing[0][0], key) if contributing else shape_layer.dtype
+                dtype = self._lora_dtype(ranked[0][0], key) if ranked else shape_layer.dtype
                 steps.append(LayerStep(
-                    key, "concat", tuple(PlanTerm(self.source_id(t), t.alpha, t.beta) for t, _ in contributing),
-                    sum(r for _, r in contributing) or 1, (shape_layer.out_features, shape_layer.in_features),
+                    key, "concat", tuple(PlanTerm(self.source_id(t), t.alpha, t.beta) for t, _ in ranked),
+                    sum(r for _, r in ranked) or 1, (shape_layer.out_features, shape_layer.in_features),
                     1.0, self.out_dtype(dtype)))
         heads, heads_note, modules_to_save = self.heads(value)
         config = self.config(value, first, steps, modules_to_save)

@@ -61,7 +61,7 @@ def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None 
             if mean < A_COSINE_WARNING:
                 diagnostics.append(warning(
                     "W002", f"paper mode over LoRA inputs whose A matrices differ ({name} vs {first})",
-                    program.source, checked.span,
+                    program.source, checked.expr_span or checked.span,
                     notes=[f"mean cosine of A over {len(values)} layers: {mean:.3f} (min {min(values):.3f})",
                            "paper mode adds A and B separately, so (ΣαA)(ΣβB) gains cross terms B_i·A_j; "
                            "the paper's modules shared one initialisation"],

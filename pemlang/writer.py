@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,18 +52,29 @@ def metadata(plan: Plan, out: OutputPlan, input_hashes: dict[str, str]) -> dict[
     }
 
 
+def canonical_safetensors(tensors: dict[str, Any], meta: dict[str, str]) -> bytes:
+    """safetensors bytes with a canonical header: the library writes its metadata map in hash
+    order, so the header is re-serialised with sorted keys (the data section is unchanged)."""
+    from safetensors.torch import save
+
+    raw = save(dict(sorted(tensors.items())), metadata=meta)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+
+
 def write_adapter(destination: Path, tensors: dict[str, Any], config: dict[str, Any], meta: dict[str, str],
                   *, force: bool = False) -> None:
     """Write an adapter directory atomically; replace an existing one only with `force`."""
-    from safetensors.torch import save_file
-
     destination = Path(destination)
     if destination.exists() and not force:
         raise OutputExists(str(destination))
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".pemlang-tmp", dir=destination.parent))
     try:
-        save_file(dict(sorted(tensors.items())), str(staging / WEIGHTS_NAME), metadata=meta)
+        (staging / WEIGHTS_NAME).write_bytes(canonical_safetensors(tensors, meta))
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                            encoding="utf-8")
         umask = os.umask(0)

@@ -145,3 +145,10 @@ def _corrupt_copies(root: Path) -> None:
     fake = b"{not json" + b" " * 7
     (json_garbage / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(fake)) + fake)
     json.loads((root / "llama_r8" / "adapter_config.json").read_text())  # the original stays valid
+    # A diverged adapter: one NaN in a B matrix, written with safetensors like the rest.
+    from safetensors.torch import load_file, save_file
+
+    nan = copy("llama_nan")
+    state = load_file(str(nan / "adapter_model.safetensors"))
+    state["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][0, 0] = float("nan")
+    save_file(state, str(nan / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -104,3 +104,50 @@ def test_check_is_fast(program: Path) -> None:
     start = time.perf_counter()
     assert pemlang("check", str(program)).returncode == 0
     assert time.perf_counter() - start < 30
+
+
+def test_plan_explains_before_running(program: Path) -> None:
+    result = pemlang("plan", str(program))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for expected in ("mode paper", "lam = 0.5", "alpha", "beta", "-0.5", "A = Σ alpha_i·A_i",
+                     "model.layers.[0-1].self_attn.q_proj", "reads", "writes"):
+        assert expected in out, expected
+    assert not (program.parent / "out").exists()
+
+
+def test_run_prints_a_summary_and_writes(program: Path) -> None:
+    result = pemlang("run", str(program), "--device", "auto")
+    assert result.returncode == 0, result.stderr
+    assert "device: " in result.stderr
+    assert "wrote out/mix: LoRA r=8, 8 layers" in result.stdout or "wrote " in result.stdout
+    assert (program.parent / "out" / "mix" / "adapter_config.json").is_file()
+    again = pemlang("run", str(program))
+    assert again.returncode == 1 and "error[E018]" in again.stderr
+
+
+def test_eval_expression_may_start_with_minus(adapters: Path, tmp_path: Path) -> None:
+    result = pemlang("eval", "--input", f"a={adapters}/llama_r8", "--input", f"b={adapters}/llama_r8_b",
+                     "--out", str(tmp_path / "neg"), "--mode", "exact", "--", "-a", "+", "2*b")
+    assert result.returncode == 0, result.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "neg" / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata()["pemlang.expression"] == "-a + 2*b"
+
+
+def test_eval_diagnostics_point_into_the_arguments(adapters: Path, tmp_path: Path) -> None:
+    result = pemlang("eval", "--input", f"a={adapters}/llama_r8", "--input", f"r4={adapters}/missing",
+                     "--out", str(tmp_path / "x"), "a + r", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "--> --input:1:4" in result.stderr and "error[E012]" in result.stderr
+    assert "--> <expression>:1:5" in result.stderr and "did you mean `r4`?" in result.stderr
+
+
+def test_unavailable_cuda_is_misuse(program: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = pemlang("run", str(program), "--device", "cuda")
+    assert result.returncode == 2 and "no CUDA device" in result.stderr

@@ -1,7 +1,8 @@
 """Golden diagnostics: each tests/golden/<case>.pem next to <case>.err, the exact output of
 `pemlang check` (stderr, then the exit status).
 
-A first line `# args: ...` gives extra command-line arguments. The .pem files name fixture
+A first line `# args: ...` gives extra command-line arguments; `# command: run` (first or second
+line) runs `pemlang run --device cpu` instead, for diagnostics that need tensor data. The .pem files name fixture
 adapters as "adapters/<name>" (see peft_factory.build_all).
 
 Regenerate after an intended change of wording:   python -m pytest tests/test_golden.py --regen-golden
@@ -27,8 +28,9 @@ CASES = sorted(p.stem for p in GOLDEN.glob("*.pem"))
 def run_check(pem: Path, workdir: Path, adapters: Path) -> str:
     """Run `pemlang check` on a copy of `pem` inside `workdir`, where adapters/ are the fixtures."""
     text = pem.read_text(encoding="utf-8")
-    first = text.splitlines()[0] if text else ""
-    extra = shlex.split(first.removeprefix("# args:")) if first.startswith("# args:") else []
+    head = text.splitlines()[:2]
+    extra = next((shlex.split(line.removeprefix("# args:")) for line in head if line.startswith("# args:")), [])
+    command = ["run", "--device", "cpu"] if "# command: run" in head else ["check"]
     link = workdir / "adapters"
     if not link.exists():
         link.symlink_to(adapters, target_is_directory=True)
@@ -39,7 +41,7 @@ def run_check(pem: Path, workdir: Path, adapters: Path) -> str:
     os.chdir(workdir)
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
-            status = main(["check", pem.name, *extra])
+            status = main([command[0], pem.name, *command[1:], *extra])
     finally:
         os.chdir(cwd)
     return f"{stderr.getvalue()}exit status: {status}\n"
@@ -61,6 +63,5 @@ def test_every_code_has_a_golden_case() -> None:
     from pemlang.diagnostics import CODES
 
     shown = "".join(p.read_text(encoding="utf-8") for p in GOLDEN.glob("*.err"))
-    runtime_only = {"E014", "W002"}  # need tensor data: reported by `pemlang run`, not `check`
-    missing = [code for code in CODES if code not in runtime_only and f"[{code}]" not in shown]
+    missing = [code for code in CODES if f"[{code}]" not in shown]
     assert not missing

@@ -1,0 +1,66 @@
+"""Every example program runs on adapters made by examples/make_adapters.py, and the domain
+transfer result loads in PEFT and equals the paper's formula."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pemlang.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PROGRAMS = sorted(p.name for p in EXAMPLES.glob("*.pem"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("examples")
+    spec = importlib.util.spec_from_file_location("make_adapters", EXAMPLES / "make_adapters.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with contextlib.redirect_stdout(io.StringIO()):
+        module.main(["--out", str(root / "adapters")])
+    for program in PROGRAMS:
+        shutil.copy(EXAMPLES / program, root / program)
+    return root
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_example_runs(workdir: Path, program: str) -> None:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(["run", str(workdir / program), "--device", "cpu", "--force"])
+    assert status == 0, err.getvalue()
+    assert "warning" not in err.getvalue(), err.getvalue()
+
+
+def test_domain_transfer_is_the_formula_and_loads(workdir: Path) -> None:
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(workdir / "domain_transfer.pem"), "--device", "cpu", "--force",
+                     "--set", "λ=0.3"]) == 0
+    out = load_file(str(workdir / "out" / "yelp_cls" / "adapter_model.safetensors"))
+    cls, ylm, alm = (load_file(str(workdir / "adapters" / n / "adapter_model.safetensors"))
+                     for n in ("amazon_cls", "yelp_lm", "amazon_lm"))
+    lam = 0.3
+    for key in cls:
+        if key.endswith("lora_A.weight"):  # A = λ·A_cls + (1−λ)·A_yelp + (1−λ)·A_amazon
+            expected = lam * cls[key] + (1 - lam) * ylm[key] + (1 - lam) * alm[key]
+        elif key.endswith("lora_B.weight"):  # B = λ·B_cls + (1−λ)·B_yelp − (1−λ)·B_amazon (equal scalings)
+            expected = lam * cls[key] + (1 - lam) * ylm[key] - (1 - lam) * alm[key]
+        else:  # heads from amazon_cls
+            expected = cls[key]
+        assert torch.allclose(out[key], expected, atol=1e-6), key
+    from peft import PeftModel
+    from transformers import LlamaForSequenceClassification
+
+    base = LlamaForSequenceClassification.from_pretrained(workdir / "adapters" / "base", num_labels=2)
+    model = PeftModel.from_pretrained(base, workdir / "out" / "yelp_cls")
+    assert torch.equal(model.base_model.model.score.modules_to_save["default"].weight, cls["base_model.model.score.weight"])
