@@ -4,3 +4,16 @@ Importing the package is cheap: torch is imported only by the backend, when tens
 """
 
 __version__ = "0.1.0"
+
+
+_API = {"compile": "api", "load": "api", "Program": "api", "CompileError": "api", "Evaluation": "api",
+        "PemError": "diagnostics", "Diagnostic": "diagnostics"}
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    """The public API, imported on first use so that `import pemlang` stays cheap."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'pemlang' has no attribute {name!r}")

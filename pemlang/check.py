@@ -149,7 +149,7 @@ class Override:
 class CheckedOutput:
     name: str | None
     expression: str
-    path: Path
+    path: Path | None  # None: evaluated to tensors only (the Python API)
     value: ModuleValue
     span: Span
     expr_span: Span | None = None
@@ -371,15 +371,25 @@ class Checker:
         value = ModuleValue((Term(InputRef(name.id), 1.0, 1.0),), adapter.type)
         self.env[name.id] = Entry("input", value, name.span, source=source)
 
-    def add_output(self, expr: ast.Expr, written: str, path_span: Span, span: Span,
+    def add_output(self, expr: ast.Expr, written: str | None, path_span: Span, span: Span,
                    path_source: Source | None = None) -> None:
-        """Declare an output: `expr` must be a module; its directory must not clobber anything."""
+        """Declare an output: `expr` must be a module; its directory must not clobber anything.
+        `written` None declares an output evaluated to tensors only."""
         value = self.expr(expr)
-        path = Path(os.path.abspath(self.base_dir / written))
-        real = path.resolve()
         if isinstance(value, ScalarValue):
             self._error("E019", "an output must be a module, but this is a number", expr.span,
                         notes=[f"it evaluates to {_fmt(value.value)}"])
+        path = None if written is None else Path(os.path.abspath(self.base_dir / written))
+        if path is not None:
+            self._check_output_path(path, path_span, path_source)
+        if isinstance(value, ModuleValue):
+            self._check_heads(value, expr.span)
+            output_name = expr.id if isinstance(expr, ast.Name) else None
+            expression = self.binding_text.get(output_name or "", self.source.snippet(expr.span))
+            self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span))
+
+    def _check_output_path(self, path: Path, path_span: Span, path_source: Source | None) -> None:
+        real = path.resolve()
         bad_path = False
         for name, input_path in self.input_paths.items():
             input_real = input_path.resolve()
@@ -391,7 +401,7 @@ class Checker:
                             notes=[f"{display_path(path)} {where}"],
                             hints=["inputs are never written: choose another output directory"])
         for other in self.outputs:
-            if other.path.resolve() == real:
+            if other.path is not None and other.path.resolve() == real:
                 bad_path = True
                 self._error("E018", "two outputs write the same directory", path_span, source=path_source,
                             notes=[f"{display_path(path)} is also written on line {self.source.line_col(other.span.start)[0]}"])
@@ -403,11 +413,6 @@ class Checker:
         elif not bad_path and path.exists() and not path.is_dir():
             self._error("E018", "output path is a file", path_span, source=path_source, notes=[display_path(path)],
                         hints=["an output is a directory: choose another path"])
-        if isinstance(value, ModuleValue):
-            self._check_heads(value, expr.span)
-            output_name = expr.id if isinstance(expr, ast.Name) else None
-            expression = self.binding_text.get(output_name or "", self.source.snippet(expr.span))
-            self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span))
 
     def _heads(self, stmt: ast.HeadsStmt) -> None:
         if self.heads is not None:
@@ -666,16 +671,28 @@ def _dims(shape: tuple[int, ...]) -> str:
     return "×".join(map(str, shape))
 
 
+def default_base_dir(source: Source) -> Path:
+    """Paths in a file are relative to the file; elsewhere to the working directory."""
+    if source.filename.startswith("<") or source.filename.startswith("--"):
+        return Path.cwd()
+    return Path(source.filename).resolve().parent
+
+
+def check_parsed(source: Source, program: ast.Program, syntax: Iterable[Diagnostic] = (),
+                 **options) -> CheckedProgram:  # type: ignore[no-untyped-def]
+    """Check an already parsed program (a λ sweep parses once and checks per value)."""
+    options.setdefault("base_dir", default_base_dir(source))
+    checker = Checker(source, **options)
+    checker.diagnostics.extend(syntax)
+    return checker.program(program)
+
+
 def check_source(source: Source, **options) -> CheckedProgram:  # type: ignore[no-untyped-def]
     """Parse and check a program text; every diagnostic of both stages is in the result."""
     from .parser import parse_program
 
     program, syntax = parse_program(source)
-    if "base_dir" not in options and source.filename not in ("<input>", "<repl>"):
-        options["base_dir"] = Path(source.filename).resolve().parent
-    checker = Checker(source, **options)
-    checker.diagnostics.extend(syntax)
-    return checker.program(program)
+    return check_parsed(source, program, syntax, **options)
 
 
 def check_file(path: str | Path, **options) -> CheckedProgram:  # type: ignore[no-untyped-def]

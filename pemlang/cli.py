@@ -185,7 +185,88 @@ class _progress:
             self.bar.stop()
 
 
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """`lam=0:1:0.1` (start:stop:step, stop included) or `lam=0,0.25,0.5` → (name, values)."""
+    name, sep, spec = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not spec.strip():
+        raise UsageError(f"--sweep expects NAME=START:STOP:STEP or NAME=V1,V2,..., got {text!r}")
+    try:
+        if ":" in spec:
+            start, stop, step = (float(x) for x in spec.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            if start + (count - 1) * step > stop + abs(step) * 1e-9:
+                count -= 1
+            values = [round(start + i * step, 12) for i in range(count)]
+        else:
+            values = [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"--sweep {text!r}: expected START:STOP:STEP with STEP > 0 and STOP >= START, "
+                         "or a comma-separated list of numbers") from None
+    return name, values
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import itertools
+    import time
+
+    from .api import CompileError, sweep_suffix
+    from .api import compile as compile_program
+    from .check import did_you_mean
+    grid = dict(parse_sweep(text) for text in args.sweep)
+    overrides, bad_sets = _overrides(args.set)
+    if bad_sets:
+        _report(bad_sets)
+        return EXIT_ERRORS
+    fixed = {o.name: o.value for o in overrides}
+    if clash := sorted(set(grid) & set(fixed)):
+        raise UsageError(f"{clash[0]} is given both by --set and --sweep")
+    source = _read_program_file(args.file)
+    start = time.perf_counter()
+    try:
+        program = compile_program(source=source, params=fixed or None, device=args.device, dtype=args.dtype,
+                                  allow_pickle=args.allow_pickle)
+        unknown = [error("E017", f"--sweep names `{name}`, which is not a param of the program",
+                         Source(text, "--sweep"), Span(0, len(name)),
+                         notes=[f"the program's params: {', '.join(program.params) or 'none'}"],
+                         hints=did_you_mean(name, program.params))
+                   for text in args.sweep if (name := text.partition("=")[0].strip()) not in program.params]
+        if unknown:
+            _report(unknown)
+            return EXIT_ERRORS
+        points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+        # Every directory is decided, and refused if present, before anything is computed.
+        targets = [[o.path.with_name(f"{o.path.name}.{sweep_suffix(p)}")
+                    for o in program.checked.outputs if o.path is not None] for p in points]
+        existing = [t for ts in targets for t in ts if t.exists()]
+        if existing and not args.force:
+            _report([error("E018", f"{len(existing)} sweep output director{'y' if len(existing) == 1 else 'ies'} "
+                           "already exist", notes=[str(existing[0])] + ([f"and {len(existing) - 1} more"]
+                                                                       if len(existing) > 1 else []),
+                           hints=["pass --force to replace them"])])
+            return EXIT_ERRORS
+        _report(program.warnings)
+        written = 0
+        with _progress(len(points)) as advance:
+            for _ in program.sweep(grid, save=True, force=args.force):
+                written += len(program.checked.outputs)
+                if advance is not None:
+                    advance()
+    except CompileError as exc:
+        _report(exc.diagnostics)
+        return EXIT_ERRORS
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    names = ", ".join(f"{k} = {v[0]:g}…{v[-1]:g} ({len(v)} values)" for k, v in grid.items())
+    print(f"wrote {written} adapters ({len(points)} points: {names}) in {time.perf_counter() - start:.2f} s")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.sweep:
+        return cmd_sweep(args)
     checked, failed = _check_program(args)
     if failed:
         return EXIT_ERRORS
@@ -278,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="evaluate a program and write its outputs")
     program_options(run)
     run_options(run)
+    run.add_argument("--sweep", action="append", default=[], metavar="NAME=START:STOP:STEP",
+                     help="write one adapter per value (or list V1,V2,...) of a param; inputs are read once")
     run.set_defaults(handler=cmd_run)
 
     plan = commands.add_parser("plan", help="print the lowered evaluation plan")

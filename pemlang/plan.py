@@ -70,7 +70,7 @@ class HeadStep:
 class OutputPlan:
     name: str | None
     expression: str
-    path: Path
+    path: Path | None
     kind: Literal["lora", "ia3"]
     terms: tuple[PlanTerm, ...]
     layers: tuple[LayerStep, ...]
@@ -170,7 +170,8 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
                       f"SVD of the small core, truncated to rank {svd.rank}")
         console.print("  " + ", ".join(f"{t.source}: beta {_number(t.beta)}" for t in svd.terms))
     for out in plan.outputs:
-        console.print(f"\n[bold]output[/bold] {out.name or out.expression} -> {out.path}")
+        console.print(f"\n[bold]output[/bold] {out.name or out.expression}"
+                      + (f" -> {out.path}" if out.path is not None else ""))
         if out.name:
             console.print(f"  expression: {out.expression}")
         coefficients = Table(show_edge=False, header_style="bold")

@@ -29,15 +29,19 @@ class RunResult:
 
 
 def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None = None,
-            on_layer: Callable[[], None] | None = None, plan: Plan | None = None) -> RunResult:
-    """Evaluate every output to tensors (nothing is written). Raises PemError on E014."""
+            on_layer: Callable[[], None] | None = None, plan: Plan | None = None,
+            cache: Any = None) -> RunResult:
+    """Evaluate every output to tensors (nothing is written). Raises PemError on E014.
+
+    `cache` (a backend TensorCache) keeps input tensors on the device between evaluations, so a
+    λ sweep or a REPL session reads each input once."""
     from .backend import resolve_device
     from .backend.torch_backend import TorchBackend
 
     start = time.perf_counter()
     plan = plan or lower(program, dtype=dtype)
     torch_device, note = resolve_device(device)
-    tensors, report = TorchBackend(torch_device).run(plan, on_layer=on_layer)
+    tensors, report = TorchBackend(torch_device, cache=cache).run(plan, on_layer=on_layer)
     if report.non_finite:
         diagnostics = []
         by_input: dict[str, list[str]] = {}
@@ -76,6 +80,8 @@ def write_outputs(result: RunResult, *, force: bool = False) -> list[Path]:
     hashes = {name: sha256_file(item.adapter.weights_file) for name, item in result.plan.inputs.items()}
     written = []
     for out, tensors in zip(result.plan.outputs, result.tensors, strict=True):
+        if out.path is None:
+            continue
         write_adapter(out.path, tensors, out.config, metadata(result.plan, out, hashes), force=force)
         written.append(out.path)
     return written
@@ -90,5 +96,6 @@ def summary_line(out: OutputPlan) -> str:
             if out.kind == "lora" else "(IA)3")
     dtypes = "/".join(sorted({step.dtype for step in out.layers}))
     heads = f", {len(out.heads)} head{'s' if len(out.heads) > 1 else ''}" if out.heads else ""
-    return (f"{display_path(out.path)}: {kind}, {len(out.layers)} layers{heads}, "
+    where = display_path(out.path) if out.path is not None else (out.name or out.expression)
+    return (f"{where}: {kind}, {len(out.layers)} layers{heads}, "
             f"{human_bytes(out.bytes_written)} {dtypes}")

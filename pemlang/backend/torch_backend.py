@@ -29,27 +29,60 @@ class RunReport:
     a_cosines: dict[int, dict[str, list[float]]] = field(default_factory=dict)
 
 
+@dataclass
+class TensorCache:
+    """Input tensors kept in fp32 on one device between evaluations (a sweep, a REPL session).
+
+    Keyed by the weights file and tensor key; a file that changed on disk (mtime, size) is read
+    again."""
+
+    tensors: dict[tuple[str, int, int, str], torch.Tensor] = field(default_factory=dict)
+    device: torch.device | None = None
+
+    def clear(self) -> None:
+        self.tensors.clear()
+
+
 class _Inputs:
-    """Every input's weights, opened once; tensors are read on demand, in fp32, on the device."""
+    """Every input's weights, opened on first use; tensors are read on demand, in fp32, on the device."""
 
-    def __init__(self, plan: Plan, device: torch.device, stack: contextlib.ExitStack, report: RunReport):
-        from safetensors import safe_open
-
+    def __init__(self, plan: Plan, device: torch.device, stack: contextlib.ExitStack, report: RunReport,
+                 cache: TensorCache | None):
         self.plan = plan
         self.device = device
         self.report = report
+        self.stack = stack
         self.handles: dict[str, Any] = {}
-        for name, item in plan.inputs.items():
-            if not item.adapter.pickled:
-                self.handles[name] = stack.enter_context(
-                    safe_open(str(item.adapter.weights_file), framework="pt", device="cpu"))
+        if cache is not None and cache.device != device:
+            cache.clear()
+            cache.device = device
+        self.cache = cache
+
+    def _handle(self, name: str):  # type: ignore[no-untyped-def]
+        if name not in self.handles:
+            from safetensors import safe_open
+
+            path = str(self.plan.inputs[name].adapter.weights_file)
+            self.handles[name] = self.stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+        return self.handles[name]
 
     def tensor(self, name: str, key: str) -> torch.Tensor:
         adapter = self.plan.inputs[name].adapter
-        raw = self.handles[name].get_tensor(key) if name in self.handles else adapter.tensor(key)
+        cache_key = None
+        if self.cache is not None:
+            stat = adapter.weights_file.stat()
+            cache_key = (str(adapter.weights_file), stat.st_mtime_ns, stat.st_size, key)
+            cached = self.cache.tensors.get(cache_key)
+            if cached is not None:
+                if not bool(torch.isfinite(cached).all()):
+                    self.report.non_finite.append((name, key))
+                return cached
+        raw = adapter.tensor(key) if adapter.pickled else self._handle(name).get_tensor(key)
         value = raw.to(device=self.device, dtype=torch.float32, non_blocking=True)
-        if not torch.isfinite(value).all():
+        if not bool(torch.isfinite(value).all()):
             self.report.non_finite.append((name, key))
+        if self.cache is not None and cache_key is not None:
+            self.cache.tensors[cache_key] = value
         return value
 
     def lora(self, name: str, layer: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -63,8 +96,9 @@ class _Inputs:
 class TorchBackend:
     """Runs plans on one device."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", cache: TensorCache | None = None):
         self.device = torch.device(device)
+        self.cache = cache
 
     def run(self, plan: Plan, *, on_layer: Callable[[], None] | None = None
             ) -> tuple[list[dict[str, torch.Tensor]], RunReport]:
@@ -72,7 +106,7 @@ class TorchBackend:
         report = RunReport()
         results = []
         with contextlib.ExitStack() as stack, torch.no_grad():
-            inputs = _Inputs(plan, self.device, stack, report)
+            inputs = _Inputs(plan, self.device, stack, report, self.cache)
             for index, out in enumerate(plan.outputs):
                 tensors: dict[str, torch.Tensor] = {}
                 for step, produced in self._layers(plan, out, inputs, report, index):

@@ -1,0 +1,330 @@
+"""The Python API (SPEC §7): compile once, evaluate many times.
+
+    import pemlang
+
+    program = pemlang.compile("lam*a + (1 - lam)*b", inputs={"a": "adapters/a", "b": "adapters/b"},
+                              params={"lam": 0.5})
+    tensors = program.evaluate(lam=0.3)             # {output: {PEFT key: tensor}}
+    program.save("out/mix", lam=0.3)                # a PEFT adapter directory
+    model = program.load_into(base_model, lam=0.3)  # a PeftModel, in memory
+    for params, tensors in program.sweep(lam=[0.0, 0.5, 1.0]): ...
+
+A program is parsed and type-checked when compiled; adapter signatures are read once, and input
+tensors are read from disk once and kept on the device between evaluations. User errors raise
+`PemError`, whose diagnostics render as on the command line.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import ast
+from .adapters import Adapter, read_adapter
+from .check import CheckedProgram, Checker, Mode, Override, check_parsed, default_base_dir
+from .diagnostics import Diagnostic, PemError, render
+from .parser import parse_expression, parse_program
+from .plan import Plan
+from .source import Source, Span
+
+
+class AdapterCache:
+    """Adapter signatures by path, re-read only when the files change (mtime, size)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, bool], tuple[tuple[int, ...], Adapter]] = {}
+
+    def __call__(self, path: Path, *, allow_pickle: bool = False) -> Adapter:
+        key = (str(path), allow_pickle)
+        stamp = self._stamp(path)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        adapter = read_adapter(path, allow_pickle=allow_pickle)
+        self._entries[key] = (stamp, adapter)
+        return adapter
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, ...]:
+        stamp: list[int] = []
+        for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+            try:
+                st = (path / name).stat()
+                stamp += [st.st_mtime_ns, st.st_size]
+            except OSError:
+                stamp += [0, -1]
+        return tuple(stamp)
+
+
+def format_diagnostics(diagnostics: Iterable[Diagnostic]) -> str:
+    return "\n\n".join(render(d) for d in diagnostics)
+
+
+class CompileError(PemError):
+    """A program with errors: `str(error)` is the rendered diagnostics."""
+
+    def __str__(self) -> str:
+        return format_diagnostics(self.diagnostics)
+
+
+Frontend = Callable[[Sequence[Override], AdapterCache], CheckedProgram]
+
+
+@dataclass
+class Evaluation:
+    """One evaluation: the parameters used, the plan, and per output its tensors (PEFT keys)."""
+
+    params: dict[str, float]
+    plan: Plan
+    tensors: dict[str, dict[str, Any]]
+    warnings: list[Diagnostic]
+
+
+class Program:
+    """A compiled program: parsed and checked once, evaluated with any parameter values."""
+
+    def __init__(self, frontend: Frontend, *, device: str = "auto", dtype: str | None = None):
+        self._frontend = frontend
+        self._adapters = AdapterCache()
+        self.device = device
+        self.dtype = dtype
+        self._tensor_cache: Any = None
+        self.checked = self._check({})  # raises CompileError with every diagnostic
+        self.warnings = [d for d in self.checked.diagnostics if not d.is_error]
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, float]:
+        """The declared parameters and their default values."""
+        return dict(self.checked.params)
+
+    @property
+    def outputs(self) -> list[str]:
+        """Output names: the binding's name, else the output expression's text."""
+        return [o.name or o.expression for o in self.checked.outputs]
+
+    @property
+    def mode(self) -> Mode:
+        return self.checked.mode
+
+    # -- stages --------------------------------------------------------------------------------
+    def _check(self, params: Mapping[str, float]) -> CheckedProgram:
+        overrides = [Override(name, float(value), Source(f"{name}={value}", "params"))
+                     for name, value in params.items()]
+        checked = self._frontend(overrides, self._adapters)
+        errors = [d for d in checked.diagnostics if d.is_error]
+        if errors:
+            raise CompileError(errors)
+        return checked
+
+    def plan(self, params: Mapping[str, float] | None = None, **kw: float) -> Plan:
+        """The lowered evaluation plan for these parameter values."""
+        from .lower import lower
+
+        return lower(self._check({**(params or {}), **kw}), dtype=self.dtype)
+
+    def evaluate(self, params: Mapping[str, float] | None = None, *, device: str | None = None,
+                 **kw: float) -> dict[str, dict[str, Any]]:
+        """Tensors of every output, by output name: {PEFT state-dict key: CPU tensor}."""
+        return self._evaluate({**(params or {}), **kw}, device).tensors
+
+    def _evaluate(self, params: Mapping[str, float], device: str | None) -> Evaluation:
+        from .backend.torch_backend import TensorCache
+        from .run import execute
+
+        checked = self._check(params)
+        if self._tensor_cache is None:
+            self._tensor_cache = TensorCache()
+        result = execute(checked, device=device or self.device, dtype=self.dtype, cache=self._tensor_cache)
+        names = [o.name or o.expression for o in checked.outputs]
+        return Evaluation({**checked.params}, result.plan, dict(zip(names, result.tensors, strict=True)),
+                          result.diagnostics)
+
+    def save(self, directory: str | Path | None = None, params: Mapping[str, float] | None = None, *,
+             device: str | None = None, force: bool = False, **kw: float) -> list[Path]:
+        """Write the outputs as PEFT adapter directories.
+
+        A program whose outputs have directories writes there; `directory` gives the directory of
+        a single-output program compiled without one (an expression)."""
+        return self.write(self._evaluate({**(params or {}), **kw}, device), directory=directory, force=force)
+
+    def write(self, evaluation: Evaluation, *, directory: str | Path | None = None, suffix: str | None = None,
+              force: bool = False) -> list[Path]:
+        """Write an evaluation's outputs; `suffix` is appended to each directory's name (sweeps)."""
+        from dataclasses import replace
+
+        from .run import RunResult, write_outputs
+        from .writer import OutputExists
+
+        outputs = evaluation.plan.outputs
+        if directory is not None:
+            if len(outputs) != 1:
+                raise ValueError("a directory can be given only for a program with exactly one output")
+            outputs = (replace(outputs[0], path=Path(directory).resolve()),)
+        elif any(o.path is None for o in outputs):
+            raise ValueError("this program's outputs have no directory: pass directory=")
+        if suffix:
+            outputs = tuple(replace(o, path=o.path.with_name(f"{o.path.name}.{suffix}")) for o in outputs)  # type: ignore[union-attr]
+        plan = replace(evaluation.plan, outputs=outputs)
+        try:
+            return write_outputs(RunResult(plan, list(evaluation.tensors.values()), evaluation.warnings),
+                                 force=force)
+        except OutputExists as exc:
+            raise CompileError([Diagnostic("E018", "output directory already exists", notes=(str(exc),),
+                                           hints=("pass force=True to replace it",))]) from None
+
+    def sweep(self, grid: Mapping[str, Iterable[float]] | None = None, *, device: str | None = None,
+              callback: Callable[[Evaluation], None] | None = None, save: bool = False, force: bool = False,
+              **axes: Iterable[float]) -> Iterator[Evaluation]:
+        """Evaluate over the product of parameter values, inputs read once; yields (and passes to
+        `callback`) one Evaluation per point. Every point is type-checked before any is computed.
+        With `save`, each point's outputs are written to `DIR.NAME=VALUE` beside each output DIR."""
+        axes = {**(grid or {}), **axes}
+        names = list(axes)
+        points = [dict(zip(names, values, strict=True)) for values in itertools.product(*(list(v) for v in axes.values()))]
+        unknown = [name for name in names if name not in self.params]
+        if unknown:
+            raise CompileError([Diagnostic("E017", f"sweep names `{name}`, which is not a param of the program",
+                                           Source(name, "sweep"), Span(0, len(name)),
+                                           notes=(f"the program's params: {', '.join(self.params) or 'none'}",))
+                                for name in unknown])
+        problems: dict[tuple[object, ...], tuple[Diagnostic, list[Mapping[str, float]]]] = {}
+        for point in points:
+            try:
+                self._check(point)
+            except CompileError as exc:
+                for d in exc.diagnostics:
+                    key = (d.code, d.message, d.source.filename if d.source else None, d.span)
+                    problems.setdefault(key, (d, []))[1].append(point)
+        if problems:
+            raise CompileError([_at_points(d, where) for d, where in problems.values()])
+        for point in points:
+            evaluation = self._evaluate(point, device)
+            if save:
+                self.write(evaluation, suffix=sweep_suffix(point), force=force)
+            if callback is not None:
+                callback(evaluation)
+            yield evaluation
+
+    def load_into(self, model: Any, params: Mapping[str, float] | None = None, *, output: str | None = None,
+                  adapter_name: str = "pemlang", device: str | None = None, **kw: float) -> Any:
+        """Load an output into a model in memory: a PeftModel gains adapter `adapter_name` (made
+        active); a transformers model is wrapped into a PeftModel. Returns the PeftModel."""
+        from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+        evaluation = self._evaluate({**(params or {}), **kw}, device)
+        names = list(evaluation.tensors)
+        if output is None and len(names) != 1:
+            raise ValueError(f"the program has {len(names)} outputs: name one with output=")
+        name = output or names[0]
+        index = names.index(name)
+        config = PeftConfig.from_peft_type(**evaluation.plan.outputs[index].config)
+        config.inference_mode = True
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(model, evaluation.tensors[name], adapter_name=adapter_name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"pemlang produced keys PEFT did not expect: {unexpected[:3]}")
+        model.set_adapter(adapter_name)
+        return model
+
+
+def sweep_suffix(point: Mapping[str, float]) -> str:
+    """`lam=0.3` for one point of a sweep: appended to each output directory's name."""
+    return ",".join(f"{name}={value:g}" for name, value in point.items())
+
+
+def _at_points(diagnostic: Diagnostic, points: Sequence[Mapping[str, float]]) -> Diagnostic:
+    from dataclasses import replace
+
+    shown = "; ".join(", ".join(f"{k}={v:g}" for k, v in p.items()) for p in points[:4])
+    more = f" and {len(points) - 4} more" if len(points) > 4 else ""
+    return replace(diagnostic, notes=(*diagnostic.notes, f"at {shown}{more}"))
+
+
+# -- front ends -------------------------------------------------------------------------------------
+
+
+def _file_frontend(source: Source, *, allow_pickle: bool, base_dir: Path | None) -> Frontend:
+    program, syntax = parse_program(source)  # parsed once
+    if syntax:
+        raise CompileError(syntax)
+
+    def check(overrides: Sequence[Override], cache: AdapterCache) -> CheckedProgram:
+        # Existing output directories are the writer's concern (save(force=...)), not compile's.
+        return check_parsed(source, program, (), overrides=overrides, force=True,
+                            allow_pickle=allow_pickle, read=cache, base_dir=base_dir or default_base_dir(source))
+
+    return check
+
+
+def _expression_frontend(expression: str, inputs: Mapping[str, str | Path], *, mode: Mode,
+                         params: Mapping[str, float], heads: str | None, allow_pickle: bool,
+                         base_dir: Path | None) -> Frontend:
+    lines = [f"param {name} = {ast.format_number(float(value))}" for name, value in params.items()]
+    if heads:
+        lines.append(f"heads {heads}")
+    prelude = "".join(line + "\n" for line in lines)
+    prelude_source = Source(prelude, "params")
+    prelude_program, syntax = parse_program(prelude_source)
+    source = Source(expression, "<expression>")
+    expr, expr_syntax = parse_expression(source)
+    if syntax or expr_syntax:
+        raise CompileError([*syntax, *expr_syntax])
+    assert expr is not None
+
+    def check(overrides: Sequence[Override], cache: AdapterCache) -> CheckedProgram:
+        checker = Checker(source, mode=mode, base_dir=base_dir or Path.cwd(), overrides=overrides,
+                          allow_pickle=allow_pickle, read=cache)
+        for name, path in inputs.items():
+            text = f"{name}={path}"
+            checker.add_input(ast.Name(name, Span(0, len(name))), str(path), Span(len(name) + 1, len(text)),
+                              source=Source(text, "inputs"))
+        original = checker.source
+        checker.source = prelude_source  # params and heads are declared in their own source
+        for stmt in prelude_program.statements:
+            checker.statement(stmt)
+        checker.source = original
+        checker.add_output(expr, None, expr.span, expr.span)
+        checker.finish(require_output=False)
+        return checker.result()
+
+    return check
+
+
+def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] | None = None,  # noqa: A001
+            params: Mapping[str, float] | None = None, mode: Mode = "paper", heads: str | None = None,
+            file: str | Path | None = None, text: str | None = None, device: str = "auto",
+            dtype: str | None = None, allow_pickle: bool = False, base_dir: str | Path | None = None,
+            source: Source | None = None) -> Program:
+    """Compile a program: an `expression` over named `inputs`, a .pem `file`, or program `text`.
+
+    Raises CompileError (a PemError) with every diagnostic when the program has errors."""
+    chosen = sum(x is not None for x in (expression, file, text, source))
+    if chosen != 1:
+        raise ValueError("compile() takes exactly one of expression=, file= or text=")
+    root = Path(base_dir) if base_dir is not None else None
+    if expression is not None:
+        frontend = _expression_frontend(expression, inputs or {}, mode=mode, params=params or {}, heads=heads,
+                                        allow_pickle=allow_pickle, base_dir=root)
+        return Program(frontend, device=device, dtype=dtype)
+    if file is not None:
+        source = Source(Path(file).read_text(encoding="utf-8"), str(file))
+    elif source is None:
+        source = Source(text or "", "<text>")
+    frontend = _file_frontend(source, allow_pickle=allow_pickle, base_dir=root)
+    program = Program(frontend, device=device, dtype=dtype)
+    if params:
+        program.checked = program._check(params)
+    return program
+
+
+def load(path: str | Path, **options: Any) -> Program:
+    """Compile a .pem file (`pemlang.load("transfer.pem")`)."""
+    return compile(file=path, **options)
