@@ -4,9 +4,7 @@ transfer result loads in PEFT and equals the paper's formula."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,17 +18,8 @@ PROGRAMS = sorted(p.name for p in EXAMPLES.glob("*.pem"))
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("examples")
-    spec = importlib.util.spec_from_file_location("make_adapters", EXAMPLES / "make_adapters.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with contextlib.redirect_stdout(io.StringIO()):
-        module.main(["--out", str(root / "adapters")])
-    for program in PROGRAMS:
-        shutil.copy(EXAMPLES / program, root / program)
-    return root
+def workdir(example_root: Path) -> Path:
+    return example_root / "examples"
 
 
 @pytest.mark.parametrize("program", PROGRAMS)

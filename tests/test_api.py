@@ -1,0 +1,182 @@
+"""The Python API and λ sweeps (SPEC §7), against the paper's formulas written out here, PEFT's own
+loader, and the README's snippet executed as written."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft_factory import base_model
+from safetensors.torch import load_file
+
+import pemlang
+from pemlang.cli import main
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def lora(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def detox_formula(instruct: dict[str, torch.Tensor], toxic: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+    """(1+λ)·instruct ⊖ λ·toxic in paper mode (equal scalings): A adds, B subtracts."""
+    out = {}
+    for key in instruct:
+        sign = -1.0 if key.endswith("lora_B.weight") else 1.0
+        out[key] = (1 + lam) * instruct[key] + sign * lam * toxic[key]
+    return out
+
+
+@pytest.fixture
+def detox(example_root: Path) -> pemlang.Program:
+    return pemlang.load(example_root / "examples" / "detoxify.pem", device="cpu")
+
+
+def test_evaluate_gives_peft_keys_and_the_formula(detox: pemlang.Program, example_root: Path) -> None:
+    adapters = example_root / "examples" / "adapters"
+    instruct, toxic = lora(adapters / "instruct"), lora(adapters / "toxic")
+    assert detox.params == {"λ": 0.4} and detox.outputs == ["detoxified"]
+    for lam in (0.4, 0.0, 0.9):  # the same program object, several parameter values
+        got = detox.evaluate(λ=lam)["detoxified"]
+        expected = detox_formula(instruct, toxic, lam)
+        assert set(got) == set(expected)
+        for key in expected:
+            assert torch.allclose(got[key], expected[key], atol=1e-6), (lam, key)
+
+
+def test_save_and_load_into_match_peft_loading_from_disk(detox: pemlang.Program, example_root: Path,
+                                                         tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = example_root / "examples" / "adapters" / "base"
+    [written] = detox.save(tmp_path / "detox", λ=0.25)
+    assert written == tmp_path / "detox"
+    with warnings.catch_warnings():  # loading without warnings is test_evaluate's concern
+        warnings.simplefilter("ignore")
+        from_disk = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), written)
+        in_memory = detox.load_into(AutoModelForCausalLM.from_pretrained(base_dir), λ=0.25)
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids).logits
+        expected = from_disk(input_ids=ids).logits
+        got = in_memory(input_ids=ids).logits
+    assert not torch.allclose(plain, expected, atol=1e-4)  # the adapter does change the model
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_load_into_an_existing_peft_model_adds_and_activates(adapters: Path) -> None:
+    from peft import PeftModel
+
+    program = pemlang.compile("2*a", inputs={"a": adapters / "llama_r8"}, mode="exact", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(base_model(), adapters / "llama_r8", adapter_name="a")
+    model = program.load_into(model, adapter_name="twice")
+    assert model.active_adapter == "twice"
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.allclose(layer.get_delta_weight("twice"), 2 * layer.get_delta_weight("a"), atol=1e-6)
+
+
+def test_compile_errors_carry_rendered_diagnostics(adapters: Path) -> None:
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile("a + llama_r8b", inputs={"a": adapters / "llama_r8", "llama_r8_b": adapters / "llama_r8_b"})
+    [diagnostic] = caught.value.diagnostics
+    assert diagnostic.code == "E002"
+    assert "<expression>:1:5" in str(caught.value) and "llama_r8_b" in str(caught.value)
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile(text="input a = \"nowhere\"\noutput a -> \"out\"\n")
+    assert [d.code for d in caught.value.diagnostics] == ["E012"]
+
+
+def test_sweep_streams_each_point_to_the_callback_and_saves(detox: pemlang.Program, example_root: Path,
+                                                            tmp_path: Path) -> None:
+    program = pemlang.compile(text=(example_root / "examples" / "detoxify.pem").read_text()
+                              .replace('"adapters/', f'"{example_root}/examples/adapters/')
+                              .replace('"out/detoxified"', f'"{tmp_path}/detox"'), device="cpu")
+    seen: list[dict[str, float]] = []
+    evaluations = list(program.sweep(λ=[0.0, 0.02, 0.04], save=True, callback=lambda ev: seen.append(ev.params)))
+    assert seen == [{"λ": 0.0}, {"λ": 0.02}, {"λ": 0.04}]
+    for ev in evaluations:
+        lam = ev.params["λ"]
+        on_disk = lora(tmp_path / f"detox.λ={lam:g}")
+        alone = detox.evaluate(λ=lam)["detoxified"]
+        for key, value in ev.tensors["detoxified"].items():
+            assert torch.equal(value, alone[key]) and torch.equal(on_disk[key], value.to(on_disk[key].dtype))
+
+
+def test_sweep_checks_every_point_before_computing_any(adapters: Path, tmp_path: Path) -> None:
+    program = pemlang.compile(text=f'input a = "{adapters}/llama_r8"\nparam k = 1\noutput a / (k - 0.5) -> "{tmp_path}/o"\n')
+    with pytest.raises(pemlang.CompileError) as caught:
+        list(program.sweep(k=[0.0, 0.5, 1.0], save=True))
+    [diagnostic] = caught.value.diagnostics
+    assert diagnostic.code == "E015" and "at k=0.5" in str(caught.value)
+    assert not list(tmp_path.iterdir())  # nothing was written
+    with pytest.raises(pemlang.CompileError, match="E017|not a param"):
+        list(program.sweep(j=[1.0]))
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(args))
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def sweep_program(adapters: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "mix.pem"
+    path.write_text(f'input a = "{adapters}/llama_r8"\ninput b = "{adapters}/llama_r8_b"\n'
+                    'param lam = 0.5\noutput lam*a + (1 - lam)*b -> "out/mix"\n', encoding="utf-8")
+    return path
+
+
+def test_run_sweep_writes_one_adapter_per_value(sweep_program: Path, adapters: Path) -> None:
+    status, out, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.25", "--device", "cpu")
+    assert status == 0, err
+    assert "wrote 5 adapters" in out
+    directories = sorted(p.name for p in (sweep_program.parent / "out").iterdir())
+    assert directories == [f"mix.lam={v:g}" for v in (0, 0.25, 0.5, 0.75, 1)]
+    a, b = lora(adapters / "llama_r8"), lora(adapters / "llama_r8_b")
+    for lam in (0, 0.25, 1):  # paper mode, equal ranks and scalings: both factors mix linearly
+        got = lora(sweep_program.parent / "out" / f"mix.lam={lam:g}")
+        for key in a:
+            assert torch.allclose(got[key].float(), lam * a[key].float() + (1 - lam) * b[key].float(), atol=1e-6)
+    # Existing directories are refused, all of them named before any work; --force replaces them.
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0,0.5", "--device", "cpu")
+    assert status == 1 and "error[E018]: 2 sweep output directories already exist" in err
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0,0.5", "--device", "cpu", "--force")
+    assert status == 0, err
+
+
+def test_run_sweep_diagnostics(sweep_program: Path) -> None:
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lma=0:1:0.5")
+    assert status == 1
+    assert "error[E017]: --sweep names `lma`" in err and "--> --sweep:1:1" in err and "lam" in err
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=1:0:0.5")
+    assert status == 2 and "STEP > 0" in err
+    assert not (sweep_program.parent / "out").exists()
+
+
+# -- the README ------------------------------------------------------------------------------------
+
+
+def test_readme_api_snippet_runs(example_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    [snippet] = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    monkeypatch.chdir(example_root)
+    namespace: dict[str, object] = {}
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
+    assert "{'λ': 0.4} ['detoxified']" in out.getvalue()
+    assert (example_root / "examples" / "out" / "detoxified" / "adapter_config.json").exists()
+    assert (example_root / "examples" / "out" / "mix" / "adapter_model.safetensors").exists()
+    assert sorted(namespace["results"]) == [0.0, 0.02, 0.04]  # type: ignore[call-overload]
