@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 
 _API = {"compile": "api", "load": "api", "Program": "api", "CompileError": "api", "Evaluation": "api",
+        "from_config": "api", "PemConfig": "config",
         "PemError": "diagnostics", "Diagnostic": "diagnostics"}
 
 

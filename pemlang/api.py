@@ -325,6 +325,39 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
     return program
 
 
-def load(path: str | Path, **options: Any) -> Program:
-    """Compile a .pem file (`pemlang.load("transfer.pem")`)."""
+def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None = None,
+                base_dir: str | Path | None = None, device: str | None = None, dtype: str | None = None,
+                allow_pickle: bool = False) -> Program:
+    """Compile a config block (SPEC §7): a YAML/JSON/TOML file (`key`: the dotted path of the block
+    inside a larger config), or a mapping or PemConfig already in memory (paths relative to
+    `base_dir`, default the working directory). Diagnostics name the file and line of the field."""
+    from .config import DTYPES, Located, check_config, from_mapping, read_config
+
+    try:
+        if isinstance(config, str | Path):
+            located: Located = read_config(config, key=key)
+        else:
+            located = from_mapping(config, base_dir=Path(base_dir) if base_dir is not None else Path.cwd())
+    except PemError as exc:
+        raise CompileError(exc.diagnostics) from None
+    if base_dir is not None:
+        located.base_dir = Path(base_dir)
+
+    def check(overrides: Sequence[Override], cache: AdapterCache) -> CheckedProgram:
+        return check_config(located, overrides=overrides, force=True, allow_pickle=allow_pickle, read=cache,
+                            require_output=False)
+
+    chosen_dtype = dtype or (DTYPES[located.config.dtype] if located.config.dtype else None)
+    return Program(check, device=device or located.config.device or "auto", dtype=chosen_dtype)
+
+
+def load(path: str | Path, *, key: str | None = None, **options: Any) -> Program:
+    """Compile a .pem file or a config file (`pemlang.load("transfer.pem")`, `pemlang.load("train.yaml",
+    key="merge")`)."""
+    from .config import is_config_path
+
+    if is_config_path(path):
+        return from_config(path, key=key, **options)
+    if key is not None:
+        raise ValueError("key= applies to config files (.yaml, .yml, .json, .toml)")
     return compile(file=path, **options)

@@ -143,6 +143,7 @@ class Override:
     name: str
     value: float
     source: Source
+    what: str = "--set"  # how the user gave it, for messages: `--set`, `params`
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ class Checker:
                 notes = ([f"the program's params: {', '.join(params)}"] if params
                          else ["the program declares no `param`"])
                 self.diagnostics.append(error(
-                    "E017", f"--set names `{name}`, which is not a param of the program",
+                    "E017", f"{override.what} names `{name}`, which is not a param of the program",
                     override.source, Span(0, len(name)), notes=notes, hints=did_you_mean(name, params)))
         syntax_errors = any(d.code == "E001" for d in self.diagnostics)
         for name, entry in self.env.items():

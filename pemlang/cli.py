@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__
 from .diagnostics import Diagnostic, emit, error, summary
-from .source import Source, Span
+from .source import CONFIG_SUFFIXES, Source, Span
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 ISSUES_URL = "https://github.com/pemlang/pemlang/issues"
@@ -78,15 +78,42 @@ def _report(diagnostics: Sequence[Diagnostic]) -> None:
 # -- commands -----------------------------------------------------------------------------------
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check_source
+def _is_config(path: str) -> bool:
+    return Path(path).suffix.lower() in CONFIG_SUFFIXES
 
-    source = _read_program_file(args.file)
+
+def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-untyped-def]
+    """Read and check FILE (a .pem program or a YAML/JSON/TOML config): (checked or None, diagnostics)."""
     overrides, bad_sets = _overrides(args.set)
-    checked = check_source(source, overrides=overrides, force=args.force, allow_pickle=args.allow_pickle)
-    diagnostics = list(checked.diagnostics) + bad_sets
+    if _is_config(args.file):  # pydantic and yaml are imported only for configs
+        from .config import DTYPES, check_config, read_config
+        from .diagnostics import PemError
+
+        _read_program_file(args.file)  # a missing or unreadable file is misuse, as for a .pem
+        try:
+            located = read_config(args.file, key=args.key)
+        except PemError as exc:
+            return None, [*exc.diagnostics, *bad_sets]
+        checked = check_config(located, overrides=overrides, force=force, allow_pickle=args.allow_pickle,
+                               require_output=args.command != "check")
+        if getattr(args, "device", "unset") is None:  # the command line wins over the config
+            args.device = located.config.device
+        if getattr(args, "dtype", "unset") is None and located.config.dtype:
+            args.dtype = DTYPES[located.config.dtype]
+    else:
+        from .check import check_source
+
+        if args.key is not None:
+            raise UsageError("--key names a block inside a config file (.yaml, .yml, .json, .toml)")
+        source = _read_program_file(args.file)
+        checked = check_source(source, overrides=overrides, force=force, allow_pickle=args.allow_pickle)
+    return checked, [*checked.diagnostics, *bad_sets]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    checked, diagnostics = _load_checked(args, force=args.force)
     _report(diagnostics)
-    if any(d.is_error for d in diagnostics):
+    if checked is None or any(d.is_error for d in diagnostics):
         return EXIT_ERRORS
     outputs = ", ".join(o.name or o.expression for o in checked.outputs) or "none"
     print(f"ok: {args.file}: mode {checked.mode}, {len(checked.inputs)} input"
@@ -119,16 +146,10 @@ def _dtype(text: str) -> str:
 
 
 def _check_program(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """Read and check the FILE of run/plan; exits through PemError-free paths with diagnostics shown."""
-    from .check import check_source
-
-    source = _read_program_file(args.file)
-    overrides, bad_sets = _overrides(args.set)
-    checked = check_source(source, overrides=overrides, force=getattr(args, "force", False),
-                           allow_pickle=args.allow_pickle)
-    diagnostics = list(checked.diagnostics) + bad_sets
+    """Read and check the FILE of run/plan, showing its diagnostics: (checked, failed)."""
+    checked, diagnostics = _load_checked(args, force=getattr(args, "force", False))
     _report(diagnostics)
-    return checked, any(d.is_error for d in diagnostics)
+    return checked, checked is None or any(d.is_error for d in diagnostics)
 
 
 def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
@@ -141,7 +162,7 @@ def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignor
     total = sum(len(out.layers) for out in plan.outputs)
     try:
         with _progress(total) as advance:
-            result = execute(checked, device=args.device, dtype=args.dtype, on_layer=advance, plan=plan)
+            result = execute(checked, device=args.device or "auto", dtype=args.dtype, on_layer=advance, plan=plan)
     except ValueError as exc:  # an unusable --device
         raise UsageError(str(exc)) from None
     except PemError as exc:
@@ -212,7 +233,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import itertools
     import time
 
-    from .api import CompileError, sweep_suffix
+    from .api import CompileError, from_config, sweep_suffix
     from .api import compile as compile_program
     from .check import did_you_mean
     grid = dict(parse_sweep(text) for text in args.sweep)
@@ -223,11 +244,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     fixed = {o.name: o.value for o in overrides}
     if clash := sorted(set(grid) & set(fixed)):
         raise UsageError(f"{clash[0]} is given both by --set and --sweep")
-    source = _read_program_file(args.file)
     start = time.perf_counter()
     try:
-        program = compile_program(source=source, params=fixed or None, device=args.device, dtype=args.dtype,
+        if _is_config(args.file):
+            _read_program_file(args.file)
+            program = from_config(args.file, key=args.key, device=args.device, dtype=args.dtype,
                                   allow_pickle=args.allow_pickle)
+            if fixed:
+                program.checked = program._check(fixed)
+        else:
+            if args.key is not None:
+                raise UsageError("--key names a block inside a config file (.yaml, .yml, .json, .toml)")
+            program = compile_program(source=_read_program_file(args.file), params=fixed or None,
+                                      device=args.device or "auto", dtype=args.dtype, allow_pickle=args.allow_pickle)
         unknown = [error("E017", f"--sweep names `{name}`, which is not a param of the program",
                          Source(text, "--sweep"), Span(0, len(name)),
                          notes=[f"the program's params: {', '.join(program.params) or 'none'}"],
@@ -339,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     def program_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("file", metavar="FILE.pem", help="the program")
+        p.add_argument("file", metavar="FILE", help="the program: FILE.pem, or a config FILE.{yaml,json,toml}")
+        p.add_argument("--key", metavar="DOTTED.PATH", default=None,
+                       help="in a config file, where the pemlang block is (e.g. train.merge); default: the top level")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="override a `param` (repeatable)")
         p.add_argument("--force", action="store_true", help="replace existing output directories")
@@ -351,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check)
 
     def run_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+        p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
                        help="where to compute (auto: CUDA when available, else the CPU)")
         p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
                        help="dtype to write (float32, float16, bfloat16); default: the inputs' dtype")

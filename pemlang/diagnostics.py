@@ -51,6 +51,7 @@ CODES: dict[str, str] = {
     "E022": "heads (modules_to_save) cannot be combined",
     "E023": "pickled adapter refused",
     "E024": "a statement that is not allowed here",
+    "E025": "invalid config (YAML/JSON/TOML block)",
     "W001": "base model not recorded in an input",
     "W002": "paper mode over LoRA inputs whose A matrices differ",
     "W003": "unused input or binding",

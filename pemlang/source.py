@@ -5,6 +5,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+# Files that carry a program inside a config block (SPEC §7), rather than a .pem program.
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
+
 
 @dataclass(frozen=True, slots=True)
 class Span:

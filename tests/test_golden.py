@@ -1,5 +1,5 @@
-"""Golden diagnostics: each tests/golden/<case>.pem next to <case>.err, the exact output of
-`pemlang check` (stderr, then the exit status).
+"""Golden diagnostics: each tests/golden/<case>.pem (or a config <case>.yaml, .toml, .json) next to
+<case>.err, the exact output of `pemlang check` (stderr, then the exit status).
 
 A first line `# args: ...` gives extra command-line arguments; `# command: run` (first or second
 line) runs `pemlang run --device cpu` instead, for diagnostics that need tensor data. The .pem files name fixture
@@ -22,7 +22,8 @@ import pytest
 from pemlang.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
-CASES = sorted(p.stem for p in GOLDEN.glob("*.pem"))
+SUFFIXES = (".pem", ".yaml", ".toml", ".json")  # programs, and programs embedded in configs
+CASES = sorted(p.name for p in GOLDEN.iterdir() if p.suffix in SUFFIXES)
 
 
 def run_check(pem: Path, workdir: Path, adapters: Path) -> str:
@@ -49,8 +50,8 @@ def run_check(pem: Path, workdir: Path, adapters: Path) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_golden(case: str, adapters: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    actual = run_check(GOLDEN / f"{case}.pem", tmp_path, adapters)
-    expected_file = GOLDEN / f"{case}.err"
+    actual = run_check(GOLDEN / case, tmp_path, adapters)
+    expected_file = (GOLDEN / case).with_suffix(".err")
     if request.config.getoption("--regen-golden"):
         expected_file.write_text(actual, encoding="utf-8")
         return

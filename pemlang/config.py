@@ -1,0 +1,523 @@
+"""Programs embedded in configs (SPEC §7): a pydantic model, and its reading from YAML, JSON or TOML.
+
+A training or serving config carries a block such as
+
+    merge:
+      inputs: {amazon_cls: adapters/amazon_cls, yelp_lm: adapters/yelp_lm, amazon_lm: adapters/amazon_lm}
+      params: {λ: 0.5}
+      heads: from amazon_cls
+      expression: λ*amazon_cls + (1 - λ)*(yelp_lm - amazon_lm)
+      output: out/yelp_cls
+
+(`pemlang run train.yaml --key merge`). Instead of `expression` + `output`, a block may give
+`outputs` (a list of {expression, path}) or `program` (the text of a .pem program; `params` then
+override its params as `--set` does). Paths are relative to the config file.
+
+Every diagnostic names the config file and the line of the offending field: validation errors
+point at the field, and the expression or program text, parsed as its own source, is mapped back
+onto the lines of the file where it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .diagnostics import Diagnostic, PemError, error
+from .source import CONFIG_SUFFIXES, Source, Span
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
+
+Key = tuple[str | int, ...]
+
+
+class OutputSpec(BaseModel):
+    """One output of a config: an expression and the adapter directory it is written to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expression: str = Field(description="an expression over the inputs, params and functions (SPEC §3)")
+    path: str = Field(description="the output adapter directory, relative to the config file")
+
+
+class PemConfig(BaseModel):
+    """A pemlang program as a config block (SPEC §7). Give exactly one of `expression`,
+    `outputs` or `program`."""
+
+    model_config = ConfigDict(extra="forbid", title="pemlang config")
+
+    mode: Literal["paper", "exact"] = Field("paper", description="paper: the paper's operators (SPEC §2.1); "
+                                            "exact: the weight update itself (SPEC §2.2)")
+    inputs: dict[str, str] = Field(default_factory=dict,
+                                   description="name → PEFT adapter directory, relative to the config file")
+    params: dict[str, float] = Field(default_factory=dict,
+                                     description="name → value; with `program`, overrides its params")
+    heads: str | None = Field(None, pattern=r"^\s*(drop|from\s+\S+)\s*$",
+                              description="modules_to_save policy: `drop` or `from NAME` (SPEC §2.3)")
+    expression: str | None = Field(None, description="one expression (with `output`, or evaluated via the API)")
+    output: str | None = Field(None, description="the directory `expression` is written to")
+    outputs: list[OutputSpec] | None = Field(None, description="several outputs: [{expression, path}]")
+    program: str | None = Field(None, description="the text of a .pem program")
+    device: str | None = Field(None, description="auto, cpu, cuda or cuda:N (default auto)")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="dtype to write; default: the inputs' dtype")
+
+
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # config names → safetensors names
+
+
+def json_schema() -> dict[str, Any]:
+    """The published JSON schema of a config block (committed as pemlang/config.schema.json)."""
+    schema = PemConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+# -- where things are in the file --------------------------------------------------------------------
+
+
+@dataclass
+class Located:
+    """A config block read from a file, with the file's text and where each field is written."""
+
+    config: PemConfig
+    host: Source
+    base_dir: Path
+    prefix: Key = ()
+    spans: dict[Key, tuple[Span, Span]] = field(default_factory=dict)  # path → (key span, value span)
+
+    def key_span(self, path: Key) -> Span | None:
+        """The span of a field's key (or of its nearest located parent)."""
+        for n in range(len(path), -1, -1):
+            hit = self.spans.get(self.prefix + path[:n])
+            if hit is not None:
+                return hit[0]
+        return None
+
+    def value_span(self, path: Key) -> Span | None:
+        hit = self.spans.get(self.prefix + path)
+        return hit[1] if hit is not None else self.key_span(path)
+
+    def embed(self, path: Key, text: str, name: str, *, key: bool = False) -> Embedded:
+        """A Source for a string field's text (or its key's) whose spans map back onto the file's lines."""
+        return Embedded.of(text, self.host, self.key_span(path) if key else self.value_span(path), name)
+
+
+@dataclass
+class Embedded:
+    """Text found in a host file: a Source of its own, and the host offset of each of its lines."""
+
+    source: Source
+    host: Source
+    line_starts: list[int | None]
+    fallback: Span | None
+
+    @classmethod
+    def of(cls, text: str, host: Source, where: Span | None, name: str) -> Embedded:
+        starts: list[int | None] = []
+        if where is not None:
+            cursor, end = where.start, where.end
+            for line in text.split("\n"):
+                found = host.text.find(line, cursor, end) if line else cursor
+                if found < 0 or "\n" in host.text[cursor:found].strip(" \t|>-\"'\r\n") and starts:
+                    found = -1
+                starts.append(found if found >= 0 else None)
+                if found >= 0:
+                    cursor = found + len(line)
+        return cls(Source(text, name), host, starts, where)
+
+    def offset(self, offset: int) -> int | None:
+        before = self.source.text[:offset]
+        line = before.count("\n")
+        column = offset - (before.rfind("\n") + 1)
+        start = self.line_starts[line] if line < len(self.line_starts) else None
+        return None if start is None else start + column
+
+    def span(self, span: Span) -> Span | None:
+        start, end = self.offset(span.start), self.offset(span.end)
+        if start is None:
+            return self.fallback
+        if end is None or end < start:
+            end = start + 1
+        return Span(start, end)
+
+
+def relocate(diagnostics: Iterable[Diagnostic], embedded: Sequence[Embedded], host: Source) -> list[Diagnostic]:
+    """Diagnostics about embedded texts, re-pointed at the host file; sorted by position."""
+    out = []
+    for d in diagnostics:
+        for e in embedded:
+            if d.source is e.source:
+                d = replace(d, source=host, span=e.span(d.span) if d.span is not None else e.fallback)
+                break
+        out.append(d)
+    return sorted(out, key=lambda d: (d.source is not host, d.span.start if d.span else 0))
+
+
+def _yaml_spans(text: str) -> dict[Key, tuple[Span, Span]]:
+    """Spans of every mapping key and sequence item, from PyYAML's composer (JSON is YAML too)."""
+    import yaml
+
+    spans: dict[Key, tuple[Span, Span]] = {}
+
+    def walk(node: Any, path: Key) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, str(key.value))
+                spans[child] = (Span(key.start_mark.index, key.end_mark.index), _node_span(value))
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                spans[(*path, i)] = (_node_span(item), _node_span(item))
+                walk(item, (*path, i))
+
+    def _node_span(node: Any) -> Span:
+        return Span(node.start_mark.index, max(node.end_mark.index, node.start_mark.index + 1))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return spans
+    if root is not None:
+        walk(root, ())
+    return spans
+
+
+_TOML_KEY = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
+_TOML_KEYS = re.compile(rf"\s*({_TOML_KEY}(?:\s*\.\s*{_TOML_KEY})*)\s*=\s*")
+_TOML_TABLE = re.compile(rf"\s*(\[\[?)\s*({_TOML_KEY}(?:\s*\.\s*{_TOML_KEY})*)\s*\]\]?")
+
+
+def _toml_key_parts(text: str) -> list[str]:
+    parts = re.findall(_TOML_KEY, text)
+    return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
+
+
+def _toml_value_end(text: str, start: int) -> int:
+    """Where the TOML value starting at `start` ends (strings, arrays and inline tables spanned)."""
+    for quote in ('"""', "'''"):
+        if text.startswith(quote, start):
+            end = text.find(quote, start + 3)
+            return len(text) if end < 0 else end + 3
+    if text[start:start + 1] in ('"', "'"):
+        quote, i = text[start], start + 1
+        while i < len(text) and text[i] not in (quote, "\n"):
+            i += 2 if quote == '"' and text[i] == "\\" else 1
+        return min(i + 1, len(text))
+    if text[start:start + 1] in ("[", "{"):
+        depth, i = 0, start
+        while i < len(text):
+            ch = text[i]
+            if ch in "\"'":
+                i = _toml_value_end(text, i)
+                continue
+            depth += ch in "[{"
+            depth -= ch in "]}"
+            i += 1
+            if depth == 0:
+                return i
+        return len(text)
+    end = text.find("\n", start)
+    end = len(text) if end < 0 else end
+    comment = text.find("#", start, end)
+    return (comment if comment >= 0 else end) if text[start:end].strip() else start + 1
+
+
+def _toml_spans(text: str) -> dict[Key, tuple[Span, Span]]:
+    """Spans of TOML tables and keys, found by scanning the text (tomllib keeps no positions)."""
+    spans: dict[Key, tuple[Span, Span]] = {}
+    arrays: dict[Key, int] = {}
+
+    def scan(start: int, end: int, table: Key, inline: bool) -> None:
+        i = start
+        while i < end:
+            ch = text[i]
+            if ch in " \t\r\n,":
+                i += 1
+            elif ch == "#":
+                newline = text.find("\n", i, end)
+                i = end if newline < 0 else newline
+            elif (not inline and ch == "[" and (m := _TOML_TABLE.match(text, i))
+                  and text[text.rfind("\n", 0, i) + 1:i].strip() == ""):
+                path: Key = tuple(_toml_key_parts(m.group(2)))
+                if m.group(1) == "[[":
+                    index = arrays.get(path, -1) + 1
+                    arrays[path] = index
+                    spans.setdefault(path, (Span(m.start(2), m.end(2)), Span(m.start(2), m.end(2))))
+                    path = (*path, index)
+                spans[path] = (Span(m.start(2), m.end(2)), Span(m.start(2), m.end()))
+                table = path
+                i = m.end()
+            elif m := _TOML_KEYS.match(text, i):
+                path = (*table, *_toml_key_parts(m.group(1)))
+                value_end = _toml_value_end(text, m.end())
+                spans[path] = (Span(m.start(1), m.end(1)), Span(m.end(), value_end))
+                if text[m.end():m.end() + 1] == "{":
+                    scan(m.end() + 1, value_end - 1, path, True)
+                i = value_end
+            else:
+                i += 1
+
+    scan(0, len(text), (), False)
+    return spans
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+
+_BODY = {"expression", "outputs", "program"}
+
+
+def is_config_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in CONFIG_SUFFIXES
+
+
+def _at(host: Source, span: Span | None, message: str, *, notes: Iterable[str] = (),
+        hints: Iterable[str] = ()) -> Diagnostic:
+    return error("E025", message, host, span, notes=notes, hints=hints)
+
+
+def read_config(path: str | Path, *, key: str | None = None) -> Located:
+    """Read a config file (YAML, JSON, TOML) and validate its pemlang block; `key` is the dotted
+    path of the block inside a larger config. Raises PemError (E025) with located diagnostics."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    host = Source(text, str(path))
+    suffix = path.suffix.lower()
+    data: Any
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # the parsers' own errors carry a line and column
+        raise PemError([_parse_error(host, exc, suffix)]) from None
+    spans = _toml_spans(text) if suffix == ".toml" else _yaml_spans(text)
+    prefix: Key = ()
+    if key:
+        for part in key.split("."):
+            if not isinstance(data, Mapping) or part not in data:
+                where = Located(PemConfig(), host, path.parent, (), spans).key_span(prefix)
+                have = ", ".join(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
+                raise PemError([_at(host, where, f"the config has no key `{'.'.join(map(str, (*prefix, part)))}`",
+                                    notes=[f"{'.'.join(map(str, prefix)) or 'the top level'} has: {have or 'nothing'}"],
+                                    hints=["--key names the pemlang block as a dotted path, e.g. `--key train.merge`"])])
+            data, prefix = data[part], (*prefix, part)
+    if not isinstance(data, Mapping):
+        raise PemError([_at(host, spans.get(prefix, (None, None))[1], "a pemlang config block must be a mapping",
+                            hints=["give inputs, params and an expression, outputs or program"])])
+    try:
+        config = PemConfig.model_validate(data)
+    except ValidationError as exc:
+        located = Located(PemConfig(), host, path.parent, prefix, spans)
+        diagnostics = [_validation_diagnostic(located, e) for e in exc.errors()]
+        nested = [k for k, v in data.items() if isinstance(v, Mapping) and not set(v).isdisjoint(_BODY)]
+        if nested and set(data).isdisjoint(_BODY):  # the block is one level down: say where
+            block = ".".join(map(str, (*prefix, nested[0])))
+            diagnostics = [_at(host, located.key_span((nested[0],)), f"the pemlang block is under `{block}`, not at "
+                               f"{'`' + '.'.join(map(str, prefix)) + '`' if prefix else 'the top level'}",
+                               hints=[f"pass --key {block} (the API: key=\"{block}\")"])]
+        raise PemError(sorted(diagnostics, key=lambda d: d.span.start if d.span else -1)) from None
+    located = Located(config, host, path.parent, prefix, spans)
+    problems = structure_problems(config, located)
+    if problems:
+        raise PemError(problems)
+    return located
+
+
+def _parse_error(host: Source, exc: Exception, suffix: str) -> Diagnostic:
+    line = getattr(getattr(exc, "problem_mark", None), "line", None)  # yaml: 0-based marks
+    column = getattr(getattr(exc, "problem_mark", None), "column", None)
+    if line is None and hasattr(exc, "lineno"):  # json.JSONDecodeError, tomllib.TOMLDecodeError (3.14)
+        line, column = exc.lineno - 1, getattr(exc, "colno", 1) - 1
+    if line is None and (m := re.search(r"line (\d+), column (\d+)", str(exc))):  # tomllib ≤ 3.13
+        line, column = int(m.group(1)) - 1, int(m.group(2)) - 1
+    span = None
+    if line is not None and line < len(host._line_starts):
+        start = host._line_starts[line] + (column or 0)
+        span = Span(start, start + 1)
+    message = getattr(exc, "problem", None) or getattr(exc, "msg", None) or str(exc).split(" (at line")[0]
+    kind = {".toml": "TOML", ".json": "JSON"}.get(suffix, "YAML")
+    return _at(host, span, f"the config is not valid {kind}: {message}")
+
+
+def _validation_diagnostic(located: Located, e: Mapping[str, Any]) -> Diagnostic:
+    loc = tuple(e["loc"])
+    where = ".".join(map(str, loc)) or "the block"
+    kind = e["type"]
+    hints: list[str] = []
+    if kind == "extra_forbidden":
+        from .check import did_you_mean
+
+        hints = did_you_mean(str(loc[-1]), list(PemConfig.model_fields if len(loc) == 1 else OutputSpec.model_fields))
+        hints = hints or [f"a config block has: {', '.join(PemConfig.model_fields)}"]
+        return _at(located.host, located.key_span(loc), f"unknown field `{where}`", hints=hints)
+    if kind == "missing":
+        return _at(located.host, located.key_span(loc[:-1]), f"missing field `{where}`")
+    if kind == "string_pattern_mismatch" and loc == ("heads",):
+        return _at(located.host, located.value_span(loc), "`heads` must be `drop` or `from NAME`",
+                   notes=[f"got {e.get('input')!r}"], hints=["`heads: drop` or `heads: from amazon_cls`"])
+    if kind == "literal_error" and loc == ("mode",):
+        hints = ["`mode: paper` (the paper's operators) or `mode: exact` (the weight update)"]
+    message = e["msg"][:1].lower() + e["msg"][1:]
+    got = e.get("input")
+    notes = [f"got {got!r}"] if got is not None and not isinstance(got, dict | list) else []
+    return _at(located.host, located.value_span(loc), f"`{where}`: {message}", notes=notes, hints=hints)
+
+
+def structure_problems(config: PemConfig, located: Located | None = None) -> list[Diagnostic]:
+    """What pydantic's field types cannot say: which fields go together."""
+    host = located.host if located else None
+
+    def at(path: Key, message: str, hints: Iterable[str] = ()) -> Diagnostic:
+        return error("E025", message, host, located.key_span(path) if located else None, hints=hints)
+
+    given = [name for name in ("expression", "outputs", "program") if getattr(config, name) is not None]
+    problems = []
+    if len(given) != 1:
+        problems.append(at((given[1],) if len(given) > 1 else (), "a config block needs exactly one of "
+                           f"`expression`, `outputs` or `program`{f', not {len(given)}' if given else ''}",
+                           hints=["`expression` + `output` for one output; `outputs: [{expression, path}]` for "
+                                  "several; `program` for a whole .pem program"]))
+    if config.output is not None and config.expression is None:
+        problems.append(at(("output",), "`output` goes with `expression`",
+                           hints=["with `outputs` or `program`, each output names its own directory"]))
+    if config.program is not None and config.heads is not None:
+        problems.append(at(("heads",), "`heads` goes in the program text with `program`",
+                           hints=["write `heads drop` or `heads from NAME` as a statement of the program"]))
+    for name in config.inputs:
+        if not re.fullmatch(r"[^\W\d]\w*", name) or name in ("input", "param", "output", "mode", "heads"):
+            problems.append(at(("inputs", name), f"`{name}` cannot be an input name",
+                               hints=["a name is a letter or _ followed by letters, digits or _ (e.g. `yelp_lm`)"]))
+    return problems
+
+
+# -- checking ----------------------------------------------------------------------------------------
+
+
+def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool = False,
+                 allow_pickle: bool = False, read: Callable[..., Any] | None = None,
+                 require_output: bool = True) -> Any:
+    """Type-check a config block: a CheckedProgram whose diagnostics point into the config file."""
+    from . import ast
+    from .check import Checker, Override
+    from .parser import parse_expression, parse_program
+
+    config, host = located.config, located.host
+    embedded: list[Embedded] = []
+    syntax: list[Diagnostic] = []
+
+    def embed(path: Key, text: str, name: str, *, key: bool = False) -> Embedded:
+        e = located.embed(path, text, f"{host.filename}:{'.'.join(map(str, path))}", key=key)
+        embedded.append(e)
+        return e
+
+    main_source: Embedded | None = None
+    program = None
+    if config.program is not None:
+        main_source = embed(("program",), config.program, "program")
+        program, errors = parse_program(main_source.source)
+        syntax += errors
+    elif config.expression is not None:
+        main_source = embed(("expression",), config.expression, "expression")
+    options: dict[str, Any] = {"mode": config.mode, "base_dir": located.base_dir, "force": force,
+                               "allow_pickle": allow_pickle}
+    if read is not None:
+        options["read"] = read
+    params = {}
+    if config.program is not None:  # config params override the program's, as --set does
+        for name, value in config.params.items():
+            e = embed(("params", name), name, "params", key=True)
+            params[name] = Override(name, value, e.source, what="`params`")
+    checker = Checker(main_source.source if main_source else Source("", host.filename),
+                      overrides=[*params.values(), *overrides], **options)
+    checker.diagnostics.extend(syntax)
+    for name, written in config.inputs.items():
+        key, path_span = located.key_span(("inputs", name)), located.value_span(("inputs", name))
+        if key is not None and host.snippet(key) in (f'"{name}"', f"'{name}'"):  # a quoted key
+            key = Span(key.start + 1, key.end - 1)
+        if key is not None and path_span is not None and host.snippet(key) == name:
+            checker.add_input(ast.Name(name, key), written, path_span, source=host)
+        else:
+            e = embed(("inputs", name), f"{name}={written}", "inputs")
+            checker.add_input(ast.Name(name, Span(0, len(name))), written, Span(len(name) + 1, len(e.source.text)),
+                              source=e.source)
+    if program is not None:
+        checked = checker.program(program)
+        return replace(checked, diagnostics=tuple(relocate(checked.diagnostics, embedded, host)))
+    prelude = [f"param {name} = {value!r}" for name, value in config.params.items()]
+    if config.heads:
+        prelude.append(f"heads {config.heads.strip()}")
+    for i, line in enumerate(prelude):
+        path: Key = ("params", list(config.params)[i]) if i < len(config.params) else ("heads",)
+        e = Embedded(Source(line, "params"), host, [None], located.key_span(path) if i < len(config.params)
+                     else located.value_span(path))
+        embedded.append(e)
+        statements, errors = parse_program(e.source)
+        checker.diagnostics.extend(errors)
+        checker.source = e.source
+        for stmt in statements.statements:
+            checker.statement(stmt)
+    outputs: list[tuple[Embedded, str | None, Key]] = []
+    if config.expression is not None and main_source is not None:
+        outputs.append((main_source, config.output, ("output",)))
+    for i, spec in enumerate(config.outputs or ()):
+        outputs.append((embed(("outputs", i, "expression"), spec.expression, "expression"), spec.path,
+                        ("outputs", i, "path")))
+    for e, directory, path in outputs:
+        expr, errors = parse_expression(e.source)
+        checker.diagnostics.extend(errors)
+        if expr is None:
+            continue
+        checker.source = e.source
+        if directory is None:
+            checker.add_output(expr, None, expr.span, expr.span)
+        else:
+            checker.add_output(expr, directory, located.value_span(path) or Span(0, 0), expr.span, path_source=host)
+    if main_source is not None:
+        checker.source = main_source.source
+    checker.finish(require_output=require_output and config.expression is None)
+    checked = checker.result()
+    diagnostics = relocate(checked.diagnostics, embedded, host)
+    if require_output and config.expression is not None and config.output is None:
+        diagnostics.append(_at(host, located.key_span(("expression",)), "the config has an `expression` but no `output`",
+                               hints=["add `output: DIR` to write it (the Python API can evaluate it without one)"]))
+    return replace(checked, diagnostics=tuple(diagnostics))
+
+
+def from_mapping(data: Any, *, base_dir: Path, name: str = "<config>") -> Located:
+    """A config block the caller already holds (e.g. `yaml.safe_load(f)["merge"]`); diagnostics
+    name the field but have no line. Raises PemError (E025)."""
+    host = Source("", name)
+    located = Located(PemConfig(), host, base_dir)
+    if isinstance(data, PemConfig):
+        config = data
+    else:
+        try:
+            config = PemConfig.model_validate(data)
+        except ValidationError as exc:
+            raise PemError([_validation_diagnostic(located, e) for e in exc.errors()]) from None
+    located.config = config
+    problems = structure_problems(config, located)
+    if problems:
+        raise PemError(problems)
+    return located

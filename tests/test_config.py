@@ -1,0 +1,161 @@
+"""Programs embedded in configs (SPEC §7): the published schema, `pemlang run CONFIG`, the API on a
+block nested in a larger config, and diagnostics that point at the config file's lines."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import pemlang
+from pemlang.cli import main
+from pemlang.config import SCHEMA_PATH, PemConfig, schema_text
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(args))
+    return status, out.getvalue(), err.getvalue()
+
+
+def lora(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+
+
+def assert_mix(out_dir: Path, adapters: Path, lam: float) -> None:
+    """Paper mode, equal ranks and scalings: lam*a + (1-lam)*b mixes A and B alike."""
+    got, a, b = lora(out_dir), lora(adapters / "llama_r8"), lora(adapters / "llama_r8_b")
+    assert set(got) == set(a)
+    for key in a:
+        assert torch.allclose(got[key], lam * a[key] + (1 - lam) * b[key], atol=1e-6), key
+
+
+TRAINING_YAML = """\
+# a training config that carries a pemlang block
+model: tiny-llama
+optimizer: {{lr: 3.0e-4, epochs: 3}}
+merge:
+  inputs:
+    a: {adapters}/llama_r8
+    b: {adapters}/llama_r8_b
+  params: {{lam: 0.5}}
+  expression: lam*a + (1 - lam)*b
+  output: out/mix
+"""
+
+
+def test_schema_is_published_and_current() -> None:
+    assert SCHEMA_PATH.read_text(encoding="utf-8") == schema_text(), (
+        "pemlang/config.schema.json is stale: regenerate it with\n"
+        "  python -c \"from pemlang.config import schema_text; open('pemlang/config.schema.json','w').write(schema_text())\"")
+    schema = json.loads(schema_text())
+    assert set(schema["properties"]) == set(PemConfig.model_fields)
+    assert schema["additionalProperties"] is False
+
+
+def test_run_a_block_nested_in_a_training_yaml(adapters: Path, tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(TRAINING_YAML.format(adapters=adapters), encoding="utf-8")
+    status, out, err = cli("run", str(config), "--key", "merge", "--set", "lam=0.25", "--device", "cpu")
+    assert status == 0, err
+    assert "wrote" in out
+    assert_mix(tmp_path / "out" / "mix", adapters, 0.25)  # relative to the config file
+    status, _, err = cli("check", str(config))  # without --key: pemlang says where the block is
+    assert status == 1 and "pass --key merge" in err and f"{config.name}:4:1" in err
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_run_toml_and_json(adapters: Path, tmp_path: Path, suffix: str) -> None:
+    block = {"inputs": {"a": str(adapters / "llama_r8"), "b": str(adapters / "llama_r8_b")},
+             "params": {"lam": 0.75}, "expression": "lam*a + (1 - lam)*b", "output": "out/mix"}
+    config = tmp_path / f"config{suffix}"
+    if suffix == ".json":
+        config.write_text(json.dumps({"tool": {"pemlang": block}}, indent=2), encoding="utf-8")
+    else:
+        config.write_text(f"""[tool.pemlang]
+expression = "lam*a + (1 - lam)*b"
+output = "out/mix"
+params = {{ lam = 0.75 }}
+
+[tool.pemlang.inputs]
+a = "{adapters / 'llama_r8'}"
+b = "{adapters / 'llama_r8_b'}"
+""", encoding="utf-8")
+    status, _, err = cli("run", str(config), "--key", "tool.pemlang", "--device", "cpu")
+    assert status == 0, err
+    assert_mix(tmp_path / "out" / "mix", adapters, 0.75)
+
+
+def test_run_sweep_on_a_config(adapters: Path, tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(TRAINING_YAML.format(adapters=adapters), encoding="utf-8")
+    status, _, err = cli("run", str(config), "--key", "merge", "--sweep", "lam=0,0.5", "--device", "cpu")
+    assert status == 0, err
+    for lam in (0, 0.5):
+        assert_mix(tmp_path / "out" / f"mix.lam={lam:g}", adapters, lam)
+
+
+def test_api_from_a_file_key_and_from_a_mapping(adapters: Path, tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(TRAINING_YAML.format(adapters=adapters), encoding="utf-8")
+    a, b = lora(adapters / "llama_r8"), lora(adapters / "llama_r8_b")
+    from_file = pemlang.load(config, key="merge", device="cpu")
+    block = yaml.safe_load(config.read_text(encoding="utf-8"))["merge"]  # the user's own loader
+    from_mapping = pemlang.from_config(block, base_dir=tmp_path, device="cpu")
+    for program in (from_file, from_mapping):
+        [(name, got)] = program.evaluate(lam=0.4).items()
+        for key in a:
+            assert torch.allclose(got[key].float(), 0.4 * a[key] + 0.6 * b[key], atol=1e-6), (name, key)
+    [written] = from_mapping.save(lam=1.0)
+    assert written == tmp_path / "out" / "mix"
+    assert_mix(written, adapters, 1.0)
+
+
+def test_api_errors_name_the_field(adapters: Path, tmp_path: Path) -> None:
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.from_config({"inputs": {"a": str(adapters / "llama_r8")}, "expresion": "2*a"})
+    text = str(caught.value)
+    assert "unknown field `expresion`" in text and "did you mean `expression`?" in text
+    config = tmp_path / "train.yaml"
+    config.write_text(TRAINING_YAML.format(adapters=adapters).replace("(1 - lam)*b", "(1 - lam)*bb"), encoding="utf-8")
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.load(config, key="merge")
+    assert "train.yaml:9:33" in str(caught.value) and "unknown name `bb`" in str(caught.value)
+
+
+@pytest.mark.parametrize("style", ["plain", "single", "double", "literal", "flow"])
+def test_expression_diagnostics_land_on_the_typo_in_the_file(adapters: Path, tmp_path: Path, style: str) -> None:
+    """Whichever way YAML quotes the expression, the carets sit under the misspelt name."""
+    expression = "0.5*a + 0.5*bee"
+    written = {"plain": expression, "single": f"'{expression}'", "double": f'"{expression}"',
+               "literal": f"|\n    {expression}"}.get(style)
+    if style == "flow":
+        text = f'{{inputs: {{a: {adapters}/llama_r8}}, expression: "{expression}", output: out/x}}\n'
+    else:
+        text = f"inputs:\n  a: {adapters}/llama_r8\noutput: out/x\nexpression: {written}\n"
+    config = tmp_path / "c.yaml"
+    config.write_text(text, encoding="utf-8")
+    status, _, err = cli("check", str(config))
+    assert status == 1
+    lines = err.splitlines()
+    head = next(i for i, line in enumerate(lines) if "E002" in line)
+    source_line, carets = lines[head + 3], lines[head + 4]
+    code = source_line.split(" | ", 1)[1]
+    start = carets.index("^") - (len(carets.split(" | ", 1)[0]) + 3)
+    assert code[start:start + carets.count("^")] == "bee", err
+
+
+def test_key_is_only_for_configs(adapters: Path, tmp_path: Path) -> None:
+    program = tmp_path / "p.pem"
+    program.write_text(f'input a = "{adapters}/llama_r8"\noutput 2*a -> "out"\n', encoding="utf-8")
+    status, _, err = cli("check", str(program), "--key", "merge")
+    assert status == 2 and "--key" in err
+    status, _, err = cli("check", str(tmp_path / "missing.yaml"))
+    assert status == 2 and "no such file" in err
