@@ -148,12 +148,13 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
     import sys
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .inspection import compact_indices
 
     console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    console.print(f"[bold]plan[/bold] for {plan.filename}: mode {plan.mode}"
+    console.print(f"[bold]plan[/bold] for {escape(plan.filename)}: mode {plan.mode}"
                   + (", " + ", ".join(f"{k} = {_number(v)}" for k, v in plan.params.items()) if plan.params else ""))
     inputs = Table(show_edge=False, header_style="bold", title="inputs", title_justify="left")
     for column in ("name", "path", "kind", "base model", "layers", "size"):
@@ -163,17 +164,17 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
         ranks = sorted({getattr(layer, "rank", 0) for layer in t.layers.values()})
         kind = ("LoRA r=" + "/".join(map(str, ranks))) if t.kind == "lora" else "(IA)3"
         size = sum(layer.nbytes for layer in t.layers.values()) + sum(h.nbytes for h in t.heads.values())
-        inputs.add_row(item.name, item.written, kind, t.base.name or "-", str(len(t.layers)), _bytes(size))
+        inputs.add_row(escape(item.name), escape(item.written), kind, t.base.name or "-", str(len(t.layers)), _bytes(size))
     console.print(inputs)
     for svd in plan.svds.values():
-        console.print(f"\n[bold]{svd.id}[/bold] = {svd.text}: per layer, thin QR of the stacked factors and an "
+        console.print(f"\n[bold]{svd.id}[/bold] = {escape(svd.text)}: per layer, thin QR of the stacked factors and an "
                       f"SVD of the small core, truncated to rank {svd.rank}")
-        console.print("  " + ", ".join(f"{t.source}: beta {_number(t.beta)}" for t in svd.terms))
+        console.print(escape("  " + ", ".join(f"{t.source}: beta {_number(t.beta)}" for t in svd.terms)))
     for out in plan.outputs:
-        console.print(f"\n[bold]output[/bold] {out.name or out.expression}"
-                      + (f" -> {out.path}" if out.path is not None else ""))
+        console.print(f"\n[bold]output[/bold] {escape(out.name or out.expression)}"
+                      + (f" -> {escape(str(out.path))}" if out.path is not None else ""))
         if out.name:
-            console.print(f"  expression: {out.expression}")
+            console.print(f"  expression: {escape(out.expression)}")
         coefficients = Table(show_edge=False, header_style="bold")
         coefficients.add_column("source")
         coefficients.add_column("alpha", justify="right")
@@ -189,7 +190,7 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
         }
         ops = sorted({step.op for step in out.layers})
         for op in ops:
-            console.print(f"  per layer ({op}): {formula[op]}")
+            console.print(f"  per layer ({op}): {escape(formula[op])}")
         layers = Table(show_edge=False, header_style="bold")
         for column in ("layers", "op", "sources", "shape", "rank", "scaling", "dtype"):
             layers.add_column(column, no_wrap=column == "layers")
@@ -207,5 +208,5 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
                 if "{}" in pattern else pattern
             layers.add_row(name, *rest)
         console.print(layers)
-        console.print(f"  heads: {out.heads_note}")
+        console.print(f"  heads: {escape(out.heads_note)}")
         console.print(f"  reads {_bytes(out.bytes_read)}, writes {_bytes(out.bytes_written)}")
