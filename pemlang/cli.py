@@ -351,6 +351,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _execute_and_write(checked, args)
 
 
+def cmd_repl(args: argparse.Namespace) -> int:
+    from .repl import default_history, run
+
+    history = Path(args.history) if args.history else default_history()
+    return run(args.file, device=args.device, allow_pickle=args.allow_pickle, history=history)
+
+
 # -- the parser ---------------------------------------------------------------------------------
 
 
@@ -409,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("expression", nargs=argparse.REMAINDER, metavar="EXPR",
                           help="the expression; put `--` before it when it starts with '-'")
     evaluate.set_defaults(handler=cmd_eval)
+
+    repl = commands.add_parser("repl", help="an interactive session: statements, expressions and :commands")
+    repl.add_argument("file", nargs="?", metavar="FILE.pem", help="a program to load first")
+    repl.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N")
+    repl.add_argument("--allow-pickle", action="store_true")
+    repl.add_argument("--history", default=None, metavar="FILE",
+                      help="history file (default $PEMLANG_HISTORY or ~/.pemlang_history)")
+    repl.set_defaults(handler=cmd_repl)
 
     inspect = commands.add_parser("inspect", help="print an adapter's type signature")
     inspect.add_argument("adapter", metavar="ADAPTER_DIR")

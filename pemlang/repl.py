@@ -1,0 +1,490 @@
+"""`pemlang repl [FILE.pem]`: statements and bare expressions as in files, one entry at a time.
+
+    pem> input a = "adapters/theta1"
+    pem> input b = "adapters/theta2"
+    pem> :type 0.5*a + 0.5*b
+    pem> :save 0.5*a + 0.5*b out/merged
+
+Each entry is checked against everything accepted before it; an entry with an error is reported
+(rendered exactly as for files, pointing into the typed line) and changes nothing. Adapter
+signatures are read once and input tensors are kept on the device between evaluations.
+
+The terminal front end is prompt_toolkit: persistent history, multi-line input while parentheses
+are open or a line ends in an operator, tab completion of names, functions and commands, syntax
+highlighting. When stdin is not a terminal, lines are read plainly (`pemlang repl < script`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from . import ast
+from .api import AdapterCache
+from .check import POISON, CheckedProgram, Checker, ModuleValue, Override, ScalarValue, Value, did_you_mean
+from .diagnostics import Diagnostic, PemError, emit, error
+from .parser import parse_expression, parse_program
+from .source import Source, Span
+
+PROMPT, CONTINUATION = "pem> ", "...  "
+KEYWORDS = ("input", "param", "output", "mode", "heads", "from", "drop", "paper", "exact")
+FUNCTIONS = ("svd",)
+COMMANDS = {
+    ":type": ":type EXPR          the type of an expression (module or number) and its coefficients",
+    ":plan": ":plan EXPR          the evaluation plan of an expression",
+    ":inspect": ":inspect NAME|DIR   an input adapter's signature: kind, base, layers, ranks, sizes",
+    ":load": ":load FILE.pem      run a program's statements in this session (outputs are not written)",
+    ":set": ":set NAME=VALUE     give a param a new value",
+    ":save": ":save EXPR DIR [--force]   evaluate and write a PEFT adapter directory",
+    ":names": ":names             the inputs, params and bindings in scope",
+    ":help": ":help              this help",
+    ":quit": ":quit              leave (also Ctrl-D)",
+}
+HELP = """Statements as in a .pem file: `input NAME = "DIR"`, `param NAME = NUMBER`, `NAME = EXPR`,
+`output EXPR -> "DIR"` (evaluated and written at once), `mode exact`, `heads from NAME`.
+A bare expression prints its type. Commands:
+""" + "\n".join(f"  {text}" for text in COMMANDS.values())
+
+
+@dataclass
+class _Entry:
+    """An accepted statement, replayed into a fresh checker for each new entry."""
+
+    stmt: ast.Statement
+    source: Source
+    base_dir: Path
+
+
+class Session:
+    """The REPL's state and its evaluation of one entry at a time (no terminal involved)."""
+
+    def __init__(self, *, device: str = "auto", allow_pickle: bool = False, out: IO[str] | None = None):
+        self.device = device
+        self.allow_pickle = allow_pickle
+        self.out = out
+        self.entries: list[_Entry] = []
+        self.mode = "paper"
+        self.overrides: dict[str, Override] = {}
+        self.adapters = AdapterCache()
+        self.tensors: Any = None
+        self.count = 0
+
+    # -- output ---------------------------------------------------------------------------------
+    @property
+    def stream(self) -> IO[str]:
+        return self.out if self.out is not None else sys.stdout
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stream)
+
+    def report(self, diagnostics: Iterable[Diagnostic]) -> None:
+        diagnostics = list(diagnostics)
+        if diagnostics:
+            emit(diagnostics, self.stream)
+
+    def console(self):  # type: ignore[no-untyped-def]
+        from rich.console import Console
+
+        return Console(file=self.stream, highlight=False, width=None if self.stream.isatty() else 120)
+
+    # -- checking -------------------------------------------------------------------------------
+    def checker(self, source: Source, *, mode: str | None = None, force: bool = False) -> Checker:
+        """A checker that has seen every accepted entry; new diagnostics are those about `source`."""
+        checker = Checker(source, mode=mode or self.mode,  # type: ignore[arg-type]
+                          overrides=self.overrides.values(), force=force, allow_pickle=self.allow_pickle,
+                          read=self.adapters)
+        checker._statements_seen = 1  # a `mode` entry is handled by the session, not as a first statement
+        for entry in self.entries:
+            checker.source, checker.base_dir = entry.source, entry.base_dir
+            checker.statement(entry.stmt)
+        checker.diagnostics.clear()
+        checker.source, checker.base_dir = source, Path.cwd()
+        return checker
+
+    def names(self) -> dict[str, str]:
+        """Names in scope and their kinds (for :names and completion)."""
+        checker = self.checker(Source("", "<repl>"))
+        return {name: entry.kind for name, entry in checker.env.items()}
+
+    # -- entries --------------------------------------------------------------------------------
+    def handle(self, text: str) -> bool:
+        """Evaluate one entry; False when the user asked to leave."""
+        if not text.strip():
+            return True
+        self.count += 1
+        source = Source(text, "<repl>")
+        stripped = text.strip()
+        if stripped.startswith(":"):
+            return self.command(source)
+        try:
+            self.statements(source, Path.cwd())
+        except PemError as exc:
+            self.report(exc.diagnostics)
+        return True
+
+    def statements(self, source: Source, base_dir: Path, *, loading: bool = False) -> None:
+        program, syntax = parse_program(source)
+        if syntax:
+            raise PemError(syntax)
+        statements = list(program.statements)
+        mode = self.mode
+        if statements and isinstance(statements[0], ast.ModeStmt):
+            mode = self._mode(statements.pop(0), source)  # type: ignore[arg-type]
+        checker = self.checker(source, mode=mode)
+        checker.base_dir = base_dir
+        values: list[tuple[ast.Expr, Value]] = []
+        outputs = 0
+        for stmt in statements:
+            if isinstance(stmt, ast.OutputStmt) and loading:
+                outputs += 1
+                continue
+            value = checker.statement(stmt)
+            if isinstance(stmt, ast.ExprStmt) and value is not None:
+                values.append((stmt.value, value))
+        diagnostics = sorted(checker.diagnostics, key=lambda d: d.span.start if d.span else 0)
+        if any(d.is_error for d in diagnostics):
+            raise PemError(diagnostics)
+        self.report(diagnostics)
+        if mode != self.mode:
+            self.say(f"mode {mode}")
+        self.mode = mode
+        self.entries += [_Entry(s, source, base_dir) for s in statements
+                         if not isinstance(s, ast.OutputStmt | ast.ExprStmt | ast.ModeStmt)]
+        for expr, value in values:
+            self.say(self.describe(source.snippet(expr.span), value))
+        if checker.outputs and not loading:
+            self.write(checker.result(), force=False)
+        if loading:
+            self.say(f"loaded {source.filename}: {len(self.names())} names in scope"
+                     + (f"; {outputs} output{'s' if outputs != 1 else ''} not written (use :save)" if outputs else ""))
+
+    def _mode(self, stmt: ast.ModeStmt, source: Source) -> str:
+        probe = Checker(source, read=self.adapters)
+        probe.statement(stmt)
+        if probe.diagnostics:
+            raise PemError(probe.diagnostics)
+        if probe.mode != self.mode and self.entries:  # everything so far must still check in the new mode
+            replay = Checker(source, mode=probe.mode, overrides=self.overrides.values(), force=True,
+                             allow_pickle=self.allow_pickle, read=self.adapters)
+            for entry in self.entries:
+                replay.source, replay.base_dir = entry.source, entry.base_dir
+                replay.statement(entry.stmt)
+            errors = [d for d in replay.diagnostics if d.is_error]
+            if errors:
+                raise PemError([error("E021", f"cannot switch to mode {probe.mode}: earlier entries do not "
+                                      "check in it", source, stmt.span, notes=[f"{errors[0].location()}: "
+                                                                                f"{errors[0].message}"])])
+        return probe.mode
+
+    def describe(self, text: str, value: Value) -> str:
+        if isinstance(value, ScalarValue):
+            return f"{text} : number = {value.value:g}"
+        if not isinstance(value, ModuleValue):
+            return f"{text} : (error)"
+        t = value.type
+        kind = "LoRA" if t.kind == "lora" else "(IA)3"
+        ranks = sorted({getattr(layer, "rank", 0) for layer in t.layers.values()} - {0})
+        rank = (f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}") if ranks else ""
+        heads = f", {len(t.heads)} head{'s' if len(t.heads) != 1 else ''}" if t.heads else ""
+        terms = " + ".join(f"({term.alpha:g}, {term.beta:g})·{term.source.describe()}" for term in value.terms)
+        return (f"{text} : {kind} module, base {t.base.describe()}, {len(t.layers)} layers{rank}{heads}\n"
+                f"  = {terms or '0'}   (alpha, beta) per source, mode {self.mode}")
+
+    # -- commands -------------------------------------------------------------------------------
+    def command(self, source: Source) -> bool:
+        text = source.text
+        lead = len(text) - len(text.lstrip())
+        name, _, rest = text.strip().partition(" ")
+        name = ":quit" if name in (":q", ":exit") else name
+        rest = rest.strip()
+        rest_at = text.index(rest, lead + len(name)) if rest else len(text.rstrip())
+        if name == ":quit":
+            return False
+        if name == ":help":
+            self.say(HELP)
+            return True
+        if name not in COMMANDS:
+            self.report([error("E020", f"unknown command `{name}`", source, Span(lead, lead + len(name)),
+                               hints=did_you_mean(name, COMMANDS) or ["`:help` lists the commands"])])
+            return True
+        try:
+            getattr(self, f"cmd_{name[1:]}")(source, rest, Span(rest_at, rest_at + len(rest)))
+        except PemError as exc:
+            self.report(exc.diagnostics)
+        return True
+
+    def _needs(self, source: Source, rest: str, span: Span, what: str, usage: str) -> None:
+        if not rest:
+            raise PemError([error("E020", f"{source.text.split()[0]} needs {what}", source,
+                                  Span(len(source.text.rstrip()), len(source.text.rstrip()) + 1),
+                                  hints=[f"usage: {usage}"])])
+
+    def _expression(self, source: Source, span: Span) -> ast.Expr:
+        """Parse the expression at `span` of the typed line; diagnostics point into the line."""
+        from .config import Embedded, relocate
+
+        embedded = Embedded(Source(source.text[span.start:span.end], "<repl>"), source, [span.start], span)
+        expr, syntax = parse_expression(embedded.source)
+        if syntax or expr is None:
+            raise PemError(relocate(syntax, [embedded], source))
+        return _shift(expr, span.start)
+
+    def _checked(self, source: Source, expr: ast.Expr, directory: str | None, path_span: Span,
+                 *, force: bool = False) -> CheckedProgram:
+        checker = self.checker(source, force=force)
+        checker.add_output(expr, directory, path_span, expr.span, path_source=source)
+        checked = checker.result()
+        if any(d.is_error for d in checked.diagnostics):
+            raise PemError(checked.diagnostics)
+        return checked
+
+    def cmd_type(self, source: Source, rest: str, span: Span) -> None:
+        self._needs(source, rest, span, "an expression", ":type EXPR")
+        expr = self._expression(source, span)
+        checker = self.checker(source)
+        value = checker.expr(expr)
+        if any(d.is_error for d in checker.diagnostics) or value is POISON:
+            raise PemError(checker.diagnostics)
+        self.say(self.describe(rest, value))
+
+    def cmd_plan(self, source: Source, rest: str, span: Span) -> None:
+        from .lower import lower
+        from .plan import format_plan
+
+        self._needs(source, rest, span, "an expression", ":plan EXPR")
+        checked = self._checked(source, self._expression(source, span), None, span)
+        format_plan(lower(checked), self.console())
+
+    def cmd_inspect(self, source: Source, rest: str, span: Span) -> None:
+        from .adapters import AdapterError
+        from .inspection import render_adapter
+
+        self._needs(source, rest, span, "an input name or an adapter directory", ":inspect NAME|DIR")
+        checker = self.checker(source)
+        adapter = checker.inputs.get(rest)
+        if adapter is None:
+            if rest.isidentifier() and not Path(rest).exists():
+                raise PemError([error("E002", f"no input named `{rest}`", source, span,
+                                      hints=did_you_mean(rest, checker.inputs) or
+                                      ["give an input's name or an adapter directory"])])
+            try:
+                adapter = self.adapters(Path(rest).resolve(), allow_pickle=self.allow_pickle)
+            except AdapterError as exc:
+                raise PemError([error(exc.code, exc.message, source, span, notes=exc.notes, hints=exc.hints)]) from None
+        render_adapter(adapter, self.console())
+
+    def cmd_load(self, source: Source, rest: str, span: Span) -> None:
+        self._needs(source, rest, span, "a file", ":load FILE.pem")
+        path = Path(rest.strip("'\""))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PemError([error("E012", f"cannot read {rest}: {exc.strerror or exc}", source, span)]) from None
+        self.statements(Source(text, str(path)), path.resolve().parent, loading=True)
+
+    def cmd_set(self, source: Source, rest: str, span: Span) -> None:
+        self._needs(source, rest, span, "NAME=VALUE", ":set NAME=VALUE")
+        name, sep, value = rest.partition("=")
+        name_span = Span(span.start, span.start + len(name.rstrip()))
+        params = [n for n, kind in self.names().items() if kind == "param"]
+        if name.strip() not in params:
+            raise PemError([error("E017", f"`{name.strip()}` is not a param", source, name_span,
+                                  notes=[f"params: {', '.join(params) or 'none yet (declare one with `param NAME = VALUE`)'}"],
+                                  hints=did_you_mean(name.strip(), params))])
+        try:
+            number = float(value)
+            if not sep or number != number or abs(number) == float("inf"):
+                raise ValueError
+        except ValueError:
+            raise PemError([error("E017", f"`{value.strip() or '(nothing)'}` is not a finite number", source,
+                                  Span(span.start + len(name) + 1, span.end), hints=[f"e.g. :set {name.strip()}=0.3"])]) from None
+        self.overrides[name.strip()] = Override(name.strip(), number, source, what=":set")
+        self.say(f"{name.strip()} = {number:g}")
+
+    def cmd_save(self, source: Source, rest: str, span: Span) -> None:
+        self._needs(source, rest, span, "an expression and a directory", ":save EXPR DIR [--force]")
+        force = rest.endswith(" --force")
+        body = rest.removesuffix(" --force").rstrip() if force else rest
+        match = re.fullmatch(r'(.*?)\s+("[^"]*"|\S+)', body, flags=re.S)
+        if match is None or not match.group(1).strip():
+            raise PemError([error("E020", ":save needs an expression and a directory", source, span,
+                                  hints=["usage: :save EXPR DIR [--force]"])])
+        directory = match.group(2).strip('"')
+        expr = self._expression(source, Span(span.start, span.start + len(match.group(1).rstrip())))
+        path_span = Span(span.start + match.start(2), span.start + match.end(2))
+        checked = self._checked(source, expr, directory, path_span, force=force)
+        self.write(checked, force=force)
+
+    def cmd_names(self, source: Source, rest: str, span: Span) -> None:
+        names = self.names()
+        if not names:
+            self.say("no names yet: `input NAME = \"DIR\"` declares one")
+        for kind in ("input", "param", "binding"):
+            chosen = [n for n, k in names.items() if k == kind]
+            if chosen:
+                self.say(f"{kind}s: {', '.join(chosen)}")
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def write(self, checked: CheckedProgram, *, force: bool) -> None:
+        from .backend.torch_backend import TensorCache
+        from .run import execute, summary_line, write_outputs
+        from .writer import OutputExists
+
+        if self.tensors is None:
+            self.tensors = TensorCache()
+        result = execute(checked, device=self.device, cache=self.tensors)
+        self.report(result.diagnostics)
+        try:
+            write_outputs(result, force=force)
+        except OutputExists as exc:
+            raise PemError([error("E018", "output directory already exists", notes=[str(exc)],
+                                  hints=["add --force to replace it"])]) from None
+        for out in result.plan.outputs:
+            self.say(f"wrote {summary_line(out)}")
+
+
+def _shift(expr: Any, offset: int) -> Any:
+    """The same AST with every span moved `offset` characters right (an expression cut from a line)."""
+    import dataclasses
+
+    if isinstance(expr, Span):
+        return expr.shift(offset)
+    if isinstance(expr, tuple):
+        return tuple(_shift(x, offset) for x in expr)
+    if dataclasses.is_dataclass(expr) and not isinstance(expr, type):
+        changes = {f.name: _shift(getattr(expr, f.name), offset) for f in dataclasses.fields(expr)}
+        return dataclasses.replace(expr, **changes)
+    return expr
+
+
+# -- the terminal ---------------------------------------------------------------------------------
+
+
+def needs_more(text: str) -> bool:
+    """Whether an entry continues on the next line: open parentheses, or a trailing operator."""
+    depth, in_string = 0, False
+    for line in text.split("\n"):
+        for ch in line:
+            if ch == '"':
+                in_string = not in_string
+            elif not in_string and ch == "#":
+                break
+            elif not in_string:
+                depth += (ch == "(") - (ch == ")")
+    code = re.sub(r"#.*$", "", text.rstrip().split("\n")[-1]).rstrip()
+    return depth > 0 or (not text.lstrip().startswith(":") and code.endswith(("+", "-", "*", "/", "=", ",",
+                                                                                "⊕", "⊖", "·", "×")))
+
+
+_TOKEN = re.compile(r"""(?P<comment>\#.*)|(?P<string>"[^"\n]*"?)|(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+    |(?P<command>^\s*:\w+)|(?P<name>[^\W\d]\w*)|(?P<op>->|[-+*/=⊕⊖·×(),])|(?P<other>.)""", re.X)
+
+
+def tokens(line: str, names: dict[str, str]) -> list[tuple[str, str]]:
+    """(style class, text) fragments of one line, for highlighting."""
+    out = []
+    for m in _TOKEN.finditer(line):
+        kind = m.lastgroup or "other"
+        text = m.group()
+        if kind == "name":
+            kind = ("keyword" if text in KEYWORDS else "function" if text in FUNCTIONS
+                    else f"name.{names[text]}" if text in names else "name")
+        out.append((f"class:pem.{kind}", text))
+    return out
+
+
+def _prompt_session(session: Session, history: Path | None, **io: Any):  # type: ignore[no-untyped-def]
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import Completer, Completion
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+    from prompt_toolkit.lexers import Lexer
+    from prompt_toolkit.styles import Style
+
+    class PemCompleter(Completer):
+        def get_completions(self, document, complete_event) -> Iterator[Completion]:  # type: ignore[no-untyped-def]
+            before = document.text_before_cursor
+            match = re.search(r"(:?[^\W\d]?\w*)$", before)
+            word = match.group(1) if match else ""
+            at_start = before[: len(before) - len(word)].strip() == ""
+            if word.startswith(":"):
+                candidates: Iterable[str] = COMMANDS if at_start else ()
+            elif at_start and not word:
+                candidates = ()
+            else:
+                candidates = [*session.names(), *FUNCTIONS, *KEYWORDS]
+            for candidate in candidates:
+                if candidate.startswith(word) and candidate != word:
+                    yield Completion(candidate, start_position=-len(word))
+
+    class PemLexer(Lexer):
+        def lex_document(self, document):  # type: ignore[no-untyped-def]
+            names = session.names()
+            lines = document.lines
+            return lambda i: tokens(lines[i], names) if i < len(lines) else []
+
+    keys = KeyBindings()
+
+    @keys.add("enter")
+    def _(event) -> None:  # type: ignore[no-untyped-def]
+        buffer = event.current_buffer
+        if needs_more(buffer.text):
+            buffer.insert_text("\n")
+        else:
+            buffer.validate_and_handle()
+
+    style = Style.from_dict({"pem.comment": "italic #888888", "pem.string": "#5f875f", "pem.number": "#5f87af",
+                             "pem.command": "bold #af5f00", "pem.keyword": "bold #875f87",
+                             "pem.function": "#0087af", "pem.name.input": "bold", "pem.name.param": "#af8700",
+                             "pem.name.binding": "underline", "pem.op": "#808080"})
+    return PromptSession(history=FileHistory(str(history)) if history else InMemoryHistory(),
+                         completer=PemCompleter(), complete_while_typing=False, lexer=PemLexer(), style=style,
+                         multiline=True, key_bindings=keys, prompt_continuation=CONTINUATION, **io)
+
+
+def default_history() -> Path:
+    return Path(os.environ.get("PEMLANG_HISTORY", Path.home() / ".pemlang_history"))
+
+
+def run(file: str | None = None, *, device: str = "auto", allow_pickle: bool = False,
+        history: Path | None = None, input: Any = None, output: Any = None) -> int:  # noqa: A002
+    """The REPL loop. `input`/`output` are prompt_toolkit Input/Output (tests pass pipe and dummy)."""
+    session = Session(device=device, allow_pickle=allow_pickle)
+    if file is not None:
+        session.handle(f":load {file}")
+    interactive = input is not None or (sys.stdin.isatty() and sys.stdout.isatty())
+    if not interactive:
+        return _plain(session)
+    prompt = _prompt_session(session, history, **({"input": input} if input is not None else {}),
+                             **({"output": output} if output is not None else {}))
+    if input is None:
+        session.say("pemlang repl: `:help` for commands, Ctrl-D to leave")
+    while True:
+        try:
+            text = prompt.prompt(PROMPT)
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            return 0
+        if not session.handle(text):
+            return 0
+
+
+def _plain(session: Session) -> int:
+    """Lines from a pipe or file: the same entries, continued while `needs_more`."""
+    pending = ""
+    for line in sys.stdin:
+        pending += line
+        if needs_more(pending.rstrip("\n")):
+            continue
+        text, pending = pending.rstrip("\n"), ""
+        if not session.handle(text):
+            return 0
+    if pending.strip():
+        session.handle(pending.rstrip("\n"))
+    return 0

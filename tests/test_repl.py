@@ -1,0 +1,141 @@
+"""The REPL, driven through prompt_toolkit's own pipe input (keys as typed: Enter is \\r, Tab is \\t,
+Up is ESC [ A) and, for scripts, through a pipe to `pemlang repl`. Results are checked against the
+formulas on the adapters' files, diagnostics against the file renderer's format."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from safetensors.torch import load_file
+
+from pemlang import repl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def drive(keys: str | list[str], history: Path, file: str | None = None) -> str:
+    """Type `keys` into a REPL session; returns what it printed. A list is typed in chunks with a
+    pause between them, as a person types: completion and history loading run in the background."""
+    out = io.StringIO()
+    chunks = [keys] if isinstance(keys, str) else keys
+
+    def typist(pipe) -> None:  # type: ignore[no-untyped-def]
+        for chunk in chunks:
+            pipe.send_text(chunk)
+            time.sleep(0.4)
+        pipe.close()  # the end of input: the prompt sees EOF (Ctrl-D)
+
+    with create_pipe_input() as pipe, contextlib.redirect_stdout(out):
+        thread = threading.Thread(target=typist, args=(pipe,), daemon=True)
+        thread.start()
+        status = repl.run(file, device="cpu", history=history, input=pipe, output=DummyOutput())
+        thread.join()
+    assert status == 0
+    return out.getvalue()
+
+
+def lora(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+
+
+@pytest.fixture
+def inputs(adapters: Path) -> str:
+    return f'input a = "{adapters}/llama_r8"\rinput b = "{adapters}/llama_r8_b"\r'
+
+
+def test_statements_expressions_and_save(inputs: str, adapters: Path, tmp_path: Path) -> None:
+    out = drive(inputs + "param lam = 0.3\rmix = lam*a + (1 - lam)*b\rmix\rlam\r"
+                f":save mix {tmp_path}/mix\r", tmp_path / "history")
+    assert 'mix : LoRA module, base "tiny-org/tiny-llama", 8 layers, rank 8' in out
+    assert "(0.3, 0.3)·a + (0.7, 0.7)·b" in out
+    assert "lam : number = 0.3" in out
+    assert f"wrote {tmp_path}/mix" in out
+    got, a, b = lora(tmp_path / "mix"), lora(adapters / "llama_r8"), lora(adapters / "llama_r8_b")
+    for key in a:  # paper mode, equal ranks and scalings: A and B both mix with (0.3, 0.7)
+        assert torch.allclose(got[key], 0.3 * a[key] + 0.7 * b[key], atol=1e-6), key
+
+
+def test_set_changes_a_param_for_later_evaluations(inputs: str, adapters: Path, tmp_path: Path) -> None:
+    out = drive(inputs + "param lam = 0.3\r:set lam=0.9\rmix = lam*a + (1 - lam)*b\r"
+                f'output mix -> "{tmp_path}/mix"\r', tmp_path / "history")
+    assert "lam = 0.9" in out and f"wrote {tmp_path}/mix" in out
+    got, a, b = lora(tmp_path / "mix"), lora(adapters / "llama_r8"), lora(adapters / "llama_r8_b")
+    for key in a:
+        assert torch.allclose(got[key], 0.9 * a[key] + 0.1 * b[key], atol=1e-6), key
+
+
+def test_diagnostics_point_into_the_typed_line_and_change_nothing(inputs: str, tmp_path: Path) -> None:
+    out = drive(inputs + "x = a + bb\r:type 2 * (a *  b)\r:names\r", tmp_path / "history")
+    assert ("error[E002]: unknown name `bb`\n"
+            " --> <repl>:1:9\n"
+            "  |\n"
+            "1 | x = a + bb\n"
+            "  |         ^^\n"
+            "  = hint: did you mean `b`?\n") in out
+    assert ("error[E003]: cannot multiply two modules\n"
+            " --> <repl>:1:11\n"
+            "  |\n"
+            "1 | :type 2 * (a *  b)\n"
+            "  |           ^^^^^^^^\n") in out
+    assert "inputs: a, b\n" in out and "bindings" not in out  # the failed binding was not kept
+
+
+def test_multi_line_entries_continue_while_parentheses_are_open(inputs: str, tmp_path: Path) -> None:
+    out = drive(inputs + "m = (a +\rb) / 2\rm\r", tmp_path / "history")
+    assert "m : LoRA module" in out and "(0.5, 0.5)·a + (0.5, 0.5)·b" in out
+
+
+def test_tab_completes_names_and_commands(adapters: Path, tmp_path: Path) -> None:
+    out = drive([f'input yelp_lm = "{adapters}/llama_r8"\r:ty', "\t", " yel", "\t", "\r"], tmp_path / "history")
+    assert "yelp_lm : LoRA module" in out
+
+
+def test_history_persists_across_sessions(inputs: str, tmp_path: Path) -> None:
+    history = tmp_path / "history"
+    drive(inputs + "0.25*a\r", history)
+    assert "0.25*a" in history.read_text(encoding="utf-8")
+    up = "\x1b[A"
+    out = drive(["", up * 3, "\r", up * 3, "\r", up * 3, "\r"], history)  # the three entries again
+    assert "0.25*a : LoRA module" in out
+
+
+def test_load_plan_inspect_and_mode(adapters: Path, tmp_path: Path) -> None:
+    program = tmp_path / "prog.pem"
+    program.write_text(f'input a = "{adapters}/llama_r8"\ninput c = "{adapters}/llama_r4"\n'
+                       'output a -> "out/a"\n', encoding="utf-8")
+    out = drive(":plan a + c\rmode exact\r:plan a + c\r:inspect c\r:load nowhere.pem\r:frobnicate\r",
+                tmp_path / "history", file=str(program))
+    assert "loaded" in out and "1 output not written (use :save)" in out
+    assert "error[E010]" in out  # paper mode: ranks 8 and 4 do not add
+    assert "mode exact" in out and "per layer (concat)" in out and "B = [beta_1·s_1·B_1" in out
+    assert "r / lora_alpha" in out  # the inspect table
+    assert "error[E012]: cannot read nowhere.pem" in out
+    assert "error[E020]: unknown command `:frobnicate`" in out
+
+
+def test_highlighting_classes() -> None:
+    fragments = repl.tokens('mix = 0.5*a + svd(b, rank=2)  # note', {"a": "input", "mix": "binding"})
+    styles = {text: style for style, text in fragments}
+    assert styles["mix"] == "class:pem.name.binding" and styles["a"] == "class:pem.name.input"
+    assert styles["0.5"] == "class:pem.number" and styles["svd"] == "class:pem.function"
+    assert styles["# note"] == "class:pem.comment" and styles["b"] == "class:pem.name"
+
+
+def test_piped_script(adapters: Path, tmp_path: Path) -> None:
+    script = f'input a = "{adapters}/llama_r8"\n-(a\n  + a)\n:type 3*a\n:quit\n:type a\n'
+    result = subprocess.run([sys.executable, "-m", "pemlang.cli", "repl"], input=script, capture_output=True,
+                            text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "-(a\n  + a) : LoRA module" in result.stdout and "(2, -2)·a" in result.stdout
+    assert result.stdout.count("LoRA module") == 2  # nothing after :quit
