@@ -159,3 +159,20 @@ def test_key_is_only_for_configs(adapters: Path, tmp_path: Path) -> None:
     assert status == 2 and "--key" in err
     status, _, err = cli("check", str(tmp_path / "missing.yaml"))
     assert status == 2 and "no such file" in err
+
+
+def test_readme_config_runs_and_points_at_the_typo(example_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    [block] = re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)
+    monkeypatch.chdir(example_root)
+    Path("train.yaml").write_text(block, encoding="utf-8")
+    status, out, err = cli("run", "train.yaml", "--key", "merge", "--set", "λ=0.3", "--device", "cpu", "--force")
+    assert status == 0, err
+    assert (example_root / "examples" / "out" / "yelp_cls_from_config" / "adapter_config.json").exists()
+    Path("train.yaml").write_text(block.replace("- amazon_lm)", "- amazon_lmm)"), encoding="utf-8")
+    status, _, err = cli("check", "train.yaml", "--key", "merge", "--force")
+    shown = re.search(r"    error\[E002\].*?did you mean `amazon_lm`\?\n", readme, flags=re.S)
+    assert status == 1 and shown is not None
+    assert "\n".join(line[4:] for line in shown.group().splitlines()) in err  # the README shows real output

@@ -139,3 +139,17 @@ def test_piped_script(adapters: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "-(a\n  + a) : LoRA module" in result.stdout and "(2, -2)·a" in result.stdout
     assert result.stdout.count("LoRA module") == 2  # nothing after :quit
+
+
+def test_readme_session(example_root: Path) -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("    $ pemlang repl examples/domain_transfer.pem"):]
+    section = section[: section.index("\n\n")]
+    typed = [line.removeprefix("    pem> ") for line in section.splitlines() if line.startswith("    pem> ")]
+    shown = [line[4:] for line in section.splitlines()[1:] if not line.startswith("    pem> ")]
+    result = subprocess.run([sys.executable, "-m", "pemlang.cli", "repl", "examples/domain_transfer.pem"],
+                            input="\n".join(typed).replace("yelp_cls_03", "yelp_cls_03 --force") + "\n",
+                            capture_output=True, text=True, cwd=example_root, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "\n".join(shown) in result.stdout
+    assert (example_root / "examples" / "out" / "yelp_cls_03" / "adapter_model.safetensors").exists()
