@@ -643,7 +643,7 @@ class Checker:
             return self._error("E020", "svd() needs `mode exact`", call.func.span,
                                notes=["svd approximates the weight update ΔW, which paper mode does not compute"],
                                hints=["use exact mode: `mode exact` as a file's first statement, "
-                                      "`--mode exact` with `pemlang eval`"])
+                                      "`mode: exact` in a config, `--mode exact` with `pemlang eval`"])
         if not isinstance(inner, ModuleValue):
             return self._error("E019", "svd() needs a module, but this is a number", call.args[0].span)
         if inner.type.kind != "lora":
