@@ -86,8 +86,10 @@ class Evaluation:
 class Program:
     """A compiled program: parsed and checked once, evaluated with any parameter values."""
 
-    def __init__(self, frontend: Frontend, *, device: str = "auto", dtype: str | None = None):
+    def __init__(self, frontend: Frontend, *, params: Mapping[str, float] | None = None, device: str = "auto",
+                 dtype: str | None = None):
         self._frontend = frontend
+        self._fixed = dict(params or {})  # param values given at compile time: under every evaluation
         self._adapters = AdapterCache()
         self.device = device
         self.dtype = dtype
@@ -113,7 +115,7 @@ class Program:
     # -- stages --------------------------------------------------------------------------------
     def _check(self, params: Mapping[str, float]) -> CheckedProgram:
         overrides = [Override(name, float(value), Source(f"{name}={value}", "params"))
-                     for name, value in params.items()]
+                     for name, value in {**self._fixed, **params}.items()]
         checked = self._frontend(overrides, self._adapters)
         errors = [d for d in checked.diagnostics if d.is_error]
         if errors:
@@ -131,11 +133,12 @@ class Program:
         """Tensors of every output, by output name: {PEFT state-dict key: CPU tensor}."""
         return self._evaluate({**(params or {}), **kw}, device).tensors
 
-    def _evaluate(self, params: Mapping[str, float], device: str | None) -> Evaluation:
+    def _evaluate(self, params: Mapping[str, float], device: str | None,
+                  checked: CheckedProgram | None = None) -> Evaluation:
         from .backend.torch_backend import TensorCache
         from .run import execute
 
-        checked = self._check(params)
+        checked = checked if checked is not None else self._check(params)
         if self._tensor_cache is None:
             self._tensor_cache = TensorCache()
         result = execute(checked, device=device or self.device, dtype=self.dtype, cache=self._tensor_cache)
@@ -192,17 +195,18 @@ class Program:
                                            notes=(f"the program's params: {', '.join(self.params) or 'none'}",))
                                 for name in unknown])
         problems: dict[tuple[object, ...], tuple[Diagnostic, list[Mapping[str, float]]]] = {}
+        checked: list[CheckedProgram] = []
         for point in points:
             try:
-                self._check(point)
+                checked.append(self._check(point))
             except CompileError as exc:
                 for d in exc.diagnostics:
                     key = (d.code, d.message, d.source.filename if d.source else None, d.span)
                     problems.setdefault(key, (d, []))[1].append(point)
         if problems:
             raise CompileError([_at_points(d, where) for d, where in problems.values()])
-        for point in points:
-            evaluation = self._evaluate(point, device)
+        for point, program in zip(points, checked, strict=True):
+            evaluation = self._evaluate(point, device, program)
             if save:
                 self.write(evaluation, suffix=sweep_suffix(point), force=force)
             if callback is not None:
@@ -319,18 +323,16 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
     elif source is None:
         source = Source(text or "", "<text>")
     frontend = _file_frontend(source, allow_pickle=allow_pickle, base_dir=root)
-    program = Program(frontend, device=device, dtype=dtype)
-    if params:
-        program.checked = program._check(params)
-    return program
+    return Program(frontend, params=params, device=device, dtype=dtype)
 
 
 def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None = None,
-                base_dir: str | Path | None = None, device: str | None = None, dtype: str | None = None,
-                allow_pickle: bool = False) -> Program:
+                params: Mapping[str, float] | None = None, base_dir: str | Path | None = None,
+                device: str | None = None, dtype: str | None = None, allow_pickle: bool = False) -> Program:
     """Compile a config block (SPEC §7): a YAML/JSON/TOML file (`key`: the dotted path of the block
     inside a larger config), or a mapping or PemConfig already in memory (paths relative to
-    `base_dir`, default the working directory). Diagnostics name the file and line of the field."""
+    `base_dir`, default the working directory). `params` override the block's, as --set does.
+    Diagnostics name the file and line of the field."""
     from .config import DTYPES, Located, check_config, from_mapping, read_config
 
     try:
@@ -348,7 +350,7 @@ def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None
                             require_output=False)
 
     chosen_dtype = dtype or (DTYPES[located.config.dtype] if located.config.dtype else None)
-    return Program(check, device=device or located.config.device or "auto", dtype=chosen_dtype)
+    return Program(check, params=params, device=device or located.config.device or "auto", dtype=chosen_dtype)
 
 
 def load(path: str | Path, *, key: str | None = None, **options: Any) -> Program:

@@ -248,10 +248,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         if _is_config(args.file):
             _read_program_file(args.file)
-            program = from_config(args.file, key=args.key, device=args.device, dtype=args.dtype,
+            program = from_config(args.file, key=args.key, params=fixed, device=args.device, dtype=args.dtype,
                                   allow_pickle=args.allow_pickle)
-            if fixed:
-                program.checked = program._check(fixed)
         else:
             if args.key is not None:
                 raise UsageError("--key names a block inside a config file (.yaml, .yml, .json, .toml)")

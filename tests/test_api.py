@@ -180,3 +180,17 @@ def test_readme_api_snippet_runs(example_root: Path, monkeypatch: pytest.MonkeyP
     assert (example_root / "examples" / "out" / "detoxified" / "adapter_config.json").exists()
     assert (example_root / "examples" / "out" / "mix" / "adapter_model.safetensors").exists()
     assert sorted(namespace["results"]) == [0.0, 0.02, 0.04]  # type: ignore[call-overload]
+
+
+def test_run_sweep_keeps_the_set_values(adapters: Path, tmp_path: Path) -> None:
+    """--set fixes a param for every point of the sweep (it was once dropped)."""
+    path = tmp_path / "scaled.pem"
+    path.write_text(f'input a = "{adapters}/llama_r8"\nparam lam = 0.5\nparam mu = 1\n'
+                    'output mu*lam*a -> "out/s"\n', encoding="utf-8")
+    status, _, err = cli("run", str(path), "--set", "mu=2", "--sweep", "lam=0.25,1", "--device", "cpu")
+    assert status == 0, err
+    a = lora(adapters / "llama_r8")
+    for lam in (0.25, 1.0):  # paper mode: (2·lam)·a scales A and B alike
+        got = lora(tmp_path / "out" / f"s.lam={lam:g}")
+        for key in a:
+            assert torch.allclose(got[key].float(), 2 * lam * a[key].float(), atol=1e-6), (lam, key)
