@@ -464,13 +464,12 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
     if program is not None:
         checked = checker.program(program)
         return replace(checked, diagnostics=tuple(relocate(checked.diagnostics, embedded, host)))
-    prelude = [f"param {name} = {value!r}" for name, value in config.params.items()]
+    # params and heads become declarations of their own; their diagnostics point at the field.
+    prelude = [(f"param {name} = {value!r}", located.key_span(("params", name))) for name, value in config.params.items()]
     if config.heads:
-        prelude.append(f"heads {config.heads.strip()}")
-    for i, line in enumerate(prelude):
-        path: Key = ("params", list(config.params)[i]) if i < len(config.params) else ("heads",)
-        e = Embedded(Source(line, "params"), host, [None], located.key_span(path) if i < len(config.params)
-                     else located.value_span(path))
+        prelude.append((f"heads {config.heads.strip()}", located.value_span(("heads",))))
+    for line, where in prelude:
+        e = Embedded(Source(line, "params"), host, [None], where)
         embedded.append(e)
         statements, errors = parse_program(e.source)
         checker.diagnostics.extend(errors)

@@ -72,7 +72,7 @@ class Session:
         self.overrides: dict[str, Override] = {}
         self.adapters = AdapterCache()
         self.tensors: Any = None
-        self.count = 0
+        self.scope: dict[str, str] = {}  # names in scope and their kinds, as of the last accepted entry
 
     # -- output ---------------------------------------------------------------------------------
     @property
@@ -93,30 +93,33 @@ class Session:
         return Console(file=self.stream, highlight=False, width=None if self.stream.isatty() else 120)
 
     # -- checking -------------------------------------------------------------------------------
-    def checker(self, source: Source, *, mode: str | None = None, force: bool = False) -> Checker:
-        """A checker that has seen every accepted entry; new diagnostics are those about `source`."""
-        checker = Checker(source, mode=mode or self.mode,  # type: ignore[arg-type]
+    def _replayed(self, mode: str, *, force: bool = False) -> Checker:
+        """A checker that has checked every accepted entry again; its diagnostics are theirs."""
+        checker = Checker(Source("", "<repl>"), mode=mode,  # type: ignore[arg-type]
                           overrides=self.overrides.values(), force=force, allow_pickle=self.allow_pickle,
                           read=self.adapters)
         checker._statements_seen = 1  # a `mode` entry is handled by the session, not as a first statement
         for entry in self.entries:
             checker.source, checker.base_dir = entry.source, entry.base_dir
             checker.statement(entry.stmt)
+        return checker
+
+    def checker(self, source: Source, *, mode: str | None = None, force: bool = False) -> Checker:
+        """A checker that has seen every accepted entry; new diagnostics are those about `source`."""
+        checker = self._replayed(mode or self.mode, force=force)
         checker.diagnostics.clear()
         checker.source, checker.base_dir = source, Path.cwd()
         return checker
 
     def names(self) -> dict[str, str]:
-        """Names in scope and their kinds (for :names and completion)."""
-        checker = self.checker(Source("", "<repl>"))
-        return {name: entry.kind for name, entry in checker.env.items()}
+        """Names in scope and their kinds (for :names, completion and highlighting, on every key)."""
+        return dict(self.scope)
 
     # -- entries --------------------------------------------------------------------------------
     def handle(self, text: str) -> bool:
         """Evaluate one entry; False when the user asked to leave."""
         if not text.strip():
             return True
-        self.count += 1
         source = Source(text, "<repl>")
         stripped = text.strip()
         if stripped.startswith(":"):
@@ -155,6 +158,7 @@ class Session:
         self.mode = mode
         self.entries += [_Entry(s, source, base_dir) for s in statements
                          if not isinstance(s, ast.OutputStmt | ast.ExprStmt | ast.ModeStmt)]
+        self.scope = {name: entry.kind for name, entry in checker.env.items()}
         for expr, value in values:
             self.say(self.describe(source.snippet(expr.span), value))
         if checker.outputs and not loading:
@@ -169,12 +173,7 @@ class Session:
         if probe.diagnostics:
             raise PemError(probe.diagnostics)
         if probe.mode != self.mode and self.entries:  # everything so far must still check in the new mode
-            replay = Checker(source, mode=probe.mode, overrides=self.overrides.values(), force=True,
-                             allow_pickle=self.allow_pickle, read=self.adapters)
-            for entry in self.entries:
-                replay.source, replay.base_dir = entry.source, entry.base_dir
-                replay.statement(entry.stmt)
-            errors = [d for d in replay.diagnostics if d.is_error]
+            errors = [d for d in self._replayed(probe.mode).diagnostics if d.is_error]
             if errors:
                 raise PemError([error("E021", f"cannot switch to mode {probe.mode}: earlier entries do not "
                                       "check in it", source, stmt.span, notes=[f"{errors[0].location()}: "
@@ -218,7 +217,7 @@ class Session:
             self.report(exc.diagnostics)
         return True
 
-    def _needs(self, source: Source, rest: str, span: Span, what: str, usage: str) -> None:
+    def _needs(self, source: Source, rest: str, what: str, usage: str) -> None:
         if not rest:
             raise PemError([error("E020", f"{source.text.split()[0]} needs {what}", source,
                                   Span(len(source.text.rstrip()), len(source.text.rstrip()) + 1),
@@ -244,7 +243,7 @@ class Session:
         return checked
 
     def cmd_type(self, source: Source, rest: str, span: Span) -> None:
-        self._needs(source, rest, span, "an expression", ":type EXPR")
+        self._needs(source, rest, "an expression", ":type EXPR")
         expr = self._expression(source, span)
         checker = self.checker(source)
         value = checker.expr(expr)
@@ -256,7 +255,7 @@ class Session:
         from .lower import lower
         from .plan import format_plan
 
-        self._needs(source, rest, span, "an expression", ":plan EXPR")
+        self._needs(source, rest, "an expression", ":plan EXPR")
         checked = self._checked(source, self._expression(source, span), None, span)
         format_plan(lower(checked), self.console())
 
@@ -264,7 +263,7 @@ class Session:
         from .adapters import AdapterError
         from .inspection import render_adapter
 
-        self._needs(source, rest, span, "an input name or an adapter directory", ":inspect NAME|DIR")
+        self._needs(source, rest, "an input name or an adapter directory", ":inspect NAME|DIR")
         checker = self.checker(source)
         adapter = checker.inputs.get(rest)
         if adapter is None:
@@ -279,7 +278,7 @@ class Session:
         render_adapter(adapter, self.console())
 
     def cmd_load(self, source: Source, rest: str, span: Span) -> None:
-        self._needs(source, rest, span, "a file", ":load FILE.pem")
+        self._needs(source, rest, "a file", ":load FILE.pem")
         path = Path(rest.strip("'\""))
         try:
             text = path.read_text(encoding="utf-8")
@@ -288,7 +287,7 @@ class Session:
         self.statements(Source(text, str(path)), path.resolve().parent, loading=True)
 
     def cmd_set(self, source: Source, rest: str, span: Span) -> None:
-        self._needs(source, rest, span, "NAME=VALUE", ":set NAME=VALUE")
+        self._needs(source, rest, "NAME=VALUE", ":set NAME=VALUE")
         name, sep, value = rest.partition("=")
         name_span = Span(span.start, span.start + len(name.rstrip()))
         params = [n for n, kind in self.names().items() if kind == "param"]
@@ -307,7 +306,7 @@ class Session:
         self.say(f"{name.strip()} = {number:g}")
 
     def cmd_save(self, source: Source, rest: str, span: Span) -> None:
-        self._needs(source, rest, span, "an expression and a directory", ":save EXPR DIR [--force]")
+        self._needs(source, rest, "an expression and a directory", ":save EXPR DIR [--force]")
         force = rest.endswith(" --force")
         body = rest.removesuffix(" --force").rstrip() if force else rest
         match = re.fullmatch(r'(.*?)\s+("[^"]*"|\S+)', body, flags=re.S)
