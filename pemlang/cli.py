@@ -78,20 +78,24 @@ def _report(diagnostics: Sequence[Diagnostic]) -> None:
 # -- commands -----------------------------------------------------------------------------------
 
 
-def _is_config(path: str) -> bool:
-    return Path(path).suffix.lower() in CONFIG_SUFFIXES
+def _program_file(args: argparse.Namespace) -> tuple[Source, bool]:
+    """FILE's text, and whether it is a config (else a .pem program); --key only with a config."""
+    is_config = Path(args.file).suffix.lower() in CONFIG_SUFFIXES
+    if args.key is not None and not is_config:
+        raise UsageError("--key names a block inside a config file (.yaml, .yml, .json, .toml)")
+    return _read_program_file(args.file), is_config
 
 
 def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-untyped-def]
     """Read and check FILE (a .pem program or a YAML/JSON/TOML config): (checked or None, diagnostics)."""
     overrides, bad_sets = _overrides(args.set)
-    if _is_config(args.file):  # pydantic and yaml are imported only for configs
+    source, is_config = _program_file(args)
+    if is_config:  # pydantic and yaml are imported only for configs
         from .config import DTYPES, check_config, read_config
         from .diagnostics import PemError
 
-        _read_program_file(args.file)  # a missing or unreadable file is misuse, as for a .pem
         try:
-            located = read_config(args.file, key=args.key)
+            located = read_config(args.file, key=args.key, text=source.text)
         except PemError as exc:
             return None, [*exc.diagnostics, *bad_sets]
         checked = check_config(located, overrides=overrides, force=force, allow_pickle=args.allow_pickle,
@@ -103,9 +107,6 @@ def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-
     else:
         from .check import check_source
 
-        if args.key is not None:
-            raise UsageError("--key names a block inside a config file (.yaml, .yml, .json, .toml)")
-        source = _read_program_file(args.file)
         checked = check_source(source, overrides=overrides, force=force, allow_pickle=args.allow_pickle)
     return checked, [*checked.diagnostics, *bad_sets]
 
@@ -244,16 +245,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     fixed = {o.name: o.value for o in overrides}
     if clash := sorted(set(grid) & set(fixed)):
         raise UsageError(f"{clash[0]} is given both by --set and --sweep")
+    source, is_config = _program_file(args)
     start = time.perf_counter()
     try:
-        if _is_config(args.file):
-            _read_program_file(args.file)
+        if is_config:
             program = from_config(args.file, key=args.key, params=fixed, device=args.device, dtype=args.dtype,
                                   allow_pickle=args.allow_pickle)
         else:
-            if args.key is not None:
-                raise UsageError("--key names a block inside a config file (.yaml, .yml, .json, .toml)")
-            program = compile_program(source=_read_program_file(args.file), params=fixed or None,
+            program = compile_program(source=source, params=fixed or None,
                                       device=args.device or "auto", dtype=args.dtype, allow_pickle=args.allow_pickle)
         unknown = [error("E017", f"--sweep names `{name}`, which is not a param of the program",
                          Source(text, "--sweep"), Span(0, len(name)),

@@ -287,11 +287,12 @@ def _at(host: Source, span: Span | None, message: str, *, notes: Iterable[str] =
     return error("E025", message, host, span, notes=notes, hints=hints)
 
 
-def read_config(path: str | Path, *, key: str | None = None) -> Located:
+def read_config(path: str | Path, *, key: str | None = None, text: str | None = None) -> Located:
     """Read a config file (YAML, JSON, TOML) and validate its pemlang block; `key` is the dotted
-    path of the block inside a larger config. Raises PemError (E025) with located diagnostics."""
+    path of the block inside a larger config; `text`, the file's text when already read.
+    Raises PemError (E025) with located diagnostics."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8") if text is None else text
     host = Source(text, str(path))
     suffix = path.suffix.lower()
     data: Any
