@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .cli import DEVICE_FORMS, DEVICE_PATTERN
 from .diagnostics import Diagnostic, PemError, error
 from .source import CONFIG_SUFFIXES, Source, Span
 
@@ -64,7 +65,7 @@ class PemConfig(BaseModel):
     output: str | None = Field(None, description="the directory `expression` is written to")
     outputs: list[OutputSpec] | None = Field(None, description="several outputs: [{expression, path}]")
     program: str | None = Field(None, description="the text of a .pem program")
-    device: str | None = Field(None, description="auto, cpu, cuda or cuda:N (default auto)")
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N (default auto)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype to write; default: the inputs' dtype")
 
@@ -377,6 +378,9 @@ def _validation_diagnostic(located: Located, e: Mapping[str, Any]) -> Diagnostic
     if kind == "string_pattern_mismatch" and loc == ("heads",):
         return _at(located.host, located.value_span(loc), "`heads` must be `drop` or `from NAME`",
                    notes=[f"got {e.get('input')!r}"], hints=["`heads: drop` or `heads: from amazon_cls`"])
+    if kind == "string_pattern_mismatch" and loc == ("device",):
+        return _at(located.host, located.value_span(loc), f"`device` must be one of {DEVICE_FORMS}",
+                   notes=[f"got {e.get('input')!r}"], hints=["`device: cpu`, or `device: cuda:1` for the second GPU"])
     if kind == "literal_error" and loc == ("mode",):
         hints = ["`mode: paper` (the paper's operators) or `mode: exact` (the weight update)"]
     message = e["msg"][:1].lower() + e["msg"][1:]

@@ -176,3 +176,14 @@ def test_readme_config_runs_and_points_at_the_typo(example_root: Path, monkeypat
     shown = re.search(r"    error\[E002\].*?did you mean `amazon_lm`\?\n", readme, flags=re.S)
     assert status == 1 and shown is not None
     assert "\n".join(line[4:] for line in shown.group().splitlines()) in err  # the README shows real output
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
+def test_config_device_is_checked_at_the_field(adapters: Path, tmp_path: Path, device: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"inputs:\n  a: {adapters}/llama_r8\nexpression: 2*a\noutput: out/x\ndevice: {device}\n",
+                      encoding="utf-8")
+    status, _, err = cli("run", str(config))
+    assert status == 1, err
+    assert "error[E025]" in err and f"{config.name}:5:9" in err and "auto, cpu, cuda, cuda:N" in err
+    assert "internal error" not in err and not (tmp_path / "out").exists()
