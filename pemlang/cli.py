@@ -392,6 +392,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[no-untyped-def,override]
         self.print_usage(sys.stderr)
         print(f"pemlang: error: {message}", file=sys.stderr)
+        if self._subparsers is not None and "COMMAND" in message:  # `pemlang` alone: what can it do?
+            commands = next(a for a in self._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+            print("\ncommands:", file=sys.stderr)
+            for choice in commands._choices_actions:
+                print(f"  {choice.dest:<9} {choice.help}", file=sys.stderr)
+            print("\n`pemlang COMMAND --help` describes one.", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]

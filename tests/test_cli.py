@@ -222,3 +222,15 @@ def test_eval_heads_misuse_exits_2(heads: list[str], adapters: Path, tmp_path: P
     with pytest.raises(SystemExit) as exited:
         main(["eval", "--input", f"a={adapters}/llama_cls", "--out", str(tmp_path / "x"), "a", "--heads", *heads])
     assert exited.value.code == 2
+
+
+def test_no_arguments_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    for command, help_line in [("check", "parse and type-check a program"), ("run", "evaluate a program and write"),
+                               ("plan", "print the lowered evaluation plan"), ("eval", "evaluate one expression"),
+                               ("repl", "an interactive session"), ("inspect", "print an adapter's type signature")]:
+        assert any(line.split()[:1] == [command] and help_line in line for line in err.splitlines()), command
+    assert "pemlang COMMAND --help" in err
