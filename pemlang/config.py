@@ -383,7 +383,7 @@ def read_config(path: str | Path, *, key: str | None = None, text: str | None = 
         else:
             import yaml
 
-            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
     except TooComplex as exc:
         raise PemError([_at(host, Span(exc.offset, exc.offset + 1), exc.message, hints=[exc.hint])]) from None
     except Exception as exc:  # the parsers' own errors carry a line and column
