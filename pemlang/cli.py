@@ -1,4 +1,4 @@
-"""The `pemlang` command line (SPEC §6). Exit status: 0 success; 1 the input had errors
+"""The `pemlang` command line ('Commands' in the README). Exit status: 0 success; 1 the input had errors
 (diagnostics on stderr); 2 command-line misuse.
 
 Heavy imports (torch, rich) happen inside the commands that need them, so `pemlang check`

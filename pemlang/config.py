@@ -1,4 +1,4 @@
-"""Programs embedded in configs (SPEC §7): a pydantic model, and its reading from YAML, JSON or TOML.
+"""Programs embedded in configs (see 'Configs' in the README): a pydantic model, and its reading from YAML, JSON or TOML.
 
 A training or serving config carries a block such as
 
@@ -43,24 +43,26 @@ class OutputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    expression: str = Field(description="an expression over the inputs, params and functions (SPEC §3)")
+    expression: str = Field(description="an expression over the inputs, params and functions, as in a .pem program "
+                            "(see 'A program' in the README)")
     path: str = Field(description="the output adapter directory, relative to the config file")
 
 
 class PemConfig(BaseModel):
-    """A pemlang program as a config block (SPEC §7). Give exactly one of `expression`,
-    `outputs` or `program`."""
+    """A pemlang program as a config block (see 'Configs' in the README). Give exactly one of
+    `expression`, `outputs` or `program`."""
 
     model_config = ConfigDict(extra="forbid", title="pemlang config")
 
-    mode: Literal["paper", "exact"] = Field("paper", description="paper: the paper's operators (SPEC §2.1); "
-                                            "exact: the weight update itself (SPEC §2.2)")
+    mode: Literal["paper", "exact"] = Field("paper", description="paper: the paper's operators; exact: the weight update "
+                                            "itself (see 'Two meanings of `+`' in the README)")
     inputs: dict[str, str] = Field(default_factory=dict,
                                    description="name → PEFT adapter directory, relative to the config file")
     params: dict[str, FiniteFloat] = Field(default_factory=dict,
                                      description="name → value; with `program`, overrides its params")
     heads: str | None = Field(None, pattern=r"^\s*(drop|from\s+\S+)\s*$",
-                              description="modules_to_save policy: `drop` or `from NAME` (SPEC §2.3)")
+                              description="modules_to_save policy: `drop` or `from NAME` "
+                                          "(see 'Two meanings of `+`' in the README)")
     expression: str | None = Field(None, description="one expression (with `output`, or evaluated via the API)")
     output: str | None = Field(None, description="the directory `expression` is written to")
     outputs: list[OutputSpec] | None = Field(None, description="several outputs: [{expression, path}]")

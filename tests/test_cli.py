@@ -234,3 +234,27 @@ def test_no_arguments_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> 
                                ("repl", "an interactive session"), ("inspect", "print an adapter's type signature")]:
         assert any(line.split()[:1] == [command] and help_line in line for line in err.splitlines()), command
     assert "pemlang COMMAND --help" in err
+
+
+def test_user_facing_text_cites_the_readme_not_the_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    """Users have the README, not SPEC.md: what they read cites the README's own sections."""
+    import re
+
+    from pemlang import repl
+    from pemlang.config import schema_text
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    headings = set(re.findall(r"^## (.+)$", readme, flags=re.M))
+    texts = {"README.md": readme, "config.schema.json": schema_text(), "repl :help": repl.HELP,
+             **{p.name: p.read_text(encoding="utf-8") for p in (REPO / "examples").glob("*.pem")}}
+    for command in ["check", "run", "plan", "eval", "repl", "inspect"]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts[f"pemlang {command} --help"] = capsys.readouterr().out
+    for name, text in texts.items():
+        assert "SPEC" not in text, name
+        for cited in re.findall(r"see '([^']+)' in the README", text):
+            assert cited in headings, (name, cited)
+    cited_by_examples = [c for p in (REPO / "examples").glob("*.pem")
+                         for c in re.findall(r"see '([^']+)' in the README", p.read_text(encoding="utf-8"))]
+    assert len(cited_by_examples) >= 6  # each example says where its operators are described
