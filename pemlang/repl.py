@@ -376,10 +376,17 @@ class Session:
 
     # -- evaluation -----------------------------------------------------------------------------
     def write(self, checked: CheckedProgram, *, force: bool) -> None:
+        from .backend import resolve_device
         from .backend.torch_backend import TensorCache
         from .run import execute, summary_line, write_outputs
         from .writer import OutputExists
 
+        try:
+            resolve_device(self.device)  # an unavailable device is misuse: say so, and go on
+        except ValueError as exc:
+            self.failed = True
+            self.say(f"pemlang: error: {exc}; nothing was written")
+            return
         if self.tensors is None:
             self.tensors = TensorCache()
         result = execute(checked, device=self.device, cache=self.tensors)

@@ -217,3 +217,13 @@ def test_an_internal_error_ends_one_entry_not_the_session(inputs: str, monkeypat
     assert status == 1
     assert "internal error: RuntimeError: simulated bug" in text and "report" in text and "Traceback" not in text
     assert "2*a : LoRA module" in text  # the session went on
+
+
+def test_an_unavailable_device_is_a_usage_message_and_the_session_goes_on(adapters: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    script = f'input a = "{adapters}/llama_r8"\n:save 2*a {tmp_path}/x\n3*a\n'
+    result = piped(script, "--device", "cuda", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "no CUDA device" in result.stdout and "internal error" not in result.stdout
+    assert "3*a : LoRA module" in result.stdout and not (tmp_path / "x").exists()
