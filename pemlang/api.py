@@ -217,6 +217,8 @@ class Program:
                   adapter_name: str = "pemlang", device: str | None = None, **kw: float) -> Any:
         """Load an output into a model in memory: a PeftModel gains adapter `adapter_name` (made
         active); a transformers model is wrapped into a PeftModel. Returns the PeftModel."""
+        import warnings
+
         from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
         evaluation = self._evaluate({**(params or {}), **kw}, device)
@@ -230,7 +232,13 @@ class Program:
         if isinstance(model, PeftModel):
             model.add_adapter(adapter_name, config)
         else:
-            model = get_peft_model(model, config, adapter_name=adapter_name)
+            # get_peft_model records the model it wraps as the base (and warns that it "renamed" the
+            # base the inputs recorded): record it here, as PEFT would, so that nothing warns.
+            config.base_model_name_or_path = model.__dict__.get("name_or_path") or None
+            with warnings.catch_warnings():  # PEFT's own use of a property transformers deprecated
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                model = get_peft_model(model, config, adapter_name=adapter_name)
         result = set_peft_model_state_dict(model, evaluation.tensors[name], adapter_name=adapter_name)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:

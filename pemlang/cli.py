@@ -1,4 +1,4 @@
-"""The `pemlang` command line (SPEC §6). Exit status: 0 success; 1 the input had errors
+"""The `pemlang` command line ('Commands' in the README). Exit status: 0 success; 1 the input had errors
 (diagnostics on stderr); 2 command-line misuse.
 
 Heavy imports (torch, rich) happen inside the commands that need them, so `pemlang check`
@@ -144,6 +144,27 @@ def _dtype(text: str) -> str:
         return DTYPE_NAMES[text.lower()]
     except KeyError:
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r} (float32, float16 or bfloat16)") from None
+
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # also the config's `device:` pattern
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N"
+
+
+def _device(text: str) -> str:
+    """`--device`: one of auto, cpu, cuda, cuda:N (whether that CUDA device exists is known only at run time)."""
+    import re
+
+    if re.fullmatch(DEVICE_PATTERN, text) is None:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected {DEVICE_FORMS})")
+    return text
+
+
+def _heads(text: str) -> str:
+    """`--heads`: `drop` or `from NAME`."""
+    words = text.split()
+    if words == ["drop"] or len(words) == 2 and words[0] == "from" and words[1].isidentifier():
+        return " ".join(words)
+    raise argparse.ArgumentTypeError(f"expected `drop` or `from NAME`, got {text!r}")
 
 
 def _check_program(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -334,6 +355,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         arg_source = Source(text, "--input")
         checker.add_input(ast.Name(name.strip(), Span(0, len(name))), path, Span(len(name) + 1, len(text)),
                           source=arg_source)
+    if args.heads is not None:  # `--heads from NAME`: checked like a `heads` statement, pointing into the option
+        heads_source = Source(args.heads, "--heads")
+        policy, _, owner = args.heads.partition(" ")
+        checker.source = heads_source
+        checker.statement(ast.HeadsStmt(policy, ast.Name(owner, Span(5, 5 + len(owner))) if owner else None,  # type: ignore[arg-type]
+                                        Span(0, len(args.heads))))
+        checker.source = source
     expr, syntax = parse_expression(source)
     diagnostics += syntax
     if expr is not None:
@@ -359,10 +387,54 @@ def cmd_repl(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
+    expression_anywhere = False  # eval: options may come before, after or between the words of EXPR
+
     def error(self, message: str):  # type: ignore[no-untyped-def,override]
         self.print_usage(sys.stderr)
         print(f"pemlang: error: {message}", file=sys.stderr)
+        if self._subparsers is not None and "COMMAND" in message:  # `pemlang` alone: what can it do?
+            commands = next(a for a in self._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+            print("\ncommands:", file=sys.stderr)
+            for choice in commands._choices_actions:
+                print(f"  {choice.dest:<9} {choice.help}", file=sys.stderr)
+            print("\n`pemlang COMMAND --help` describes one.", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        if self.expression_anywhere and args is not None:
+            args = self._options_first(list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _options_first(self, args: list[str]) -> list[str]:
+        """The options (with their values) first, then `--` and the words of the expression, wherever
+        they were given; after a `--` everything is the expression. `--heads from NAME` is one option."""
+        options: list[str] = []
+        words: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                words += args[i + 1:]
+                break
+            name, has_value, _ = arg.partition("=")
+            matches = [o for o in self._option_string_actions if o == name] or \
+                      [o for o in self._option_string_actions if name.startswith("--") and o.startswith(name)]
+            if len(matches) == 1 and arg.startswith("-"):
+                action = self._option_string_actions[matches[0]]
+                options.append(arg)
+                if not has_value and action.nargs != 0 and i + 1 < len(args):
+                    if action.dest == "heads" and args[i + 1] == "from" and i + 2 < len(args):
+                        options.append(f"from {args[i + 2]}")
+                        i += 1
+                    else:
+                        options.append(args[i + 1])
+                    i += 1
+            elif arg.startswith("-") and arg[1:2].isalpha() or arg.startswith("--") and arg != "--":
+                options.append(arg)  # an unknown option: argparse says so
+            else:
+                words.append(arg)  # `-`, `-0.5*a`, `-(a + b)` are words of the expression
+            i += 1
+        return [*options, "--", *words] if words else options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check)
 
     def run_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
+        p.add_argument("--device", type=_device, default=None, metavar="auto|cpu|cuda|cuda:N",
                        help="where to compute (auto: CUDA when available, else the CPU)")
         p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
                        help="dtype to write (float32, float16, bfloat16); default: the inputs' dtype")
@@ -409,14 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", choices=["paper", "exact"], default="paper")
     evaluate.add_argument("--force", action="store_true", help="replace an existing output directory")
     evaluate.add_argument("--allow-pickle", action="store_true")
+    evaluate.add_argument("--heads", type=_heads, default=None, metavar="drop|from NAME",
+                          help="modules_to_save: `drop` writes none, `from NAME` takes input NAME's unchanged")
     run_options(evaluate)
     evaluate.add_argument("expression", nargs=argparse.REMAINDER, metavar="EXPR",
-                          help="the expression; put `--` before it when it starts with '-'")
+                          help="the expression (options may follow it); put `--` before it when it starts with '-'")
+    evaluate.expression_anywhere = True
     evaluate.set_defaults(handler=cmd_eval)
 
     repl = commands.add_parser("repl", help="an interactive session: statements, expressions and :commands")
     repl.add_argument("file", nargs="?", metavar="FILE.pem", help="a program to load first")
-    repl.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N")
+    repl.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda|cuda:N",
+                      help="where :save and output statements compute (auto: CUDA when available, else the CPU)")
     repl.add_argument("--allow-pickle", action="store_true")
     repl.add_argument("--history", default=None, metavar="FILE",
                       help="history file (default $PEMLANG_HISTORY or ~/.pemlang_history)")

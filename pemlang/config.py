@@ -1,4 +1,4 @@
-"""Programs embedded in configs (SPEC §7): a pydantic model, and its reading from YAML, JSON or TOML.
+"""Programs embedded in configs (see 'Configs' in the README): a pydantic model, and its reading from YAML, JSON or TOML.
 
 A training or serving config carries a block such as
 
@@ -27,8 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
+from .cli import DEVICE_FORMS, DEVICE_PATTERN
 from .diagnostics import Diagnostic, PemError, error
 from .source import CONFIG_SUFFIXES, Source, Span
 
@@ -42,29 +43,31 @@ class OutputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    expression: str = Field(description="an expression over the inputs, params and functions (SPEC §3)")
+    expression: str = Field(description="an expression over the inputs, params and functions, as in a .pem program "
+                            "(see 'A program' in the README)")
     path: str = Field(description="the output adapter directory, relative to the config file")
 
 
 class PemConfig(BaseModel):
-    """A pemlang program as a config block (SPEC §7). Give exactly one of `expression`,
-    `outputs` or `program`."""
+    """A pemlang program as a config block (see 'Configs' in the README). Give exactly one of
+    `expression`, `outputs` or `program`."""
 
     model_config = ConfigDict(extra="forbid", title="pemlang config")
 
-    mode: Literal["paper", "exact"] = Field("paper", description="paper: the paper's operators (SPEC §2.1); "
-                                            "exact: the weight update itself (SPEC §2.2)")
+    mode: Literal["paper", "exact"] = Field("paper", description="paper: the paper's operators; exact: the weight update "
+                                            "itself (see 'Two meanings of `+`' in the README)")
     inputs: dict[str, str] = Field(default_factory=dict,
                                    description="name → PEFT adapter directory, relative to the config file")
-    params: dict[str, float] = Field(default_factory=dict,
+    params: dict[str, FiniteFloat] = Field(default_factory=dict,
                                      description="name → value; with `program`, overrides its params")
     heads: str | None = Field(None, pattern=r"^\s*(drop|from\s+\S+)\s*$",
-                              description="modules_to_save policy: `drop` or `from NAME` (SPEC §2.3)")
+                              description="modules_to_save policy: `drop` or `from NAME` "
+                                          "(see 'Two meanings of `+`' in the README)")
     expression: str | None = Field(None, description="one expression (with `output`, or evaluated via the API)")
     output: str | None = Field(None, description="the directory `expression` is written to")
     outputs: list[OutputSpec] | None = Field(None, description="several outputs: [{expression, path}]")
     program: str | None = Field(None, description="the text of a .pem program")
-    device: str | None = Field(None, description="auto, cpu, cuda or cuda:N (default auto)")
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N (default auto)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype to write; default: the inputs' dtype")
 
@@ -185,8 +188,8 @@ def _yaml_spans(text: str) -> dict[Key, tuple[Span, Span]]:
         return Span(node.start_mark.index, max(node.end_mark.index, node.start_mark.index + 1))
 
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+        root = yaml.compose(text, Loader=_yaml_loader())
+    except (yaml.YAMLError, TooComplex):
         return spans
     if root is not None:
         walk(root, ())
@@ -274,6 +277,77 @@ def _toml_spans(text: str) -> dict[Key, tuple[Span, Span]]:
 
 # -- reading ----------------------------------------------------------------------------------------
 
+MAX_DEPTH = 100  # nesting levels of a config file; a pemlang block needs four
+MAX_NODES = 100_000  # values in a YAML document once its aliases are expanded
+
+
+class TooComplex(Exception):
+    """A config nested too deeply, or whose aliases expand too far, found before it is expanded."""
+
+    def __init__(self, message: str, offset: int, hint: str):
+        super().__init__(message)
+        self.message, self.offset, self.hint = message, offset, hint
+
+
+_DEEP_HINT = f"a pemlang block needs a few levels; configs nested deeper than {MAX_DEPTH} are refused"
+
+
+def _check_depth(text: str) -> None:
+    """JSON and TOML: refuse nesting deeper than MAX_DEPTH before a recursive parser meets it."""
+    depth = 0
+    tokens = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*|[\[\]{}]')
+    for m in tokens.finditer(text):
+        bracket = m.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise TooComplex(f"the config is nested deeper than {MAX_DEPTH} levels", m.start(), _DEEP_HINT)
+        elif bracket in ("]", "}"):
+            depth = max(depth - 1, 0)
+
+
+def _yaml_loader():  # type: ignore[no-untyped-def]
+    """A SafeLoader that counts, while composing, how deep the document nests and how many values its
+    aliases would expand to, and refuses either beyond its limit at the node or alias that crosses it
+    (an alias bomb is refused before anything is expanded)."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def __init__(self, stream: str):
+            super().__init__(stream)
+            self.depth = 0
+            self.expanded = 0  # values composed so far, an alias counting as the values it stands for
+            self.sizes: dict[int, int] = {}
+
+        def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                target = self.anchors.get(event.anchor)
+                self.expanded += self.sizes.get(id(target), 1)
+                if self.expanded > MAX_NODES:
+                    raise TooComplex(f"aliases would expand the config to more than {MAX_NODES:,} values",
+                                     event.start_mark.index,
+                                     "write the values out, or alias fewer of them; pemlang refuses alias bombs")
+                return super().compose_node(parent, index)
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise TooComplex(f"the config is nested deeper than {MAX_DEPTH} levels", event.start_mark.index,
+                                 _DEEP_HINT)
+            before = self.expanded
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+            self.expanded += 1
+            if self.expanded > MAX_NODES:
+                raise TooComplex(f"the config has more than {MAX_NODES:,} values", event.start_mark.index,
+                                 "give pemlang its block alone, or a smaller config")
+            self.sizes[id(node)] = self.expanded - before
+            return node
+
+    return ConfigLoader
+
+
 
 _BODY = {"expression", "outputs", "program"}
 
@@ -297,6 +371,8 @@ def read_config(path: str | Path, *, key: str | None = None, text: str | None = 
     suffix = path.suffix.lower()
     data: Any
     try:
+        if suffix in (".toml", ".json"):
+            _check_depth(text)
         if suffix == ".toml":
             try:
                 import tomllib
@@ -309,7 +385,9 @@ def read_config(path: str | Path, *, key: str | None = None, text: str | None = 
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
+    except TooComplex as exc:
+        raise PemError([_at(host, Span(exc.offset, exc.offset + 1), exc.message, hints=[exc.hint])]) from None
     except Exception as exc:  # the parsers' own errors carry a line and column
         raise PemError([_parse_error(host, exc, suffix)]) from None
     spans = _toml_spans(text) if suffix == ".toml" else _yaml_spans(text)
@@ -377,6 +455,12 @@ def _validation_diagnostic(located: Located, e: Mapping[str, Any]) -> Diagnostic
     if kind == "string_pattern_mismatch" and loc == ("heads",):
         return _at(located.host, located.value_span(loc), "`heads` must be `drop` or `from NAME`",
                    notes=[f"got {e.get('input')!r}"], hints=["`heads: drop` or `heads: from amazon_cls`"])
+    if kind == "string_pattern_mismatch" and loc == ("device",):
+        return _at(located.host, located.value_span(loc), f"`device` must be one of {DEVICE_FORMS}",
+                   notes=[f"got {e.get('input')!r}"], hints=["`device: cpu`, or `device: cuda:1` for the second GPU"])
+    if kind == "finite_number":
+        return _at(located.host, located.value_span(loc), f"`{where}` must be a finite number",
+                   notes=[f"got {e.get('input')!r}"], hints=["e.g. `0.5`; infinities and NaN are not parameters"])
     if kind == "literal_error" and loc == ("mode",):
         hints = ["`mode: paper` (the paper's operators) or `mode: exact` (the weight update)"]
     message = e["msg"][:1].lower() + e["msg"][1:]
@@ -405,10 +489,12 @@ def structure_problems(config: PemConfig, located: Located | None = None) -> lis
     if config.program is not None and config.heads is not None:
         problems.append(at(("heads",), "`heads` goes in the program text with `program`",
                            hints=["write `heads drop` or `heads from NAME` as a statement of the program"]))
-    for name in config.inputs:
-        if not re.fullmatch(r"[^\W\d]\w*", name) or name in ("input", "param", "output", "mode", "heads"):
-            problems.append(at(("inputs", name), f"`{name}` cannot be an input name",
-                               hints=["a name is a letter or _ followed by letters, digits or _ (e.g. `yelp_lm`)"]))
+    for field_name, what in (("inputs", "an input"), ("params", "a param")):
+        for name in getattr(config, field_name):
+            if not re.fullmatch(r"[^\W\d]\w*", name) or name in ("input", "param", "output", "mode", "heads"):
+                shown = f"`{name}`" if name.isprintable() else repr(name)
+                problems.append(at((field_name, name), f"{shown} cannot be {what} name",
+                                   hints=["a name is a letter or _ followed by letters, digits or _ (e.g. `yelp_lm`)"]))
     return problems
 
 

@@ -73,6 +73,7 @@ class Session:
         self.adapters = AdapterCache()
         self.tensors: Any = None
         self.scope: dict[str, str] = {}  # names in scope and their kinds, as of the last accepted entry
+        self.failed = False  # whether an entry had an error (a piped script then exits 1)
 
     # -- output ---------------------------------------------------------------------------------
     @property
@@ -86,6 +87,7 @@ class Session:
         diagnostics = list(diagnostics)
         if diagnostics:
             emit(diagnostics, self.stream)
+        self.failed |= any(d.is_error for d in diagnostics)
 
     def console(self):  # type: ignore[no-untyped-def]
         from rich.console import Console
@@ -117,18 +119,42 @@ class Session:
 
     # -- entries --------------------------------------------------------------------------------
     def handle(self, text: str) -> bool:
-        """Evaluate one entry; False when the user asked to leave."""
+        """Evaluate one entry; False when the user asked to leave. A bug in pemlang is reported as an
+        internal error, and the session goes on."""
+        try:
+            return self._handle(text)
+        except Exception as exc:
+            from . import __version__
+            from .cli import ISSUES_URL
+
+            self.failed = True
+            self.say(f"internal error: {type(exc).__name__}: {exc}\n"
+                     f"This is a bug in pemlang {__version__}, not in your input. Please report it at {ISSUES_URL} "
+                     "with the entries you typed; set PEMLANG_TRACEBACK=1 to print the traceback.")
+            if os.environ.get("PEMLANG_TRACEBACK"):
+                import traceback
+
+                traceback.print_exc()
+            return True
+
+    def _handle(self, text: str) -> bool:
         if not text.strip():
             return True
-        source = Source(text, "<repl>")
         stripped = text.strip()
         if stripped.startswith(":"):
-            return self.command(source)
+            return self.command(Source(text, "<repl>"))
+        source = Source(joined(text), "<repl>")
         try:
             self.statements(source, Path.cwd())
         except PemError as exc:
             self.report(exc.diagnostics)
         return True
+
+    def load(self, path: Path) -> None:
+        """Run a program file's statements in the session (its outputs are not written). Raises
+        OSError or UnicodeDecodeError when it cannot be read, PemError when it has errors."""
+        text = path.read_text(encoding="utf-8")
+        self.statements(Source(text, str(path)), path.resolve().parent, loading=True)
 
     def statements(self, source: Source, base_dir: Path, *, loading: bool = False) -> None:
         program, syntax = parse_program(source)
@@ -160,7 +186,7 @@ class Session:
                          if not isinstance(s, ast.OutputStmt | ast.ExprStmt | ast.ModeStmt)]
         self.scope = {name: entry.kind for name, entry in checker.env.items()}
         for expr, value in values:
-            self.say(self.describe(source.snippet(expr.span), value))
+            self.say(self.describe(source.snippet(expr.span), value, self._heads(source, expr)))
         if checker.outputs and not loading:
             self.write(checker.result(), force=False)
         if loading:
@@ -180,7 +206,25 @@ class Session:
                                                                                 f"{errors[0].message}"])])
         return probe.mode
 
-    def describe(self, text: str, value: Value) -> str:
+    def _heads(self, source: Source, expr: ast.Expr) -> str | None:
+        """The heads (modules_to_save) that `output EXPR` would write, as `:type` shows them: ", 1 head",
+        "" for none, or why they cannot be written; None for a number."""
+        from .lower import lower
+
+        checker = self.checker(source)
+        if not isinstance(checker.expr(expr), ModuleValue) or any(d.is_error for d in checker.diagnostics):
+            return None
+        checker.diagnostics.clear()
+        checker.add_output(expr, None, expr.span, expr.span)
+        checked = checker.result()
+        trouble = next((d for d in checked.diagnostics if d.is_error), None)
+        if trouble is not None:
+            return f", heads not writable ({trouble.code}: {trouble.message})"
+        heads = len(lower(checked).outputs[0].heads)
+        return f", {heads} head{'s' if heads != 1 else ''}" if heads else ""
+
+    def describe(self, text: str, value: Value, heads: str | None = None) -> str:
+        """`TEXT : TYPE` and its (alpha, beta) per source; `heads` as `_heads` gives it (default: the type's)."""
         if isinstance(value, ScalarValue):
             return f"{text} : number = {value.value:g}"
         if not isinstance(value, ModuleValue):
@@ -189,7 +233,8 @@ class Session:
         kind = "LoRA" if t.kind == "lora" else "(IA)3"
         ranks = sorted({getattr(layer, "rank", 0) for layer in t.layers.values()} - {0})
         rank = (f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}") if ranks else ""
-        heads = f", {len(t.heads)} head{'s' if len(t.heads) != 1 else ''}" if t.heads else ""
+        if heads is None:
+            heads = f", {len(t.heads)} head{'s' if len(t.heads) != 1 else ''}" if t.heads else ""
         terms = " + ".join(f"({term.alpha:g}, {term.beta:g})·{term.source.describe()}" for term in value.terms)
         return (f"{text} : {kind} module, base {t.base.describe()}, {len(t.layers)} layers{rank}{heads}\n"
                 f"  = {terms or '0'}   (alpha, beta) per source, mode {self.mode}")
@@ -249,7 +294,7 @@ class Session:
         value = checker.expr(expr)
         if any(d.is_error for d in checker.diagnostics) or value is POISON:
             raise PemError(checker.diagnostics)
-        self.say(self.describe(rest, value))
+        self.say(self.describe(rest, value, self._heads(source, expr)))
 
     def cmd_plan(self, source: Source, rest: str, span: Span) -> None:
         from .lower import lower
@@ -281,10 +326,11 @@ class Session:
         self._needs(source, rest, "a file", ":load FILE.pem")
         path = Path(rest.strip("'\""))
         try:
-            text = path.read_text(encoding="utf-8")
+            self.load(path)
         except OSError as exc:
             raise PemError([error("E012", f"cannot read {rest}: {exc.strerror or exc}", source, span)]) from None
-        self.statements(Source(text, str(path)), path.resolve().parent, loading=True)
+        except UnicodeDecodeError as exc:
+            raise PemError([error("E012", f"cannot read {rest}: not UTF-8 text ({exc.reason})", source, span)]) from None
 
     def cmd_set(self, source: Source, rest: str, span: Span) -> None:
         self._needs(source, rest, "NAME=VALUE", ":set NAME=VALUE")
@@ -330,10 +376,17 @@ class Session:
 
     # -- evaluation -----------------------------------------------------------------------------
     def write(self, checked: CheckedProgram, *, force: bool) -> None:
+        from .backend import resolve_device
         from .backend.torch_backend import TensorCache
         from .run import execute, summary_line, write_outputs
         from .writer import OutputExists
 
+        try:
+            resolve_device(self.device)  # an unavailable device is misuse: say so, and go on
+        except ValueError as exc:
+            self.failed = True
+            self.say(f"pemlang: error: {exc}; nothing was written")
+            return
         if self.tensors is None:
             self.tensors = TensorCache()
         result = execute(checked, device=self.device, cache=self.tensors)
@@ -364,20 +417,46 @@ def _shift(expr: Any, offset: int) -> Any:
 # -- the terminal ---------------------------------------------------------------------------------
 
 
+CONTINUING = ("+", "-", "*", "/", "=", ",", "⊕", "⊖", "·", "×")  # a line ending in one of these goes on
+
+
+def _code_end(line: str) -> int:
+    """Where a line's code ends: at a `#` comment outside a string, else at its end."""
+    in_string = False
+    for i, ch in enumerate(line):
+        if ch == '"':
+            in_string = not in_string
+        elif ch == "#" and not in_string:
+            return i
+    return len(line)
+
+
 def needs_more(text: str) -> bool:
     """Whether an entry continues on the next line: open parentheses, or a trailing operator."""
-    depth, in_string = 0, False
+    depth = 0
     for line in text.split("\n"):
-        for ch in line:
+        code, in_string = line[:_code_end(line)], False
+        for ch in code:
             if ch == '"':
                 in_string = not in_string
-            elif not in_string and ch == "#":
-                break
             elif not in_string:
                 depth += (ch == "(") - (ch == ")")
-    code = re.sub(r"#.*$", "", text.rstrip().split("\n")[-1]).rstrip()
-    return depth > 0 or (not text.lstrip().startswith(":") and code.endswith(("+", "-", "*", "/", "=", ",",
-                                                                                "⊕", "⊖", "·", "×")))
+    last = text.rstrip().split("\n")[-1]
+    return depth > 0 or (not text.lstrip().startswith(":") and last[:_code_end(last)].rstrip().endswith(CONTINUING))
+
+
+def joined(text: str) -> str:
+    """An entry whose lines end in an operator, as one statement: such a line's comment and its newline
+    become spaces (the text keeps its length, so every offset, and every caret, stays where it was)."""
+    lines = text.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        end = _code_end(line)
+        if i < len(lines) - 1 and line[:end].rstrip().endswith(CONTINUING):
+            out.append(line[:end] + " " * (len(line) - end + 1))
+        else:
+            out.append(line + ("\n" if i < len(lines) - 1 else ""))
+    return "".join(out)
 
 
 _TOKEN = re.compile(r"""(?P<comment>\#.*)|(?P<string>"[^"\n]*"?)|(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
@@ -454,8 +533,18 @@ def run(file: str | None = None, *, device: str = "auto", allow_pickle: bool = F
         history: Path | None = None, input: Any = None, output: Any = None) -> int:  # noqa: A002
     """The REPL loop. `input`/`output` are prompt_toolkit Input/Output (tests pass pipe and dummy)."""
     session = Session(device=device, allow_pickle=allow_pickle)
-    if file is not None:
-        session.handle(f":load {file}")
+    if file is not None:  # a file that cannot be loaded ends the session before it starts
+        try:
+            session.load(Path(file))
+        except OSError as exc:
+            print(f"pemlang: error: cannot read {file}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError as exc:
+            print(f"pemlang: error: cannot read {file}: not UTF-8 text ({exc.reason})", file=sys.stderr)
+            return 2
+        except PemError as exc:
+            emit(exc.diagnostics, sys.stderr)
+            return 1
     interactive = input is not None or (sys.stdin.isatty() and sys.stdout.isatty())
     if not interactive:
         return _plain(session)
@@ -483,7 +572,8 @@ def _plain(session: Session) -> int:
             continue
         text, pending = pending.rstrip("\n"), ""
         if not session.handle(text):
-            return 0
-    if pending.strip():
-        session.handle(pending.rstrip("\n"))
-    return 0
+            break
+    else:
+        if pending.strip():
+            session.handle(pending.rstrip("\n"))
+    return 1 if session.failed else 0

@@ -151,3 +151,110 @@ def test_unavailable_cuda_is_misuse(program: Path) -> None:
         pytest.skip("a CUDA device is present")
     result = pemlang("run", str(program), "--device", "cuda")
     assert result.returncode == 2 and "no CUDA device" in result.stderr
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu", "cuda:x", "cuda:", "cpu:0", ""])
+@pytest.mark.parametrize("command", ["run", "eval", "repl"])
+def test_bad_device_is_misuse_at_parse_time(command: str, device: str, program: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    args = {"run": ["run", str(program)], "repl": ["repl", str(program)],
+            "eval": ["eval", "--input", f"a={program}", "--out", str(tmp_path / "o"), "a"]}[command]
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--device", device])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "auto, cpu, cuda, cuda:N" in err and "internal error" not in err
+    assert not (program.parent / "out").exists()
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_forms_accepted_by_the_parser(device: str) -> None:
+    from pemlang.cli import build_parser
+
+    assert build_parser().parse_args(["run", "p.pem", "--device", device]).device == device
+
+
+def _metadata(adapter_dir: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        return dict(f.metadata())
+
+
+def test_eval_options_after_the_expression_are_options(adapters: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    (out / "old").mkdir(parents=True)  # exists: only --force lets eval replace it
+    status = main(["eval", "--input", f"a={adapters}/llama_r8", "0.5*a", "+", "0.5*a", "--out", str(out),
+                   "--force", "--mode", "exact", "--device", "cpu"])
+    assert status == 0
+    meta = _metadata(out)
+    assert meta["pemlang.expression"] == "0.5*a + 0.5*a" and meta["pemlang.mode"] == "exact"
+    assert not (out / "old").exists()
+
+
+def test_eval_double_dash_still_protects_a_leading_minus(adapters: Path, tmp_path: Path) -> None:
+    status = main(["eval", "--out", str(tmp_path / "n"), "--input", f"a={adapters}/llama_r8", "--device", "cpu",
+                   "--", "-a", "--force"])  # after `--`, everything is the expression
+    assert status == 1  # `-a --force` is not an expression: a syntax error, not an option
+
+
+def test_eval_heads_follows_the_e022_hint(adapters: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inputs = ["--input", f"a={adapters}/llama_cls", "--input", f"b={adapters}/llama_cls_b", "--device", "cpu"]
+    assert main(["eval", *inputs, "--out", str(tmp_path / "x"), "a + b"]) == 1
+    assert "error[E022]" in capsys.readouterr().err
+    assert main(["eval", *inputs, "--out", str(tmp_path / "from_a"), "a + b", "--heads", "from", "a"]) == 0
+    assert main(["eval", *inputs, "--heads", "drop", "--out", str(tmp_path / "dropped"), "a + b"]) == 0
+    from safetensors.torch import load_file
+
+    config = __import__("json").loads((tmp_path / "dropped" / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save")
+    own = {k: v for k, v in load_file(str(adapters / "llama_cls" / "adapter_model.safetensors")).items()
+           if "lora_" not in k}
+    written = load_file(str(tmp_path / "from_a" / "adapter_model.safetensors"))
+    assert own and all(written[k].equal(v) for k, v in own.items())  # a's heads, unchanged
+    assert main(["eval", *inputs, "--out", str(tmp_path / "y"), "a + b", "--heads", "from", "c"]) == 1
+    err = capsys.readouterr().err
+    assert "error[E002]: unknown name `c`" in err and "--> --heads:1:6" in err
+
+
+@pytest.mark.parametrize("heads", [["mix"], ["from"], []])
+def test_eval_heads_misuse_exits_2(heads: list[str], adapters: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--input", f"a={adapters}/llama_cls", "--out", str(tmp_path / "x"), "a", "--heads", *heads])
+    assert exited.value.code == 2
+
+
+def test_no_arguments_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    for command, help_line in [("check", "parse and type-check a program"), ("run", "evaluate a program and write"),
+                               ("plan", "print the lowered evaluation plan"), ("eval", "evaluate one expression"),
+                               ("repl", "an interactive session"), ("inspect", "print an adapter's type signature")]:
+        assert any(line.split()[:1] == [command] and help_line in line for line in err.splitlines()), command
+    assert "pemlang COMMAND --help" in err
+
+
+def test_user_facing_text_cites_the_readme_not_the_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    """Users have the README, not SPEC.md: what they read cites the README's own sections."""
+    import re
+
+    from pemlang import repl
+    from pemlang.config import schema_text
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    headings = set(re.findall(r"^## (.+)$", readme, flags=re.M))
+    texts = {"README.md": readme, "config.schema.json": schema_text(), "repl :help": repl.HELP,
+             **{p.name: p.read_text(encoding="utf-8") for p in (REPO / "examples").glob("*.pem")}}
+    for command in ["check", "run", "plan", "eval", "repl", "inspect"]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts[f"pemlang {command} --help"] = capsys.readouterr().out
+    for name, text in texts.items():
+        assert "SPEC" not in text, name
+        for cited in re.findall(r"see '([^']+)' in the README", text):
+            assert cited in headings, (name, cited)
+    cited_by_examples = [c for p in (REPO / "examples").glob("*.pem")
+                         for c in re.findall(r"see '([^']+)' in the README", p.read_text(encoding="utf-8"))]
+    assert len(cited_by_examples) >= 6  # each example says where its operators are described

@@ -176,3 +176,88 @@ def test_readme_config_runs_and_points_at_the_typo(example_root: Path, monkeypat
     shown = re.search(r"    error\[E002\].*?did you mean `amazon_lm`\?\n", readme, flags=re.S)
     assert status == 1 and shown is not None
     assert "\n".join(line[4:] for line in shown.group().splitlines()) in err  # the README shows real output
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
+def test_config_device_is_checked_at_the_field(adapters: Path, tmp_path: Path, device: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"inputs:\n  a: {adapters}/llama_r8\nexpression: 2*a\noutput: out/x\ndevice: {device}\n",
+                      encoding="utf-8")
+    status, _, err = cli("run", str(config))
+    assert status == 1, err
+    assert "error[E025]" in err and f"{config.name}:5:9" in err and "auto, cpu, cuda, cuda:N" in err
+    assert "internal error" not in err and not (tmp_path / "out").exists()
+
+
+def _config(tmp_path: Path, suffix: str, text: str) -> Path:
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_yaml_alias_bomb_is_refused_before_expansion(adapters: Path, tmp_path: Path) -> None:
+    import time
+
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    text = "\n".join(lines) + f"\nmerge:\n  inputs: {{a: {adapters}/llama_r8}}\n  expression: 2*a\n  output: out/x\n"
+    config = _config(tmp_path, ".yaml", text)
+    start = time.perf_counter()
+    status, _, err = cli("check", str(config), "--key", "merge")
+    assert time.perf_counter() - start < 10
+    assert status == 1 and "error[E025]" in err and "alias" in err, err
+    line = int(err.split(f"{config.name}:")[1].split(":")[0])
+    assert "*l" in text.splitlines()[line - 1]  # at an alias
+    assert "internal error" not in err
+
+
+def test_a_few_aliases_in_a_training_config_are_fine(adapters: Path, tmp_path: Path) -> None:
+    text = (f"paths: &paths {{a: {adapters}/llama_r8, b: {adapters}/llama_r8_b}}\n"
+            "merge:\n  inputs: *paths\n  params: {lam: 0.5}\n  expression: lam*a + (1 - lam)*b\n  output: out/x\n")
+    status, out, err = cli("check", str(_config(tmp_path, ".yaml", text)), "--key", "merge")
+    assert status == 0, err
+    assert "2 inputs" in out
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".yaml", "merge: " + "[" * 100_000), (".yaml", "merge:\n" + "- " * 50_000 + "x\n"),
+    (".yaml", "merge: " + "{a: " * 100_000), (".json", '{"merge": ' + "[" * 100_000),
+    (".json", '{"merge": ' + '{"a": ' * 100_000), (".toml", "merge = " + "[" * 100_000),
+    (".toml", "merge = " + "{a = " * 100_000)], ids=lambda x: x if x.startswith(".") else x[:12])
+def test_deep_nesting_is_a_diagnostic(tmp_path: Path, suffix: str, text: str) -> None:
+    status, _, err = cli("check", str(_config(tmp_path, suffix, text)), "--key", "merge")
+    assert status == 1, err
+    assert "error[E025]" in err and "nested deeper than" in err and "internal error" not in err
+
+
+EVIL = 'l = 1\noutput a -> "out/evil"\nparam m'
+
+
+@pytest.mark.parametrize("with_program", [False, True])
+def test_param_names_are_names(adapters: Path, tmp_path: Path, with_program: bool) -> None:
+    body = ('program: |\n  param l = 1\n  output l*a -> "out/x"\n' if with_program
+            else "expression: 2*a\noutput: out/x\n")
+    text = f"inputs:\n  a: {adapters}/llama_r8\nparams:\n  {json.dumps(EVIL)}: 1\n" + body
+    status, _, err = cli("run", str(_config(tmp_path, ".yaml", text)), "--device", "cpu")
+    assert status == 1, err
+    assert "error[E025]" in err and "cannot be a param name" in err and "c.yaml:4:3" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix,value,line", [
+    (".yaml", "1e400", 3), (".yaml", ".nan", 3), (".yaml", ".inf", 3), (".yaml", "-.inf", 3),
+    (".json", "NaN", 3), (".json", "Infinity", 3), (".json", "1e400", 3),
+    (".toml", "nan", 4), (".toml", "inf", 4), (".toml", "1e400", 4)])
+def test_non_finite_params_are_refused_at_the_field(adapters: Path, tmp_path: Path, suffix: str, value: str,
+                                                    line: int) -> None:
+    if suffix == ".yaml":
+        text = f"inputs: {{a: {adapters}/llama_r8}}\nparams:\n  l: {value}\nexpression: l*a\noutput: out/x\n"
+    elif suffix == ".json":
+        text = (f'{{"inputs": {{"a": "{adapters}/llama_r8"}},\n"params":\n  {{"l": {value}}},\n'
+                '"expression": "l*a", "output": "out/x"}\n')
+    else:
+        text = f'expression = "l*a"\noutput = "out/x"\n[params]\nl = {value}\n[inputs]\na = "{adapters}/llama_r8"\n'
+    status, _, err = cli("run", str(_config(tmp_path, suffix, text)), "--device", "cpu")
+    assert status == 1, err
+    assert "error[E025]" in err and "must be a finite number" in err and f"c{suffix}:{line}:" in err, err
+    assert "E002" not in err and not (tmp_path / "out").exists()

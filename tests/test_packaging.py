@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import site
 import subprocess
 import sys
 import venv
@@ -26,25 +28,37 @@ def test_wheel_carries_the_grammar(tmp_path: Path) -> None:
                     "-w", str(dist), str(REPO)], check=True, capture_output=True)
     (wheel,) = dist.glob("pemlang-*.whl")
     env_dir = tmp_path / "venv"
-    # System site-packages supply lark & co.; the wheel itself is installed into the fresh venv.
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
                     str(wheel)], check=True, capture_output=True)
+    (own_site,) = (Path(d) for d in _site_packages(python) if (Path(d) / "pemlang" / "parser.py").is_file())
+    # lark & co. come from the running interpreter's site-packages (a venv's or the system's, whichever
+    # runs the tests), appended after the fresh venv's own: its `.pth` files (an editable pemlang among
+    # them) are not processed, so the wheel is the only pemlang there is.
+    running = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    (own_site / "running-interpreter.pth").write_text("\n".join(running) + "\n")
     program = tmp_path / "elsewhere" / "p.pem"
     program.parent.mkdir()
     program.write_text("param lam = 0.5\nx = lam * 2\n")
     code = ("import pemlang, pathlib, sys; from pemlang.parser import grammar_text; "
-            "assert 'site-packages' in pemlang.__file__, pemlang.__file__; "
+            "assert pemlang.__file__.startswith(sys.argv[2]), pemlang.__file__; "
             "assert 'pemlang/grammar/pem.lark' in str(__import__('importlib.resources').resources.files('pemlang')"
             ".joinpath('grammar/pem.lark')); "
             "from pemlang.cli import main; sys.exit(main(['check', sys.argv[1]]))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([str(python), "-I", "-c", code, str(program)], capture_output=True, text=True,
+    result = subprocess.run([str(python), "-I", "-c", code, str(program), str(own_site)], capture_output=True, text=True,
                             cwd=program.parent, env=env)
     assert result.returncode == 0, result.stderr
     assert "ok:" in result.stdout
     assert (REPO / "grammar" / "pem.lark").read_text() in _wheel_grammar(wheel)
+
+
+def _site_packages(python: Path) -> list[str]:
+    """The site-packages directories of another interpreter."""
+    code = "import json, site; print(json.dumps(site.getsitepackages()))"
+    found = subprocess.run([str(python), "-I", "-c", code], check=True, capture_output=True, text=True).stdout
+    return [d for d in json.loads(found) if Path(d).is_dir()]
 
 
 def _wheel_grammar(wheel: Path) -> str:

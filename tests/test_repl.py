@@ -153,3 +153,77 @@ def test_readme_session(example_root: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "\n".join(shown) in result.stdout
     assert (example_root / "examples" / "out" / "yelp_cls_03" / "adapter_model.safetensors").exists()
+
+
+def piped(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pemlang.cli", "repl", *args], input=script, capture_output=True,
+                          text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_an_entry_ending_in_an_operator_continues(inputs: str, adapters: Path, tmp_path: Path) -> None:
+    out = drive(inputs + "y = a +\rb\ry\rz = 2 *  # a comment\r  a\rz\r", tmp_path / "history")
+    assert "error" not in out, out
+    assert "y : LoRA module" in out and "(1, 1)·a + (1, 1)·b" in out and "(2, 2)·a" in out
+    script = f'input a = "{adapters}/llama_r8"\ny = a +\n  a -\n  0.5*a\ny\n'
+    result = piped(script, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "y : LoRA module" in result.stdout and "(2.5, 1.5)·a" in result.stdout  # alpha drops the sign
+
+
+def test_a_missing_file_on_the_command_line_is_misuse(tmp_path: Path) -> None:
+    result = piped(":names\n", "nosuch.pem", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "nosuch.pem" in result.stderr and "No such file" in result.stderr and ":load" not in result.stderr
+
+
+def test_a_file_with_errors_on_the_command_line_exits_1(adapters: Path, tmp_path: Path) -> None:
+    program = tmp_path / "bad.pem"
+    program.write_text(f'input a = "{adapters}/llama_r8"\nx = a + bb\n', encoding="utf-8")
+    result = piped(":names\n", str(program), cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"--> {program}:2:9" in result.stderr and "unknown name `bb`" in result.stderr
+
+
+def test_a_piped_script_with_a_failing_entry_exits_1(adapters: Path, tmp_path: Path) -> None:
+    script = f'input a = "{adapters}/llama_r8"\nx = a + bb\n2*a\n'
+    result = piped(script, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "error[E002]" in result.stdout and "2*a : LoRA module" in result.stdout  # it went on
+    assert piped(script.replace("bb", "a") + ":quit\n", cwd=tmp_path).returncode == 0
+    assert piped(script + ":quit\n", cwd=tmp_path).returncode == 1
+
+
+def test_type_shows_the_heads_an_output_would_carry(adapters: Path, tmp_path: Path) -> None:
+    base = f'input c = "{adapters}/llama_cls"\ninput a = "{adapters}/llama_r8"\n'
+    result = piped(base + "heads from c\n:type a\na\n", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count(", 1 head\n") == 2, result.stdout  # `output a` would write c's head
+    result = piped(base + "heads drop\n:type c\n", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert "c : LoRA module" in result.stdout and "head" not in result.stdout.split("c : LoRA module")[1]
+
+
+def test_an_internal_error_ends_one_entry_not_the_session(inputs: str, monkeypatch: pytest.MonkeyPatch,
+                                                          adapters: Path) -> None:
+    def boom(self, *args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(repl.Session, "cmd_names", boom)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f'input a = "{adapters}/llama_r8"\n:names\n2*a\n'))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = repl.run(None, device="cpu")
+    text = out.getvalue()
+    assert status == 1
+    assert "internal error: RuntimeError: simulated bug" in text and "report" in text and "Traceback" not in text
+    assert "2*a : LoRA module" in text  # the session went on
+
+
+def test_an_unavailable_device_is_a_usage_message_and_the_session_goes_on(adapters: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    script = f'input a = "{adapters}/llama_r8"\n:save 2*a {tmp_path}/x\n3*a\n'
+    result = piped(script, "--device", "cuda", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "no CUDA device" in result.stdout and "internal error" not in result.stdout
+    assert "3*a : LoRA module" in result.stdout and not (tmp_path / "x").exists()
