@@ -19,7 +19,7 @@ from typing import Literal
 from . import ast
 from .adapters import Adapter, AdapterError, read_adapter
 from .diagnostics import Diagnostic, display_path, error, warning
-from .source import Source, Span
+from .source import Source, Span, read_source
 from .types import Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
 
 Mode = Literal["paper", "exact"]
@@ -698,5 +698,4 @@ def check_source(source: Source, **options) -> CheckedProgram:  # type: ignore[n
 
 def check_file(path: str | Path, **options) -> CheckedProgram:  # type: ignore[no-untyped-def]
     """Read, parse and check a .pem file."""
-    text = Path(path).read_text(encoding="utf-8")
-    return check_source(Source(text, str(path)), **options)
+    return check_source(read_source(path), **options)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .diagnostics import Diagnostic, emit, error, summary
-from .source import CONFIG_SUFFIXES, Source, Span
+from .diagnostics import Diagnostic, PemError, emit, error, summary
+from .source import CONFIG_SUFFIXES, Source, Span, read_source
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 ISSUES_URL = "https://github.com/pemlang/pemlang/issues"
@@ -58,12 +58,12 @@ def _overrides(values: Sequence[str]) -> tuple[list[Any], list[Diagnostic]]:
 
 def _read_program_file(path: str) -> Source:
     try:
-        return Source(Path(path).read_text(encoding="utf-8"), path)
+        return read_source(path)
     except FileNotFoundError:
         raise UsageError(f"no such file: {path}") from None
     except IsADirectoryError:
         raise UsageError(f"{path} is a directory; give a .pem file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
 
 
@@ -438,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pemlang: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except PemError as exc:  # a user error found outside a check (e.g. a file that is not UTF-8)
+        _report(exc.diagnostics)
+        return 1
     except KeyboardInterrupt:
         print("pemlang: interrupted", file=sys.stderr)
         return 130

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .diagnostics import Diagnostic, PemError, error
-from .source import CONFIG_SUFFIXES, Source, Span
+from .source import CONFIG_SUFFIXES, Source, Span, read_source
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
 
@@ -292,7 +292,7 @@ def read_config(path: str | Path, *, key: str | None = None, text: str | None = 
     path of the block inside a larger config; `text`, the file's text when already read.
     Raises PemError (E025) with located diagnostics."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8") if text is None else text
+    text = read_source(path).text if text is None else text
     host = Source(text, str(path))
     suffix = path.suffix.lower()
     data: Any

@@ -29,7 +29,7 @@ from .api import AdapterCache
 from .check import POISON, CheckedProgram, Checker, ModuleValue, Override, ScalarValue, Value, did_you_mean
 from .diagnostics import Diagnostic, PemError, emit, error
 from .parser import parse_expression, parse_program
-from .source import Source, Span
+from .source import Source, Span, read_source
 
 PROMPT, CONTINUATION = "pem> ", "...  "
 KEYWORDS = ("input", "param", "output", "mode", "heads", "from", "drop", "paper", "exact")
@@ -281,10 +281,10 @@ class Session:
         self._needs(source, rest, "a file", ":load FILE.pem")
         path = Path(rest.strip("'\""))
         try:
-            text = path.read_text(encoding="utf-8")
+            loaded = read_source(path)
         except OSError as exc:
             raise PemError([error("E012", f"cannot read {rest}: {exc.strerror or exc}", source, span)]) from None
-        self.statements(Source(text, str(path)), path.resolve().parent, loading=True)
+        self.statements(loaded, path.resolve().parent, loading=True)
 
     def cmd_set(self, source: Source, rest: str, span: Span) -> None:
         self._needs(source, rest, "NAME=VALUE", ":set NAME=VALUE")
