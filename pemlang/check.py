@@ -489,8 +489,17 @@ class Checker:
                 if isinstance(operand_value, ScalarValue):
                     return ScalarValue(-operand_value.value)
                 return operand_value.negated() if isinstance(operand_value, ModuleValue) else POISON
-            case ast.BinOp(op=op, lhs=lhs, rhs=rhs):
-                return self._binop(expr, op, self.expr(lhs), self.expr(rhs))
+            case ast.BinOp():
+                # A left-associative chain `a + b + c + ...` is folded in a loop, however long.
+                spine: list[ast.BinOp] = []
+                node: ast.Expr = expr
+                while isinstance(node, ast.BinOp):
+                    spine.append(node)
+                    node = node.lhs
+                value = self.expr(node)
+                for binop in reversed(spine):
+                    value = self._binop(binop, binop.op, value, self.expr(binop.rhs))
+                return value
             case ast.Call():
                 return self._call(expr)
         raise TypeError(f"not an expression: {expr!r}")
