@@ -182,7 +182,14 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> list[str]:
 
 
 def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return str(x)  # inf, -inf, nan: as a reader says them
     return ast.format_number(round(x, 12))
+
+
+# Output tensors are computed and stored in float32 at widest: a coefficient beyond its range
+# would write infinities.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 # -- combining module types ---------------------------------------------------------------------
@@ -284,6 +291,13 @@ class Checker:
             case ast.ParamStmt(name=name, value=value):
                 if self._declare(name, "param"):
                     override = self.overrides.get(name.id)
+                    if override is not None and not math.isfinite(override.value):
+                        self.diagnostics.append(error(
+                            "E026", f"{override.what} gives `{name.id}` a value that is not a finite number",
+                            override.source, Span(0, len(override.source.text)),
+                            notes=[f"it is {_fmt(override.value)}"]))
+                        self.env[name.id] = Entry("param", POISON, name.span)
+                        return None
                     scalar = self._scalar(value, what="a param")
                     number: float | None = override.value if override is not None else (
                         scalar.value if isinstance(scalar, ScalarValue) else None)
@@ -474,6 +488,9 @@ class Checker:
         """The value of an expression; errors are recorded and give POISON."""
         match expr:
             case ast.Number(value=number):
+                if not math.isfinite(number):
+                    return self._error("E026", "this number is too large", expr.span,
+                                       notes=[f"it reads as {_fmt(number)}: the largest number is about 1.8e308"])
                 return ScalarValue(number)
             case ast.Name(id=name):
                 entry = self.env.get(name)
@@ -498,7 +515,7 @@ class Checker:
                     node = node.lhs
                 value = self.expr(node)
                 for binop in reversed(spine):
-                    value = self._binop(binop, binop.op, value, self.expr(binop.rhs))
+                    value = self._in_range(binop, self._binop(binop, binop.op, value, self.expr(binop.rhs)))
                 return value
             case ast.Call():
                 return self._call(expr)
@@ -514,7 +531,8 @@ class Checker:
             result = {"+": lhs.value + rhs.value, "-": lhs.value - rhs.value,
                       "*": lhs.value * rhs.value, "/": lhs.value / rhs.value if rhs.value else 0.0}[op]
             if not math.isfinite(result):
-                return self._error("E015", "this number overflows", expr.span, notes=[f"it is {result}"])
+                return self._error("E026", "this number overflows", expr.span,
+                                   notes=[f"`{self.source.snippet(expr.span)}` is {_fmt(result)}"])
             return ScalarValue(result)
         if op in "+-":
             if isinstance(lhs, ModuleValue) and isinstance(rhs, ModuleValue):
@@ -542,6 +560,20 @@ class Checker:
             return self._error("E015", "division by zero", expr.rhs.span,
                                notes=[f"`{self.source.snippet(expr.rhs.span)}` is 0"])
         return lhs.scaled(1.0 / rhs.value)
+
+    def _in_range(self, expr: ast.BinOp, value: Value) -> Value:
+        """A module whose coefficients would overflow the tensors they scale is an error."""
+        if not isinstance(value, ModuleValue):
+            return value
+        for term in value.terms:
+            for coefficient in (term.beta, term.alpha):
+                if not math.isfinite(coefficient) or abs(coefficient) > FLOAT32_MAX:
+                    return self._error(
+                        "E026", "a coefficient of this module is out of range", expr.span,
+                        notes=[f"the coefficient of `{term.source.describe()}` would be {_fmt(coefficient)}; "
+                               "tensors hold numbers up to about 3.4e38 (float32)"],
+                        hints=["scale by a smaller number"])
+        return value
 
     def _add(self, expr: ast.BinOp, lhs: ModuleValue, rhs: ModuleValue) -> Value:
         combined = self._combine_types(expr.span, lhs, rhs)
@@ -658,8 +690,8 @@ class Checker:
         if inner.type.kind != "lora":
             return self._error("E020", "svd() applies to LoRA modules", call.args[0].span,
                                notes=[f"`{self.source.snippet(call.args[0].span)}` is an (IA)3 module"])
-        if not isinstance(rank_value, ScalarValue) or rank_value.value != int(rank_value.value) \
-                or rank_value.value < 1:
+        if not isinstance(rank_value, ScalarValue) or not math.isfinite(rank_value.value) \
+                or rank_value.value != int(rank_value.value) or rank_value.value < 1:
             return self._error("E020", "svd() rank must be a positive whole number", rank_kw.value.span,
                                hints=usage)
         rank = int(rank_value.value)
