@@ -90,6 +90,7 @@ def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-
     """Read and check FILE (a .pem program or a YAML/JSON/TOML config): (checked or None, diagnostics)."""
     overrides, bad_sets = _overrides(args.set)
     source, is_config = _program_file(args)
+    writes = args.command not in ("check", "plan")  # an existing output is a warning where nothing is written
     if is_config:  # pydantic and yaml are imported only for configs
         from .config import DTYPES, check_config, read_config
         from .diagnostics import PemError
@@ -99,7 +100,7 @@ def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-
         except PemError as exc:
             return None, [*exc.diagnostics, *bad_sets]
         checked = check_config(located, overrides=overrides, force=force, allow_pickle=args.allow_pickle,
-                               require_output=args.command != "check")
+                               require_output=args.command != "check", writes=writes)
         if getattr(args, "device", "unset") is None:  # the command line wins over the config
             args.device = located.config.device
         if getattr(args, "dtype", "unset") is None and located.config.dtype:
@@ -107,7 +108,8 @@ def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-
     else:
         from .check import check_source
 
-        checked = check_source(source, overrides=overrides, force=force, allow_pickle=args.allow_pickle)
+        checked = check_source(source, overrides=overrides, force=force, allow_pickle=args.allow_pickle,
+                               writes=writes)
     return checked, [*checked.diagnostics, *bad_sets]
 
 

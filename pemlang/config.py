@@ -417,7 +417,7 @@ def structure_problems(config: PemConfig, located: Located | None = None) -> lis
 
 def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool = False,
                  allow_pickle: bool = False, read: Callable[..., Any] | None = None,
-                 require_output: bool = True) -> Any:
+                 require_output: bool = True, writes: bool = True) -> Any:
     """Type-check a config block: a CheckedProgram whose diagnostics point into the config file."""
     from . import ast
     from .check import Checker, Override
@@ -441,7 +441,7 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
     elif config.expression is not None:
         main_source = embed(("expression",), config.expression, "expression")
     options: dict[str, Any] = {"mode": config.mode, "base_dir": located.base_dir, "force": force,
-                               "allow_pickle": allow_pickle}
+                               "allow_pickle": allow_pickle, "writes": writes}
     if read is not None:
         options["read"] = read
     params = {}
