@@ -84,19 +84,22 @@ def read_source(path: str | os.PathLike[str], filename: str | None = None) -> So
 
     Invalid UTF-8 raises PemError with an E001 diagnostic at the first bad byte; OSErrors
     (a missing file, a directory) propagate for the caller to word."""
+    return decode_source(Path(path).read_bytes(), filename if filename is not None else os.fspath(path))
+
+
+def decode_source(data: bytes, filename: str) -> Source:
+    """A file's bytes as a Source (see read_source)."""
     from .diagnostics import PemError, error
 
-    name = filename if filename is not None else os.fspath(path)
-    data = Path(path).read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         prefix = data[: exc.start].decode("utf-8")
-        shown = source_from_text(prefix + data[exc.start :].decode("utf-8", errors="replace"), name)
+        shown = source_from_text(prefix + data[exc.start :].decode("utf-8", errors="replace"), filename)
         offset = len(normalise_newlines(prefix))
         bad = data[exc.start : exc.end]
         raise PemError([error(
             "E001", "this file is not valid UTF-8", shown, Span(offset, offset + 1),
             notes=[f"byte {', '.join(f'0x{b:02x}' for b in bad)} at byte offset {exc.start} ({exc.reason})"],
             hints=["save the file as UTF-8"])]) from None
-    return source_from_text(text, name)
+    return source_from_text(text, filename)
