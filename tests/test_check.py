@@ -289,3 +289,17 @@ def test_a_read_only_parent_is_E018(adapters: Path, tmp_path: Path, monkeypatch:
     result = check_source(Source(text), base_dir=tmp_path)
     assert codes(result) == ["E018"]
     assert any("ro" in note for note in result.diagnostics[0].notes)
+
+
+def test_check_and_plan_pass_with_an_existing_output_and_run_refuses(adapters: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from pemlang.cli import main
+
+    (tmp_path / "out").mkdir()
+    program = tmp_path / "p.pem"
+    program.write_text(two_inputs(adapters) + 'output a + b -> "out"\n')
+    assert main(["check", str(program)]) == 0
+    assert main(["plan", str(program)]) == 0
+    assert "warning[W005]" in capsys.readouterr().err
+    assert main(["run", str(program), "--device", "cpu"]) == 1
+    assert "error[E018]: output directory already exists" in capsys.readouterr().err
