@@ -781,9 +781,17 @@ def _unusable(path: Path) -> str | None:
         return "the path contains a NUL character"
     try:
         os.lstat(path)
+        path.resolve()  # a loop of symbolic links raises here (RuntimeError before Python 3.13)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # not there (yet): that is for the caller to judge
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             return "the path is too long for the file system"
+        if exc.errno == errno.ELOOP:
+            return "the path goes round a loop of symbolic links"
+        return f"the path cannot be used ({exc.strerror or exc})"
+    except RuntimeError:
+        return "the path goes round a loop of symbolic links"
     except ValueError as exc:  # a name the file system's encoding cannot hold
         return f"the path cannot be used ({exc})"
     return None

@@ -303,3 +303,10 @@ def test_check_and_plan_pass_with_an_existing_output_and_run_refuses(adapters: P
     assert "warning[W005]" in capsys.readouterr().err
     assert main(["run", str(program), "--device", "cpu"]) == 1
     assert "error[E018]: output directory already exists" in capsys.readouterr().err
+
+
+def test_symlink_loops_are_diagnostics(adapters: Path, tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    text = two_inputs(adapters) + 'input c = "loop"\noutput a + b -> "loop"\noutput a - b -> "loop/x"\n'
+    result = check_source(Source(text), base_dir=tmp_path)
+    assert [d.code for d in result.diagnostics if d.is_error] == ["E012", "E018", "E018"], result.diagnostics
