@@ -226,7 +226,7 @@ def test_mutated_examples_give_only_diagnostics(front: Front) -> None:
     for _ in range(MUTANTS):
         front.file(mutate(rng, rng.choice(EXAMPLE_TEXTS)))  # the bytes of a file, as read_source decodes them
     ran = front.count - before
-    print(f"\n{ran} mutated examples")
+    print(f"\n{ran} mutated examples, {front.accepted} accepted so far")
     assert ran == MUTANTS
 
 
@@ -266,5 +266,5 @@ def test_deep_and_huge_programs_give_only_diagnostics(front: Front) -> None:
 
     one()
     ran = front.count - before
-    print(f"\n{ran} deep or huge programs")
+    print(f"\n{ran} deep or huge programs, {front.accepted} accepted so far")
     assert ran >= DEEP_PROGRAMS
