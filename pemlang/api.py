@@ -28,7 +28,7 @@ from .check import CheckedProgram, Checker, Mode, Override, check_parsed, defaul
 from .diagnostics import Diagnostic, PemError, render
 from .parser import parse_expression, parse_program
 from .plan import Plan
-from .source import Source, Span
+from .source import Source, Span, read_source, source_from_text
 
 
 class AdapterCache:
@@ -327,9 +327,9 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
                                         allow_pickle=allow_pickle, base_dir=root)
         return Program(frontend, device=device, dtype=dtype)
     if file is not None:
-        source = Source(Path(file).read_text(encoding="utf-8"), str(file))
+        source = read_source(file)
     elif source is None:
-        source = Source(text or "", "<text>")
+        source = source_from_text(text or "", "<text>")
     frontend = _file_frontend(source, allow_pickle=allow_pickle, base_dir=root)
     return Program(frontend, params=params, device=device, dtype=dtype)
 

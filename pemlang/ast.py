@@ -4,6 +4,7 @@ that re-parses to an equal tree."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -137,6 +138,10 @@ def _precedence(expr: Expr) -> int:
 
 def format_number(value: float) -> str:
     """A number as source text that reads back as the same float (`1`, `0.5`, `1e-05`)."""
+    if math.isnan(value):
+        return "nan"  # no literal reads as NaN; shown in messages only
+    if math.isinf(value):
+        return "1e999" if value > 0 else "-1e999"  # reads back as infinity, as `1e400` does
     if value == int(value) and abs(value) < 1e16:
         return str(int(value))
     return repr(value)
@@ -152,15 +157,23 @@ def format_expr(expr: Expr) -> str:
         case Neg(operand=operand):
             inner = format_expr(operand)
             return f"-({inner})" if _precedence(operand) < _UNARY else f"-{inner}"
-        case BinOp(op=op, lhs=lhs, rhs=rhs):
-            prec = _PRECEDENCE[op]
-            left = format_expr(lhs)
-            right = format_expr(rhs)
-            if _precedence(lhs) < prec:
-                left = f"({left})"
-            if _precedence(rhs) <= prec:  # left-associative: a - (b - c) keeps its parentheses
-                right = f"({right})"
-            return f"{left} {op} {right}"
+        case BinOp():
+            # A left-associative chain `a + b + c + ...` is printed in a loop, however long.
+            spine: list[BinOp] = []
+            node: Expr = expr
+            while isinstance(node, BinOp):
+                spine.append(node)
+                node = node.lhs
+            text = format_expr(node)
+            for binop in reversed(spine):
+                prec = _PRECEDENCE[binop.op]
+                if _precedence(binop.lhs) < prec:
+                    text = f"({text})"
+                right = format_expr(binop.rhs)
+                if _precedence(binop.rhs) <= prec:  # left-associative: a - (b - c) keeps its parentheses
+                    right = f"({right})"
+                text = f"{text} {binop.op} {right}"
+            return text
         case Call(func=func, args=args, kwargs=kwargs):
             parts = [format_expr(a) for a in args]
             parts += [f"{k.name.id}={format_expr(k.value)}" for k in kwargs]

@@ -8,6 +8,9 @@ The checker reads adapter signatures only (config + safetensors header), never t
 from __future__ import annotations
 
 import difflib
+import errno
+import functools
+import heapq
 import itertools
 import math
 import os
@@ -19,7 +22,7 @@ from typing import Literal
 from . import ast
 from .adapters import Adapter, AdapterError, read_adapter
 from .diagnostics import Diagnostic, display_path, error, warning
-from .source import Source, Span
+from .source import Source, Span, read_source
 from .types import Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
 
 Mode = Literal["paper", "exact"]
@@ -175,14 +178,56 @@ class CheckedProgram:
         return not any(d.is_error for d in self.diagnostics)
 
 
+# difflib compares a name with every candidate; over more than this many candidates, a cheap
+# score (shared two-character pieces) picks this many for difflib to rank.
+_DIFFLIB_POOL = 500
+
+
+def closest_name(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to `name` (difflib's ratio ≥ 0.6), if any."""
+    pool = list(candidates)
+    if len(pool) > _DIFFLIB_POOL:
+        pool = _likely(name, pool)
+    close = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> list[str]:
     """A hint naming the closest candidate, if one is close."""
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return [f"did you mean `{close[0]}`?"] if close else []
+    close = closest_name(name, candidates)
+    return [f"did you mean `{close}`?"] if close else []
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _bigrams(name: str) -> frozenset[tuple[str, int]]:
+    """The two-character pieces of a name, each numbered by its occurrence (a multiset as a set)."""
+    seen: dict[str, int] = {}
+    pieces = set()
+    for i in range(len(name) - 1):
+        piece = name[i : i + 2]
+        seen[piece] = seen.get(piece, 0) + 1
+        pieces.add((piece, seen[piece]))
+    return frozenset(pieces)
+
+
+def _likely(name: str, pool: list[str]) -> list[str]:
+    """The candidates sharing the most two-character pieces with `name`, among those whose length
+    lets difflib's ratio reach 0.6 (2·min(n, m) ≥ 0.6·(n + m))."""
+    grams = _bigrams(name)
+    n = len(name)
+    scored = [(len(grams & _bigrams(c)), c) for c in pool if 2 * min(n, len(c)) >= 0.6 * (n + len(c))]
+    return [c for _, c in heapq.nlargest(_DIFFLIB_POOL, scored)]
 
 
 def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return str(x)  # inf, -inf, nan: as a reader says them
     return ast.format_number(round(x, 12))
+
+
+# Output tensors are computed and stored in float32 at widest: a coefficient beyond its range
+# would write infinities.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 # -- combining module types ---------------------------------------------------------------------
@@ -199,17 +244,23 @@ class Checker:
 
     def __init__(self, source: Source, *, mode: Mode = "paper", base_dir: Path | None = None,
                  overrides: Iterable[Override] = (), force: bool = False, allow_pickle: bool = False,
-                 read: Callable[..., Adapter] = read_adapter):
+                 read: Callable[..., Adapter] = read_adapter, writes: bool = True):
         self.source = source
         self.mode: Mode = mode
         self.base_dir = base_dir if base_dir is not None else Path.cwd()
         self.overrides = {o.name: o for o in overrides}
         self.force = force
+        # Whether the caller will write the outputs (run, eval): an existing output is then an error
+        # without --force; for check and plan, which write nothing, it is a warning.
+        self.writes = writes
         self.allow_pickle = allow_pickle
         self.read = read
         self.env: dict[str, Entry] = {}
         self.inputs: dict[str, Adapter] = {}
         self.input_paths: dict[str, Path] = {}
+        self.input_reals: dict[str, Path] = {}  # resolved once: every output is compared with them
+        self.output_reals: dict[Path, Span] = {}
+        self.suggested: set[str] = set()  # names offered by a did-you-mean hint of an error
         self.input_written: dict[str, str] = {}
         self.input_spans: dict[str, tuple[Source, Span]] = {}
         self.binding_text: dict[str, str] = {}
@@ -219,6 +270,7 @@ class Checker:
         self.diagnostics: list[Diagnostic] = []
         self.broken_names: frozenset[str] = frozenset()
         self._statements_seen = 0
+        self._current_span = Span(0, 0)  # the output statement being checked
 
     # reporting
     def _error(self, code: str, message: str, span: Span | None, *, source: Source | None = None,
@@ -264,6 +316,8 @@ class Checker:
                     override.source, Span(0, len(name)), notes=notes, hints=did_you_mean(name, params)))
         syntax_errors = any(d.code == "E001" for d in self.diagnostics)
         for name, entry in self.env.items():
+            if name in self.suggested:
+                continue  # a typo meant it: the E002 says so, "never used" would mislead
             if not syntax_errors and not entry.used and entry.kind in ("input", "binding"):
                 self._warn("W003", f"{entry.kind} `{name}` is never used", entry.span, source=entry.source,
                            hints=[f"remove it, or write it out with `output {name} -> \"DIR\"`"]
@@ -284,6 +338,13 @@ class Checker:
             case ast.ParamStmt(name=name, value=value):
                 if self._declare(name, "param"):
                     override = self.overrides.get(name.id)
+                    if override is not None and not math.isfinite(override.value):
+                        self.diagnostics.append(error(
+                            "E026", f"{override.what} gives `{name.id}` a value that is not a finite number",
+                            override.source, Span(0, len(override.source.text)),
+                            notes=[f"it is {_fmt(override.value)}"]))
+                        self.env[name.id] = Entry("param", POISON, name.span)
+                        return None
                     scalar = self._scalar(value, what="a param")
                     number: float | None = override.value if override is not None else (
                         scalar.value if isinstance(scalar, ScalarValue) else None)
@@ -335,6 +396,12 @@ class Checker:
         if not self._declare(name, "input", source):
             return
         path = Path(os.path.abspath(self.base_dir / written))
+        problem = _unusable(path)
+        if problem is not None:
+            self.env[name.id] = Entry("input", POISON, name.span, source=source)
+            self._error("E012", f"input `{name.id}`: {problem}", path_span, source=source,
+                        notes=[_shorten(display_path(path))])
+            return
         try:
             adapter = self.read(path, allow_pickle=self.allow_pickle)
         except AdapterError as exc:
@@ -343,6 +410,7 @@ class Checker:
                         notes=exc.notes, hints=exc.hints)
             return
         self.input_paths[name.id] = path
+        self.input_reals[name.id] = path.resolve()
         if adapter.unsupported:
             features = adapter.unsupported
             self.env[name.id] = Entry("input", POISON, name.span, source=source)
@@ -382,6 +450,7 @@ class Checker:
                         notes=[f"it evaluates to {_fmt(value.value)}"])
         path = None if written is None else Path(os.path.abspath(self.base_dir / written))
         if path is not None:
+            self._current_span = span
             self._check_output_path(path, path_span, path_source)
         if isinstance(value, ModuleValue):
             self._check_heads(value, expr.span)
@@ -390,30 +459,44 @@ class Checker:
             self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span))
 
     def _check_output_path(self, path: Path, path_span: Span, path_source: Source | None) -> None:
+        def fail(message: str, *notes: str, hints: Iterable[str] = ()) -> None:
+            self._error("E018", message, path_span, source=path_source, notes=notes, hints=hints)
+
+        problem = _unusable(path)
+        if problem is not None:
+            return fail(f"output path cannot be used: {problem}", _shorten(display_path(path)))
         real = path.resolve()
         bad_path = False
-        for name, input_path in self.input_paths.items():
-            input_real = input_path.resolve()
+        for name, input_real in self.input_reals.items():
             if real == input_real or input_real.is_relative_to(real) or real.is_relative_to(input_real):
                 bad_path = True
                 where = ("is the input's directory" if real == input_real else
                          "contains the input" if input_real.is_relative_to(real) else "is inside the input")
-                self._error("E018", f"output would overwrite input `{name}`", path_span, source=path_source,
-                            notes=[f"{display_path(path)} {where}"],
-                            hints=["inputs are never written: choose another output directory"])
-        for other in self.outputs:
-            if other.path is not None and other.path.resolve() == real:
-                bad_path = True
-                self._error("E018", "two outputs write the same directory", path_span, source=path_source,
-                            notes=[f"{display_path(path)} is also written on line {self.source.line_col(other.span.start)[0]}"])
-        if not bad_path and path.exists() and not self.force:
-            what = "directory" if path.is_dir() else "file"
-            self._error("E018", f"output {what} already exists", path_span, source=path_source, notes=[display_path(path)],
-                        hints=["pass --force to replace it"] if path.is_dir() else
-                        ["an output is a directory: choose another path"])
-        elif not bad_path and path.exists() and not path.is_dir():
-            self._error("E018", "output path is a file", path_span, source=path_source, notes=[display_path(path)],
+                fail(f"output would overwrite input `{name}`", f"{display_path(path)} {where}",
+                     hints=["inputs are never written: choose another output directory"])
+        other = self.output_reals.get(real)
+        if other is not None:
+            bad_path = True
+            fail("two outputs write the same directory",
+                 f"{display_path(path)} is also written on line {self.source.line_col(other.start)[0]}")
+        else:
+            self.output_reals[real] = self._current_span
+        if bad_path:
+            return None
+        unwritable = _unwritable(path, real)
+        if unwritable is not None:
+            return fail("cannot write the output here", unwritable,
+                        hints=["choose a directory you can write to"])
+        if path.exists() and not path.is_dir():
+            return fail("output path is a file", display_path(path),
                         hints=["an output is a directory: choose another path"])
+        if path.exists() and not self.force:
+            if self.writes:
+                return fail("output directory already exists", display_path(path),
+                            hints=["pass --force to replace it"])
+            self._warn("W005", "output directory already exists", path_span, source=path_source,
+                       notes=[display_path(path)], hints=["`pemlang run` will need --force to replace it"])
+        return None
 
     def _heads(self, stmt: ast.HeadsStmt) -> None:
         if self.heads is not None:
@@ -474,14 +557,20 @@ class Checker:
         """The value of an expression; errors are recorded and give POISON."""
         match expr:
             case ast.Number(value=number):
+                if not math.isfinite(number):
+                    return self._error("E026", "this number is too large", expr.span,
+                                       notes=[f"it reads as {_fmt(number)}: the largest number is about 1.8e308"])
                 return ScalarValue(number)
             case ast.Name(id=name):
                 entry = self.env.get(name)
                 if entry is None and name in self.broken_names:
                     return POISON  # its definition's syntax error is already reported
                 if entry is None:
+                    meant = closest_name(name, list(self.env) + list(FUNCTIONS))
+                    if meant is not None:
+                        self.suggested.add(meant)
                     return self._error("E002", f"unknown name `{name}`", expr.span,
-                                       hints=did_you_mean(name, list(self.env) + list(FUNCTIONS)))
+                                       hints=[f"did you mean `{meant}`?"] if meant else [])
                 entry.used = True
                 return entry.value
             case ast.Neg(operand=operand):
@@ -489,8 +578,17 @@ class Checker:
                 if isinstance(operand_value, ScalarValue):
                     return ScalarValue(-operand_value.value)
                 return operand_value.negated() if isinstance(operand_value, ModuleValue) else POISON
-            case ast.BinOp(op=op, lhs=lhs, rhs=rhs):
-                return self._binop(expr, op, self.expr(lhs), self.expr(rhs))
+            case ast.BinOp():
+                # A left-associative chain `a + b + c + ...` is folded in a loop, however long.
+                spine: list[ast.BinOp] = []
+                node: ast.Expr = expr
+                while isinstance(node, ast.BinOp):
+                    spine.append(node)
+                    node = node.lhs
+                value = self.expr(node)
+                for binop in reversed(spine):
+                    value = self._in_range(binop, self._binop(binop, binop.op, value, self.expr(binop.rhs)))
+                return value
             case ast.Call():
                 return self._call(expr)
         raise TypeError(f"not an expression: {expr!r}")
@@ -505,7 +603,8 @@ class Checker:
             result = {"+": lhs.value + rhs.value, "-": lhs.value - rhs.value,
                       "*": lhs.value * rhs.value, "/": lhs.value / rhs.value if rhs.value else 0.0}[op]
             if not math.isfinite(result):
-                return self._error("E015", "this number overflows", expr.span, notes=[f"it is {result}"])
+                return self._error("E026", "this number overflows", expr.span,
+                                   notes=[f"`{self.source.snippet(expr.span)}` is {_fmt(result)}"])
             return ScalarValue(result)
         if op in "+-":
             if isinstance(lhs, ModuleValue) and isinstance(rhs, ModuleValue):
@@ -533,6 +632,20 @@ class Checker:
             return self._error("E015", "division by zero", expr.rhs.span,
                                notes=[f"`{self.source.snippet(expr.rhs.span)}` is 0"])
         return lhs.scaled(1.0 / rhs.value)
+
+    def _in_range(self, expr: ast.BinOp, value: Value) -> Value:
+        """A module whose coefficients would overflow the tensors they scale is an error."""
+        if not isinstance(value, ModuleValue):
+            return value
+        for term in value.terms:
+            for coefficient in (term.beta, term.alpha):
+                if not math.isfinite(coefficient) or abs(coefficient) > FLOAT32_MAX:
+                    return self._error(
+                        "E026", "a coefficient of this module is out of range", expr.span,
+                        notes=[f"the coefficient of `{term.source.describe()}` would be {_fmt(coefficient)}; "
+                               "tensors hold numbers up to about 3.4e38 (float32)"],
+                        hints=["scale by a smaller number"])
+        return value
 
     def _add(self, expr: ast.BinOp, lhs: ModuleValue, rhs: ModuleValue) -> Value:
         combined = self._combine_types(expr.span, lhs, rhs)
@@ -649,8 +762,8 @@ class Checker:
         if inner.type.kind != "lora":
             return self._error("E020", "svd() applies to LoRA modules", call.args[0].span,
                                notes=[f"`{self.source.snippet(call.args[0].span)}` is an (IA)3 module"])
-        if not isinstance(rank_value, ScalarValue) or rank_value.value != int(rank_value.value) \
-                or rank_value.value < 1:
+        if not isinstance(rank_value, ScalarValue) or not math.isfinite(rank_value.value) \
+                or rank_value.value != int(rank_value.value) or rank_value.value < 1:
             return self._error("E020", "svd() rank must be a positive whole number", rank_kw.value.span,
                                hints=usage)
         rank = int(rank_value.value)
@@ -660,6 +773,48 @@ class Checker:
         result_type = ModuleType("lora", inner.type.base, layers, inner.type.heads, inner.type.architecture)
         ref = SvdRef(inner, rank, text=self.source.snippet(call.span))
         return ModuleValue((Term(ref, 1.0, 1.0),), result_type)
+
+
+def _unusable(path: Path) -> str | None:
+    """Why the operating system cannot take `path` at all (a NUL, a name too long), if it cannot."""
+    if "\0" in str(path):
+        return "the path contains a NUL character"
+    try:
+        os.lstat(path)
+        path.resolve()  # a loop of symbolic links raises here (RuntimeError before Python 3.13)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # not there (yet): that is for the caller to judge
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return "the path is too long for the file system"
+        if exc.errno == errno.ELOOP:
+            return "the path goes round a loop of symbolic links"
+        return f"the path cannot be used ({exc.strerror or exc})"
+    except RuntimeError:
+        return "the path goes round a loop of symbolic links"
+    except ValueError as exc:  # a name the file system's encoding cannot hold
+        return f"the path cannot be used ({exc})"
+    return None
+
+
+def _unwritable(path: Path, real: Path) -> str | None:
+    """Why a directory could not be created (or replaced) at `path`, as far as can be seen now."""
+    if path.is_symlink() and not path.exists():
+        return f"{display_path(path)} is a symbolic link to {os.readlink(path)}, which does not exist"
+    if len(real.parts) > 1 and real.parts[1] in ("proc", "sys", "dev"):
+        return f"{display_path(path)} is inside /{real.parts[1]}, which holds no ordinary files"
+    ancestor = real.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{display_path(ancestor)} is a file, not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{display_path(ancestor)} is not writable"
+    return None
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[: limit // 2]}…{text[-limit // 2 :]} ({len(text)} characters)"
 
 
 def _shape_of(layer: LoraLayer | Ia3Layer) -> str:
@@ -698,5 +853,4 @@ def check_source(source: Source, **options) -> CheckedProgram:  # type: ignore[n
 
 def check_file(path: str | Path, **options) -> CheckedProgram:  # type: ignore[no-untyped-def]
     """Read, parse and check a .pem file."""
-    text = Path(path).read_text(encoding="utf-8")
-    return check_source(Source(text, str(path)), **options)
+    return check_source(read_source(path), **options)

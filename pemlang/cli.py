@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .diagnostics import Diagnostic, emit, error, summary
-from .source import CONFIG_SUFFIXES, Source, Span
+from .diagnostics import Diagnostic, PemError, emit, error, summary
+from .source import CONFIG_SUFFIXES, Source, Span, read_source
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 ISSUES_URL = "https://github.com/pemlang/pemlang/issues"
@@ -58,12 +58,12 @@ def _overrides(values: Sequence[str]) -> tuple[list[Any], list[Diagnostic]]:
 
 def _read_program_file(path: str) -> Source:
     try:
-        return Source(Path(path).read_text(encoding="utf-8"), path)
+        return read_source(path)
     except FileNotFoundError:
         raise UsageError(f"no such file: {path}") from None
     except IsADirectoryError:
         raise UsageError(f"{path} is a directory; give a .pem file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
 
 
@@ -90,6 +90,7 @@ def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-
     """Read and check FILE (a .pem program or a YAML/JSON/TOML config): (checked or None, diagnostics)."""
     overrides, bad_sets = _overrides(args.set)
     source, is_config = _program_file(args)
+    writes = args.command not in ("check", "plan")  # an existing output is a warning where nothing is written
     if is_config:  # pydantic and yaml are imported only for configs
         from .config import DTYPES, check_config, read_config
         from .diagnostics import PemError
@@ -99,7 +100,7 @@ def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-
         except PemError as exc:
             return None, [*exc.diagnostics, *bad_sets]
         checked = check_config(located, overrides=overrides, force=force, allow_pickle=args.allow_pickle,
-                               require_output=args.command != "check")
+                               require_output=args.command != "check", writes=writes)
         if getattr(args, "device", "unset") is None:  # the command line wins over the config
             args.device = located.config.device
         if getattr(args, "dtype", "unset") is None and located.config.dtype:
@@ -107,7 +108,8 @@ def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-
     else:
         from .check import check_source
 
-        checked = check_source(source, overrides=overrides, force=force, allow_pickle=args.allow_pickle)
+        checked = check_source(source, overrides=overrides, force=force, allow_pickle=args.allow_pickle,
+                               writes=writes)
     return checked, [*checked.diagnostics, *bad_sets]
 
 
@@ -514,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pemlang: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except PemError as exc:  # a user error found outside a check (e.g. a file that is not UTF-8)
+        _report(exc.diagnostics)
+        return 1
     except KeyboardInterrupt:
         print("pemlang: interrupted", file=sys.stderr)
         return 130

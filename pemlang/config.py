@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
 from .cli import DEVICE_FORMS, DEVICE_PATTERN
 from .diagnostics import Diagnostic, PemError, error
-from .source import CONFIG_SUFFIXES, Source, Span
+from .source import CONFIG_SUFFIXES, Source, Span, read_source
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
 
@@ -366,7 +366,7 @@ def read_config(path: str | Path, *, key: str | None = None, text: str | None = 
     path of the block inside a larger config; `text`, the file's text when already read.
     Raises PemError (E025) with located diagnostics."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8") if text is None else text
+    text = read_source(path).text if text is None else text
     host = Source(text, str(path))
     suffix = path.suffix.lower()
     data: Any
@@ -503,7 +503,7 @@ def structure_problems(config: PemConfig, located: Located | None = None) -> lis
 
 def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool = False,
                  allow_pickle: bool = False, read: Callable[..., Any] | None = None,
-                 require_output: bool = True) -> Any:
+                 require_output: bool = True, writes: bool = True) -> Any:
     """Type-check a config block: a CheckedProgram whose diagnostics point into the config file."""
     from . import ast
     from .check import Checker, Override
@@ -527,7 +527,7 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
     elif config.expression is not None:
         main_source = embed(("expression",), config.expression, "expression")
     options: dict[str, Any] = {"mode": config.mode, "base_dir": located.base_dir, "force": force,
-                               "allow_pickle": allow_pickle}
+                               "allow_pickle": allow_pickle, "writes": writes}
     if read is not None:
         options["read"] = read
     params = {}

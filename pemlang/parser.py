@@ -13,7 +13,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from . import ast
@@ -23,6 +23,11 @@ from .source import Source, Span
 # A line that plainly starts a new statement: a keyword, or an unindented `name =`.
 _DEFINITION = re.compile(r"\s*(?:input\s+|param\s+)?([^\W\d]\w*)\s*=(?!=)")
 _STATEMENT_START = re.compile(r"[ \t]*(input|param|output|mode|heads)[ \t]|[^\W\d]\w*[ \t]*=(?!=)")
+
+# How deeply an expression may nest: operands of unary minus, right operands of binary operators
+# and call arguments. A left-associative chain (`a + b + c + ...`) does not nest: every stage
+# walks it in a loop, so it may be as long as memory allows.
+MAX_NESTING = 200
 
 
 def grammar_text() -> str:
@@ -186,6 +191,37 @@ class _Build(Transformer):
     def expr_stmt(self, meta, children):  # type: ignore[no-untyped-def]
         return ast.ExprStmt(children[0], self._span(meta))
 
+    def build(self, tree: Tree) -> ast.Statement:
+        """Transform bottom-up in a loop (Lark's own transform recurses once per tree level)."""
+        built: dict[int, object] = {}
+        for subtree in tree.iter_subtrees():  # children come before their parents
+            children = [built[id(c)] if isinstance(c, Tree) else c for c in subtree.children]
+            built[id(subtree)] = self._call_userfunc(subtree, children)
+        return built[id(tree)]  # type: ignore[return-value]
+
+
+def _too_deep(stmt: ast.Statement) -> ast.Expr | None:
+    """The first sub-expression nested more than MAX_NESTING levels deep, if any."""
+    roots: list[ast.Expr] = []
+    match stmt:
+        case ast.ParamStmt(value=value) | ast.Binding(value=value) | ast.OutputStmt(value=value) \
+                | ast.ExprStmt(value=value):
+            roots.append(value)
+    stack = [(root, 0) for root in roots]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return node
+        match node:
+            case ast.BinOp(lhs=lhs, rhs=rhs):
+                stack += [(rhs, depth + 1), (lhs, depth)]
+            case ast.Neg(operand=operand):
+                stack.append((operand, depth + 1))
+            case ast.Call(args=args, kwargs=kwargs):
+                stack += [(k.value, depth + 1) for k in reversed(kwargs)]
+                stack += [(a, depth + 1) for a in reversed(args)]
+    return None
+
 
 # -- syntax errors ------------------------------------------------------------------------------
 
@@ -314,7 +350,14 @@ def _parse_chunk(source: Source, chunk: _Chunk) -> tuple[ast.Statement | None, D
         tree = _lark().parse(text)
     except UnexpectedInput as exc:
         return None, _syntax_error(exc, source, chunk)
-    return _Build(chunk.start).transform(tree), None
+    stmt = _Build(chunk.start).build(tree)
+    deep = _too_deep(stmt)
+    if deep is not None:
+        return None, error("E001", f"expression nested deeper than {MAX_NESTING} levels", source,
+                           Span(deep.span.start, deep.span.start + 1),
+                           notes=["parentheses, unary minus and calls each nest one level"],
+                           hints=["bind the inner parts to names (`x = ...`) and combine the names"])
+    return stmt, None
 
 
 def parse_expression(source: Source) -> tuple[ast.Expr | None, list[Diagnostic]]:

@@ -29,7 +29,7 @@ from .api import AdapterCache
 from .check import POISON, CheckedProgram, Checker, ModuleValue, Override, ScalarValue, Value, did_you_mean
 from .diagnostics import Diagnostic, PemError, emit, error
 from .parser import parse_expression, parse_program
-from .source import Source, Span
+from .source import Source, Span, read_source
 
 PROMPT, CONTINUATION = "pem> ", "...  "
 KEYWORDS = ("input", "param", "output", "mode", "heads", "from", "drop", "paper", "exact")
@@ -152,9 +152,8 @@ class Session:
 
     def load(self, path: Path) -> None:
         """Run a program file's statements in the session (its outputs are not written). Raises
-        OSError or UnicodeDecodeError when it cannot be read, PemError when it has errors."""
-        text = path.read_text(encoding="utf-8")
-        self.statements(Source(text, str(path)), path.resolve().parent, loading=True)
+        OSError when it cannot be read, PemError when it is not UTF-8 or has errors."""
+        self.statements(read_source(path), path.resolve().parent, loading=True)
 
     def statements(self, source: Source, base_dir: Path, *, loading: bool = False) -> None:
         program, syntax = parse_program(source)
@@ -329,8 +328,6 @@ class Session:
             self.load(path)
         except OSError as exc:
             raise PemError([error("E012", f"cannot read {rest}: {exc.strerror or exc}", source, span)]) from None
-        except UnicodeDecodeError as exc:
-            raise PemError([error("E012", f"cannot read {rest}: not UTF-8 text ({exc.reason})", source, span)]) from None
 
     def cmd_set(self, source: Source, rest: str, span: Span) -> None:
         self._needs(source, rest, "NAME=VALUE", ":set NAME=VALUE")
@@ -538,9 +535,6 @@ def run(file: str | None = None, *, device: str = "auto", allow_pickle: bool = F
             session.load(Path(file))
         except OSError as exc:
             print(f"pemlang: error: cannot read {file}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
-        except UnicodeDecodeError as exc:
-            print(f"pemlang: error: cannot read {file}: not UTF-8 text ({exc.reason})", file=sys.stderr)
             return 2
         except PemError as exc:
             emit(exc.diagnostics, sys.stderr)

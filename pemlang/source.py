@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Files that carry a program inside a config block (SPEC §7), rather than a .pem program.
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
@@ -58,3 +60,46 @@ class Source:
     def snippet(self, span: Span) -> str:
         """The text a span covers."""
         return self.text[span.start : span.end]
+
+
+_BOM = "\ufeff"
+
+
+def normalise_newlines(text: str) -> str:
+    """`\r\n` and a lone `\r` read as `\n`, as Python's universal newlines do, and a leading
+    byte-order mark is dropped: every program text goes through here before it is parsed."""
+    text = text.removeprefix(_BOM)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def source_from_text(text: str, filename: str = "<input>") -> Source:
+    """A Source for program text from outside (a file's contents, `compile(text=...)`)."""
+    return Source(normalise_newlines(text), filename)
+
+
+def read_source(path: str | os.PathLike[str], filename: str | None = None) -> Source:
+    """Read a program or config file as UTF-8 (a BOM is accepted; any newline convention).
+
+    Invalid UTF-8 raises PemError with an E001 diagnostic at the first bad byte; OSErrors
+    (a missing file, a directory) propagate for the caller to word."""
+    return decode_source(Path(path).read_bytes(), filename if filename is not None else os.fspath(path))
+
+
+def decode_source(data: bytes, filename: str) -> Source:
+    """A file's bytes as a Source (see read_source)."""
+    from .diagnostics import PemError, error
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        prefix = data[: exc.start].decode("utf-8")
+        shown = source_from_text(prefix + data[exc.start :].decode("utf-8", errors="replace"), filename)
+        offset = len(normalise_newlines(prefix))
+        bad = data[exc.start : exc.end]
+        raise PemError([error(
+            "E001", "this file is not valid UTF-8", shown, Span(offset, offset + 1),
+            notes=[f"byte {', '.join(f'0x{b:02x}' for b in bad)} at byte offset {exc.start} ({exc.reason})"],
+            hints=["save the file as UTF-8"])]) from None
+    return source_from_text(text, filename)

@@ -160,3 +160,91 @@ def test_token_soup_gives_only_diagnostics(text: str) -> None:
 @settings(max_examples=300)
 def test_arbitrary_text_gives_only_diagnostics(text: str) -> None:
     _check_diagnostics_are_well_formed(text)
+
+
+# -- hardening (issue 8) -------------------------------------------------------------------------
+
+
+def test_long_left_associative_chains_parse_and_print() -> None:
+    text = " + ".join(f"x{i}" for i in range(5000)) + " * 2 - y / 3"
+    value = expr(text)
+    depth = 0
+    node = value
+    while isinstance(node, BinOp):
+        node, depth = node.lhs, depth + 1
+    assert depth == 5000 and node == Name("x0")  # 4999 `+` and one `-` on the left spine
+    printed = ast.format_expr(value)
+    assert printed == text
+    assert ast.format_expr(expr(printed)) == text  # (== on 5,000-deep dataclasses would recurse)
+
+
+def test_deep_nesting_is_one_diagnostic_at_the_place() -> None:
+    text = "x = 1\ny = a + " + "-(" * 400 + "b" + ")" * 400 + "\nz = 2\n"
+    program, diagnostics = parse_program(Source(text, "deep.pem"))
+    assert [d.code for d in diagnostics] == ["E001"]
+    (diag,) = diagnostics
+    assert "nested deeper than" in diag.message
+    assert diag.span is not None and Source(text).line_col(diag.span.start)[0] == 2
+    assert program.statements == (ast.Binding(Name("x"), Number(1)), ast.Binding(Name("z"), Number(2)))
+    # 200 levels still parse (and print back)
+    ok = "-(" * 200 + "b" + ")" * 200
+    assert ast.format_expr(expr(ok)) == "-" * 200 + "b"
+
+
+def test_numbers_that_do_not_fit_a_float_print_and_reparse() -> None:
+    assert expr("1e400") == Number(float("inf"))
+    assert expr(ast.format_number(float("inf"))) == Number(float("inf"))
+    assert ast.format_number(1e300) == "1e+300"
+    assert ast.format_number(float("nan")) == "nan"
+
+
+def test_read_source_accepts_a_bom_and_any_newline(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pemlang.source import read_source
+
+    path = tmp_path / "p.pem"
+    path.write_bytes(b"\xef\xbb\xbfx = 1\r\ny = 2\rz = 3\n")
+    source = read_source(path)
+    assert source.text == "x = 1\ny = 2\nz = 3\n" and source.filename == str(path)
+    program, diagnostics = parse_program(source)
+    assert not diagnostics and len(program.statements) == 3
+
+
+def test_read_source_reports_invalid_utf8_at_the_first_bad_byte(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pemlang.diagnostics import PemError, render
+    from pemlang.source import read_source
+
+    path = tmp_path / "bad.pem"
+    path.write_bytes(b"x = 1\ny = \xce\xbb + \xff\xfe b\n")  # line 2: `y = λ + ` then a bad byte
+    try:
+        read_source(path)
+    except PemError as exc:
+        (diag,) = exc.diagnostics
+    else:
+        raise AssertionError("invalid UTF-8 was accepted")
+    assert diag.code == "E001" and "UTF-8" in diag.message
+    assert diag.location() == f"{path}:2:9"  # columns count characters: λ is one
+    assert "byte 0xff" in " ".join(diag.notes)
+    assert "^" in render(diag)
+
+
+def test_every_reader_of_program_files_accepts_cr_and_reports_bad_utf8(adapters, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import pemlang
+    from pemlang.cli import main
+    from pemlang.diagnostics import PemError
+
+    text = f'input a = "{adapters}/llama_r8"\rinput b = "{adapters}/llama_r8_b"\r\noutput a + b -> "out"\r'
+    compiled = pemlang.compile(text=text, base_dir=tmp_path)  # `\r` ends a line, as the CLI reads it
+    assert len(compiled.plan().outputs) == 1
+    path = tmp_path / "p.pem"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    pemlang.compile(file=path)  # no CompileError
+    assert main(["check", str(path)]) == 0
+    path.write_bytes(b"x = 1\n\xc3(\n")
+    assert main(["check", str(path)]) == 1
+    assert f"error[E001]: this file is not valid UTF-8\n --> {path}:2:1" in capsys.readouterr().err
+    try:
+        pemlang.compile(file=path)
+    except PemError as exc:
+        assert exc.diagnostics[0].location() == f"{path}:2:1"
+    else:
+        raise AssertionError("compile(file=) accepted invalid UTF-8")
