@@ -35,8 +35,11 @@ def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None 
 
     `cache` (a backend TensorCache) keeps input tensors on the device between evaluations, so a
     λ sweep or a REPL session reads each input once."""
-    from .backend import resolve_device
-    from .backend.torch_backend import TorchBackend
+    from . import interrupts
+
+    with interrupts.deferred():  # Ctrl-C while torch imports waits for the import, then stops the run
+        from .backend import resolve_device
+        from .backend.torch_backend import TorchBackend
 
     start = time.perf_counter()
     plan = plan or lower(program, dtype=dtype)
@@ -74,14 +77,21 @@ def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None 
 
 
 def write_outputs(result: RunResult, *, force: bool = False) -> list[Path]:
-    """Write every output of an executed plan (atomically; inputs hashed for provenance)."""
-    from .writer import metadata, sha256_file, write_adapter
+    """Write every output of an executed plan (atomically; inputs hashed for provenance).
 
+    Every destination passes the writer's guard before any is written (raises WriteError, a
+    PemError with E018 diagnostics). Each output is atomic by itself; a kill between two outputs
+    can leave the earlier ones complete and the later ones absent (or as they were)."""
+    from .writer import guard, metadata, sha256_file, write_adapter
+
+    outputs = [(out, tensors) for out, tensors in zip(result.plan.outputs, result.tensors, strict=True)
+               if out.path is not None]
+    guard([out.path for out, _ in outputs if out.path is not None],
+          {name: item.path for name, item in result.plan.inputs.items()}, force=force)
     hashes = {name: sha256_file(item.adapter.weights_file) for name, item in result.plan.inputs.items()}
     written = []
-    for out, tensors in zip(result.plan.outputs, result.tensors, strict=True):
-        if out.path is None:
-            continue
+    for out, tensors in outputs:
+        assert out.path is not None
         write_adapter(out.path, tensors, out.config, metadata(result.plan, out, hashes), force=force)
         written.append(out.path)
     return written
