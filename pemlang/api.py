@@ -211,7 +211,10 @@ class Program:
         if save and checked:
             self._guard_sweep(checked, suffixes, force=force)
         for point, program, suffix in zip(points, checked, suffixes, strict=True):
-            evaluation = self._evaluate(point, device, program)
+            try:
+                evaluation = self._evaluate(point, device, program)
+            except PemError as exc:  # a non-finite input or result (E014, E027): name the point
+                raise CompileError([_at_points(d, [point]) for d in exc.diagnostics]) from None
             if save:
                 self.write(evaluation, suffix=suffix, force=force)
             if callback is not None:
