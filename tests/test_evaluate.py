@@ -395,3 +395,26 @@ def test_a_sweep_point_whose_result_overflows_stops_the_sweep(adapters: Path, tm
                              "--dtype", "float16", "--sweep", "k=1,1e7")
     assert status == 1 and "error[E027]" in err and "at k=1e+07" in err, err
     assert not (tmp_path / "out.k=10000000.0").exists()
+
+
+def test_svd_bytes_do_not_depend_on_the_thread_count(tmp_path: Path) -> None:
+    """The same svd program run with 1 and with 2 threads writes identical bytes."""
+    import os
+    import subprocess
+    import sys
+
+    from test_kill import big_lora
+
+    big_lora(tmp_path / "a", 1, layers=4)
+    big_lora(tmp_path / "b", 2, layers=4)
+    (tmp_path / "p.pem").write_text('mode exact\ninput a = "a"\ninput b = "b"\n'
+                                    'output svd(0.7*a - 0.3*b, rank=20) -> "out"\n', encoding="utf-8")
+    root = Path(__file__).resolve().parent.parent
+    written = []
+    for threads in ("1", "2"):
+        subprocess.run([sys.executable, "-m", "pemlang.cli", "run", str(tmp_path / "p.pem"), "--device", "cpu",
+                        "--force"], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": threads,
+                            "MKL_NUM_THREADS": threads})
+        written.append((tmp_path / "out" / "adapter_model.safetensors").read_bytes())
+    assert written[0] == written[1]

@@ -23,11 +23,11 @@ LAYERS, WIDTH, RANK = 32, 1024, 16
 PREFIX = "base_model.model.model.layers"
 
 
-def big_lora(out: Path, seed: int) -> Path:
-    """A LoRA adapter of LAYERS×4 modules, WIDTH×WIDTH, rank RANK (about 16 MiB), written directly."""
+def big_lora(out: Path, seed: int, layers: int = LAYERS) -> Path:
+    """A LoRA adapter of `layers`×4 modules, WIDTH×WIDTH, rank RANK (16 MiB for 32 layers), written directly."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for layer in range(LAYERS):
+    for layer in range(layers):
         for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
             key = f"{PREFIX}.{layer}.self_attn.{module}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(RANK, WIDTH, generator=generator) / 32

@@ -95,6 +95,16 @@ class _Inputs:
         return self.tensor(name, keys["A"]), self.tensor(name, keys["B"]), scaling
 
 
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class _Stop(Exception):
     """Running stops: an input or a result is not finite (the report says which)."""
 
@@ -118,6 +128,11 @@ class TorchBackend:
         report = RunReport()
         results = []
         with contextlib.ExitStack() as stack, torch.no_grad():
+            if plan.svds and self.device.type == "cpu":
+                # LAPACK's QR and SVD round differently with the thread count; one thread makes svd
+                # outputs byte-identical across machines' core counts (the factorisations are small:
+                # d×m with m the stacked rank).
+                stack.enter_context(_threads(1))
             inputs = _Inputs(plan, self.device, stack, report, self.cache)
             try:
                 for index, out in enumerate(plan.outputs):
@@ -241,12 +256,18 @@ class TorchBackend:
         if not _finite([a, b]):
             inputs.report.non_finite_result = (self._index, layer, "F32")
             raise _Stop
-        q_b, r_b = torch.linalg.qr(b)
-        q_a, r_a = torch.linalg.qr(a.T)
+        # In float64 (on the CPU with one thread, see `run`), then rounded to fp32; signs are fixed
+        # (the largest entry of each left singular vector positive), so the bytes are reproducible.
+        q_b, r_b = torch.linalg.qr(b.double())
+        q_a, r_a = torch.linalg.qr(a.T.double())
         u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-        b_out = (q_b @ u[:, :rank]) * s[:rank]
-        a_out = vh[:rank] @ q_a.T
-        return a_out, b_out
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        left = q_b @ u
+        signs = torch.sign(left.gather(0, left.abs().argmax(dim=0, keepdim=True)))
+        signs[signs == 0] = 1
+        b_out = (left * signs) * s
+        a_out = (vh * signs.T) @ q_a.T
+        return a_out.float(), b_out.float()
 
     @staticmethod
     def _has_layer(plan: Plan, source: str, layer: str) -> bool:
