@@ -266,3 +266,21 @@ def test_sweep_refuses_more_bytes_than_free_space(sweep_program: Path, monkeypat
     status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.5", "--device", "cpu")
     assert status == 1 and "error[E018]" in err and "free" in err, err
     assert not (sweep_program.parent / "out").exists()
+
+
+def test_readme_sweep_commands_run_in_order(example_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's sweep commands, run one after the other in a fresh copy of the examples."""
+    import shlex
+    import shutil
+
+    section = README.read_text(encoding="utf-8").split("## λ sweeps", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip() for line in section.splitlines() if line.startswith("    pemlang ")]
+    assert len(commands) == 2
+    shutil.copytree(example_root / "examples", tmp_path / "examples", ignore=shutil.ignore_patterns("out"))
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        words = shlex.split(command.split("#", 1)[0])
+        status, _, err = cli(*words[1:], "--device", "cpu")
+        assert status == 0, (command, err)
+        for name in re.findall(r"\.λ=[0-9.]+", command.split("#", 1)[1]):
+            assert (tmp_path / "examples" / "out" / f"detoxified{name}").is_dir(), name
