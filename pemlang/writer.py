@@ -331,9 +331,11 @@ def write_adapter(destination: Path, tensors: dict[str, Any], config: dict[str, 
 
 
 def _write_locked(destination: Path, tensors: dict[str, Any], config: dict[str, Any], meta: dict[str, str]) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-", suffix=".pemlang-tmp",
-                                    dir=destination.parent))
+    staging: Path | None = None
     try:
+        with interrupts.deferred():  # a signal cannot land between creating the staging and knowing its name
+            staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-", suffix=".pemlang-tmp",
+                                            dir=destination.parent))
         (staging / WEIGHTS_NAME).write_bytes(canonical_safetensors(tensors, meta))
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                            encoding="utf-8")
@@ -358,6 +360,7 @@ def _write_locked(destination: Path, tensors: dict[str, Any], config: dict[str, 
                 shutil.rmtree(retired, ignore_errors=True)
             _fsync_directory(destination.parent)
     except BaseException:
-        with interrupts.deferred(raise_after=False):
-            shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            with interrupts.deferred(raise_after=False):
+                shutil.rmtree(staging, ignore_errors=True)
         raise
