@@ -129,7 +129,11 @@ def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path
         if "\0" in str(destination):
             problems.append(error("E018", "an output path contains a NUL character", notes=[repr(str(destination))]))
             continue
-        real = destination.resolve()
+        try:
+            real = destination.resolve()
+        except (OSError, RuntimeError) as exc:  # a symbolic link loop, a path too long to resolve
+            problems.append(error("E018", f"cannot resolve the output path {shown}", notes=[str(exc)]))
+            continue
         if real in seen:
             problems.append(error("E018", "two outputs write the same directory",
                                   notes=[f"{shown} is written twice (also as {display_path(seen[real])})"]))
