@@ -160,7 +160,6 @@ class Program:
         from dataclasses import replace
 
         from .run import RunResult, write_outputs
-        from .writer import OutputExists
 
         outputs = evaluation.plan.outputs
         if directory is not None:
@@ -175,25 +174,28 @@ class Program:
         try:
             return write_outputs(RunResult(plan, list(evaluation.tensors.values()), evaluation.warnings),
                                  force=force)
-        except OutputExists as exc:
-            raise CompileError([Diagnostic("E018", "output directory already exists", notes=(str(exc),),
-                                           hints=("pass force=True to replace it",))]) from None
+        except PemError as exc:  # the writer's guard, or an OS error while writing (E018)
+            raise CompileError(exc.diagnostics) from None
 
     def sweep(self, grid: Mapping[str, Iterable[float]] | None = None, *, device: str | None = None,
               callback: Callable[[Evaluation], None] | None = None, save: bool = False, force: bool = False,
               **axes: Iterable[float]) -> Iterator[Evaluation]:
         """Evaluate over the product of parameter values, inputs read once; yields (and passes to
         `callback`) one Evaluation per point. Every point is type-checked before any is computed.
-        With `save`, each point's outputs are written to `DIR.NAME=VALUE` beside each output DIR."""
-        axes = {**(grid or {}), **axes}
-        names = list(axes)
-        points = [dict(zip(names, values, strict=True)) for values in itertools.product(*(list(v) for v in axes.values()))]
+        With `save`, each point's outputs are written to `DIR.NAME=VALUE` beside each output DIR (one
+        number format per axis, `sweep_suffix`); every directory is checked, and the bytes to write
+        against the free disk space, before any point is computed."""
+        lists: dict[str, list[float]] = {name: [float(v) for v in values]
+                                         for name, values in {**(grid or {}), **axes}.items()}
+        names = list(lists)
+        points = [dict(zip(names, values, strict=True)) for values in itertools.product(*lists.values())]
         unknown = [name for name in names if name not in self.params]
         if unknown:
             raise CompileError([Diagnostic("E017", f"sweep names `{name}`, which is not a param of the program",
                                            Source(name, "sweep"), Span(0, len(name)),
                                            notes=(f"the program's params: {', '.join(self.params) or 'none'}",))
                                 for name in unknown])
+        decimals = sweep_decimals(lists)  # raises ValueError on a value listed twice
         problems: dict[tuple[object, ...], tuple[Diagnostic, list[Mapping[str, float]]]] = {}
         checked: list[CheckedProgram] = []
         for point in points:
@@ -205,13 +207,39 @@ class Program:
                     problems.setdefault(key, (d, []))[1].append(point)
         if problems:
             raise CompileError([_at_points(d, where) for d, where in problems.values()])
-        for point, program in zip(points, checked, strict=True):
-            evaluation = self._evaluate(point, device, program)
+        suffixes = [sweep_suffix(point, decimals) for point in points]
+        if save and checked:
+            self._guard_sweep(checked, suffixes, force=force)
+        for point, program, suffix in zip(points, checked, suffixes, strict=True):
+            try:
+                evaluation = self._evaluate(point, device, program)
+            except PemError as exc:  # a non-finite input or result (E014, E027): name the point
+                raise CompileError([_at_points(d, [point]) for d in exc.diagnostics]) from None
             if save:
-                self.write(evaluation, suffix=sweep_suffix(point), force=force)
+                self.write(evaluation, suffix=suffix, force=force)
             if callback is not None:
                 callback(evaluation)
             yield evaluation
+
+    def _guard_sweep(self, checked: Sequence[CheckedProgram], suffixes: Sequence[str], *, force: bool) -> None:
+        """Before computing any point: every directory of every point passes the writer's guard
+        (inputs, existing directories, two points on one directory), and the bytes to write fit
+        the free disk space."""
+        from .lower import lower
+        from .writer import check_free_space, destination_problems
+
+        if any(o.path is None for o in checked[0].outputs):
+            raise ValueError("this program's outputs have no directory: a sweep cannot save it")
+        destinations = [o.path.with_name(f"{o.path.name}.{suffix}")  # type: ignore[union-attr]
+                        for program, suffix in zip(checked, suffixes, strict=True) for o in program.outputs]
+        inputs = {name: adapter.path for name, adapter in checked[0].inputs.items()}
+        problems = destination_problems(destinations, inputs, force=force)
+        plan = lower(checked[0], dtype=self.dtype)
+        space = check_free_space(destinations, len(checked) * sum(o.bytes_written for o in plan.outputs))
+        if space is not None:
+            problems.append(space)
+        if problems:
+            raise CompileError(problems)
 
     def load_into(self, model: Any, params: Mapping[str, float] | None = None, *, output: str | None = None,
                   adapter_name: str = "pemlang", device: str | None = None, **kw: float) -> Any:
@@ -247,9 +275,41 @@ class Program:
         return model
 
 
-def sweep_suffix(point: Mapping[str, float]) -> str:
-    """`lam=0.3` for one point of a sweep: appended to each output directory's name."""
-    return ",".join(f"{name}={value:g}" for name, value in point.items())
+def _decimals(values: Sequence[float]) -> int | None:
+    """The fewest decimals (at least one) that write every value exactly; None when fixed-point
+    notation would need more than 20 (then each value is written in its shortest exact form)."""
+    for decimals in range(1, 21):
+        if all(float(f"{v:.{decimals}f}") == v for v in values):
+            return decimals
+    return None
+
+
+def sweep_decimals(grid: Mapping[str, Sequence[float]]) -> dict[str, int | None]:
+    """Per axis of a sweep, the decimals every point's directory name uses (`sweep_suffix`): one
+    format across the axis, with enough digits that each value is written exactly, so distinct
+    values never share a directory. Raises ValueError when an axis lists a value twice."""
+    decimals: dict[str, int | None] = {}
+    for name, values in grid.items():
+        seen: set[float] = set()
+        for value in values:
+            if value in seen:
+                raise ValueError(f"--sweep {name}: the value {value!r} is listed twice (each point needs its own "
+                                 "directory)")
+            seen.add(value)
+        decimals[name] = _decimals(list(values))
+    return decimals
+
+
+def sweep_suffix(point: Mapping[str, float], decimals: Mapping[str, int | None] | None = None) -> str:
+    """`lam=0.30` for one point of a sweep: appended to each output directory's name.
+
+    `decimals` (from `sweep_decimals` over the whole sweep) gives every point of an axis one
+    format; without it, the point alone decides."""
+    parts = []
+    for name, value in point.items():
+        places = decimals[name] if decimals is not None and name in decimals else _decimals([value])
+        parts.append(f"{name}={value:.{places}f}" if places is not None else f"{name}={value!r}")
+    return ",".join(parts)
 
 
 def _at_points(diagnostic: Diagnostic, points: Sequence[Mapping[str, float]]) -> Diagnostic:

@@ -7,7 +7,14 @@ starts fast and never imports torch.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m pemlang.cli`: Ctrl-C and SIGTERM are handled from here on
+    from pemlang import interrupts as _interrupts
+
+    _interrupts.install()
+    _interrupts.hold()  # raised inside main(), where it becomes a quiet exit 130
+
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -169,6 +176,16 @@ def _heads(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected `drop` or `from NAME`, got {text!r}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def _check_program(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """Read and check the FILE of run/plan, showing its diagnostics: (checked, failed)."""
     checked, diagnostics = _load_checked(args, force=getattr(args, "force", False))
@@ -180,7 +197,6 @@ def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignor
     from .diagnostics import PemError
     from .lower import lower
     from .run import execute, summary_line, write_outputs
-    from .writer import OutputExists
 
     plan = lower(checked, dtype=args.dtype)
     total = sum(len(out.layers) for out in plan.outputs)
@@ -196,9 +212,8 @@ def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignor
     print(result.device_note, file=sys.stderr)
     try:
         write_outputs(result, force=args.force)
-    except OutputExists as exc:
-        _report([error("E018", "output directory appeared while running", notes=[str(exc)],
-                       hints=["pass --force to replace it"])])
+    except PemError as exc:  # refused by the writer's guard, or an OS error while writing
+        _report(exc.diagnostics)
         return EXIT_ERRORS
     for out in plan.outputs:
         print(f"wrote {summary_line(out)}")
@@ -230,26 +245,69 @@ class _progress:
             self.bar.stop()
 
 
-def parse_sweep(text: str) -> tuple[str, list[float]]:
-    """`lam=0:1:0.1` (start:stop:step, stop included) or `lam=0,0.25,0.5` → (name, values)."""
+DEFAULT_MAX_POINTS = 1000
+
+
+def _sweep_error(text: str, start: int, end: int, message: str) -> PemError:
+    return PemError([error("E017", message, Source(text, "--sweep"), Span(start, max(end, start + 1)),
+                           hints=["sweep values are finite numbers: NAME=START:STOP:STEP or NAME=V1,V2,..."])])
+
+
+def _sweep_number(text: str, start: int, end: int) -> float:
+    try:
+        value = float(text[start:end])
+    except ValueError:
+        raise UsageError(f"--sweep {text!r}: {text[start:end].strip()!r} is not a number; expected "
+                         "START:STOP:STEP with STEP > 0 and STOP >= START, or a comma-separated list of numbers"
+                         ) from None
+    if not math.isfinite(value):
+        raise _sweep_error(text, start, end, f"--sweep {text.partition('=')[0].strip()}: "
+                           f"{text[start:end].strip()!r} is not finite")
+    return value
+
+
+def parse_sweep(text: str, max_points: int = DEFAULT_MAX_POINTS) -> tuple[str, list[float]]:
+    """`lam=0:1:0.1` (start:stop:step, stop included) or `lam=0,0.25,0.5` → (name, values).
+
+    Refuses a non-finite value (PemError, E017 pointing into the argument), a value listed twice,
+    and more than `max_points` values, counted before the list is built (UsageError)."""
     name, sep, spec = text.partition("=")
     name = name.strip()
     if not sep or not name or not spec.strip():
         raise UsageError(f"--sweep expects NAME=START:STOP:STEP or NAME=V1,V2,..., got {text!r}")
-    try:
-        if ":" in spec:
-            start, stop, step = (float(x) for x in spec.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError
-            count = int(round((stop - start) / step)) + 1
-            if start + (count - 1) * step > stop + abs(step) * 1e-9:
-                count -= 1
-            values = [round(start + i * step, 12) for i in range(count)]
-        else:
-            values = [float(x) for x in spec.split(",")]
-    except ValueError:
-        raise UsageError(f"--sweep {text!r}: expected START:STOP:STEP with STEP > 0 and STOP >= START, "
-                         "or a comma-separated list of numbers") from None
+    # Each field's span in `text`, for diagnostics.
+    fields: list[tuple[int, int]] = []
+    position = len(text) - len(spec)
+    for part in spec.split(":" if ":" in spec else ","):
+        fields.append((position, position + len(part)))
+        position += len(part) + 1
+    numbers = [_sweep_number(text, start, end) for start, end in fields]
+    if ":" in spec:
+        if len(numbers) != 3 or numbers[2] <= 0 or numbers[1] < numbers[0]:
+            raise UsageError(f"--sweep {text!r}: expected START:STOP:STEP with STEP > 0 and STOP >= START, "
+                             "or a comma-separated list of numbers")
+        start, stop, step = numbers
+        ratio = (stop - start) / step
+        if not math.isfinite(ratio) or ratio >= max_points:
+            shown = f"{ratio + 1:.3g}" if math.isfinite(ratio) else "too many"
+            raise UsageError(f"--sweep {name}: {shown} points is more than the limit of {max_points} "
+                             "(--max-points N raises it)")
+        count = int(round(ratio)) + 1
+        if start + (count - 1) * step > stop + abs(step) * 1e-9:
+            count -= 1
+        places = min(300, 12 + max(0, -math.floor(math.log10(step))))
+        values = [round(start + i * step, places) for i in range(count)]
+    else:
+        values = numbers
+    if len(values) > max_points:
+        raise UsageError(f"--sweep {name}: {len(values)} points is more than the limit of {max_points} "
+                         "(--max-points N raises it)")
+    seen: set[float] = set()
+    for value in values:
+        if value in seen:
+            raise UsageError(f"--sweep {name}: the value {value!r} is listed twice (or two steps round to it); "
+                             "each point needs its own directory")
+        seen.add(value)
     return name, values
 
 
@@ -257,10 +315,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import itertools
     import time
 
-    from .api import CompileError, from_config, sweep_suffix
+    from .api import CompileError, from_config
     from .api import compile as compile_program
     from .check import did_you_mean
-    grid = dict(parse_sweep(text) for text in args.sweep)
+    from .diagnostics import PemError
+
+    grid: dict[str, list[float]] = {}
+    try:
+        for text in args.sweep:
+            name, values = parse_sweep(text, args.max_points)
+            if name in grid:
+                raise UsageError(f"--sweep {name} is given twice; list every value in one --sweep "
+                                 f"({name}=V1,V2,...)")
+            grid[name] = values
+    except PemError as exc:
+        _report(exc.diagnostics)
+        return EXIT_ERRORS
+    total = math.prod(len(values) for values in grid.values())
+    if total > args.max_points:
+        raise UsageError(f"the sweep has {total} points, more than the limit of {args.max_points} "
+                         "(--max-points N raises it)")
     overrides, bad_sets = _overrides(args.set)
     if bad_sets:
         _report(bad_sets)
@@ -285,25 +359,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if unknown:
             _report(unknown)
             return EXIT_ERRORS
-        points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-        # Every directory is decided, and refused if present, before anything is computed.
-        targets = [[o.path.with_name(f"{o.path.name}.{sweep_suffix(p)}")
-                    for o in program.checked.outputs if o.path is not None] for p in points]
-        existing = [t for ts in targets for t in ts if t.exists()]
-        if existing and not args.force:
-            _report([error("E018", f"{len(existing)} sweep output director{'y' if len(existing) == 1 else 'ies'} "
-                           "already exist", notes=[str(existing[0])] + ([f"and {len(existing) - 1} more"]
-                                                                       if len(existing) > 1 else []),
-                           hints=["pass --force to replace them"])])
-            return EXIT_ERRORS
+        points = list(itertools.product(*grid.values()))
         _report(program.warnings)
         written = 0
+        # Every point is checked, and every directory guarded, before anything is computed.
         with _progress(len(points)) as advance:
             for _ in program.sweep(grid, save=True, force=args.force):
                 written += len(program.checked.outputs)
                 if advance is not None:
                     advance()
     except CompileError as exc:
+        _report(exc.diagnostics)
+        return EXIT_ERRORS
+    except PemError as exc:  # a point whose result is not finite
         _report(exc.diagnostics)
         return EXIT_ERRORS
     except ValueError as exc:
@@ -470,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(run)
     run.add_argument("--sweep", action="append", default=[], metavar="NAME=START:STOP:STEP",
                      help="write one adapter per value (or list V1,V2,...) of a param; inputs are read once")
+    run.add_argument("--max-points", type=_positive_int, default=DEFAULT_MAX_POINTS, metavar="N",
+                     help=f"refuse a sweep of more than N points (default {DEFAULT_MAX_POINTS})")
     run.set_defaults(handler=cmd_run)
 
     plan = commands.add_parser("plan", help="print the lowered evaluation plan")
@@ -508,10 +578,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `pemlang` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Entry point of the `pemlang` console script.
+
+    SIGINT and SIGTERM (what timeout, systemd and Kubernetes send) are handled from the first line:
+    either ends the command quietly with exit 130, nothing partial written."""
+    from . import interrupts
+
+    interrupts.install()
     try:
+        interrupts.release()
+        parser = build_parser()
+        args = parser.parse_args(argv)
         return int(args.handler(args))
     except UsageError as exc:
         print(f"pemlang: error: {exc}", file=sys.stderr)
@@ -520,15 +597,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(exc.diagnostics)
         return 1
     except KeyboardInterrupt:
+        interrupts.quiet()
         print("pemlang: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # an internal bug: never a bare traceback for the user
+        if interrupts.interrupted():  # a library turned the interruption into another exception
+            interrupts.quiet()
+            print("pemlang: interrupted", file=sys.stderr)
+            return 130
         print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"This is a bug in pemlang {__version__}, not in your input. Please report it at {ISSUES_URL} "
               "with the command you ran; set PEMLANG_TRACEBACK=1 to print the traceback.", file=sys.stderr)
         if os.environ.get("PEMLANG_TRACEBACK"):
             traceback.print_exc()
         return 70
+    finally:
+        interrupts.restore()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ from .diagnostics import Diagnostic, PemError, display_path, error, warning
 from .lower import lower
 from .plan import OutputPlan, Plan
 
-# Paper mode mixes A and B separately; when inputs' A differ (different initialisations), B·A
-# gains cross terms B_i·A_j. Below this mean cosine the user is told (SPEC §4, W002).
+# Paper mode mixes A and B separately; when inputs' A differ (they drift in training, or started
+# apart), B·A gains cross terms B_i·A_j. Below this mean cosine the user is told (SPEC §4, W002).
 A_COSINE_WARNING = 0.9
+FINITE_MAX = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F32": 3.4028234663852886e38,
+              "F64": 1.7976931348623157e308}
 
 
 @dataclass
@@ -35,8 +37,11 @@ def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None 
 
     `cache` (a backend TensorCache) keeps input tensors on the device between evaluations, so a
     λ sweep or a REPL session reads each input once."""
-    from .backend import resolve_device
-    from .backend.torch_backend import TorchBackend
+    from . import interrupts
+
+    with interrupts.deferred():  # Ctrl-C while torch imports waits for the import, then stops the run
+        from .backend import resolve_device
+        from .backend.torch_backend import TorchBackend
 
     start = time.perf_counter()
     plan = plan or lower(program, dtype=dtype)
@@ -55,6 +60,17 @@ def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None 
                        + (" …" if len(keys) > 3 else "")],
                 hints=["the adapter is damaged or diverged in training; nothing was written"]))
         raise PemError(diagnostics)
+    if report.non_finite_result is not None:
+        index, key, dtype_name = report.non_finite_result
+        checked = program.outputs[index]
+        name = checked.name or checked.expression
+        where = f" → {display_path(checked.path)}" if checked.path is not None else ""
+        raise PemError([error(
+            "E027", f"output `{name}` is not finite in {dtype_name} at {key}: the result, not an input, "
+            "overflows", program.source, checked.expr_span or checked.span,
+            notes=[f"output `{name}`{where}; the inputs' values are finite, the coefficients make this layer "
+                   f"exceed the largest {dtype_name} number ({FINITE_MAX[dtype_name]:.4g})"],
+            hints=["use smaller coefficients, or write a wider dtype (--dtype float32); nothing was written"])])
     diagnostics = []
     for index, cosines in report.a_cosines.items():
         checked = program.outputs[index]
@@ -66,22 +82,31 @@ def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None 
                 diagnostics.append(warning(
                     "W002", f"paper mode over LoRA inputs whose A matrices differ ({name} vs {first})",
                     program.source, checked.expr_span or checked.span,
-                    notes=[f"mean cosine of A over {len(values)} layers: {mean:.3f} (min {min(values):.3f})",
-                           "paper mode adds A and B separately, so (ΣαA)(ΣβB) gains cross terms B_i·A_j; "
-                           "the paper's modules shared one initialisation"],
+                    notes=[f"measured: the cosine of {name}'s A matrices with {first}'s, over {len(values)} "
+                           f"layers: mean {mean:.3f}, min {min(values):.3f}",
+                           "paper mode adds A and B separately, so the product (ΣαA)(ΣβB) contains cross terms "
+                           "B_i·A_j (i ≠ j), which are small only while the A matrices stay close (cosine near 1); "
+                           "trained A matrices drift apart even from one initialisation"],
                     hints=["`mode exact` adds the weight updates ΔW = s·B·A themselves, without cross terms"]))
     return RunResult(plan, tensors, diagnostics, note, time.perf_counter() - start)
 
 
 def write_outputs(result: RunResult, *, force: bool = False) -> list[Path]:
-    """Write every output of an executed plan (atomically; inputs hashed for provenance)."""
-    from .writer import metadata, sha256_file, write_adapter
+    """Write every output of an executed plan (atomically; inputs hashed for provenance).
 
+    Every destination passes the writer's guard before any is written (raises WriteError, a
+    PemError with E018 diagnostics). Each output is atomic by itself; a kill between two outputs
+    can leave the earlier ones complete and the later ones absent (or as they were)."""
+    from .writer import guard, metadata, sha256_file, write_adapter
+
+    outputs = [(out, tensors) for out, tensors in zip(result.plan.outputs, result.tensors, strict=True)
+               if out.path is not None]
+    guard([out.path for out, _ in outputs if out.path is not None],
+          {name: item.path for name, item in result.plan.inputs.items()}, force=force)
     hashes = {name: sha256_file(item.adapter.weights_file) for name, item in result.plan.inputs.items()}
     written = []
-    for out, tensors in zip(result.plan.outputs, result.tensors, strict=True):
-        if out.path is None:
-            continue
+    for out, tensors in outputs:
+        assert out.path is not None
         write_adapter(out.path, tensors, out.config, metadata(result.plan, out, hashes), force=force)
         written.append(out.path)
     return written

@@ -1,29 +1,61 @@
 """Writing PEFT adapter directories (SPEC §5), atomically and byte-for-byte reproducibly.
 
-Files go to a temporary directory beside the destination, which is renamed into place only when
-complete: an interrupted run leaves no partial output, and a replaced output (--force) is
-swapped out in one rename. Keys, JSON and metadata are sorted, with no timestamps, so the same
-inputs give identical bytes.
+Every write goes through `guard` first: an input (or a directory containing or inside one) is never
+written, an existing directory is replaced only with `force`, two outputs never share a directory,
+and a destination that cannot be created is a diagnostic before anything is written.
+
+Files go to a staging directory beside the destination (`.NAME.PID-XXXX.pemlang-tmp`), which is
+renamed into place only when complete: an interrupted run leaves no partial output. A replaced
+output (--force) is swapped with `renameat2(RENAME_EXCHANGE)` where the system has it, so the
+destination is never missing; elsewhere it is two renames. Writers into one directory hold an
+flock on that directory while they stage and swap, so concurrent writers take turns, and staging
+left by a killed writer (whose lock died with it) is removed by the next. Keys, JSON and
+metadata are sorted, with no timestamps, so the same inputs give identical bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import platform
+import re
 import shutil
 import struct
+import sys
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, interrupts
 from .adapters import CONFIG_NAME, WEIGHTS_NAME
+from .diagnostics import Diagnostic, PemError, display_path, error
 from .plan import OutputPlan, Plan, output_inputs
 
+# What a writer leaves beside the destination while it works: `.NAME.PID-RANDOM.pemlang-tmp`
+# (staging) and `.NAME.PID-RANDOM.pemlang-old` (an old directory on its way out).
+STAGING = re.compile(r"^\..+\.\d+-[a-z0-9_]+\.pemlang-(tmp|old)$")
+FORCE_HINT = "pass --force (force=True in the API) to replace it"
 
-class OutputExists(Exception):
-    """The destination exists and --force was not given."""
+
+class OutputExists(PemError):
+    """The destination exists and `force` was not given."""
+
+    def __init__(self, destination: Path):
+        self.path = destination
+        super().__init__([error("E018", f"output directory already exists: {display_path(destination)}",
+                                hints=[FORCE_HINT])])
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+class WriteError(PemError):
+    """A destination that cannot be written (E018): refused by the guard, or an OS error while writing."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -65,15 +97,249 @@ def canonical_safetensors(tensors: dict[str, Any], meta: dict[str, str]) -> byte
     return struct.pack("<Q", len(text)) + text + raw[8 + length :]
 
 
+# -- the guard: every write is checked here first ---------------------------------------------------
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path], *, force: bool
+                         ) -> list[Diagnostic]:
+    """Why any of `destinations` cannot be written (empty when all can): the one guard in front of
+    every write (CLI run, eval and sweep; the API's save, write and sweep; the REPL's :save).
+
+    An input, or a directory containing or inside an input, is refused with or without `force`;
+    so are two destinations that are one directory, a destination that is a file, a parent that is
+    a file or not writable, and a name too long for the file system. An existing directory is
+    refused without `force`."""
+    problems: list[Diagnostic] = []
+    existing: list[Path] = []
+    seen: dict[Path, Path] = {}
+    real_inputs = {name: Path(path).resolve() for name, path in inputs.items()}
+    for destination in destinations:
+        destination = Path(os.path.abspath(destination))
+        shown = display_path(destination)
+        if "\0" in str(destination):
+            problems.append(error("E018", "an output path contains a NUL character", notes=[repr(str(destination))]))
+            continue
+        try:
+            real = destination.resolve()
+        except (OSError, RuntimeError) as exc:  # a symbolic link loop, a path too long to resolve
+            problems.append(error("E018", f"cannot resolve the output path {shown}", notes=[str(exc)]))
+            continue
+        if real in seen:
+            problems.append(error("E018", "two outputs write the same directory",
+                                  notes=[f"{shown} is written twice (also as {display_path(seen[real])})"]))
+            continue
+        seen[real] = destination
+        clash = [(name, path) for name, path in real_inputs.items() if _overlaps(real, path)]
+        for name, path in clash:
+            where = ("is the input's directory" if real == path else
+                     "contains the input" if path.is_relative_to(real) else "is inside the input")
+            problems.append(error("E018", f"output would overwrite input `{name}`", notes=[f"{shown} {where}"],
+                                  hints=["inputs are never written: choose another output directory"]))
+        if clash:
+            continue
+        if os.path.lexists(destination):
+            if not destination.is_dir():
+                problems.append(error("E018", "output path is a file" if destination.exists() else
+                                      "output path is a broken symbolic link", notes=[shown],
+                                      hints=["an output is a directory: choose another path"]))
+            elif not force:
+                existing.append(destination)
+            continue
+        ancestor = _nearest_existing(destination.parent)
+        if not ancestor.is_dir():
+            problems.append(error("E018", f"cannot create {shown}: {display_path(ancestor)} is not a directory",
+                                  hints=["choose an output path whose parents are directories"]))
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
+            problems.append(error("E018", f"cannot create {shown}: {display_path(ancestor)} is not writable",
+                                  hints=["choose a writable output directory"]))
+        else:
+            limit = _name_max(ancestor)
+            # The staging name adds a dot, the pid and a random part to the destination's name.
+            too_long = [part for part in destination.relative_to(ancestor).parts
+                        if len(os.fsencode(part)) + 40 > limit]
+            if too_long:
+                problems.append(error("E018", f"cannot create {shown}: a name is too long for the file system",
+                                      notes=[f"{too_long[0][:40]}… is {len(os.fsencode(too_long[0]))} bytes; "
+                                             f"the limit there is {limit - 40} for an output"]))
+    if existing:
+        many = len(existing) > 1
+        problems.append(error("E018", f"{len(existing)} output directories already exist" if many else
+                              "output directory already exists",
+                              notes=[display_path(existing[0])] + ([f"and {len(existing) - 1} more"] if many else []),
+                              hints=[FORCE_HINT.replace("it", "them") if many else FORCE_HINT]))
+    return problems
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def guard(destinations: Sequence[Path], inputs: Mapping[str, Path], *, force: bool) -> None:
+    """Raise WriteError (E018) unless every destination can be written (`destination_problems`)."""
+    problems = destination_problems(destinations, inputs, force=force)
+    if problems:
+        raise WriteError(problems)
+
+
+def check_free_space(destinations: Sequence[Path], total_bytes: int) -> Diagnostic | None:
+    """E018 when `total_bytes` exceed the free space where the first destination would go."""
+    if not destinations:
+        return None
+    from .inspection import human_bytes
+
+    where = _nearest_existing(Path(os.path.abspath(destinations[0])).parent)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    if total_bytes <= free:
+        return None
+    return error("E018", f"the outputs need {human_bytes(total_bytes)}, but only {human_bytes(free)} is free "
+                 f"on {display_path(where)}", hints=["free some space, or write fewer points"])
+
+
+# -- the lock and stale staging --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `directory` (waiting for another writer's turn); it is released
+    when the block ends or the process dies, so it cannot be lost."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, writes still atomic
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_staging(directory: Path, *, wait: bool = True) -> int:
+    """Remove the staging and retired directories that dead writers left in `directory`.
+
+    Staging exists only while its writer holds the lock on the directory; a writer that was killed
+    released the lock with its death. So whatever is found while holding the lock is stale (pid
+    reuse cannot fool this). Without `wait`, nothing is done when another writer holds the lock."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return 0
+        return _remove_staging(directory)
+    finally:
+        os.close(fd)
+
+
+def _remove_staging(directory: Path) -> int:
+    removed = 0
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if STAGING.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+    return removed
+
+
+# -- the atomic swap -------------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_SYSCALL_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276}
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE): True when done, False
+    where the system or file system lacks it (the caller falls back to two renames)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    old, new = os.fsencode(a), os.fsencode(b)
+    function = getattr(libc, "renameat2", None)
+    if function is not None:
+        result = function(_AT_FDCWD, old, _AT_FDCWD, new, _RENAME_EXCHANGE)
+    elif (number := _SYSCALL_RENAMEAT2.get(platform.machine().lower())) is not None:
+        result = libc.syscall(number, _AT_FDCWD, old, _AT_FDCWD, new, _RENAME_EXCHANGE)
+    else:
+        return False
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), os.fsdecode(new))
+
+
+def exchange_supported(directory: Path) -> bool:
+    """Whether atomic exchange works in `directory` (tried on two scratch directories)."""
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        (Path(scratch) / "a").mkdir()
+        (Path(scratch) / "b").mkdir()
+        return _exchange(Path(scratch) / "a", Path(scratch) / "b")
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
 def write_adapter(destination: Path, tensors: dict[str, Any], config: dict[str, Any], meta: dict[str, str],
                   *, force: bool = False) -> None:
-    """Write an adapter directory atomically; replace an existing one only with `force`."""
-    destination = Path(destination)
-    if destination.exists() and not force:
-        raise OutputExists(str(destination))
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".pemlang-tmp", dir=destination.parent))
+    """Write an adapter directory atomically; replace an existing one only with `force`.
+
+    OS errors (no space, read-only file system, permissions, a name too long) become WriteError
+    (E018) naming the destination; nothing partial is left."""
+    destination = Path(os.path.abspath(destination))
     try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with locked(destination.parent):
+            _remove_staging(destination.parent)
+            if os.path.lexists(destination) and not force:
+                raise OutputExists(destination)
+            _write_locked(destination, tensors, config, meta)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise WriteError([error("E018", f"cannot write output {display_path(destination)}: {reason}",
+                                notes=[f"{exc.filename}" if exc.filename else display_path(destination)],
+                                hints=["nothing was written there; check the path, its permissions and free space"]
+                                )]) from None
+
+
+def _write_locked(destination: Path, tensors: dict[str, Any], config: dict[str, Any], meta: dict[str, str]) -> None:
+    staging: Path | None = None
+    try:
+        with interrupts.deferred():  # a signal cannot land between creating the staging and knowing its name
+            staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-", suffix=".pemlang-tmp",
+                                            dir=destination.parent))
         (staging / WEIGHTS_NAME).write_bytes(canonical_safetensors(tensors, meta))
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                            encoding="utf-8")
@@ -84,14 +350,21 @@ def write_adapter(destination: Path, tensors: dict[str, Any], config: dict[str, 
                 os.fsync(f.fileno())
             os.chmod(staging / name, 0o666 & ~umask)
         os.chmod(staging, 0o777 & ~umask)
-        if destination.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".pemlang-old",
-                                            dir=destination.parent))
-            os.rename(destination, retired / "old")
-            os.rename(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, destination)
+        interrupts.raise_if_interrupted()  # a signal that some library swallowed still stops the write
+        with interrupts.deferred(raise_after=True):  # the swap and its clean-up are not cut in half
+            if not os.path.lexists(destination):
+                os.rename(staging, destination)
+            elif _exchange(staging, destination):
+                shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old directory
+            else:
+                retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-", suffix=".pemlang-old",
+                                                dir=destination.parent))
+                os.rename(destination, retired / "old")
+                os.rename(staging, destination)
+                shutil.rmtree(retired, ignore_errors=True)
+            _fsync_directory(destination.parent)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            with interrupts.deferred(raise_after=False):
+                shutil.rmtree(staging, ignore_errors=True)
         raise

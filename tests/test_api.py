@@ -105,7 +105,7 @@ def test_sweep_streams_each_point_to_the_callback_and_saves(detox: pemlang.Progr
     assert seen == [{"λ": 0.0}, {"λ": 0.02}, {"λ": 0.04}]
     for ev in evaluations:
         lam = ev.params["λ"]
-        on_disk = lora(tmp_path / f"detox.λ={lam:g}")
+        on_disk = lora(tmp_path / f"detox.λ={lam:.2f}")
         alone = detox.evaluate(λ=lam)["detoxified"]
         for key, value in ev.tensors["detoxified"].items():
             assert torch.equal(value, alone[key]) and torch.equal(on_disk[key], value.to(on_disk[key].dtype))
@@ -145,16 +145,16 @@ def test_run_sweep_writes_one_adapter_per_value(sweep_program: Path, adapters: P
     assert status == 0, err
     assert "wrote 5 adapters" in out
     directories = sorted(p.name for p in (sweep_program.parent / "out").iterdir())
-    assert directories == [f"mix.lam={v:g}" for v in (0, 0.25, 0.5, 0.75, 1)]
+    assert directories == [f"mix.lam={v:.2f}" for v in (0, 0.25, 0.5, 0.75, 1)]
     a, b = lora(adapters / "llama_r8"), lora(adapters / "llama_r8_b")
     for lam in (0, 0.25, 1):  # paper mode, equal ranks and scalings: both factors mix linearly
-        got = lora(sweep_program.parent / "out" / f"mix.lam={lam:g}")
+        got = lora(sweep_program.parent / "out" / f"mix.lam={lam:.2f}")
         for key in a:
             assert torch.allclose(got[key].float(), lam * a[key].float() + (1 - lam) * b[key].float(), atol=1e-6)
     # Existing directories are refused, all of them named before any work; --force replaces them.
-    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0,0.5", "--device", "cpu")
-    assert status == 1 and "error[E018]: 2 sweep output directories already exist" in err
-    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0,0.5", "--device", "cpu", "--force")
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0,0.25", "--device", "cpu")
+    assert status == 1 and "error[E018]: 2 output directories already exist" in err
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0,0.25", "--device", "cpu", "--force")
     assert status == 0, err
 
 
@@ -191,6 +191,96 @@ def test_run_sweep_keeps_the_set_values(adapters: Path, tmp_path: Path) -> None:
     assert status == 0, err
     a = lora(adapters / "llama_r8")
     for lam in (0.25, 1.0):  # paper mode: (2·lam)·a scales A and B alike
-        got = lora(tmp_path / "out" / f"s.lam={lam:g}")
+        got = lora(tmp_path / "out" / f"s.lam={lam:.2f}")
         for key in a:
             assert torch.allclose(got[key].float(), 2 * lam * a[key].float(), atol=1e-6), (lam, key)
+
+
+# -- sweeps: names, limits and refusals -------------------------------------------------------------
+
+
+def test_sweep_directory_names_share_one_format_per_axis(sweep_program: Path) -> None:
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.5", "--device", "cpu")
+    assert status == 0, err
+    assert sorted(p.name for p in (sweep_program.parent / "out").iterdir()) == [
+        "mix.lam=0.0", "mix.lam=0.5", "mix.lam=1.0"]
+
+
+def test_sweep_suffixes_are_unique_and_the_api_agrees(sweep_program: Path, tmp_path: Path) -> None:
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0.1234561,0.1234562", "--device", "cpu")
+    assert status == 0, err
+    names = sorted(p.name for p in (sweep_program.parent / "out").iterdir())
+    assert names == ["mix.lam=0.1234561", "mix.lam=0.1234562"]
+    api_program = pemlang.load(sweep_program, device="cpu")
+    list(api_program.sweep(lam=[0.1234561, 0.1234562], save=True, force=True))
+    assert sorted(p.name for p in (sweep_program.parent / "out").iterdir()) == names
+    from pemlang.api import sweep_decimals, sweep_suffix
+
+    decimals = sweep_decimals({"lam": [0.0, 0.1, 1.0]})
+    assert [sweep_suffix({"lam": v}, decimals) for v in (0.0, 0.1, 1.0)] == ["lam=0.0", "lam=0.1", "lam=1.0"]
+
+
+@pytest.mark.parametrize("spec", ["lam=0.5,0.5", "lam=0.1,0.10"])
+def test_sweep_refuses_duplicate_values(sweep_program: Path, spec: str) -> None:
+    status, _, err = cli("run", str(sweep_program), "--sweep", spec, "--device", "cpu")
+    assert status == 2 and "twice" in err, err
+    assert not (sweep_program.parent / "out").exists()
+
+
+def test_sweep_refuses_a_param_given_twice(sweep_program: Path) -> None:
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0,1", "--sweep", "lam=0.5", "--device", "cpu")
+    assert status == 2 and "lam" in err and "twice" in err, err
+    assert not (sweep_program.parent / "out").exists()
+
+
+@pytest.mark.parametrize("spec", ["lam=0:inf:1", "lam=-inf:0:1", "lam=nan,1", "lam=0,1e400"])
+def test_sweep_refuses_non_finite_values(sweep_program: Path, spec: str) -> None:
+    status, _, err = cli("run", str(sweep_program), "--sweep", spec, "--device", "cpu")
+    assert status == 1 and "error[E017]" in err and "finite" in err and "internal error" not in err, err
+    assert "--> --sweep:1:" in err
+
+
+def test_sweep_point_limit_is_checked_without_building_the_list(sweep_program: Path) -> None:
+    import time
+
+    start = time.perf_counter()
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1e12:1", "--device", "cpu")
+    assert status == 2 and "--max-points" in err, err
+    assert time.perf_counter() - start < 5
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.25", "--max-points", "4", "--device", "cpu")
+    assert status == 2 and "5 points" in err, err
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0,1", "--sweep", "mu=1,2", "--device", "cpu",
+                         "--max-points", "3")
+    assert status == 2 and "4 points" in err, err
+    assert not (sweep_program.parent / "out").exists()
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.25", "--max-points", "5", "--device", "cpu")
+    assert status == 0, err
+
+
+def test_sweep_refuses_more_bytes_than_free_space(sweep_program: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.5", "--device", "cpu")
+    assert status == 1 and "error[E018]" in err and "free" in err, err
+    assert not (sweep_program.parent / "out").exists()
+
+
+def test_readme_sweep_commands_run_in_order(example_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's sweep commands, run one after the other in a fresh copy of the examples."""
+    import shlex
+    import shutil
+
+    section = README.read_text(encoding="utf-8").split("## λ sweeps", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip() for line in section.splitlines() if line.startswith("    pemlang ")]
+    assert len(commands) == 2
+    shutil.copytree(example_root / "examples", tmp_path / "examples", ignore=shutil.ignore_patterns("out"))
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        words = shlex.split(command.split("#", 1)[0])
+        status, _, err = cli(*words[1:], "--device", "cpu")
+        assert status == 0, (command, err)
+        for name in re.findall(r"\.λ=[0-9.]+", command.split("#", 1)[1]):
+            assert (tmp_path / "examples" / "out" / f"detoxified{name}").is_dir(), name

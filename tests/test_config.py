@@ -99,7 +99,7 @@ def test_run_sweep_on_a_config(adapters: Path, tmp_path: Path) -> None:
     status, _, err = cli("run", str(config), "--key", "merge", "--sweep", "lam=0,0.5", "--device", "cpu")
     assert status == 0, err
     for lam in (0, 0.5):
-        assert_mix(tmp_path / "out" / f"mix.lam={lam:g}", adapters, lam)
+        assert_mix(tmp_path / "out" / f"mix.lam={lam:.1f}", adapters, lam)
 
 
 def test_api_from_a_file_key_and_from_a_mapping(adapters: Path, tmp_path: Path) -> None:

@@ -340,3 +340,81 @@ def test_dtype_follows_inputs_unless_asked(adapters: Path, tmp_path: Path) -> No
     assert {t.dtype for t in load_file(str(tmp_path / "out" / "adapter_model.safetensors")).values()} == {torch.bfloat16}
     run(tmp_path, f'input a = "{adapters}/llama_bf16"\noutput 2*a -> "out2"\n', "--dtype", "float32")
     assert {t.dtype for t in load_file(str(tmp_path / "out2" / "adapter_model.safetensors")).values()} == {torch.float32}
+
+
+# -- finiteness of results -----------------------------------------------------------------------------
+
+
+def run_status(tmp_path: Path, program: str, *args: str) -> tuple[int, str]:
+    path = tmp_path / "program.pem"
+    path.write_text(program, encoding="utf-8")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(["run", str(path), "--device", "cpu", *args])
+    return status, err.getvalue()
+
+
+def scaled_copy(adapters: Path, tmp_path: Path, factor: float) -> Path:
+    """llama_r8 with every tensor multiplied by `factor` (finite in fp32)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    copy = tmp_path / "huge"
+    shutil.copytree(adapters / "llama_r8", copy)
+    state = {k: v * factor for k, v in load_file(str(copy / "adapter_model.safetensors")).items()}
+    save_file(state, str(copy / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
+def test_a_result_that_overflows_the_output_dtype_is_not_written(adapters: Path, tmp_path: Path) -> None:
+    status, err = run_status(tmp_path, f'input a = "{adapters}/llama_r8"\nparam k = 1\noutput k*a -> "out"\n',
+                             "--dtype", "float16", "--set", "k=1e7")
+    assert status == 1 and "error[E027]" in err and "F16" in err and "layers." in err, err
+    assert "`k*a`" in err or "k*a" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["program.pem"]
+
+
+def test_a_result_that_overflows_fp32_is_not_written_nor_any_other_output(adapters: Path, tmp_path: Path) -> None:
+    huge = scaled_copy(adapters, tmp_path, 1e30)
+    status, err = run_status(tmp_path, f'mode exact\ninput a = "{adapters}/llama_r8"\ninput h = "{huge}"\n'
+                                       'output 2*a -> "first"\noutput 1e10*h -> "second"\n')
+    assert status == 1 and "error[E027]" in err and "second" in err and "not an input" in err, err
+    assert not (tmp_path / "first").exists() and not (tmp_path / "second").exists()
+
+
+def test_svd_over_a_non_finite_input_reports_the_input(adapters: Path, tmp_path: Path) -> None:
+    status, err = run_status(tmp_path, f'mode exact\ninput a = "{adapters}/llama_nan"\n'
+                                       'output svd(a, rank=2) -> "out"\n')
+    assert status == 1 and "error[E014]" in err and "LinAlgError" not in err and "internal error" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_point_whose_result_overflows_stops_the_sweep(adapters: Path, tmp_path: Path) -> None:
+    status, err = run_status(tmp_path, f'input a = "{adapters}/llama_r8"\nparam k = 1\noutput k*a -> "out"\n',
+                             "--dtype", "float16", "--sweep", "k=1,1e7")
+    assert status == 1 and "error[E027]" in err and "at k=1e+07" in err, err
+    assert not (tmp_path / "out.k=10000000.0").exists()
+
+
+def test_svd_bytes_do_not_depend_on_the_thread_count(tmp_path: Path) -> None:
+    """The same svd program run with 1 and with 2 threads writes identical bytes."""
+    import os
+    import subprocess
+    import sys
+
+    from test_kill import big_lora
+
+    big_lora(tmp_path / "a", 1, layers=4)
+    big_lora(tmp_path / "b", 2, layers=4)
+    (tmp_path / "p.pem").write_text('mode exact\ninput a = "a"\ninput b = "b"\n'
+                                    'output svd(0.7*a - 0.3*b, rank=20) -> "out"\n', encoding="utf-8")
+    root = Path(__file__).resolve().parent.parent
+    written = []
+    for threads in ("1", "2"):
+        subprocess.run([sys.executable, "-m", "pemlang.cli", "run", str(tmp_path / "p.pem"), "--device", "cpu",
+                        "--force"], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": threads,
+                            "MKL_NUM_THREADS": threads})
+        written.append((tmp_path / "out" / "adapter_model.safetensors").read_bytes())
+    assert written[0] == written[1]

@@ -25,6 +25,8 @@ class RunReport:
     """What running a plan found beyond its results."""
 
     non_finite: list[tuple[str, str]] = field(default_factory=list)  # (input, tensor key)
+    # A result that is not finite in its output dtype: (output index, layer or head key, dtype).
+    non_finite_result: tuple[int, str, str] | None = None
     # Paper mode: per output, per input other than the first, cosines of its A with the first's A.
     a_cosines: dict[int, dict[str, list[float]]] = field(default_factory=dict)
 
@@ -93,12 +95,32 @@ class _Inputs:
         return self.tensor(name, keys["A"]), self.tensor(name, keys["B"]), scaling
 
 
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _Stop(Exception):
+    """Running stops: an input or a result is not finite (the report says which)."""
+
+
+def _finite(values: list[torch.Tensor]) -> bool:
+    """Whether every value is finite: one reduction per tensor, one host sync for them all."""
+    return bool(torch.stack([torch.isfinite(v).all() for v in values]).all())
+
+
 class TorchBackend:
     """Runs plans on one device."""
 
     def __init__(self, device: torch.device | str = "cpu", cache: TensorCache | None = None):
         self.device = torch.device(device)
         self.cache = cache
+        self._index = 0  # the output being computed (for reports from inside svd)
 
     def run(self, plan: Plan, *, on_layer: Callable[[], None] | None = None
             ) -> tuple[list[dict[str, torch.Tensor]], RunReport]:
@@ -106,21 +128,47 @@ class TorchBackend:
         report = RunReport()
         results = []
         with contextlib.ExitStack() as stack, torch.no_grad():
+            if plan.svds and self.device.type == "cpu":
+                # LAPACK's QR and SVD round differently with the thread count; one thread makes svd
+                # outputs byte-identical across machines' core counts (the factorisations are small:
+                # d×m with m the stacked rank).
+                stack.enter_context(_threads(1))
             inputs = _Inputs(plan, self.device, stack, report, self.cache)
-            for index, out in enumerate(plan.outputs):
-                tensors: dict[str, torch.Tensor] = {}
-                for step, produced in self._layers(plan, out, inputs, report, index):
-                    for key, value in produced.items():
-                        tensors[key] = value.to(TORCH_DTYPES[step.dtype]).to("cpu").contiguous()
-                    if on_layer is not None:
-                        on_layer()
-                for head in out.heads:
-                    mixed = sum(term.beta * inputs.tensor(term.source, self._head_key(plan, term, head.key))
-                                for term in head.terms)
-                    tensors[f"base_model.model.{head.key}"] = (
-                        torch.as_tensor(mixed).to(TORCH_DTYPES[head.dtype]).to("cpu").contiguous())
-                results.append(dict(sorted(tensors.items())))
+            try:
+                for index, out in enumerate(plan.outputs):
+                    results.append(self._output(plan, out, index, inputs, report, on_layer))
+            except _Stop:
+                return [], report
         return results, report
+
+    def _output(self, plan: Plan, out: OutputPlan, index: int, inputs: _Inputs, report: RunReport,
+                on_layer: Callable[[], None] | None) -> dict[str, torch.Tensor]:
+        """One output's tensors. Each layer is cast to the output dtype on the device and checked
+        finite there (one sync per layer) before it goes to the CPU; a non-finite input or result
+        stops the run (_Stop) with the report saying which."""
+        tensors: dict[str, torch.Tensor] = {}
+        for step, produced in self._layers(plan, out, inputs, report, index):
+            self._keep(tensors, produced, TORCH_DTYPES[step.dtype], step.dtype, step.key, index, report)
+            if on_layer is not None:
+                on_layer()
+        for head in out.heads:
+            mixed = sum(term.beta * inputs.tensor(term.source, self._head_key(plan, term, head.key))
+                        for term in head.terms)
+            self._keep(tensors, {f"base_model.model.{head.key}": torch.as_tensor(mixed)}, TORCH_DTYPES[head.dtype],
+                       head.dtype, head.key, index, report)
+        return dict(sorted(tensors.items()))
+
+    @staticmethod
+    def _keep(tensors: dict[str, torch.Tensor], produced: dict[str, torch.Tensor], dtype: torch.dtype, dtype_name: str,
+              key: str, index: int, report: RunReport) -> None:
+        if report.non_finite:  # a non-finite input: reported as such (E014), not as its result
+            raise _Stop
+        cast = {name: value.to(dtype) for name, value in produced.items()}
+        if not _finite(list(cast.values())):
+            report.non_finite_result = (index, key, dtype_name)
+            raise _Stop
+        for name, value in cast.items():
+            tensors[name] = value.to("cpu").contiguous()
 
     @staticmethod
     def _head_key(plan: Plan, term: PlanTerm, head_key: str) -> str:
@@ -128,6 +176,7 @@ class TorchBackend:
 
     def _layers(self, plan: Plan, out: OutputPlan, inputs: _Inputs, report: RunReport, index: int
                 ) -> Iterator[tuple[LayerStep, dict[str, torch.Tensor]]]:
+        self._index = index
         for step in out.layers:
             if step.op == "ia3":
                 yield step, {tensor_key(step.key, "ia3_l"): self._ia3(step, inputs)}
@@ -202,12 +251,23 @@ class TorchBackend:
         if rank == 0 or not terms:
             raise AssertionError("lowering gives svd sources only to layers they contribute to")
         a, b = self._stack(plan, terms, layer, inputs, cache)
-        q_b, r_b = torch.linalg.qr(b)
-        q_a, r_a = torch.linalg.qr(a.T)
+        if inputs.report.non_finite:  # E014 names the input; a factorisation of NaN would only crash
+            raise _Stop
+        if not _finite([a, b]):
+            inputs.report.non_finite_result = (self._index, layer, "F32")
+            raise _Stop
+        # In float64 (on the CPU with one thread, see `run`), then rounded to fp32; signs are fixed
+        # (the largest entry of each left singular vector positive), so the bytes are reproducible.
+        q_b, r_b = torch.linalg.qr(b.double())
+        q_a, r_a = torch.linalg.qr(a.T.double())
         u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-        b_out = (q_b @ u[:, :rank]) * s[:rank]
-        a_out = vh[:rank] @ q_a.T
-        return a_out, b_out
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        left = q_b @ u
+        signs = torch.sign(left.gather(0, left.abs().argmax(dim=0, keepdim=True)))
+        signs[signs == 0] = 1
+        b_out = (left * signs) * s
+        a_out = (vh * signs.T) @ q_a.T
+        return a_out.float(), b_out.float()
 
     @staticmethod
     def _has_layer(plan: Plan, source: str, layer: str) -> bool:
