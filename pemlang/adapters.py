@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +199,40 @@ def _module_matches(module_path: str, names: Iterable[str]) -> bool:
     return any(module_path == n or module_path.endswith("." + n) for n in names)
 
 
+def head_module(key: str, names: Iterable[str]) -> str | None:
+    """The `modules_to_save` module a saved tensor belongs to: its outermost ancestor whose path
+    is one of `names` or ends with `.NAME` (PEFT's own rule), or None. PEFT saves the whole
+    sub-tree of such a module (`classifier.dense.weight`, `classifier.out_proj.bias`)."""
+    names = list(names)
+    parts = key.split(".")[:-1]
+    for end in range(1, len(parts) + 1):
+        path = ".".join(parts[:end])
+        if _module_matches(path, names):
+            return path
+    return None
+
+
+def config_owner(input_order: Iterable[str], betas: Mapping[str, float], inputs: Mapping[str, Adapter],
+                 heads_policy: str | None, heads_from: str | None) -> str:
+    """The input whose task_type and auto_mapping an output's adapter_config.json takes: the
+    heads' owner (`heads from NAME`, or the first input of a convex mix of heads); with `heads
+    drop`, or when no input has heads, the first input of the expression."""
+    order = list(input_order)
+    if heads_policy == "from" and heads_from is not None:
+        return heads_from
+    if heads_policy != "drop":
+        for name in order:
+            if betas.get(name, 0.0) != 0.0 and inputs[name].type.heads:
+                return name
+    return order[0]
+
+
+def task_of(adapter: Adapter) -> tuple[str | None, str | None]:
+    """(task_type, architecture) as the adapter's config records them (None: not recorded)."""
+    task_type = adapter.config.get("task_type")
+    return (task_type if isinstance(task_type, str) else None), adapter.type.architecture
+
+
 def _strip(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
@@ -247,6 +281,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
 
     layer_keys: dict[str, dict[str, str]] = {}
     head_keys: dict[str, str] = {}
+    head_owner: dict[str, str] = {}
     groups: dict[str, dict[str, TensorInfo]] = {}
     for key, info in tensors.items():
         short = _strip(key)
@@ -264,8 +299,9 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
             _note(unsupported, "LoRA on embedding layers (lora_embedding_A/B)")
         elif "trainable_tokens" in short:
             _note(unsupported, "trainable tokens")
-        elif _module_matches(short.rsplit(".", 1)[0], heads_names):
+        elif (module := head_module(short, heads_names)) is not None:
             head_keys[short] = key
+            head_owner[short] = module
         else:
             _note(unsupported, f"an unrecognised tensor {short!r}")
 
@@ -282,7 +318,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise AdapterError("E013", f"the adapter has no {'LoRA' if kind == 'lora' else '(IA)3'} tensors",
                            notes=[f"{display_path(weights_file)}: {len(tensors)} tensors, none of them adapter weights"])
     heads = {
-        short: Head(short, tensors[key].shape, tensors[key].dtype, tensors[key].nbytes)
+        short: Head(short, tensors[key].shape, tensors[key].dtype, tensors[key].nbytes, head_owner[short])
         for short, key in head_keys.items()
     }
     for head in heads.values():

@@ -189,7 +189,8 @@ class Session:
         kind = "LoRA" if t.kind == "lora" else "(IA)3"
         ranks = sorted({getattr(layer, "rank", 0) for layer in t.layers.values()} - {0})
         rank = (f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}") if ranks else ""
-        heads = f", {len(t.heads)} head{'s' if len(t.heads) != 1 else ''}" if t.heads else ""
+        modules = len(t.head_modules)
+        heads = f", {modules} head{'s' if modules != 1 else ''}" if t.heads else ""
         terms = " + ".join(f"({term.alpha:g}, {term.beta:g})·{term.source.describe()}" for term in value.terms)
         return (f"{text} : {kind} module, base {t.base.describe()}, {len(t.layers)} layers{rank}{heads}\n"
                 f"  = {terms or '0'}   (alpha, beta) per source, mode {self.mode}")
