@@ -8,9 +8,10 @@ are read later, one at a time, by the backend (`Adapter.tensor`).
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,34 @@ class Adapter:
             return f.get_tensor(key)
 
 
+MAX_HEADER_DEPTH = 64
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped), without recursion."""
+    depth = deepest = 0
+    for token in _JSON_TOKENS.finditer(raw):
+        ch = token.group()[:1]
+        if ch in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_HEADER_DEPTH:
+                break
+        elif ch in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int, int]:
-    """Parse a safetensors header without reading tensor data.
+    """Parse and validate a safetensors header without reading tensor data, as safetensors' own
+    loader does: dtypes, shapes, offsets contiguous from 0 and in order, the data section covered
+    exactly (a file shorter than that is reported as truncated by `Adapter.truncated`; a longer
+    one has junk appended and is refused), `__metadata__` a flat string map, nesting bounded.
 
     Returns (tensors by key, `__metadata__`, offset where data starts, file size)."""
     try:
@@ -141,28 +168,50 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     except OSError as exc:
         raise AdapterError("E012", f"cannot read {path.name}", notes=[f"{display_path(path)}: {exc.strerror}"]) from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        if _json_depth(raw) > MAX_HEADER_DEPTH:
+            raise ValueError(f"the header nests deeper than {MAX_HEADER_DEPTH} levels")
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("__metadata__ is not a map of strings to strings")
         tensors = {}
         for key, entry in header.items():
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if dtype not in DTYPE_SIZES:
+            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+                raise ValueError(f"tensor {key!r}: an entry has exactly dtype, shape and data_offsets")
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
                 raise ValueError(f"tensor {key!r} has unknown dtype {dtype!r}")
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError(f"tensor {key!r} has a malformed shape {list(shape)}")
+            if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {key!r} has a malformed shape {shape!r}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+                raise ValueError(f"tensor {key!r} has malformed data_offsets {offsets!r}")
+            begin, end = offsets
             numel = 1
             for d in shape:
                 numel *= d
-            if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != numel * DTYPE_SIZES[dtype]:
+            if end < begin or end - begin != numel * DTYPE_SIZES[dtype]:
                 raise ValueError(f"tensor {key!r}: offsets [{begin}, {end}] do not fit {dtype}{list(shape)}")
-            tensors[key] = TensorInfo(key, dtype, shape, begin, end)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            tensors[key] = TensorInfo(key, dtype, tuple(shape), begin, end)
+        position = 0
+        for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+            if info.begin != position:
+                what = "overlaps the tensor before it" if info.begin < position else "leaves a gap before it"
+                raise ValueError(f"tensor {info.key!r} at [{info.begin}, {info.end}] {what}")
+            position = info.end
+        data_size = file_size - 8 - length
+        if data_size > position:
+            raise ValueError(f"{data_size - position} bytes after the last tensor belong to no tensor")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         raise AdapterError("E013", f"{path.name} has a malformed safetensors header",
                            notes=[f"{display_path(path)}: {detail}"]) from None
     return tensors, metadata, 8 + length, file_size
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -180,11 +229,124 @@ def _read_config(directory: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise AdapterError("E012", f"cannot read {CONFIG_NAME}", notes=[f"{display_path(config_path)}: {exc.strerror}"]) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterError("E013", f"{CONFIG_NAME} is not valid JSON", notes=[f"{display_path(config_path)}: {exc}"]) from None
     if not isinstance(config, dict):
         raise AdapterError("E013", f"{CONFIG_NAME} is not a JSON object", notes=[str(config_path)])
+    _validate_config(config, config_path)
     return config
+
+
+def _config_error(path: Path, field_name: str, message: str, hints: Iterable[str] = ()) -> AdapterError:
+    return AdapterError("E013", f"{CONFIG_NAME}: `{field_name}` {message}",
+                        notes=[f"{display_path(path)}: field {field_name}"], hints=hints)
+
+
+def _positive_number(value: Any, *, integer: bool) -> bool:
+    if integer:
+        return _is_int(value) and value > 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+MAX_PATTERN_LENGTH = 1000
+MAX_PATTERN_REPEATS = 3
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why a rank_pattern/alpha_pattern key cannot be matched safely, or None. Keys are regexes
+    (PEFT matches `(.*\\.)?(KEY)$`); nested or alternated repeats and backreferences can take
+    exponential time, so they are refused, as are more than a few repeats in one key."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        return f"is longer than {MAX_PATTERN_LENGTH} characters"
+    try:
+        import re._parser as sre_parse  # type: ignore[import-not-found]
+        from re import _constants as c  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import sre_constants as c  # type: ignore[no-redef]
+        import sre_parse  # type: ignore[no-redef]
+    try:
+        parsed = sre_parse.parse(rf"(.*\.)?({pattern})$")
+    except (re.error, RecursionError, OverflowError) as exc:
+        return f"is not a valid regular expression ({exc})"
+    repeats = 0
+
+    def walk(items: Any, in_repeat: bool) -> str | None:
+        nonlocal repeats
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT) or getattr(c, "POSSESSIVE_REPEAT", None) == op:
+                low, high, sub = av
+                many = high > 1
+                if many and in_repeat:
+                    return "nests repeats (catastrophic backtracking)"
+                repeats += many
+                if (found := walk(sub, in_repeat or many)) is not None:
+                    return found
+            elif op == c.SUBPATTERN:
+                if (found := walk(av[-1], in_repeat)) is not None:
+                    return found
+            elif op == c.BRANCH:
+                if in_repeat:
+                    return "repeats an alternation (catastrophic backtracking)"
+                for branch in av[1]:
+                    if (found := walk(branch, in_repeat)) is not None:
+                        return found
+            elif op in (c.GROUPREF, c.GROUPREF_EXISTS):
+                return "uses a backreference"
+            elif op in (c.ASSERT, c.ASSERT_NOT) and (found := walk(av[1], in_repeat)) is not None:
+                return found
+        return None
+
+    found = walk(parsed, False)
+    if found is None and repeats > MAX_PATTERN_REPEATS + 1:  # + the `.*` PEFT puts in front
+        found = f"has more than {MAX_PATTERN_REPEATS} repeats"
+    return found
+
+
+def _validate_config(config: dict[str, Any], path: Path) -> None:
+    """Field types as PEFT writes them; anything else is E013 naming the field."""
+    peft_type = config.get("peft_type")
+    if "peft_type" in config and not isinstance(peft_type, str):
+        raise _config_error(path, "peft_type", f"must be a string, not {peft_type!r}")
+    if isinstance(peft_type, str) and peft_type.upper() in ("LORA", "IA3") and peft_type not in ("LORA", "IA3"):
+        raise _config_error(path, "peft_type", f"is {peft_type!r}; PEFT writes {peft_type.upper()!r}",
+                            hints=[f"PEFT reads only the exact spelling: set \"peft_type\": \"{peft_type.upper()}\""])
+    if "r" in config and not _positive_number(config["r"], integer=True):
+        raise _config_error(path, "r", f"must be a positive whole number, not {config['r']!r}")
+    if "lora_alpha" in config and not _positive_number(config["lora_alpha"], integer=False):
+        raise _config_error(path, "lora_alpha", f"must be a finite number > 0, not {config['lora_alpha']!r}")
+    for field_name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(field_name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise _config_error(path, field_name, "must be a map of layer patterns to numbers")
+        for key, value in patterns.items():
+            if not _positive_number(value, integer=integer):
+                raise _config_error(path, field_name, f"maps {key!r} to {value!r}, not a "
+                                    + ("positive whole number" if integer else "finite number > 0"))
+            if (problem := pattern_problem(key)) is not None:
+                raise _config_error(path, field_name, f"key {key[:80]!r} {problem}")
+    for field_name in ("modules_to_save", "target_modules", "feedforward_modules"):
+        value = config.get(field_name)
+        allowed_str = field_name != "modules_to_save"
+        if value is None or (allowed_str and isinstance(value, str)):
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _config_error(path, field_name, "must be a list of module names" + (
+                ", a string" if allowed_str else "") + f" or null, not {value!r}"[:200])
+    mapping = config.get("auto_mapping")
+    if mapping is not None and (not isinstance(mapping, dict)
+                                or not isinstance(mapping.get("base_model_class", ""), (str, type(None)))):
+        raise _config_error(path, "auto_mapping", f"must be a map with a string base_model_class, or null, "
+                            f"not {mapping!r}"[:200])
+    for field_name in ("base_model_name_or_path", "revision", "task_type", "bias"):
+        value = config.get(field_name)
+        if value is not None and not isinstance(value, str):
+            raise _config_error(path, field_name, f"must be a string or null, not {value!r}"[:200])
+    for field_name in ("use_rslora", "fan_in_fan_out"):
+        value = config.get(field_name)
+        if value is not None and not isinstance(value, bool):
+            raise _config_error(path, field_name, f"must be true or false, not {value!r}"[:200])
 
 
 def _pattern_value(patterns: dict[str, Any] | None, layer_key: str, default: Any) -> Any:
@@ -197,6 +359,40 @@ def _pattern_value(patterns: dict[str, Any] | None, layer_key: str, default: Any
 
 def _module_matches(module_path: str, names: Iterable[str]) -> bool:
     return any(module_path == n or module_path.endswith("." + n) for n in names)
+
+
+def head_module(key: str, names: Iterable[str]) -> str | None:
+    """The `modules_to_save` module a saved tensor belongs to: its outermost ancestor whose path
+    is one of `names` or ends with `.NAME` (PEFT's own rule), or None. PEFT saves the whole
+    sub-tree of such a module (`classifier.dense.weight`, `classifier.out_proj.bias`)."""
+    names = list(names)
+    parts = key.split(".")[:-1]
+    for end in range(1, len(parts) + 1):
+        path = ".".join(parts[:end])
+        if _module_matches(path, names):
+            return path
+    return None
+
+
+def config_owner(input_order: Iterable[str], betas: Mapping[str, float], inputs: Mapping[str, Adapter],
+                 heads_policy: str | None, heads_from: str | None) -> str:
+    """The input whose task_type and auto_mapping an output's adapter_config.json takes: the
+    heads' owner (`heads from NAME`, or the first input of a convex mix of heads); with `heads
+    drop`, or when no input has heads, the first input of the expression."""
+    order = list(input_order)
+    if heads_policy == "from" and heads_from is not None:
+        return heads_from
+    if heads_policy != "drop":
+        for name in order:
+            if betas.get(name, 0.0) != 0.0 and inputs[name].type.heads:
+                return name
+    return order[0]
+
+
+def task_of(adapter: Adapter) -> tuple[str | None, str | None]:
+    """(task_type, architecture) as the adapter's config records them (None: not recorded)."""
+    task_type = adapter.config.get("task_type")
+    return (task_type if isinstance(task_type, str) else None), adapter.type.architecture
 
 
 def _strip(key: str) -> str:
@@ -247,6 +443,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
 
     layer_keys: dict[str, dict[str, str]] = {}
     head_keys: dict[str, str] = {}
+    head_owner: dict[str, str] = {}
     groups: dict[str, dict[str, TensorInfo]] = {}
     for key, info in tensors.items():
         short = _strip(key)
@@ -264,8 +461,9 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
             _note(unsupported, "LoRA on embedding layers (lora_embedding_A/B)")
         elif "trainable_tokens" in short:
             _note(unsupported, "trainable tokens")
-        elif _module_matches(short.rsplit(".", 1)[0], heads_names):
+        elif (module := head_module(short, heads_names)) is not None:
             head_keys[short] = key
+            head_owner[short] = module
         else:
             _note(unsupported, f"an unrecognised tensor {short!r}")
 
@@ -282,7 +480,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise AdapterError("E013", f"the adapter has no {'LoRA' if kind == 'lora' else '(IA)3'} tensors",
                            notes=[f"{display_path(weights_file)}: {len(tensors)} tensors, none of them adapter weights"])
     heads = {
-        short: Head(short, tensors[key].shape, tensors[key].dtype, tensors[key].nbytes)
+        short: Head(short, tensors[key].shape, tensors[key].dtype, tensors[key].nbytes, head_owner[short])
         for short, key in head_keys.items()
     }
     for head in heads.values():
@@ -342,11 +540,24 @@ def _read_pickle(path: Path) -> tuple[dict[str, TensorInfo], dict[str, Any]]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad pickle
         raise AdapterError("E013", f"cannot load {path.name}", notes=[f"{display_path(path)}: {exc}"]) from None
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+    if not isinstance(state, dict):
+        raise AdapterError("E013", f"{path.name} does not hold a state dict",
+                           notes=[f"{display_path(path)}: it holds a {type(state).__name__}, not a map of "
+                                  "tensor names to tensors"])
     tensors = {}
     offset = 0
     for key, value in state.items():
-        dtype = names.get(value.dtype, "I64")
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor) or value.layout != torch.strided \
+                or value.dtype not in names:
+            what = (f"key {key!r} is not a string" if not isinstance(key, str) else
+                    f"{key!r} is a {type(value).__name__}, not a dense tensor" if not isinstance(value, torch.Tensor)
+                    or value.layout != torch.strided else f"{key!r} has dtype {value.dtype}")
+            raise AdapterError("E013", f"{path.name} is not a state dict of tensors",
+                               notes=[f"{display_path(path)}: {what}"])
+        dtype = names[value.dtype]
         nbytes = value.numel() * sizes[dtype]
         tensors[key] = TensorInfo(key, dtype, tuple(value.shape), offset, offset + nbytes)
         offset += nbytes

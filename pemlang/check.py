@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import ast
-from .adapters import Adapter, AdapterError, read_adapter
+from .adapters import Adapter, AdapterError, config_owner, read_adapter, task_of
 from .diagnostics import Diagnostic, display_path, error, warning
 from .source import Source, Span, read_source
 from .types import Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
@@ -453,7 +453,10 @@ class Checker:
             self._current_span = span
             self._check_output_path(path, path_span, path_source)
         if isinstance(value, ModuleValue):
+            errors = len([d for d in self.diagnostics if d.is_error])
             self._check_heads(value, expr.span)
+            if len([d for d in self.diagnostics if d.is_error]) == errors:
+                self._check_tasks(value, expr.span)
             output_name = expr.id if isinstance(expr, ast.Name) else None
             expression = self.binding_text.get(output_name or "", self.source.snippet(expr.span))
             self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span))
@@ -544,6 +547,27 @@ class Checker:
                                + f" (sum {_fmt(total)}); full tensors combine only when every coefficient "
                                "is ≥ 0 and they sum to 1"],
                         hints=hints)
+
+    def _check_tasks(self, value: ModuleValue, span: Span) -> None:
+        """W004: inputs made for different tasks or model classes; say which the output takes.
+        Not after `heads from NAME`, which states it: the output takes NAME's."""
+        betas = value.input_betas()
+        tasks = {name: task_of(self.inputs[name]) for name in betas}
+        policy = self.heads.policy if self.heads is not None else None
+        if len(set(tasks.values())) < 2 or policy == "from":
+            return
+        owner = config_owner(betas, betas, self.inputs, policy, None)
+        why = ("the first input (`heads drop`)" if policy == "drop" else
+               "whose heads it takes" if betas[owner] != 0 and self.inputs[owner].type.heads else
+               "the first input")
+        task_type, architecture = tasks[owner]
+        self._warn("W004", "the inputs differ in task type or architecture", span,
+                   notes=[f"{name}: task type {t or 'not recorded'}, architecture {a or 'not recorded'}"
+                          for name, (t, a) in tasks.items()]
+                   + [f"the output takes task type {task_type or 'not recorded'} and architecture "
+                      f"{architecture or 'not recorded'} from `{owner}`, {why}"],
+                   hints=["`heads from NAME` states the input whose heads, task type and architecture "
+                          "the output takes"])
 
     # -- expressions -----------------------------------------------------------------------------
 

@@ -141,6 +141,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _report([error(exc.code, exc.message, notes=exc.notes, hints=exc.hints)])
         return EXIT_ERRORS
     render_adapter(adapter)
+    if adapter.truncated:
+        _report([error("E013", f"{adapter.weights_file.name} is truncated", notes=[str(adapter.weights_file)],
+                       hints=["the file was cut off (an interrupted copy or download?): fetch it again"])])
+        return EXIT_ERRORS
     return EXIT_OK
 
 

@@ -57,6 +57,7 @@ CODES: dict[str, str] = {
     "W001": "base model not recorded in an input",
     "W002": "paper mode over LoRA inputs whose A matrices differ",
     "W003": "unused input or binding",
+    "W004": "inputs differ in task type or architecture",
     "W005": "output already exists (`run` will need --force)",
 }
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 
 from .adapters import Adapter
-from .types import LoraLayer
+from .types import LoraLayer, describe_heads
 
 
 def human_bytes(n: int) -> str:
@@ -89,6 +89,7 @@ def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-u
         ("architecture", t.architecture or "-"),
         ("task type", cfg.get("task_type") or "-"),
         ("layers", f"{len(t.layers)} adapted"),
+        ("heads", describe_heads(t.head_modules) if t.heads else "none"),
         ("weights", f"{adapter.weights_file.name}, {human_bytes(total)} in {len(adapter.tensors)} tensors"),
         ("saved by", f"PEFT {cfg['peft_version']}" if cfg.get("peft_version") else "-"),
     ]
@@ -117,12 +118,16 @@ def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-u
     console.print(table)
     if t.heads:
         heads = Table(show_edge=False, header_style="bold", title="heads (modules_to_save)", title_justify="left")
+        heads.add_column("head")
         heads.add_column("tensor")
         heads.add_column("shape", justify="right")
         heads.add_column("dtype")
         heads.add_column("size", justify="right")
-        for head in t.heads.values():
-            heads.add_row(head.key, "×".join(map(str, head.shape)), head.dtype, human_bytes(head.nbytes))
+        for module, keys in t.head_modules.items():
+            for index, key in enumerate(keys):
+                head = t.heads[key]
+                heads.add_row(module if index == 0 else "", key, "×".join(map(str, head.shape)), head.dtype,
+                              human_bytes(head.nbytes))
         console.print(heads)
     if adapter.unsupported:
         console.print("[bold red]not composable by pemlang:[/bold red] " + "; ".join(adapter.unsupported))

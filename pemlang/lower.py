@@ -11,6 +11,7 @@ import copy
 from collections import Counter
 from typing import Any
 
+from .adapters import config_owner
 from .check import CheckedOutput, CheckedProgram, InputRef, ModuleValue, SvdRef, Term
 from .plan import DTYPE_BYTES, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, SvdStep, pattern_key
 from .types import Ia3Layer, LoraLayer
@@ -147,7 +148,7 @@ class _Lowering:
         if policy is not None and policy.policy == "from":
             assert policy.source is not None
             name = policy.source.id
-            steps = [HeadStep(k, (PlanTerm(name, 1.0, 1.0),), h.shape, self.out_dtype(h.dtype))
+            steps = [HeadStep(k, (PlanTerm(name, 1.0, 1.0),), h.shape, self.out_dtype(h.dtype), h.module_name)
                      for k, h in inputs[name].type.heads.items()]
             return steps, f"{', '.join(h.key for h in steps)} from {name}, unchanged", \
                 inputs[name].config.get("modules_to_save")
@@ -155,7 +156,8 @@ class _Lowering:
         if not betas:
             return [], "none", None
         first = next(iter(betas))
-        steps = [HeadStep(k, tuple(PlanTerm(n, b, b) for n, b in betas.items()), h.shape, self.out_dtype(h.dtype))
+        steps = [HeadStep(k, tuple(PlanTerm(n, b, b) for n, b in betas.items()), h.shape, self.out_dtype(h.dtype),
+                          h.module_name)
                  for k, h in inputs[first].type.heads.items()]
         mix = ", ".join(f"{n} {b:.6g}" for n, b in betas.items())
         return steps, f"{', '.join(h.key for h in steps)}: convex mix of {mix}", \
@@ -165,6 +167,14 @@ class _Lowering:
                modules_to_save: list[str] | None) -> dict[str, Any]:
         source = self.program.inputs[first]
         config = copy.deepcopy(source.config)
+        # The task type and architecture follow the heads' owner (or the first input, heads drop).
+        policy = self.program.heads
+        owner = self.program.inputs[config_owner(
+            value.input_betas(), value.input_betas(), self.program.inputs,
+            policy.policy if policy is not None else None,
+            policy.source.id if policy is not None and policy.source is not None else None)]
+        config["task_type"] = owner.config.get("task_type")
+        config["auto_mapping"] = owner.config.get("auto_mapping")
         config["base_model_name_or_path"] = value.type.base.name
         config["revision"] = value.type.base.revision
         config["inference_mode"] = True

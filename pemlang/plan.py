@@ -64,6 +64,7 @@ class HeadStep:
     terms: tuple[PlanTerm, ...]
     shape: tuple[int, ...]
     dtype: str
+    module: str = ""  # the modules_to_save module (sub-tree) the tensor belongs to
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,7 @@ class Session:
         trouble = next((d for d in checked.diagnostics if d.is_error), None)
         if trouble is not None:
             return f", heads not writable ({trouble.code}: {trouble.message})"
-        heads = len(lower(checked).outputs[0].heads)
+        heads = len({head.module for head in lower(checked).outputs[0].heads})
         return f", {heads} head{'s' if heads != 1 else ''}" if heads else ""
 
     def describe(self, text: str, value: Value, heads: str | None = None) -> str:
@@ -233,7 +233,8 @@ class Session:
         ranks = sorted({getattr(layer, "rank", 0) for layer in t.layers.values()} - {0})
         rank = (f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}") if ranks else ""
         if heads is None:
-            heads = f", {len(t.heads)} head{'s' if len(t.heads) != 1 else ''}" if t.heads else ""
+            modules = len(t.head_modules)
+            heads = f", {modules} head{'s' if modules != 1 else ''}" if t.heads else ""
         terms = " + ".join(f"({term.alpha:g}, {term.beta:g})·{term.source.describe()}" for term in value.terms)
         return (f"{text} : {kind} module, base {t.base.describe()}, {len(t.layers)} layers{rank}{heads}\n"
                 f"  = {terms or '0'}   (alpha, beta) per source, mode {self.mode}")

@@ -120,7 +120,8 @@ def summary_line(out: OutputPlan) -> str:
     kind = ("LoRA r=" + ("/".join(map(str, ranks)) if len(ranks) <= 3 else f"{ranks[0]}…{ranks[-1]}")
             if out.kind == "lora" else "(IA)3")
     dtypes = "/".join(sorted({step.dtype for step in out.layers}))
-    heads = f", {len(out.heads)} head{'s' if len(out.heads) > 1 else ''}" if out.heads else ""
+    modules = len({h.module or h.key for h in out.heads})
+    heads = f", {modules} head{'s' if modules > 1 else ''}" if out.heads else ""
     where = display_path(out.path) if out.path is not None else (out.name or out.expression)
     return (f"{where}: {kind}, {len(out.layers)} layers{heads}, "
             f"{human_bytes(out.bytes_written)} {dtypes}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,12 +87,38 @@ class Ia3Layer:
 
 @dataclass(frozen=True, slots=True)
 class Head:
-    """A full tensor saved through `modules_to_save` (e.g. a classifier head)."""
+    """A full tensor saved through `modules_to_save` (e.g. a classifier head's weight).
+
+    PEFT saves the whole sub-tree of a `modules_to_save` module: `module` is that module's path
+    (`classifier`), `key` the tensor's (`classifier.out_proj.weight`)."""
 
     key: str
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
+    module: str = ""
+
+    @property
+    def module_name(self) -> str:
+        """The head module this tensor belongs to (its parent module when none was recorded)."""
+        return self.module or self.key.rsplit(".", 1)[0]
+
+
+def head_modules(heads: Iterable[Head]) -> dict[str, tuple[str, ...]]:
+    """{head module: its tensor keys, sorted}, modules in sorted order."""
+    modules: dict[str, list[str]] = {}
+    for head in heads:
+        modules.setdefault(head.module_name, []).append(head.key)
+    return {module: tuple(sorted(keys)) for module, keys in sorted(modules.items())}
+
+
+def describe_heads(modules: Mapping[str, tuple[str, ...]]) -> str:
+    """`1 head (classifier, 4 tensors)`, `2 heads (lm_head, score)`: head modules, not tensors."""
+    count = f"{len(modules)} head{'s' if len(modules) != 1 else ''}"
+    if len(modules) == 1:
+        (module, keys), = modules.items()
+        return f"{count} ({module}, {len(keys)} tensor{'s' if len(keys) != 1 else ''})"
+    return f"{count} ({', '.join(modules)})"
 
 
 Layer = LoraLayer | Ia3Layer
@@ -107,6 +133,11 @@ class ModuleType:
     layers: Mapping[str, Layer]
     heads: Mapping[str, Head]
     architecture: str | None = None  # auto_mapping's base_model_class, when recorded
+
+    @property
+    def head_modules(self) -> dict[str, tuple[str, ...]]:
+        """{head module: its tensor keys}: a head is a whole modules_to_save sub-tree."""
+        return head_modules(self.heads.values())
 
 
 def architecture_families(layer_keys) -> set[str]:  # type: ignore[no-untyped-def]

@@ -18,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched: PEFT's save 
 
 LLAMA_BASE = "tiny-org/tiny-llama"
 GPT2_BASE = "tiny-org/tiny-gpt2"
+ROBERTA_BASE = "tiny-org/tiny-roberta"
+BERT_BASE = "tiny-org/tiny-bert"
 
 
 def llama_config(hidden: int = 32):  # type: ignore[no-untyped-def]
@@ -35,13 +37,41 @@ def gpt2_config():  # type: ignore[no-untyped-def]
                       bos_token_id=0, eos_token_id=0)
 
 
+def encoder_config(arch: str):  # type: ignore[no-untyped-def]
+    """A tiny RoBERTa or BERT config (hidden 16, 2 layers, 3 labels)."""
+    from transformers import BertConfig, RobertaConfig
+
+    config_class = RobertaConfig if arch == "roberta" else BertConfig
+    return config_class(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40, num_labels=3)
+
+
 def base_model(arch: str = "llama", *, task: str = "lm", hidden: int = 32, name: str | None = LLAMA_BASE):  # type: ignore[no-untyped-def]
-    """A tiny base model with seeded weights; `name` is what PEFT records as its base."""
+    """A tiny base model with seeded weights; `name` is what PEFT records as its base.
+
+    `arch` "roberta"/"bert" with `task` "lm" (masked LM) or "cls" (sequence classification): the
+    encoder weights are the same for both tasks (one seed), as for a real checkpoint."""
     import torch
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import (
+        BertForMaskedLM,
+        BertForSequenceClassification,
+        GPT2LMHeadModel,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        RobertaForMaskedLM,
+        RobertaForSequenceClassification,
+    )
 
     torch.manual_seed(0)
-    if arch == "gpt2":
+    if arch in ("roberta", "bert"):
+        classes = {("roberta", "lm"): RobertaForMaskedLM, ("roberta", "cls"): RobertaForSequenceClassification,
+                   ("bert", "lm"): BertForMaskedLM, ("bert", "cls"): BertForSequenceClassification}
+        model = classes[arch, task](encoder_config(arch))
+        encoder = getattr(model, arch)
+        torch.manual_seed(1)  # the shared encoder is re-initialised the same way for both tasks
+        for param in encoder.parameters():
+            torch.nn.init.normal_(param, std=0.2)
+    elif arch == "gpt2":
         model = GPT2LMHeadModel(gpt2_config())
     elif task == "cls":
         model = LlamaForSequenceClassification(llama_config(hidden))
@@ -122,8 +152,29 @@ def build_all(root: Path) -> Path:
     save(IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
          root / "llama_ia3_b", 20)
     save(LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "llama_loha", 21)
+    encoders(root)
     _corrupt_copies(root)
     return root
+
+
+def encoders(root: Path) -> None:
+    """RoBERTa and BERT adapters whose heads are sub-trees (PEFT saves every tensor under a
+    modules_to_save module): SEQ_CLS with PEFT's default heads (`classifier` → classifier.dense +
+    classifier.out_proj), masked-LM adapters without heads, and BERT masked-LM adapters that save
+    `cls.predictions.transform` (its dense and LayerNorm)."""
+    from peft import LoraConfig
+
+    def encoder_lora(out: Path, seed: int, arch: str, task: str, **kwargs) -> Path:  # type: ignore[no-untyped-def]
+        name = ROBERTA_BASE if arch == "roberta" else BERT_BASE
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], **kwargs)
+        return save(config, out, seed, arch=arch, task=task, name=name)
+
+    encoder_lora(root / "roberta_cls", 31, "roberta", "cls", task_type="SEQ_CLS")
+    encoder_lora(root / "roberta_cls_b", 32, "roberta", "cls", task_type="SEQ_CLS")
+    encoder_lora(root / "roberta_lm", 33, "roberta", "lm")
+    encoder_lora(root / "roberta_lm_b", 34, "roberta", "lm")
+    encoder_lora(root / "bert_mlm", 35, "bert", "lm", modules_to_save=["cls.predictions.transform"])
+    encoder_lora(root / "bert_mlm_b", 36, "bert", "lm", modules_to_save=["cls.predictions.transform"])
 
 
 def _corrupt_copies(root: Path) -> None:

@@ -135,3 +135,35 @@ def test_pickle_is_read_only_when_allowed(adapters: Path) -> None:
     pickled = read_adapter(adapters / "llama_pickled", allow_pickle=True)
     assert pickled.pickled
     assert set(pickled.type.layers) == set(read_adapter(adapters / "llama_r8").type.layers)
+
+
+@pytest.mark.parametrize("state", ["list", "int_map", "int_keys", "string", "complex"])
+def test_pickles_that_are_not_state_dicts_are_e013(adapters: Path, tmp_path: Path, state: str) -> None:
+    import torch
+
+    values = {"list": [1, 2, 3], "int_map": {"a": 5}, "int_keys": {1: torch.zeros(2)}, "string": "weights",
+              "complex": {"x.lora_A.weight": torch.zeros(2, 2, dtype=torch.complex64)}}
+    target = tmp_path / "pickled"
+    shutil.copytree(adapters / "llama_pickled", target)
+    torch.save(values[state], target / "adapter_model.bin")
+    with pytest.raises(AdapterError) as info:
+        read_adapter(target, allow_pickle=True)
+    assert info.value.code == "E013"
+
+
+def test_hostile_rank_pattern_is_refused_quickly(adapters: Path, tmp_path: Path) -> None:
+    import json
+    import time
+
+    target = tmp_path / "hostile"
+    shutil.copytree(adapters / "llama_r8", target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"(a+)+$": 8}
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    with pytest.raises(AdapterError) as info:
+        read_adapter(target)
+    assert info.value.code == "E013" and "rank_pattern" in info.value.message
+    assert time.perf_counter() - started < 1
+    # Ordinary PEFT patterns keep PEFT's meaning (llama_pattern's rank_pattern and alpha_pattern).
+    assert read_adapter(adapters / "llama_pattern").type.layers["model.layers.1.self_attn.q_proj"].rank == 4  # type: ignore[union-attr]
