@@ -1,4 +1,4 @@
-"""The Python API (SPEC §7): compile once, evaluate many times.
+"""The Python API ("Python API" in the README): compile once, evaluate many times.
 
     import pemlang
 
@@ -397,7 +397,7 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
 def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None = None,
                 params: Mapping[str, float] | None = None, base_dir: str | Path | None = None,
                 device: str | None = None, dtype: str | None = None, allow_pickle: bool = False) -> Program:
-    """Compile a config block (SPEC §7): a YAML/JSON/TOML file (`key`: the dotted path of the block
+    """Compile a config block ("Configs" in the README): a YAML/JSON/TOML file (`key`: the dotted path of the block
     inside a larger config), or a mapping or PemConfig already in memory (paths relative to
     `base_dir`, default the working directory). `params` override the block's, as --set does.
     Diagnostics name the file and line of the field."""

@@ -66,3 +66,14 @@ def test_every_code_has_a_golden_case() -> None:
     shown = "".join(p.read_text(encoding="utf-8") for p in GOLDEN.glob("*.err"))
     missing = [code for code in CODES if f"[{code}]" not in shown]
     assert not missing
+
+
+def test_the_readme_lists_every_code() -> None:
+    """The README's table of codes is what users have: every code appears there, and no other."""
+    import re
+
+    from pemlang.diagnostics import CODES
+
+    readme = (GOLDEN.parent.parent / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"\| ([EW]\d{3}) \|", readme))
+    assert listed == set(CODES)
