@@ -290,14 +290,22 @@ def sweep_decimals(grid: Mapping[str, Sequence[float]]) -> dict[str, int | None]
     values never share a directory. Raises ValueError when an axis lists a value twice."""
     decimals: dict[str, int | None] = {}
     for name, values in grid.items():
-        seen: set[float] = set()
-        for value in values:
-            if value in seen:
-                raise ValueError(f"--sweep {name}: the value {value!r} is listed twice (each point needs its own "
-                                 "directory)")
-            seen.add(value)
+        repeated = first_repeat(values)
+        if repeated is not None:
+            raise ValueError(f"--sweep {name}: the value {repeated!r} is listed twice (each point needs its own "
+                             "directory)")
         decimals[name] = _decimals(list(values))
     return decimals
+
+
+def first_repeat(values: Iterable[float]) -> float | None:
+    """The first value that occurs a second time, or None when all differ."""
+    seen: set[float] = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
 
 
 def sweep_suffix(point: Mapping[str, float], decimals: Mapping[str, int | None] | None = None) -> str:

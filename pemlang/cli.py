@@ -306,12 +306,12 @@ def parse_sweep(text: str, max_points: int = DEFAULT_MAX_POINTS) -> tuple[str, l
     if len(values) > max_points:
         raise UsageError(f"--sweep {name}: {len(values)} points is more than the limit of {max_points} "
                          "(--max-points N raises it)")
-    seen: set[float] = set()
-    for value in values:
-        if value in seen:
-            raise UsageError(f"--sweep {name}: the value {value!r} is listed twice (or two steps round to it); "
-                             "each point needs its own directory")
-        seen.add(value)
+    from .api import first_repeat
+
+    repeated = first_repeat(values)
+    if repeated is not None:
+        raise UsageError(f"--sweep {name}: the value {repeated!r} is listed twice (or two steps round to it); "
+                         "each point needs its own directory")
     return name, values
 
 
