@@ -27,7 +27,7 @@ from .adapters import Adapter, read_adapter
 from .check import CheckedProgram, Checker, Mode, Override, check_parsed, default_base_dir
 from .diagnostics import Diagnostic, PemError, render
 from .parser import parse_expression, parse_program
-from .plan import Plan
+from .plan import Plan, dtype_name
 from .source import Source, Span, read_source, source_from_text
 
 
@@ -92,7 +92,7 @@ class Program:
         self._fixed = dict(params or {})  # param values given at compile time: under every evaluation
         self._adapters = AdapterCache()
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype_name(dtype) if dtype is not None else None  # ValueError for an unknown dtype
         self._tensor_cache: Any = None
         self.checked = self._check({})  # raises CompileError with every diagnostic
         self.warnings = [d for d in self.checked.diagnostics if not d.is_error]
@@ -114,8 +114,14 @@ class Program:
 
     # -- stages --------------------------------------------------------------------------------
     def _check(self, params: Mapping[str, float]) -> CheckedProgram:
-        overrides = [Override(name, float(value), Source(f"{name}={value}", "params"))
-                     for name, value in {**self._fixed, **params}.items()]
+        overrides = []
+        for name, value in {**self._fixed, **params}.items():
+            source = Source(f"{name}={value!r}", "params")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise CompileError([Diagnostic(
+                    "E017", f"params gives `{name}` the value {value!r}, which is not a number", source,
+                    Span(len(name) + 1, len(source.text)), hints=(f"pass a number, e.g. {name}=0.5",))])
+            overrides.append(Override(name, float(value), source, what="params"))
         checked = self._frontend(overrides, self._adapters)
         errors = [d for d in checked.diagnostics if d.is_error]
         if errors:
@@ -148,20 +154,31 @@ class Program:
 
     def save(self, directory: str | Path | None = None, params: Mapping[str, float] | None = None, *,
              device: str | None = None, force: bool = False, **kw: float) -> list[Path]:
-        """Write the outputs as PEFT adapter directories.
+        """Write the outputs as PEFT adapter directories, streaming: each layer goes to disk as it
+        is computed, so memory does not grow with the output.
 
         A program whose outputs have directories writes there; `directory` gives the directory of
         a single-output program compiled without one (an expression)."""
-        return self.write(self._evaluate({**(params or {}), **kw}, device), directory=directory, force=force)
+        from .lower import lower
+        from .run import stream
 
-    def write(self, evaluation: Evaluation, *, directory: str | Path | None = None, suffix: str | None = None,
-              force: bool = False) -> list[Path]:
-        """Write an evaluation's outputs; `suffix` is appended to each directory's name (sweeps)."""
+        checked = self._check({**(params or {}), **kw})
+        plan = self._placed(lower(checked, dtype=self.dtype), directory=directory)
+        try:
+            stream(checked, device=device or self.device, dtype=self.dtype, force=force, plan=plan)
+        except CompileError:
+            raise
+        except PemError as exc:  # the writer's guard, an OS error while writing (E018), E014, E027
+            raise CompileError(exc.diagnostics) from None
+        return [o.path for o in plan.outputs if o.path is not None]
+
+    @staticmethod
+    def _placed(plan: Plan, *, directory: str | Path | None = None, suffix: str | None = None) -> Plan:
+        """The plan with its outputs' directories: `directory` for a single-output program, `suffix`
+        appended to each directory's name (sweeps)."""
         from dataclasses import replace
 
-        from .run import RunResult, write_outputs
-
-        outputs = evaluation.plan.outputs
+        outputs = plan.outputs
         if directory is not None:
             if len(outputs) != 1:
                 raise ValueError("a directory can be given only for a program with exactly one output")
@@ -170,7 +187,14 @@ class Program:
             raise ValueError("this program's outputs have no directory: pass directory=")
         if suffix:
             outputs = tuple(replace(o, path=o.path.with_name(f"{o.path.name}.{suffix}")) for o in outputs)  # type: ignore[union-attr]
-        plan = replace(evaluation.plan, outputs=outputs)
+        return replace(plan, outputs=outputs)
+
+    def write(self, evaluation: Evaluation, *, directory: str | Path | None = None, suffix: str | None = None,
+              force: bool = False) -> list[Path]:
+        """Write an evaluation's outputs; `suffix` is appended to each directory's name (sweeps)."""
+        from .run import RunResult, write_outputs
+
+        plan = self._placed(evaluation.plan, directory=directory, suffix=suffix)
         try:
             return write_outputs(RunResult(plan, list(evaluation.tensors.values()), evaluation.warnings),
                                  force=force)
@@ -361,7 +385,7 @@ def _expression_frontend(expression: str, inputs: Mapping[str, str | Path], *, m
 
     def check(overrides: Sequence[Override], cache: AdapterCache) -> CheckedProgram:
         checker = Checker(source, mode=mode, base_dir=base_dir or Path.cwd(), overrides=overrides,
-                          allow_pickle=allow_pickle, read=cache)
+                          allow_pickle=allow_pickle, read=cache, spelling="api")
         for name, path in inputs.items():
             text = f"{name}={path}"
             checker.add_input(ast.Name(name, Span(0, len(name))), str(path), Span(len(name) + 1, len(text)),
@@ -395,7 +419,12 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
                                         allow_pickle=allow_pickle, base_dir=root)
         return Program(frontend, device=device, dtype=dtype)
     if file is not None:
-        source = read_source(file)
+        try:
+            source = read_source(file)  # a missing file raises FileNotFoundError, as open() does
+        except CompileError:
+            raise
+        except PemError as exc:  # not UTF-8
+            raise CompileError(exc.diagnostics) from None
     elif source is None:
         source = source_from_text(text or "", "<text>")
     frontend = _file_frontend(source, allow_pickle=allow_pickle, base_dir=root)

@@ -149,6 +149,23 @@ class Override:
     what: str = "--set"  # how the user gave it, for messages: `--set`, `params`
 
 
+# Where the program came from, for hints that name a setting: a .pem file or config ("program"),
+# `pemlang eval`'s options ("cli"), or `pemlang.compile(expression)`'s arguments ("api").
+Spelling = Literal["program", "cli", "api"]
+_SPELLINGS = {"program": ("`mode {}`", "`heads {}`"), "cli": ("`--mode {}`", "`--heads \"{}\"`"),
+              "api": ("`mode=\"{}\"`", "`heads=\"{}\"`")}
+
+
+def spell_mode(spelling: Spelling, value: str = "exact") -> str:
+    """`mode exact` as the user would write it where the program came from."""
+    return _SPELLINGS[spelling][0].format(value)
+
+
+def spell_heads(spelling: Spelling, value: str) -> str:
+    """`heads from NAME` / `heads drop` as the user would write it where the program came from."""
+    return _SPELLINGS[spelling][1].format(value)
+
+
 @dataclass(frozen=True)
 class CheckedOutput:
     name: str | None
@@ -172,6 +189,7 @@ class CheckedProgram:
     diagnostics: tuple[Diagnostic, ...]
     input_written: dict[str, str] = field(default_factory=dict)  # paths as the program wrote them
     input_spans: dict[str, tuple[Source, Span]] = field(default_factory=dict)
+    spelling: Spelling = "program"
 
     @property
     def ok(self) -> bool:
@@ -244,8 +262,10 @@ class Checker:
 
     def __init__(self, source: Source, *, mode: Mode = "paper", base_dir: Path | None = None,
                  overrides: Iterable[Override] = (), force: bool = False, allow_pickle: bool = False,
-                 read: Callable[..., Adapter] = read_adapter, writes: bool = True):
+                 read: Callable[..., Adapter] = read_adapter, writes: bool = True,
+                 spelling: Spelling = "program"):
         self.source = source
+        self.spelling: Spelling = spelling  # how hints spell `mode exact`, `heads from NAME`
         self.mode: Mode = mode
         self.base_dir = base_dir if base_dir is not None else Path.cwd()
         self.overrides = {o.name: o for o in overrides}
@@ -303,7 +323,7 @@ class Checker:
                                                            d.span.start if d.span else 0))
         return CheckedProgram(self.source, self.mode, dict(self.inputs), dict(self.params),
                               tuple(self.outputs), self.heads, tuple(ordered), dict(self.input_written),
-                              dict(self.input_spans))
+                              dict(self.input_spans), self.spelling)
 
     def finish(self, *, require_output: bool = True) -> None:
         for name, override in self.overrides.items():
@@ -533,7 +553,8 @@ class Checker:
         if not with_heads:
             return
         first = next(iter(with_heads))
-        hints = [f"`heads from {first}` takes the heads of one input unchanged; `heads drop` writes none"]
+        hints = [f"{spell_heads(self.spelling, 'from ' + first)} takes the heads of one input unchanged; "
+                 f"{spell_heads(self.spelling, 'drop')} writes none"]
         lacking = [n for n in betas if set(self.inputs[n].type.heads) != with_heads[first]]
         if lacking:
             self._error("E022", "the inputs do not have the same heads (modules_to_save)", span,
@@ -566,7 +587,7 @@ class Checker:
                           for name, (t, a) in tasks.items()]
                    + [f"the output takes task type {task_type or 'not recorded'} and architecture "
                       f"{architecture or 'not recorded'} from `{owner}`, {why}"],
-                   hints=["`heads from NAME` states the input whose heads, task type and architecture "
+                   hints=[f"{spell_heads(self.spelling, 'from NAME')} states the input whose heads, task type and architecture "
                           "the output takes"])
 
     # -- expressions -----------------------------------------------------------------------------
@@ -701,7 +722,7 @@ class Checker:
                 hints: list[str] = []
             else:
                 message = "cannot add modules that adapt different layers in paper mode"
-                hints = ["`mode exact` adds the weight updates, so a layer adapted by only some inputs gets "
+                hints = [f"{spell_mode(self.spelling)} adds the weight updates, so a layer adapted by only some inputs gets "
                          "only their contributions"]
             notes = []
             if only_left:
@@ -736,7 +757,7 @@ class Checker:
                                    f"{rn} has rank {rt.layers[key].rank}"]  # type: ignore[union-attr]
                             + ([f"{len(rank_mismatch) - 1} more layers differ"] if len(rank_mismatch) > 1 else []),
                             hints=["paper mode adds A and B component-wise, which needs equal ranks; "
-                                   "`mode exact` adds the weight updates ΔW = s·B·A of any ranks"])
+                                   f"{spell_mode(self.spelling)} adds the weight updates ΔW = s·B·A of any ranks"])
                 return None
         layers = dict(lt.layers)
         if self.mode == "exact" and lt.kind == "lora":

@@ -148,15 +148,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-DTYPE_NAMES = {"f32": "F32", "fp32": "F32", "float32": "F32", "f16": "F16", "fp16": "F16", "float16": "F16",
-               "half": "F16", "bf16": "BF16", "bfloat16": "BF16"}
-
-
 def _dtype(text: str) -> str:
+    from .plan import dtype_name
+
     try:
-        return DTYPE_NAMES[text.lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r} (float32, float16 or bfloat16)") from None
+        return dtype_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # also the config's `device:` pattern
@@ -200,25 +198,21 @@ def _check_program(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     from .diagnostics import PemError
     from .lower import lower
-    from .run import execute, summary_line, write_outputs
+    from .run import stream, summary_line
 
     plan = lower(checked, dtype=args.dtype)
     total = sum(len(out.layers) for out in plan.outputs)
     try:
         with _progress(total) as advance:
-            result = execute(checked, device=args.device or "auto", dtype=args.dtype, on_layer=advance, plan=plan)
+            result = stream(checked, device=args.device or "auto", dtype=args.dtype, force=args.force,
+                            on_layer=advance, plan=plan)
     except ValueError as exc:  # an unusable --device
         raise UsageError(str(exc)) from None
-    except PemError as exc:
+    except PemError as exc:  # E014/E027, refused by the writer's guard, or an OS error while writing
         _report(exc.diagnostics)
         return EXIT_ERRORS
     _report(result.diagnostics)
     print(result.device_note, file=sys.stderr)
-    try:
-        write_outputs(result, force=args.force)
-    except PemError as exc:  # refused by the writer's guard, or an OS error while writing
-        _report(exc.diagnostics)
-        return EXIT_ERRORS
     for out in plan.outputs:
         print(f"wrote {summary_line(out)}")
     device = result.device_note.removeprefix("device: ").split(" ")[0]
@@ -420,7 +414,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not expression.strip():
         raise UsageError("eval needs an expression (put `--` before one that starts with '-')")
     source = Source(expression, "<expression>")
-    checker = Checker(source, mode=args.mode, force=args.force, allow_pickle=args.allow_pickle)
+    checker = Checker(source, mode=args.mode, force=args.force, allow_pickle=args.allow_pickle, spelling="cli")
     diagnostics: list[Diagnostic] = []
     for text in args.input:
         name, sep, path = text.partition("=")

@@ -102,6 +102,16 @@ class Plan:
 
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+# What users may write for an output dtype (CLI --dtype, config, API dtype=) → the safetensors name.
+DTYPE_NAMES = {"f32": "F32", "fp32": "F32", "float32": "F32", "f16": "F16", "fp16": "F16", "float16": "F16",
+               "half": "F16", "bf16": "BF16", "bfloat16": "BF16"}
+
+
+def dtype_name(text: str) -> str:
+    """`float16`, `fp16`, `F16`… → `F16`; ValueError naming the accepted forms otherwise."""
+    if isinstance(text, str) and text.lower() in DTYPE_NAMES:
+        return DTYPE_NAMES[text.lower()]
+    raise ValueError(f"unknown dtype {text!r} (float32, float16 or bfloat16)")
 
 
 def tensor_key(layer_key: str, suffix: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .check import CheckedProgram
+from .check import CheckedProgram, spell_mode
 from .diagnostics import Diagnostic, PemError, display_path, error, warning
 from .lower import lower
 from .plan import OutputPlan, Plan
@@ -47,6 +47,13 @@ def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None 
     plan = plan or lower(program, dtype=dtype)
     torch_device, note = resolve_device(device)
     tensors, report = TorchBackend(torch_device, cache=cache).run(plan, on_layer=on_layer)
+    diagnostics = _diagnose(program, plan, report)
+    return RunResult(plan, tensors, diagnostics, note, time.perf_counter() - start)
+
+
+def _diagnose(program: CheckedProgram, plan: Plan, report: Any) -> list[Diagnostic]:
+    """E014 (a non-finite input) or E027 (a non-finite result) as a raised PemError; otherwise the
+    warnings the run measured (W002)."""
     if report.non_finite:
         diagnostics = []
         by_input: dict[str, list[str]] = {}
@@ -87,8 +94,72 @@ def execute(program: CheckedProgram, *, device: str = "auto", dtype: str | None 
                            "paper mode adds A and B separately, so the product (ΣαA)(ΣβB) contains cross terms "
                            "B_i·A_j (i ≠ j), which are small only while the A matrices stay close (cosine near 1); "
                            "trained A matrices drift apart even from one initialisation"],
-                    hints=["`mode exact` adds the weight updates ΔW = s·B·A themselves, without cross terms"]))
+                    hints=[f"{spell_mode(program.spelling)} adds the weight updates ΔW = s·B·A themselves, "
+                           "without cross terms"]))
+    return diagnostics
+
+
+def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None = None, force: bool = False,
+           on_layer: Callable[[], None] | None = None, plan: Plan | None = None) -> RunResult:
+    """Evaluate and write every output that has a directory, streaming: each output's file is laid
+    out from the plan, every layer goes to disk as soon as it is computed (while the next one
+    computes), and the inputs are hashed as they are read. Memory holds about one layer of every
+    input and one output layer, whatever the size of the outputs. Outputs without a directory come
+    back in `tensors` (in memory), the others as empty dicts.
+
+    Every destination passes the writer's guard first; all outputs are staged and swapped into
+    place only when every one is complete and finite, so an error (E014, E027, E018) writes nothing."""
+    from . import interrupts
+
+    with interrupts.deferred():  # Ctrl-C while torch imports waits for the import, then stops the run
+        from .backend import resolve_device
+        from .backend.torch_backend import TorchBackend
+    from .writer import StagedAdapter, guard, metadata, staged
+
+    start = time.perf_counter()
+    plan = plan or lower(program, dtype=dtype)
+    torch_device, note = resolve_device(device)
+    destinations = [(index, out) for index, out in enumerate(plan.outputs) if out.path is not None]
+    guard([out.path for _, out in destinations if out.path is not None],
+          {name: item.path for name, item in plan.inputs.items()}, force=force)
+    placeholder = {name: "0" * 64 for name in plan.inputs}  # a sha256 is 64 hex digits: the header's length is fixed
+    with staged([out.path for _, out in destinations if out.path is not None], force=force) as (stagings, writer):
+        files: dict[int, StagedAdapter] = {}
+        try:
+            for (index, out), staging in zip(destinations, stagings, strict=True):
+                files[index] = StagedAdapter(staging, output_entries(out), metadata(plan, out, placeholder), writer)
+
+            def sink(index: int, tensors: dict[str, Any]) -> bool:
+                if index not in files:
+                    return False
+                files[index].put(tensors)
+                return True
+
+            tensors, report = TorchBackend(torch_device).run(plan, on_layer=on_layer, sink=sink, hash_inputs=True)
+            diagnostics = _diagnose(program, plan, report)  # raises on E014/E027: staging is removed
+            for index, out in destinations:
+                files[index].finish(out.config, metadata(plan, out, report.sha256))
+        finally:
+            for file in files.values():
+                file.close()
     return RunResult(plan, tensors, diagnostics, note, time.perf_counter() - start)
+
+
+def output_entries(out: OutputPlan) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor an output will have: PEFT key → (safetensors dtype, shape), from the plan alone."""
+    from .plan import tensor_key
+
+    entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for step in out.layers:
+        if step.op == "ia3":
+            entries[tensor_key(step.key, "ia3_l")] = (step.dtype, tuple(step.shape))
+        else:
+            out_features, in_features = step.shape
+            entries[tensor_key(step.key, "lora_A.weight")] = (step.dtype, (step.rank, in_features))
+            entries[tensor_key(step.key, "lora_B.weight")] = (step.dtype, (out_features, step.rank))
+    for head in out.heads:
+        entries[f"base_model.model.{head.key}"] = (head.dtype, tuple(head.shape))
+    return entries
 
 
 def write_outputs(result: RunResult, *, force: bool = False) -> list[Path]:

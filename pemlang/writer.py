@@ -20,6 +20,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -28,6 +29,7 @@ import struct
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +86,51 @@ def metadata(plan: Plan, out: OutputPlan, input_hashes: dict[str, str]) -> dict[
     }
 
 
-def canonical_safetensors(tensors: dict[str, Any], meta: dict[str, str]) -> bytes:
-    """safetensors bytes with a canonical header: the library writes its metadata map in hash
-    order, so the header is re-serialised with sorted keys (the data section is unchanged)."""
-    from safetensors.torch import save
+# safetensors lays tensors out by dtype, widest first, then by name; the header lists them sorted.
+DTYPE_ORDER = {"F64": 4, "F32": 3, "BF16": 2, "F16": 1}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 
-    raw = save(dict(sorted(tensors.items())), metadata=meta)
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + length])
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything goes in a safetensors file, known before any tensor is computed."""
+
+    header: bytes  # the 8-byte length and the JSON header, padded to 8 bytes
+    offsets: dict[str, tuple[int, int]]  # tensor key → [begin, end) in the file
+    size: int  # the whole file
+
+
+def layout(entries: Mapping[str, tuple[str, Sequence[int]]], meta: Mapping[str, str]) -> Layout:
+    """The canonical layout of tensors `entries` (key → (dtype, shape)) with metadata `meta`: the
+    data as safetensors' own `save` orders it, the header JSON with sorted keys and no spaces
+    (the library writes its metadata map in hash order), padded with spaces to 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": dict(meta)}
+    position = 0
+    for key in sorted(entries, key=lambda k: (-DTYPE_ORDER[entries[k][0]], k)):
+        dtype, shape = entries[key]
+        size = math.prod(shape) * DTYPE_BYTES[dtype]
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + size]}
+        position += size
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
-    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+    start = 8 + len(text)
+    offsets = {key: (start + value["data_offsets"][0], start + value["data_offsets"][1])
+               for key, value in header.items() if key != "__metadata__"}
+    return Layout(struct.pack("<Q", len(text)) + text, offsets, start + position)
+
+
+def tensor_bytes(tensor: Any) -> memoryview:
+    """A CPU tensor's bytes, little-endian as safetensors stores them, without a copy."""
+    import torch
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def dtype_name(tensor: Any) -> str:
+    import torch
+
+    return {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[tensor.dtype]
 
 
 # -- the guard: every write is checked here first ---------------------------------------------------
@@ -312,59 +348,197 @@ def _fsync_directory(directory: Path) -> None:
 # -- writing ---------------------------------------------------------------------------------------
 
 
+class StagedAdapter:
+    """One output being written into its staging directory: the weights file is laid out from the
+    plan (every tensor's dtype and shape) before a tensor is computed, each tensor is written at its
+    offset as soon as it exists, and the header, whose metadata (the inputs' hashes) is known only
+    at the end, goes in last, at the same length. Nothing holds the whole output."""
+
+    def __init__(self, staging: Path, entries: Mapping[str, tuple[str, Sequence[int]]], meta: Mapping[str, str],
+                 background: _Background | None = None):
+        self.staging = staging
+        self.entries = dict(entries)
+        self.layout = layout(self.entries, meta)
+        self.written: set[str] = set()
+        self.background = background
+        self.fd = os.open(staging / WEIGHTS_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, self.layout.size)
+
+    def put(self, tensors: Mapping[str, Any]) -> None:
+        """Write tensors (CPU, in their output dtype) at their offsets; in the background when the
+        writer has a background thread, so the next layer computes meanwhile."""
+        for key, tensor in tensors.items():
+            begin, end = self.layout.offsets[key]
+            if (dtype_name(tensor), tuple(tensor.shape)) != (self.entries[key][0], tuple(self.entries[key][1])):
+                raise AssertionError(f"{key}: {dtype_name(tensor)}{list(tensor.shape)} is not the planned "
+                                     f"{self.entries[key][0]}{list(self.entries[key][1])}")
+            data = tensor_bytes(tensor)
+            assert len(data) == end - begin
+            self.written.add(key)
+            if self.background is not None:
+                self.background.submit(_pwrite_all, self.fd, data, begin)
+            else:
+                _pwrite_all(self.fd, data, begin)
+
+    def finish(self, config: Mapping[str, Any], meta: Mapping[str, str]) -> None:
+        """Write the header (with the final metadata) and the config, and flush both to disk."""
+        missing = sorted(set(self.entries) - self.written)
+        if missing:
+            raise AssertionError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
+        if self.background is not None:
+            self.background.drain()
+        final = layout(self.entries, meta)
+        if final.offsets != self.layout.offsets:
+            raise AssertionError("the final metadata changed the header's length")
+        _pwrite_all(self.fd, memoryview(final.header), 0)
+        os.fsync(self.fd)
+        self.close()
+        (self.staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False)
+                                                + "\n", encoding="utf-8")
+        with (self.staging / CONFIG_NAME).open("rb") as f:
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        """Close the file (after any write still in flight: never under a background write)."""
+        if self.fd >= 0:
+            if self.background is not None:
+                self.background.settle()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        count = os.pwrite(fd, data, offset)
+        data, offset = data[count:], offset + count
+
+
+class _Background:
+    """One thread that writes while the caller computes; at most `depth` writes in flight, so
+    memory holds a few layers at most. An error in the thread is raised in the caller."""
+
+    def __init__(self, depth: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pemlang-writer")
+        self.pending: list[Any] = []
+        self.depth = depth
+
+    def submit(self, function: Any, *args: Any) -> None:
+        self.pending.append(self.pool.submit(function, *args))
+        while len(self.pending) > self.depth:
+            self.pending.pop(0).result()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def settle(self) -> None:
+        """Wait for every write in flight, ignoring their errors (the caller is already failing)."""
+        for future in self.pending:
+            with contextlib.suppress(BaseException):
+                future.result()
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
+
+def _os_error(exc: OSError, destination: Path) -> WriteError:
+    reason = exc.strerror or str(exc)
+    return WriteError([error("E018", f"cannot write output {display_path(destination)}: {reason}",
+                             notes=[f"{exc.filename}" if exc.filename else display_path(destination)],
+                             hints=["nothing was written there; check the path, its permissions and free space"])])
+
+
+@contextlib.contextmanager
+def staged(destinations: Sequence[Path], *, force: bool = False, background: bool = True
+           ) -> Iterator[tuple[list[Path], _Background | None]]:
+    """Staging directories for `destinations`, each swapped into place when the block ends normally
+    (one after the other); on any exception every staging directory is removed and nothing is
+    written. The destinations' parent directories stay locked meanwhile (in sorted order, so two
+    writers never wait on each other crosswise), and stale staging in them is removed first.
+
+    Yields the staging directories and a background writer thread (or None). OS errors (no space,
+    read-only file system, permissions, a name too long) become WriteError (E018)."""
+    destinations = [Path(os.path.abspath(d)) for d in destinations]
+    stagings: list[Path] = []
+    writer = _Background() if background else None
+    current = destinations[0] if destinations else Path(".")
+    try:
+        with contextlib.ExitStack() as locks:
+            for destination in destinations:
+                current = destination
+                destination.parent.mkdir(parents=True, exist_ok=True)
+            for parent in sorted({d.parent for d in destinations}):
+                current = parent
+                locks.enter_context(locked(parent))
+                _remove_staging(parent)
+            for destination in destinations:
+                if os.path.lexists(destination) and not force:
+                    raise OutputExists(destination)
+            try:
+                for destination in destinations:
+                    current = destination
+                    with interrupts.deferred():  # a signal cannot land between creating it and knowing its name
+                        stagings.append(Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-",
+                                                              suffix=".pemlang-tmp", dir=destination.parent)))
+                yield stagings, writer
+                if writer is not None:
+                    writer.drain()
+                umask = os.umask(0)
+                os.umask(umask)
+                for staging in stagings:
+                    for name in (WEIGHTS_NAME, CONFIG_NAME):
+                        os.chmod(staging / name, 0o666 & ~umask)
+                    os.chmod(staging, 0o777 & ~umask)
+                interrupts.raise_if_interrupted()  # a signal that some library swallowed still stops the write
+                for destination, staging in zip(destinations, stagings, strict=True):
+                    current = destination
+                    _swap(staging, destination)
+            except BaseException:
+                if writer is not None:
+                    writer.close()
+                with interrupts.deferred(raise_after=False):
+                    for staging in stagings:
+                        if staging.exists():
+                            shutil.rmtree(staging, ignore_errors=True)
+                raise
+    except OSError as exc:
+        raise _os_error(exc, current) from None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _swap(staging: Path, destination: Path) -> None:
+    """Put a complete staging directory in the destination's place, atomically."""
+    with interrupts.deferred(raise_after=True):  # the swap and its clean-up are not cut in half
+        if not os.path.lexists(destination):
+            os.rename(staging, destination)
+        elif _exchange(staging, destination):
+            shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old directory
+        else:
+            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-", suffix=".pemlang-old",
+                                            dir=destination.parent))
+            os.rename(destination, retired / "old")
+            os.rename(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        _fsync_directory(destination.parent)
+
+
 def write_adapter(destination: Path, tensors: dict[str, Any], config: dict[str, Any], meta: dict[str, str],
                   *, force: bool = False) -> None:
-    """Write an adapter directory atomically; replace an existing one only with `force`.
+    """Write an adapter held in memory atomically; replace an existing one only with `force`.
 
     OS errors (no space, read-only file system, permissions, a name too long) become WriteError
     (E018) naming the destination; nothing partial is left."""
-    destination = Path(os.path.abspath(destination))
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with locked(destination.parent):
-            _remove_staging(destination.parent)
-            if os.path.lexists(destination) and not force:
-                raise OutputExists(destination)
-            _write_locked(destination, tensors, config, meta)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise WriteError([error("E018", f"cannot write output {display_path(destination)}: {reason}",
-                                notes=[f"{exc.filename}" if exc.filename else display_path(destination)],
-                                hints=["nothing was written there; check the path, its permissions and free space"]
-                                )]) from None
-
-
-def _write_locked(destination: Path, tensors: dict[str, Any], config: dict[str, Any], meta: dict[str, str]) -> None:
-    staging: Path | None = None
-    try:
-        with interrupts.deferred():  # a signal cannot land between creating the staging and knowing its name
-            staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-", suffix=".pemlang-tmp",
-                                            dir=destination.parent))
-        (staging / WEIGHTS_NAME).write_bytes(canonical_safetensors(tensors, meta))
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with (staging / name).open("rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(staging / name, 0o666 & ~umask)
-        os.chmod(staging, 0o777 & ~umask)
-        interrupts.raise_if_interrupted()  # a signal that some library swallowed still stops the write
-        with interrupts.deferred(raise_after=True):  # the swap and its clean-up are not cut in half
-            if not os.path.lexists(destination):
-                os.rename(staging, destination)
-            elif _exchange(staging, destination):
-                shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old directory
-            else:
-                retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-", suffix=".pemlang-old",
-                                                dir=destination.parent))
-                os.rename(destination, retired / "old")
-                os.rename(staging, destination)
-                shutil.rmtree(retired, ignore_errors=True)
-            _fsync_directory(destination.parent)
-    except BaseException:
-        if staging is not None:
-            with interrupts.deferred(raise_after=False):
-                shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged([destination], force=force, background=False) as (stagings, _):
+        entries = {key: (dtype_name(t), tuple(t.shape)) for key, t in tensors.items()}
+        adapter = StagedAdapter(stagings[0], entries, meta)
+        try:
+            adapter.put(tensors)
+            adapter.finish(config, meta)
+        finally:
+            adapter.close()

@@ -91,16 +91,19 @@ def test_a_parent_that_is_a_file_is_a_diagnostic(adapters: Path, tmp_path: Path)
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS, errno.ENAMETOOLONG])
 def test_os_errors_while_writing_are_diagnostics_naming_the_path(adapters: Path, tmp_path: Path, code: int,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """What slips past the checks (the disk fills, a mount turns read-only) is E018 with the path."""
+    """What slips past the checks (the disk fills, a mount turns read-only) is E018 with the path,
+    also when it happens in the middle of a streamed output (here at the third tensor written)."""
     path = program(tmp_path, f'input a = "{adapters}/llama_r8"\noutput 2*a -> "out"\n')
-    real = Path.write_bytes
+    real = os.pwrite
+    calls = []
 
-    def failing(self: Path, data: bytes) -> int:
-        if self.name == "adapter_model.safetensors":
-            raise OSError(code, os.strerror(code), str(self))
-        return real(self, data)
+    def failing(fd: int, data: bytes, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(code, os.strerror(code))
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(Path, "write_bytes", failing)
+    monkeypatch.setattr(os, "pwrite", failing)
     status, _, err = cli("run", str(path), "--device", "cpu")
     assert status == 1 and "error[E018]" in err and "out" in err and os.strerror(code) in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pem"]

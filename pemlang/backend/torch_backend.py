@@ -1,21 +1,25 @@
 """The torch backend: executes a Plan layer by layer, in fp32, on the CPU or a CUDA device.
 
-Memory stays near one layer of every input plus the outputs being built: each input's
-safetensors file is opened once and its tensors are read as the layer that needs them comes up.
-Results go to the CPU in the output dtype as soon as a layer is done, so a later backend can
-stream them to disk and overlap transfers with compute.
+Layers are visited once for all outputs: a layer's input tensors are read once (even when several
+outputs need them), every output's step for that layer is computed, cast to its output dtype,
+checked finite and handed to a sink (the streaming writer) or kept (the in-memory API). Memory is
+one layer of every input plus one output layer, whatever the number of layers. Inputs are read
+with positioned reads in file order, hashing the file as it goes, so provenance costs no second
+pass over the inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import torch
 
-from ..plan import LayerStep, OutputPlan, Plan, PlanTerm, SvdStep, tensor_key
+from ..plan import HeadStep, LayerStep, Plan, PlanTerm, SvdStep, tensor_key
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -29,6 +33,8 @@ class RunReport:
     non_finite_result: tuple[int, str, str] | None = None
     # Paper mode: per output, per input other than the first, cosines of its A with the first's A.
     a_cosines: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    # With `hash_inputs`: each input's sha256 (of its weights file), computed while reading it.
+    sha256: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,8 +51,62 @@ class TensorCache:
         self.tensors.clear()
 
 
+class _HashingReader:
+    """Reads one safetensors file with positioned reads, hashing it front to back as it goes.
+
+    Tensors asked for in file order are read exactly once and hashed on the way; one asked for
+    behind the hashed front is read again without hashing (correct, only slower). `digest` hashes
+    what was not needed and returns the file's sha256."""
+
+    CHUNK = 1 << 22
+
+    def __init__(self, path: Path, stack: contextlib.ExitStack):
+        import hashlib
+
+        self.fd = os.open(path, os.O_RDONLY)
+        stack.callback(os.close, self.fd)
+        self.hash = hashlib.sha256()
+        self.front = 0  # bytes hashed so far
+        self.path = path
+
+    def read(self, begin: int, end: int) -> bytearray:
+        if begin < self.front:
+            return self._pread(begin, end)
+        position = self.front
+        while position < begin:  # skipped bytes (other tensors, the header): hashed, not kept
+            chunk = self._pread(position, min(begin, position + self.CHUNK))
+            self.hash.update(chunk)
+            position += len(chunk)
+        data = self._pread(begin, end)
+        self.hash.update(data)
+        self.front = end
+        return data
+
+    def digest(self) -> str:
+        while True:
+            chunk = os.pread(self.fd, self.CHUNK, self.front)
+            if not chunk:
+                return self.hash.hexdigest()
+            self.hash.update(chunk)
+            self.front += len(chunk)
+
+    def _pread(self, begin: int, end: int) -> bytearray:
+        data = bytearray(end - begin)
+        view = memoryview(data)
+        position = 0
+        while position < len(data):
+            count = os.preadv(self.fd, [view[position:]], begin + position)
+            if count == 0:
+                raise OSError(errno.EIO, f"{self.path} ends inside a tensor (it was cut off while being read)")
+            position += count
+        return data
+
+
 class _Inputs:
-    """Every input's weights, opened on first use; tensors are read on demand, in fp32, on the device."""
+    """Every input's weights, opened on first use; tensors are read on demand onto the device.
+
+    A tensor read for the current layer is kept until `next_layer` (so outputs that share it read
+    it once); `layer_tensors` is what the finiteness diagnosis looks at."""
 
     def __init__(self, plan: Plan, device: torch.device, stack: contextlib.ExitStack, report: RunReport,
                  cache: TensorCache | None):
@@ -54,38 +114,57 @@ class _Inputs:
         self.device = device
         self.report = report
         self.stack = stack
-        self.handles: dict[str, Any] = {}
+        self.readers: dict[str, _HashingReader] = {}
+        self.layer: dict[tuple[str, str, bool], torch.Tensor] = {}
         if cache is not None and cache.device != device:
             cache.clear()
             cache.device = device
         self.cache = cache
 
-    def _handle(self, name: str):  # type: ignore[no-untyped-def]
-        if name not in self.handles:
-            from safetensors import safe_open
+    def next_layer(self) -> None:
+        self.layer.clear()
 
-            path = str(self.plan.inputs[name].adapter.weights_file)
-            self.handles[name] = self.stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-        return self.handles[name]
-
-    def tensor(self, name: str, key: str) -> torch.Tensor:
+    def _raw(self, name: str, key: str) -> torch.Tensor:
+        """A tensor as stored (its own dtype), on the CPU."""
         adapter = self.plan.inputs[name].adapter
+        if adapter.pickled:
+            return adapter.tensor(key)
+        if name not in self.readers:
+            self.readers[name] = _HashingReader(adapter.weights_file, self.stack)
+        info = adapter.tensors[key]
+        data = self.readers[name].read(adapter.data_start + info.begin, adapter.data_start + info.end)
+        if not data:
+            return torch.zeros(info.shape, dtype=TORCH_DTYPES[info.dtype])
+        return torch.frombuffer(data, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+    def tensor(self, name: str, key: str, *, raw: bool = False) -> torch.Tensor:
+        """One input tensor on the device: in fp32, or as stored with `raw` (copied into an output as is)."""
+        memo = (name, key, raw)
+        if memo in self.layer:
+            return self.layer[memo]
         cache_key = None
-        if self.cache is not None:
+        value = None
+        if self.cache is not None and not raw:
+            adapter = self.plan.inputs[name].adapter
             stat = adapter.weights_file.stat()
             cache_key = (str(adapter.weights_file), stat.st_mtime_ns, stat.st_size, key)
-            cached = self.cache.tensors.get(cache_key)
-            if cached is not None:
-                if not bool(torch.isfinite(cached).all()):
-                    self.report.non_finite.append((name, key))
-                return cached
-        raw = adapter.tensor(key) if adapter.pickled else self._handle(name).get_tensor(key)
-        value = raw.to(device=self.device, dtype=torch.float32, non_blocking=True)
-        if not bool(torch.isfinite(value).all()):
-            self.report.non_finite.append((name, key))
-        if self.cache is not None and cache_key is not None:
-            self.cache.tensors[cache_key] = value
+            value = self.cache.tensors.get(cache_key)
+        if value is None:
+            stored = self.layer.get((name, key, True))  # read once, whichever form is asked first
+            if stored is None:
+                stored = self._raw(name, key).to(device=self.device, non_blocking=True)
+                self.layer[(name, key, True)] = stored
+            value = stored if raw else stored.to(torch.float32)
+            if self.cache is not None and cache_key is not None:
+                self.cache.tensors[cache_key] = value
+        self.layer[memo] = value
         return value
+
+    def stored_dtype(self, name: str, key: str) -> str:
+        adapter = self.plan.inputs[name].adapter
+        if adapter.pickled:
+            return "?"
+        return adapter.tensors[key].dtype
 
     def lora(self, name: str, layer: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, scaling) of one input's layer."""
@@ -93,6 +172,35 @@ class _Inputs:
         keys = adapter.layer_keys[layer]
         scaling = adapter.type.layers[layer].scaling  # type: ignore[union-attr]
         return self.tensor(name, keys["A"]), self.tensor(name, keys["B"]), scaling
+
+    def blame(self) -> bool:
+        """After a non-finite result: record which of this layer's input tensors are not finite
+        (E014); False when all are finite (the result itself overflowed, E027)."""
+        found = False
+        for (name, key, _), value in self.layer.items():
+            if not bool(torch.isfinite(value).all()) and (name, key) not in self.report.non_finite:
+                self.report.non_finite.append((name, key))
+                found = True
+        return found
+
+    def digests(self) -> dict[str, str]:
+        """Every input's sha256: finish hashing what reading did not reach."""
+        digests = {}
+        for name, item in self.plan.inputs.items():
+            if name not in self.readers and not item.adapter.pickled:
+                self.readers[name] = _HashingReader(item.adapter.weights_file, self.stack)
+            digests[name] = self.readers[name].digest() if name in self.readers else _sha256(item.adapter.weights_file)
+        return digests
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -110,8 +218,30 @@ class _Stop(Exception):
 
 
 def _finite(values: list[torch.Tensor]) -> bool:
-    """Whether every value is finite: one reduction per tensor, one host sync for them all."""
-    return bool(torch.stack([torch.isfinite(v).all() for v in values]).all())
+    """Whether every value is finite, with one host sync for them all. A sum in float64 of
+    half- or single-precision values cannot overflow, so it is finite exactly when every value is
+    (NaN and ±inf propagate): one reduction pass, no boolean tensor per element."""
+    checks = [torch.isfinite(v).all() if v.dtype == torch.float64 else torch.isfinite(v.sum(dtype=torch.float64))
+              for v in values if v.numel()]
+    return not checks or bool(torch.stack(checks).all())
+
+
+# A sink takes (output index, {PEFT key: CPU tensor in the output dtype}) for one layer or head and
+# returns True when it consumed them (streamed to disk); otherwise the backend keeps them.
+Sink = Callable[[int, dict[str, torch.Tensor]], bool]
+
+
+def _layer_groups(plan: Plan) -> list[list[tuple[int, LayerStep | HeadStep]]]:
+    """Every output's layer steps and heads, grouped by layer (first appearance order): a group's
+    input tensors are read once for all the outputs that need them."""
+    groups: dict[tuple[str, str], list[tuple[int, LayerStep | HeadStep]]] = {}
+    for index, out in enumerate(plan.outputs):
+        for step in out.layers:
+            groups.setdefault(("layer", step.key), []).append((index, step))
+    for index, out in enumerate(plan.outputs):
+        for head in out.heads:
+            groups.setdefault(("head", head.key), []).append((index, head))
+    return list(groups.values())
 
 
 class TorchBackend:
@@ -120,13 +250,14 @@ class TorchBackend:
     def __init__(self, device: torch.device | str = "cpu", cache: TensorCache | None = None):
         self.device = torch.device(device)
         self.cache = cache
-        self._index = 0  # the output being computed (for reports from inside svd)
 
-    def run(self, plan: Plan, *, on_layer: Callable[[], None] | None = None
-            ) -> tuple[list[dict[str, torch.Tensor]], RunReport]:
-        """The tensors of every output (PEFT keys → CPU tensors in the output dtype), and a report."""
+    def run(self, plan: Plan, *, on_layer: Callable[[], None] | None = None, sink: Sink | None = None,
+            hash_inputs: bool = False) -> tuple[list[dict[str, torch.Tensor]], RunReport]:
+        """The tensors of every output (PEFT keys → CPU tensors in the output dtype) that `sink`
+        did not consume, and a report. A non-finite input or result stops the run: the report says
+        which, and the results are empty."""
         report = RunReport()
-        results = []
+        results: list[dict[str, torch.Tensor]] = [{} for _ in plan.outputs]
         with contextlib.ExitStack() as stack, torch.no_grad():
             if plan.svds and self.device.type == "cpu":
                 # LAPACK's QR and SVD round differently with the thread count; one thread makes svd
@@ -135,57 +266,53 @@ class TorchBackend:
                 stack.enter_context(_threads(1))
             inputs = _Inputs(plan, self.device, stack, report, self.cache)
             try:
-                for index, out in enumerate(plan.outputs):
-                    results.append(self._output(plan, out, index, inputs, report, on_layer))
+                for group in _layer_groups(plan):
+                    svd_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+                    for index, item in group:
+                        if isinstance(item, HeadStep):
+                            produced = {f"base_model.model.{item.key}": self._head(plan, item, inputs)}
+                        else:
+                            produced = self._layer(plan, item, inputs, report, index, svd_cache)
+                        self._keep(results[index], produced, item, index, inputs, report, sink)
+                        if on_layer is not None and not isinstance(item, HeadStep):
+                            on_layer()
+                    inputs.next_layer()
+                if hash_inputs:
+                    report.sha256 = inputs.digests()
             except _Stop:
                 return [], report
-        return results, report
-
-    def _output(self, plan: Plan, out: OutputPlan, index: int, inputs: _Inputs, report: RunReport,
-                on_layer: Callable[[], None] | None) -> dict[str, torch.Tensor]:
-        """One output's tensors. Each layer is cast to the output dtype on the device and checked
-        finite there (one sync per layer) before it goes to the CPU; a non-finite input or result
-        stops the run (_Stop) with the report saying which."""
-        tensors: dict[str, torch.Tensor] = {}
-        for step, produced in self._layers(plan, out, inputs, report, index):
-            self._keep(tensors, produced, TORCH_DTYPES[step.dtype], step.dtype, step.key, index, report)
-            if on_layer is not None:
-                on_layer()
-        for head in out.heads:
-            mixed = sum(term.beta * inputs.tensor(term.source, self._head_key(plan, term, head.key))
-                        for term in head.terms)
-            self._keep(tensors, {f"base_model.model.{head.key}": torch.as_tensor(mixed)}, TORCH_DTYPES[head.dtype],
-                       head.dtype, head.key, index, report)
-        return dict(sorted(tensors.items()))
+        return [dict(sorted(r.items())) for r in results], report
 
     @staticmethod
-    def _keep(tensors: dict[str, torch.Tensor], produced: dict[str, torch.Tensor], dtype: torch.dtype, dtype_name: str,
-              key: str, index: int, report: RunReport) -> None:
-        if report.non_finite:  # a non-finite input: reported as such (E014), not as its result
-            raise _Stop
+    def _keep(kept: dict[str, torch.Tensor], produced: dict[str, torch.Tensor], item: LayerStep | HeadStep,
+              index: int, inputs: _Inputs, report: RunReport, sink: Sink | None) -> None:
+        """Cast to the output dtype on the device, check finite there (one sync per layer), then
+        hand to the sink or keep on the CPU. A non-finite result stops the run: the inputs of this
+        layer are blamed when one of them is not finite (E014), the result otherwise (E027)."""
+        dtype = TORCH_DTYPES[item.dtype]
         cast = {name: value.to(dtype) for name, value in produced.items()}
         if not _finite(list(cast.values())):
-            report.non_finite_result = (index, key, dtype_name)
+            if not inputs.blame():
+                report.non_finite_result = (index, item.key, item.dtype)
             raise _Stop
-        for name, value in cast.items():
-            tensors[name] = value.to("cpu").contiguous()
+        cpu = {name: value.to("cpu").contiguous() for name, value in cast.items()}
+        if sink is None or not sink(index, cpu):
+            kept.update(cpu)
 
-    @staticmethod
-    def _head_key(plan: Plan, term: PlanTerm, head_key: str) -> str:
-        return plan.inputs[term.source].adapter.head_keys[head_key]
+    def _head(self, plan: Plan, head: HeadStep, inputs: _Inputs) -> torch.Tensor:
+        mixed = sum(term.beta * inputs.tensor(term.source, plan.inputs[term.source].adapter.head_keys[head.key])
+                    for term in head.terms)
+        return torch.as_tensor(mixed)
 
-    def _layers(self, plan: Plan, out: OutputPlan, inputs: _Inputs, report: RunReport, index: int
-                ) -> Iterator[tuple[LayerStep, dict[str, torch.Tensor]]]:
-        self._index = index
-        for step in out.layers:
-            if step.op == "ia3":
-                yield step, {tensor_key(step.key, "ia3_l"): self._ia3(step, inputs)}
-            elif step.op == "paper":
-                a, b = self._paper(step, inputs, report.a_cosines.setdefault(index, {}))
-                yield step, {tensor_key(step.key, "lora_A.weight"): a, tensor_key(step.key, "lora_B.weight"): b}
-            else:
-                a, b = self._concat(plan, step, inputs)
-                yield step, {tensor_key(step.key, "lora_A.weight"): a, tensor_key(step.key, "lora_B.weight"): b}
+    def _layer(self, plan: Plan, step: LayerStep, inputs: _Inputs, report: RunReport, index: int,
+               svd_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if step.op == "ia3":
+            return {tensor_key(step.key, "ia3_l"): self._ia3(step, inputs)}
+        if step.op == "paper":
+            a, b = self._paper(step, inputs, report.a_cosines.setdefault(index, {}))
+        else:
+            a, b = self._concat(plan, step, inputs, svd_cache, index)
+        return {tensor_key(step.key, "lora_A.weight"): a, tensor_key(step.key, "lora_B.weight"): b}
 
     def _ia3(self, step: LayerStep, inputs: _Inputs) -> torch.Tensor:
         """l = 1 + Σ beta_i·(l_i − 1): the paper's affine operators around the identity vector."""
@@ -213,34 +340,55 @@ class TorchBackend:
         return a_out, b_out
 
     def _factors(self, plan: Plan, source: str, layer: str, inputs: _Inputs,
-                 cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, s·B) of a source at one layer: an input's own factors, or an svd node's result."""
+                 cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], index: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, s·B) of a source at one layer: an input's own factors, or an svd node's result
+        (computed once per layer for every output that uses it)."""
         if source in plan.inputs:
             a, b, scaling = inputs.lora(source, layer)
             return a, scaling * b
         if (source, layer) not in cache:
-            cache[(source, layer)] = self._svd(plan, plan.svds[source], layer, inputs, cache)
+            cache[(source, layer)] = self._svd(plan, plan.svds[source], layer, inputs, cache, index)
         return cache[(source, layer)]
 
     def _stack(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, inputs: _Inputs,
-               cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+               cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], index: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         a_parts, b_parts = [], []
         for term in terms:
-            a, b = self._factors(plan, term.source, layer, inputs, cache)
+            a, b = self._factors(plan, term.source, layer, inputs, cache, index)
             a_parts.append(a)
             b_parts.append(term.beta * b)
         return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
 
-    def _concat(self, plan: Plan, step: LayerStep, inputs: _Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _concat(self, plan: Plan, step: LayerStep, inputs: _Inputs,
+                cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], index: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """A = [A_1; A_2; …];  B = [beta_1·s_1·B_1 | …]: ΔW = Σ beta_i·s_i·B_i·A_i exactly (SPEC §2.2)."""
         out_features, in_features = step.shape
         if not step.terms:
             return (torch.zeros((1, in_features), device=self.device),
                     torch.zeros((out_features, 1), device=self.device))
-        return self._stack(plan, step.terms, step.key, inputs, {})
+        if self.cache is None and all(self._a_as_stored(plan, t.source, step, inputs) for t in step.terms):
+            # Every A is copied as is and already in the output dtype: no round trip through fp32.
+            a_parts, b_parts = [], []
+            for term in step.terms:
+                adapter = plan.inputs[term.source].adapter
+                keys = adapter.layer_keys[step.key]
+                a_parts.append(inputs.tensor(term.source, keys["A"], raw=True))
+                scaling = adapter.type.layers[step.key].scaling  # type: ignore[union-attr]
+                b_parts.append((term.beta * scaling) * inputs.tensor(term.source, keys["B"]))
+            return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+        return self._stack(plan, step.terms, step.key, inputs, cache, index)
+
+    @staticmethod
+    def _a_as_stored(plan: Plan, source: str, step: LayerStep, inputs: _Inputs) -> bool:
+        return source in plan.inputs and inputs.stored_dtype(
+            source, plan.inputs[source].adapter.layer_keys[step.key]["A"]) == step.dtype
 
     def _svd(self, plan: Plan, svd: SvdStep, layer: str, inputs: _Inputs,
-             cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+             cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], index: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Best rank-R approximation of ΔW = B·A without forming the d×k matrix (SPEC §2.2).
 
         B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), so ΔW = Q_b (R_b R_aᵀ) Q_aᵀ; the SVD of the small
@@ -250,11 +398,10 @@ class TorchBackend:
         terms = tuple(t for t in svd.terms if t.beta != 0 and self._has_layer(plan, t.source, layer))
         if rank == 0 or not terms:
             raise AssertionError("lowering gives svd sources only to layers they contribute to")
-        a, b = self._stack(plan, terms, layer, inputs, cache)
-        if inputs.report.non_finite:  # E014 names the input; a factorisation of NaN would only crash
-            raise _Stop
-        if not _finite([a, b]):
-            inputs.report.non_finite_result = (self._index, layer, "F32")
+        a, b = self._stack(plan, terms, layer, inputs, cache, index)
+        if not _finite([a, b]):  # a factorisation of NaN would only crash: E014 names the input first
+            if not inputs.blame():
+                inputs.report.non_finite_result = (index, layer, "F32")
             raise _Stop
         # In float64 (on the CPU with one thread, see `run`), then rounded to fp32; signs are fixed
         # (the largest entry of each left singular vector positive), so the bytes are reproducible.
