@@ -74,9 +74,15 @@ def _read_program_file(path: str) -> Source:
         raise UsageError(f"cannot read {path}: {exc}") from None
 
 
+MAX_SHOWN = 50  # a file that is not a program at all should not scroll for pages
+
+
 def _report(diagnostics: Sequence[Diagnostic]) -> None:
     if diagnostics:
-        emit(diagnostics)
+        emit(diagnostics[:MAX_SHOWN])
+        if len(diagnostics) > MAX_SHOWN:
+            print(f"… {len(diagnostics) - MAX_SHOWN} more not shown (the first {MAX_SHOWN} are above; "
+                  "is this a pemlang program?)", file=sys.stderr)
         line = summary(diagnostics)
         if line:
             print(f"{line} found", file=sys.stderr)
@@ -287,7 +293,8 @@ def parse_sweep(text: str, max_points: int = DEFAULT_MAX_POINTS) -> tuple[str, l
         start, stop, step = numbers
         ratio = (stop - start) / step
         if not math.isfinite(ratio) or ratio >= max_points:
-            shown = f"{ratio + 1:.3g}" if math.isfinite(ratio) else "too many"
+            shown = (f"{math.floor(ratio + 1e-9) + 1:,}" if math.isfinite(ratio) and ratio < 1e15 else
+                     f"about {ratio:.3g}" if math.isfinite(ratio) else "too many")
             raise UsageError(f"--sweep {name}: {shown} points is more than the limit of {max_points} "
                              "(--max-points N raises it)")
         count = int(round(ratio)) + 1

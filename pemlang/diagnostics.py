@@ -124,6 +124,10 @@ def display_path(path: object) -> str:
 _Segment = tuple[str, str]  # (text, rich style); the style is dropped in plain output
 
 
+SHOWN_LINE = 160  # longer source lines are shown as a window around the span
+SHOWN_CONTEXT = 40
+
+
 def _segments(diag: Diagnostic) -> Iterator[list[_Segment]]:
     head_style = "bold red" if diag.is_error else "bold yellow"
     yield [(f"{diag.severity}[{diag.code}]", head_style), (f": {diag.message}", "bold")]
@@ -142,9 +146,15 @@ def _segments(diag: Diagnostic) -> Iterator[list[_Segment]]:
     if location is not None:
         yield [(f"{pad}--> ", "bold blue"), (location, "")]
     if diag.source is not None and diag.span is not None:
+        width = max(1, end_col - col)
+        if len(text) > SHOWN_LINE:  # a very long line: a window around the span, marked with …
+            first = max(0, col - 1 - SHOWN_CONTEXT)
+            last = min(len(text), max(col - 1 + min(width, SHOWN_LINE - 2 * SHOWN_CONTEXT), first + SHOWN_LINE))
+            width = min(width, last - (col - 1))
+            shown = ("…" if first else "") + text[first:last] + ("…" if last < len(text) else "")
+            col, text = col - first + (1 if first else 0), shown
         # Carets start under the span: copy tabs from the source line so they line up.
         lead = "".join("\t" if ch == "\t" else " " for ch in text[: col - 1])
-        width = max(1, end_col - col)
         yield [(f"{pad} |", "bold blue")]
         yield [(f"{line} | ", "bold blue"), (text, "")]
         yield [(f"{pad} | ", "bold blue"), (lead, ""), ("^" * width, head_style)]

@@ -355,7 +355,8 @@ def _parse_chunk(source: Source, chunk: _Chunk) -> tuple[ast.Statement | None, D
     if deep is not None:
         return None, error("E001", f"expression nested deeper than {MAX_NESTING} levels", source,
                            Span(deep.span.start, deep.span.start + 1),
-                           notes=["parentheses, unary minus and calls each nest one level"],
+                           notes=["each operator, unary minus and call inside another nests one level "
+                                  "(parentheses alone do not)"],
                            hints=["bind the inner parts to names (`x = ...`) and combine the names"])
     return stmt, None
 

@@ -151,7 +151,7 @@ def test_readme_session(example_root: Path) -> None:
                             input="\n".join(typed).replace("yelp_cls_03", "yelp_cls_03 --force") + "\n",
                             capture_output=True, text=True, cwd=example_root, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
-    assert "\n".join(shown) in result.stdout
+    assert result.stdout.strip().splitlines() == shown  # every line the README shows, and nothing else
     assert (example_root / "examples" / "out" / "yelp_cls_03" / "adapter_model.safetensors").exists()
 
 

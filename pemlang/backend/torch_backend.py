@@ -60,35 +60,44 @@ class _HashingReader:
 
     CHUNK = 1 << 22
 
-    def __init__(self, path: Path, stack: contextlib.ExitStack):
+    def __init__(self, path: Path):
         import hashlib
+        import threading
 
         self.fd = os.open(path, os.O_RDONLY)
-        stack.callback(os.close, self.fd)
         self.hash = hashlib.sha256()
         self.front = 0  # bytes hashed so far
         self.path = path
+        self.lock = threading.Lock()  # the prefetching thread and the caller may both read
 
     def read(self, begin: int, end: int) -> bytearray:
-        if begin < self.front:
-            return self._pread(begin, end)
-        position = self.front
-        while position < begin:  # skipped bytes (other tensors, the header): hashed, not kept
-            chunk = self._pread(position, min(begin, position + self.CHUNK))
-            self.hash.update(chunk)
-            position += len(chunk)
-        data = self._pread(begin, end)
-        self.hash.update(data)
-        self.front = end
-        return data
+        with self.lock:
+            if begin < self.front:
+                return self._pread(begin, end)
+            position = self.front
+            while position < begin:  # skipped bytes (other tensors, the header): hashed, not kept
+                chunk = self._pread(position, min(begin, position + self.CHUNK))
+                self.hash.update(chunk)
+                position += len(chunk)
+            data = self._pread(begin, end)
+            self.hash.update(data)
+            self.front = end
+            return data
 
     def digest(self) -> str:
-        while True:
-            chunk = os.pread(self.fd, self.CHUNK, self.front)
-            if not chunk:
-                return self.hash.hexdigest()
-            self.hash.update(chunk)
-            self.front += len(chunk)
+        with self.lock:
+            while True:
+                chunk = os.pread(self.fd, self.CHUNK, self.front)
+                if not chunk:
+                    return self.hash.hexdigest()
+                self.hash.update(chunk)
+                self.front += len(chunk)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
     def _pread(self, begin: int, end: int) -> bytearray:
         data = bytearray(end - begin)
@@ -115,24 +124,41 @@ class _Inputs:
         self.report = report
         self.stack = stack
         self.readers: dict[str, _HashingReader] = {}
+        self.readers_lock = __import__("threading").Lock()
         self.layer: dict[tuple[str, str, bool], torch.Tensor] = {}
+        self.prefetched: dict[tuple[str, str], torch.Tensor] = {}
+        stack.callback(self.close)
         if cache is not None and cache.device != device:
             cache.clear()
             cache.device = device
         self.cache = cache
 
-    def next_layer(self) -> None:
+    def next_layer(self, prefetched: dict[tuple[str, str], torch.Tensor] | None = None) -> None:
+        """Forget the layer just done; `prefetched` holds the next one's tensors, already read."""
         self.layer.clear()
+        self.prefetched = prefetched or {}
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+    def _reader(self, name: str) -> _HashingReader:
+        with self.readers_lock:
+            if name not in self.readers:
+                self.readers[name] = _HashingReader(self.plan.inputs[name].adapter.weights_file)
+            return self.readers[name]
+
+    def read_all(self, needs: list[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+        """Tensors as stored, on the CPU (what the prefetching thread runs)."""
+        return {need: self._raw(*need) for need in needs}
 
     def _raw(self, name: str, key: str) -> torch.Tensor:
         """A tensor as stored (its own dtype), on the CPU."""
         adapter = self.plan.inputs[name].adapter
         if adapter.pickled:
             return adapter.tensor(key)
-        if name not in self.readers:
-            self.readers[name] = _HashingReader(adapter.weights_file, self.stack)
         info = adapter.tensors[key]
-        data = self.readers[name].read(adapter.data_start + info.begin, adapter.data_start + info.end)
+        data = self._reader(name).read(adapter.data_start + info.begin, adapter.data_start + info.end)
         if not data:
             return torch.zeros(info.shape, dtype=TORCH_DTYPES[info.dtype])
         return torch.frombuffer(data, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
@@ -152,7 +178,10 @@ class _Inputs:
         if value is None:
             stored = self.layer.get((name, key, True))  # read once, whichever form is asked first
             if stored is None:
-                stored = self._raw(name, key).to(device=self.device, non_blocking=True)
+                stored = self.prefetched.pop((name, key), None)
+                if stored is None:
+                    stored = self._raw(name, key)
+                stored = stored.to(device=self.device, non_blocking=True)
                 self.layer[(name, key, True)] = stored
             value = stored if raw else stored.to(torch.float32)
             if self.cache is not None and cache_key is not None:
@@ -185,12 +214,8 @@ class _Inputs:
 
     def digests(self) -> dict[str, str]:
         """Every input's sha256: finish hashing what reading did not reach."""
-        digests = {}
-        for name, item in self.plan.inputs.items():
-            if name not in self.readers and not item.adapter.pickled:
-                self.readers[name] = _HashingReader(item.adapter.weights_file, self.stack)
-            digests[name] = self.readers[name].digest() if name in self.readers else _sha256(item.adapter.weights_file)
-        return digests
+        return {name: _sha256(item.adapter.weights_file) if item.adapter.pickled else self._reader(name).digest()
+                for name, item in self.plan.inputs.items()}
 
 
 def _sha256(path: Path) -> str:
@@ -231,6 +256,31 @@ def _finite(values: list[torch.Tensor]) -> bool:
 Sink = Callable[[int, dict[str, torch.Tensor]], bool]
 
 
+def _group_needs(plan: Plan, group: list[tuple[int, LayerStep | HeadStep]]) -> list[tuple[str, str]]:
+    """The input tensors a layer group reads, (input, key) in file order (so hashing stays sequential)."""
+    needs: dict[tuple[str, str], int] = {}
+
+    def add(source: str, layer: str) -> None:
+        if source in plan.inputs:
+            adapter = plan.inputs[source].adapter
+            for key in adapter.layer_keys.get(layer, {}).values():
+                needs[(source, key)] = adapter.tensors[key].begin if not adapter.pickled else 0
+        else:
+            for term in plan.svds[source].terms:
+                if term.beta != 0:
+                    add(term.source, layer)
+
+    for _, item in group:
+        for term in item.terms:
+            if isinstance(item, HeadStep):
+                adapter = plan.inputs[term.source].adapter
+                key = adapter.head_keys[item.key]
+                needs[(term.source, key)] = adapter.tensors[key].begin if not adapter.pickled else 0
+            else:
+                add(term.source, item.key)
+    return sorted(needs, key=lambda need: (need[0], needs[need]))
+
+
 def _layer_groups(plan: Plan) -> list[list[tuple[int, LayerStep | HeadStep]]]:
     """Every output's layer steps and heads, grouped by layer (first appearance order): a group's
     input tensors are read once for all the outputs that need them."""
@@ -265,8 +315,22 @@ class TorchBackend:
                 # d×m with m the stacked rank).
                 stack.enter_context(_threads(1))
             inputs = _Inputs(plan, self.device, stack, report, self.cache)
+            groups = _layer_groups(plan)
+            prefetch = None
+            if self.cache is None and len(groups) > 1:
+                # One thread reads the next layer's input tensors while this one computes (and the
+                # writer's thread writes the last); at most two layers of inputs are in memory.
+                from concurrent.futures import ThreadPoolExecutor
+
+                pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pemlang-reader")
+                stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # before the files close
+                prefetch = pool.submit(inputs.read_all, _group_needs(plan, groups[0]))
             try:
-                for group in _layer_groups(plan):
+                for number, group in enumerate(groups):
+                    if prefetch is not None:
+                        inputs.next_layer(prefetch.result())
+                        following = groups[number + 1] if number + 1 < len(groups) else None
+                        prefetch = pool.submit(inputs.read_all, _group_needs(plan, following)) if following else None
                     svd_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
                     for index, item in group:
                         if isinstance(item, HeadStep):

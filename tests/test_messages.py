@@ -1,0 +1,97 @@
+"""What a user reads: hints spelled for the front end in use, long lines, floods of errors, API
+argument mistakes as diagnostics."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+
+import pemlang
+from pemlang.cli import MAX_SHOWN, main
+from pemlang.diagnostics import error, render
+from pemlang.source import Source, Span
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(args))
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_hints_spell_heads_and_mode_as_the_front_end_takes_them(adapters: Path, tmp_path: Path) -> None:
+    """E022 and the exact-mode hints: `heads from a` in a file, `--heads "from a"` for eval,
+    `heads="from a"` in the API."""
+    status, _, err = cli("eval", "--input", f"a={adapters}/llama_cls", "--input", f"b={adapters}/llama_r8",
+                         "--out", str(tmp_path / "o"), "a + b")
+    assert status == 1 and "error[E022]" in err and '`--heads "from a"`' in err and "`heads from" not in err, err
+    status, _, err = cli("eval", "--input", f"a={adapters}/llama_r8", "--input", f"b={adapters}/llama_r4",
+                         "--out", str(tmp_path / "o"), "a + b")
+    assert status == 1 and "`--mode exact`" in err and "`mode exact`" not in err, err
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile("a + b", inputs={"a": adapters / "llama_cls", "b": adapters / "llama_r8"})
+    assert '`heads="from a"`' in str(caught.value)
+    program = tmp_path / "p.pem"
+    program.write_text(f'input a = "{adapters}/llama_cls"\ninput b = "{adapters}/llama_r8"\noutput a + b -> "o"\n',
+                       encoding="utf-8")
+    status, _, err = cli("check", str(program))
+    assert status == 1 and "`heads from a`" in err, err
+
+
+def test_api_params_that_are_not_numbers_are_e017(adapters: Path) -> None:
+    program = pemlang.compile(text=f'input a = "{adapters}/llama_r8"\nparam l = 0.5\noutput l*a -> "o"\n')
+    for bad in ("x", None, [1], True):
+        with pytest.raises(pemlang.CompileError) as caught:
+            program.plan(l=bad)  # type: ignore[arg-type]
+        assert caught.value.diagnostics[0].code == "E017" and "not a number" in str(caught.value)
+    with pytest.raises(pemlang.CompileError) as caught:
+        program.plan(mu=0.3)
+    assert "params names `mu`" in str(caught.value)
+
+
+def test_api_dtype_takes_the_clis_names(adapters: Path, tmp_path: Path) -> None:
+    text = f'input a = "{adapters}/llama_r8"\noutput 2*a -> "o"\n'
+    for name, stored in (("float16", "F16"), ("bf16", "BF16"), ("F32", "F32")):
+        plan = pemlang.compile(text=text, dtype=name).plan()
+        assert {step.dtype for step in plan.outputs[0].layers} == {stored}
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        pemlang.compile(text=text, dtype="int8")
+
+
+def test_a_program_file_that_is_not_utf8_is_a_compile_error(tmp_path: Path) -> None:
+    path = tmp_path / "p.pem"
+    path.write_bytes(b'output \xff -> "o"\n')
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.load(path)
+    assert caught.value.diagnostics[0].code == "E001"
+    with pytest.raises(FileNotFoundError):
+        pemlang.load(tmp_path / "missing.pem")
+
+
+def test_a_very_long_line_is_shown_as_a_window_around_the_span() -> None:
+    text = "output " + " + ".join(["a"] * 5000) + " + zz -> \"o\""
+    start = text.index("zz")
+    shown = render(error("E002", "unknown name `zz`", Source(text, "x.pem"), Span(start, start + 2))).splitlines()
+    assert all(len(line) < 250 for line in shown), max(map(len, shown))
+    source_line, carets = shown[3], shown[4]
+    assert source_line.startswith("1 | …") and "zz" in source_line
+    assert carets.index("^") == source_line.index("zz") and carets.count("^") == 2
+
+
+def test_a_file_that_is_not_a_program_does_not_flood_the_terminal(tmp_path: Path) -> None:
+    path = tmp_path / "notes.pem"
+    path.write_text("".join(f"this is line {i} of some prose, not a program.\n" for i in range(300)), encoding="utf-8")
+    status, _, err = cli("check", str(path))
+    assert status == 1
+    assert err.count("error[") == MAX_SHOWN
+    assert f"… {300 - MAX_SHOWN} more not shown" in err and "300 errors found" in err
+
+
+def test_a_sweep_over_the_limit_says_how_many_points(adapters: Path, tmp_path: Path) -> None:
+    program = tmp_path / "p.pem"
+    program.write_text(f'input a = "{adapters}/llama_r8"\nparam l = 1\noutput l*a -> "o"\n', encoding="utf-8")
+    status, _, err = cli("run", str(program), "--sweep", "l=0:100:0.05")
+    assert status == 2 and "2,001 points is more than the limit of 1000" in err, err
