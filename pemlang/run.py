@@ -129,10 +129,10 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
             for (index, out), staging in zip(destinations, stagings, strict=True):
                 files[index] = StagedAdapter(staging, output_entries(out), metadata(plan, out, placeholder), writer)
 
-            def sink(index: int, tensors: dict[str, Any]) -> bool:
+            def sink(index: int, tensors: dict[str, Any], ready: Callable[[], None] | None) -> bool:
                 if index not in files:
                     return False
-                files[index].put(tensors)
+                files[index].put(tensors, ready)
                 return True
 
             tensors, report = TorchBackend(torch_device).run(plan, on_layer=on_layer, sink=sink, hash_inputs=True)

@@ -28,7 +28,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,9 +364,13 @@ class StagedAdapter:
         self.fd = os.open(staging / WEIGHTS_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(self.fd, self.layout.size)
 
-    def put(self, tensors: Mapping[str, Any]) -> None:
+    def put(self, tensors: Mapping[str, Any], ready: Callable[[], None] | None = None) -> None:
         """Write tensors (CPU, in their output dtype) at their offsets; in the background when the
-        writer has a background thread, so the next layer computes meanwhile."""
+        writer has a background thread, so the next layer computes meanwhile. `ready` is called
+        before any byte is read (a copy from the GPU may still be in flight)."""
+        if ready is not None and self.background is None:
+            ready()
+            ready = None
         for key, tensor in tensors.items():
             begin, end = self.layout.offsets[key]
             if (dtype_name(tensor), tuple(tensor.shape)) != (self.entries[key][0], tuple(self.entries[key][1])):
@@ -376,7 +380,8 @@ class StagedAdapter:
             assert len(data) == end - begin
             self.written.add(key)
             if self.background is not None:
-                self.background.submit(_pwrite_all, self.fd, data, begin)
+                self.background.submit(_pwrite_all, self.fd, data, begin, ready)
+                ready = None  # one wait covers the layer's tensors: they were copied before the event
             else:
                 _pwrite_all(self.fd, data, begin)
 
@@ -407,7 +412,9 @@ class StagedAdapter:
             self.fd = -1
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: memoryview, offset: int, ready: Callable[[], None] | None = None) -> None:
+    if ready is not None:
+        ready()
     while data:
         count = os.pwrite(fd, data, offset)
         data, offset = data[count:], offset + count

@@ -70,17 +70,22 @@ class _HashingReader:
         self.path = path
         self.lock = threading.Lock()  # the prefetching thread and the caller may both read
 
-    def read(self, begin: int, end: int) -> bytearray:
+    def read(self, begin: int, end: int, *, pinned: bool = False) -> torch.Tensor:
+        """Bytes [begin, end) as a uint8 tensor; in page-locked memory with `pinned` (for CUDA: the
+        copy to the device can then overlap with compute)."""
+        data = torch.empty(end - begin, dtype=torch.uint8, pin_memory=pinned)
+        view = data.numpy().data.cast("B") if end > begin else memoryview(b"")
         with self.lock:
             if begin < self.front:
-                return self._pread(begin, end)
+                self._pread_into(view, begin)
+                return data
             position = self.front
             while position < begin:  # skipped bytes (other tensors, the header): hashed, not kept
                 chunk = self._pread(position, min(begin, position + self.CHUNK))
                 self.hash.update(chunk)
                 position += len(chunk)
-            data = self._pread(begin, end)
-            self.hash.update(data)
+            self._pread_into(view, begin)
+            self.hash.update(view)
             self.front = end
             return data
 
@@ -101,14 +106,16 @@ class _HashingReader:
 
     def _pread(self, begin: int, end: int) -> bytearray:
         data = bytearray(end - begin)
-        view = memoryview(data)
+        self._pread_into(memoryview(data), begin)
+        return data
+
+    def _pread_into(self, view: memoryview, begin: int) -> None:
         position = 0
-        while position < len(data):
+        while position < len(view):
             count = os.preadv(self.fd, [view[position:]], begin + position)
             if count == 0:
                 raise OSError(errno.EIO, f"{self.path} ends inside a tensor (it was cut off while being read)")
             position += count
-        return data
 
 
 class _Inputs:
@@ -158,10 +165,9 @@ class _Inputs:
         if adapter.pickled:
             return adapter.tensor(key)
         info = adapter.tensors[key]
-        data = self._reader(name).read(adapter.data_start + info.begin, adapter.data_start + info.end)
-        if not data:
-            return torch.zeros(info.shape, dtype=TORCH_DTYPES[info.dtype])
-        return torch.frombuffer(data, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        data = self._reader(name).read(adapter.data_start + info.begin, adapter.data_start + info.end,
+                                       pinned=self.device.type == "cuda")
+        return data.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
     def tensor(self, name: str, key: str, *, raw: bool = False) -> torch.Tensor:
         """One input tensor on the device: in fp32, or as stored with `raw` (copied into an output as is)."""
@@ -243,17 +249,21 @@ class _Stop(Exception):
 
 
 def _finite(values: list[torch.Tensor]) -> bool:
-    """Whether every value is finite, with one host sync for them all. A sum in float64 of
-    half- or single-precision values cannot overflow, so it is finite exactly when every value is
-    (NaN and ±inf propagate): one reduction pass, no boolean tensor per element."""
-    checks = [torch.isfinite(v).all() if v.dtype == torch.float64 else torch.isfinite(v.sum(dtype=torch.float64))
-              for v in values if v.numel()]
-    return not checks or bool(torch.stack(checks).all())
+    """Whether every value is finite, with one host sync for them all. A sum is finite only when
+    every element is (NaN and ±inf propagate), so one reduction pass settles it, with no boolean
+    tensor per element; only a sum that overflows while every element is finite needs the exact
+    check after it."""
+    values = [v for v in values if v.numel()]
+    if not values or bool(torch.isfinite(torch.stack([v.sum() for v in values])).all()):
+        return True
+    return bool(torch.stack([torch.isfinite(v).all() for v in values]).all())
 
 
-# A sink takes (output index, {PEFT key: CPU tensor in the output dtype}) for one layer or head and
-# returns True when it consumed them (streamed to disk); otherwise the backend keeps them.
-Sink = Callable[[int, dict[str, torch.Tensor]], bool]
+# A sink takes (output index, {PEFT key: CPU tensor in the output dtype}, ready) for one layer or
+# head and returns True when it consumed them (streamed to disk); otherwise the backend keeps them.
+# `ready`, when not None, must be called before the tensors' bytes are read (a copy from the GPU
+# may still be in flight).
+Sink = Callable[[int, dict[str, torch.Tensor], Callable[[], None] | None], bool]
 
 
 def _group_needs(plan: Plan, group: list[tuple[int, LayerStep | HeadStep]]) -> list[tuple[str, str]]:
@@ -359,8 +369,19 @@ class TorchBackend:
             if not inputs.blame():
                 report.non_finite_result = (index, item.key, item.dtype)
             raise _Stop
-        cpu = {name: value.to("cpu").contiguous() for name, value in cast.items()}
-        if sink is None or not sink(index, cpu):
+        if cast and next(iter(cast.values())).device.type == "cuda":
+            # Into page-locked memory without waiting; the writer waits for the copy (the event)
+            # before it reads the bytes, so the next layer computes meanwhile.
+            cpu = {name: value.contiguous().to("cpu", non_blocking=True) for name, value in cast.items()}
+            event = torch.cuda.Event()
+            event.record()
+            ready: Callable[[], None] | None = event.synchronize
+        else:
+            cpu = {name: value.to("cpu").contiguous() for name, value in cast.items()}
+            ready = None
+        if sink is None or not sink(index, cpu, ready):
+            if ready is not None:
+                ready()
             kept.update(cpu)
 
     def _head(self, plan: Plan, head: HeadStep, inputs: _Inputs) -> torch.Tensor:
