@@ -147,7 +147,12 @@ class Program:
         checked = checked if checked is not None else self._check(params)
         if self._tensor_cache is None:
             self._tensor_cache = TensorCache()
-        result = execute(checked, device=device or self.device, dtype=self.dtype, cache=self._tensor_cache)
+        try:
+            result = execute(checked, device=device or self.device, dtype=self.dtype, cache=self._tensor_cache)
+        except CompileError:
+            raise
+        except PemError as exc:  # a non-finite input or result (E014, E027)
+            raise CompileError(exc.diagnostics) from None
         names = [o.name or o.expression for o in checked.outputs]
         return Evaluation({**checked.params}, result.plan, dict(zip(names, result.tensors, strict=True)),
                           result.diagnostics)
