@@ -41,6 +41,10 @@ from .plan import OutputPlan, Plan, output_inputs
 # What a writer leaves beside the destination while it works: `.NAME.PID-RANDOM.pemlang-tmp`
 # (staging) and `.NAME.PID-RANDOM.pemlang-old` (an old directory on its way out).
 STAGING = re.compile(r"^\..+\.\d+-[a-z0-9_]+\.pemlang-(tmp|old)$")
+# Each is created with a sibling claim file, NAME + CLAIM: only a directory with its claim (or an
+# empty one) is ever removed as stale, so a user's directory that happens to match the pattern —
+# an input, say — is never touched.
+CLAIM = ".claim"
 FORCE_HINT = "pass --force (force=True in the API) to replace it"
 
 
@@ -158,7 +162,14 @@ def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path
     problems: list[Diagnostic] = []
     existing: list[Path] = []
     seen: dict[Path, Path] = {}
-    real_inputs = {name: Path(path).resolve() for name, path in inputs.items()}
+    # An input's files may be symbolic links elsewhere (the Hugging Face cache links snapshots to
+    # blobs): what they point to is as much the input as its directory.
+    real_inputs = [(name, Path(path).resolve()) for name, path in inputs.items()]
+    for name, path in list(real_inputs):
+        for file_name in (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin"):
+            with contextlib.suppress(OSError, RuntimeError):
+                if (path / file_name).is_symlink():
+                    real_inputs.append((name, (path / file_name).resolve()))
     for destination in destinations:
         destination = Path(os.path.abspath(destination))
         shown = display_path(destination)
@@ -175,7 +186,7 @@ def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path
                                   notes=[f"{shown} is written twice (also as {display_path(seen[real])})"]))
             continue
         seen[real] = destination
-        clash = [(name, path) for name, path in real_inputs.items() if _overlaps(real, path)]
+        clash = list({name: path for name, path in real_inputs if _overlaps(real, path)}.items())
         for name, path in clash:
             where = ("is the input's directory" if real == path else
                      "contains the input" if path.is_relative_to(real) else "is inside the input")
@@ -288,12 +299,50 @@ def remove_stale_staging(directory: Path, *, wait: bool = True) -> int:
 
 def _remove_staging(directory: Path) -> int:
     removed = 0
-    with contextlib.suppress(OSError), os.scandir(directory) as entries:
-        for entry in entries:
-            if STAGING.match(entry.name) and entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+    with contextlib.suppress(OSError), os.scandir(directory) as scan:
+        entries = list(scan)
+    names = {entry.name for entry in entries}
+    for entry in entries:
+        if not STAGING.match(entry.name):
+            continue
+        if entry.name + CLAIM in names:
+            _remove(Path(entry.path))
+            removed += 1
+        elif entry.is_dir(follow_symlinks=False):
+            with contextlib.suppress(OSError):  # unclaimed: only if empty (a writer killed right after mkdtemp)
+                os.rmdir(entry.path)
                 removed += 1
+    for name in names:  # claims left without their entry (a kill between the two removals)
+        if name.endswith(CLAIM) and STAGING.match(name[: -len(CLAIM)]) and not os.path.lexists(
+                directory / name[: -len(CLAIM)]):
+            with contextlib.suppress(OSError):
+                os.unlink(directory / name)
     return removed
+
+
+def _remove(path: Path) -> None:
+    """Remove a staging entry: a directory tree, or a symbolic link (never what it points to)."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _claimed_directory(destination: Path, suffix: str) -> Path:
+    """A new `.NAME.PID-RANDOM.pemlang-SUFFIX` directory beside `destination`, with its claim."""
+    with interrupts.deferred():  # a signal cannot land between creating it and knowing its name
+        path = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-", suffix=f".pemlang-{suffix}",
+                                     dir=destination.parent))
+        path.with_name(path.name + CLAIM).touch()
+    return path
+
+
+def _release(path: Path) -> None:
+    """Remove a staging entry and then its claim."""
+    _remove(path)
+    with contextlib.suppress(OSError):
+        os.unlink(path.with_name(path.name + CLAIM))
 
 
 # -- the atomic swap -------------------------------------------------------------------------------
@@ -488,9 +537,7 @@ def staged(destinations: Sequence[Path], *, force: bool = False, background: boo
             try:
                 for destination in destinations:
                     current = destination
-                    with interrupts.deferred():  # a signal cannot land between creating it and knowing its name
-                        stagings.append(Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-",
-                                                              suffix=".pemlang-tmp", dir=destination.parent)))
+                    stagings.append(_claimed_directory(destination, "tmp"))
                 yield stagings, writer
                 if writer is not None:
                     writer.drain()
@@ -509,8 +556,8 @@ def staged(destinations: Sequence[Path], *, force: bool = False, background: boo
                     writer.close()
                 with interrupts.deferred(raise_after=False):
                     for staging in stagings:
-                        if staging.exists():
-                            shutil.rmtree(staging, ignore_errors=True)
+                        if os.path.lexists(staging) or os.path.lexists(staging.with_name(staging.name + CLAIM)):
+                            _release(staging)
                 raise
     except OSError as exc:
         raise _os_error(exc, current) from None
@@ -525,13 +572,14 @@ def _swap(staging: Path, destination: Path) -> None:
         if not os.path.lexists(destination):
             os.rename(staging, destination)
         elif _exchange(staging, destination):
-            shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old directory
+            _remove(staging)  # staging now holds the old directory (or the old symbolic link)
         else:
-            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}-", suffix=".pemlang-old",
-                                            dir=destination.parent))
+            retired = _claimed_directory(destination, "old")
             os.rename(destination, retired / "old")
             os.rename(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
+            _release(retired)
+        with contextlib.suppress(OSError):
+            os.unlink(staging.with_name(staging.name + CLAIM))
         _fsync_directory(destination.parent)
 
 

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -155,15 +156,67 @@ def test_the_fallback_without_exchange_still_replaces(adapters: Path, tmp_path: 
 
 
 def test_stale_staging_of_a_dead_writer_is_removed(adapters: Path, tmp_path: Path) -> None:
-    # What a killed run leaves: staging dirs beside the destination, for it and for another name.
+    # What a killed run leaves: claimed staging dirs beside the destination, for it and for another
+    # name; an empty unclaimed one (killed between mkdtemp and the claim); a claim whose directory
+    # was already removed; a symbolic link an exchange left where an output was a link.
     for stale in (".out.4242-abcd1234.pemlang-tmp", ".other.77-zz9_x.pemlang-tmp", ".out.99-q1.pemlang-old"):
         (tmp_path / stale).mkdir()
         (tmp_path / stale / "adapter_model.safetensors").write_bytes(b"partial")
+        (tmp_path / (stale + ".claim")).touch()
+    (tmp_path / ".out.5-empty.pemlang-tmp").mkdir()
+    (tmp_path / ".gone.6-x.pemlang-tmp.claim").touch()
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep").write_text("the link's target is never removed")
+    (tmp_path / ".lnk.7-y.pemlang-tmp").symlink_to(tmp_path / "target")
+    (tmp_path / ".lnk.7-y.pemlang-tmp.claim").touch()
     (tmp_path / ".mine.pemlang-tmp.txt").write_text("not ours")  # a user's file that merely looks alike
     path = program(tmp_path, f'input a = "{adapters}/llama_r8"\noutput 2*a -> "out"\n')
     status, _, err = cli("run", str(path), "--device", "cpu")
     assert status == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.pemlang-tmp.txt", "out", "p.pem"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.pemlang-tmp.txt", "out", "p.pem", "target"]
+    assert (tmp_path / "target" / "keep").exists()
+
+
+def test_an_input_named_like_staging_is_never_removed(adapters: Path, tmp_path: Path) -> None:
+    """Only what a writer claimed is cleaned: a user's directory matching the staging pattern (here
+    the run's own input, beside its output) is left alone."""
+    lookalike = tmp_path / ".in1.123-abc.pemlang-tmp"
+    shutil.copytree(adapters / "llama_r8", lookalike)
+    before = sorted(p.name for p in lookalike.iterdir())
+    path = program(tmp_path, f'input a = "{lookalike}"\noutput 2*a -> "out"\n')
+    status, _, err = cli("run", str(path), "--device", "cpu")
+    assert status == 0, err
+    assert sorted(p.name for p in lookalike.iterdir()) == before
+
+
+def test_an_input_whose_weights_are_a_symlink_is_never_written(adapters: Path, tmp_path: Path) -> None:
+    """The Hugging Face cache layout: the input directory holds links into a store. An output in
+    the store, where the link points, would replace the input's weights."""
+    store = tmp_path / "store" / "real"
+    shutil.copytree(adapters / "llama_r8", store)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    shutil.copy(store / "adapter_config.json", linked)
+    (linked / "adapter_model.safetensors").symlink_to(store / "adapter_model.safetensors")
+    digest = (store / "adapter_model.safetensors").read_bytes()
+    status, _, err = cli("eval", "--input", f"a={linked}", "--input", f"b={adapters}/llama_r8_b",
+                         "--out", str(store), "--force", "0.5*a + 0.5*b")
+    assert status == 1 and "error[E018]" in err and "overwrite input `a`" in err, err
+    assert (store / "adapter_model.safetensors").read_bytes() == digest
+
+
+def test_force_over_a_symlinked_output_leaves_nothing_behind(adapters: Path, tmp_path: Path) -> None:
+    """--force replaces the link with the new directory; the link's target is untouched and no
+    staging entry is left."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep").write_text("x")
+    (tmp_path / "outlink").symlink_to(tmp_path / "target")
+    status, _, err = cli("eval", "--input", f"a={adapters}/llama_r8", "--input", f"b={adapters}/llama_r8_b",
+                         "--out", str(tmp_path / "outlink"), "--force", "0.5*a + 0.5*b")
+    assert status == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outlink", "target"]
+    assert (tmp_path / "outlink").is_dir() and not (tmp_path / "outlink").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == ["keep"]
 
 
 def test_staging_held_by_a_live_writer_is_left_alone(tmp_path: Path) -> None:
