@@ -17,6 +17,7 @@ tensors are read from disk once and kept on the device between evaluations. User
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 from . import ast
 from .adapters import Adapter, read_adapter
-from .check import CheckedProgram, Checker, Mode, Override, check_parsed, default_base_dir
+from .check import CheckedProgram, Checker, Mode, Override, check_parsed, default_base_dir, is_name
 from .diagnostics import Diagnostic, PemError, render
 from .parser import parse_expression, parse_program
 from .plan import Plan, dtype_name
@@ -83,6 +84,36 @@ class Evaluation:
     warnings: list[Diagnostic]
 
 
+def _numbers(params: Mapping[str, Any]) -> dict[str, tuple[float, Source]]:
+    """Param values given to the API as (float, source for diagnostics); CompileError (E017) for a
+    value that is not a number, E026 for one that is not a finite float."""
+    numbers: dict[str, tuple[float, Source]] = {}
+    problems = []
+    for name, value in params.items():
+        source = Source(f"{name}={value!r}", "params")
+        span = Span(len(str(name)) + 1, len(source.text))
+        if not is_name(name):
+            problems.append(Diagnostic("E017", f"params has {name!r}, which is not a param name", source,
+                                       Span(0, max(1, len(str(name)))), hints=("a param name is an identifier",)))
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(Diagnostic("E017", f"params gives `{name}` the value {value!r}, which is not a number",
+                                       source, span, hints=(f"pass a number, e.g. {name}=0.5",)))
+            continue
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            problems.append(Diagnostic("E026", f"params gives `{name}` a value that is not a finite number",
+                                       source, span, hints=("parameters are finite numbers",)))
+            continue
+        numbers[name] = (number, source)
+    if problems:
+        raise CompileError(problems)
+    return numbers
+
+
 class Program:
     """A compiled program: parsed and checked once, evaluated with any parameter values."""
 
@@ -91,6 +122,12 @@ class Program:
         self._frontend = frontend
         self._fixed = dict(params or {})  # param values given at compile time: under every evaluation
         self._adapters = AdapterCache()
+        import re
+
+        from .backend import DEVICE_FORMS, DEVICE_PATTERN
+
+        if not isinstance(device, str) or re.fullmatch(DEVICE_PATTERN, device) is None:
+            raise ValueError(f"unknown device {device!r} (expected {DEVICE_FORMS})")
         self.device = device
         self.dtype = dtype_name(dtype) if dtype is not None else None  # ValueError for an unknown dtype
         self._tensor_cache: Any = None
@@ -114,14 +151,8 @@ class Program:
 
     # -- stages --------------------------------------------------------------------------------
     def _check(self, params: Mapping[str, float]) -> CheckedProgram:
-        overrides = []
-        for name, value in {**self._fixed, **params}.items():
-            source = Source(f"{name}={value!r}", "params")
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise CompileError([Diagnostic(
-                    "E017", f"params gives `{name}` the value {value!r}, which is not a number", source,
-                    Span(len(name) + 1, len(source.text)), hints=(f"pass a number, e.g. {name}=0.5",))])
-            overrides.append(Override(name, float(value), source, what="params"))
+        overrides = [Override(name, number, source, what="params")
+                     for name, (number, source) in _numbers({**self._fixed, **params}).items()]
         checked = self._frontend(overrides, self._adapters)
         errors = [d for d in checked.diagnostics if d.is_error]
         if errors:
@@ -376,7 +407,11 @@ def _file_frontend(source: Source, *, allow_pickle: bool, base_dir: Path | None)
 def _expression_frontend(expression: str, inputs: Mapping[str, str | Path], *, mode: Mode,
                          params: Mapping[str, float], heads: str | None, allow_pickle: bool,
                          base_dir: Path | None) -> Frontend:
-    lines = [f"param {name} = {ast.format_number(float(value))}" for name, value in params.items()]
+    bad = [name for name in inputs if not is_name(name)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} cannot name an input (a name is a letter or _ followed by letters, digits "
+                         "or _, and not a keyword or function)")
+    lines = [f"param {name} = {ast.format_number(number)}" for name, (number, _) in _numbers(params).items()]
     if heads:
         lines.append(f"heads {heads}")
     prelude = "".join(line + "\n" for line in lines)
@@ -418,6 +453,8 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
     chosen = sum(x is not None for x in (expression, file, text, source))
     if chosen != 1:
         raise ValueError("compile() takes exactly one of expression=, file= or text=")
+    if mode not in ("paper", "exact"):
+        raise ValueError(f"mode must be 'paper' or 'exact', not {mode!r}")
     root = Path(base_dir) if base_dir is not None else None
     if expression is not None:
         frontend = _expression_frontend(expression, inputs or {}, mode=mode, params=params or {}, heads=heads,

@@ -14,6 +14,7 @@ import heapq
 import itertools
 import math
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,14 @@ from .types import Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
 Mode = Literal["paper", "exact"]
 MODES: tuple[Mode, ...] = ("paper", "exact")
 FUNCTIONS = ("svd",)
+KEYWORDS = ("input", "param", "output", "mode", "heads")
+
+
+def is_name(text: object) -> bool:
+    """Whether `text` can name an input or param: a letter or _ then letters, digits or _, and
+    not a keyword or function."""
+    return (isinstance(text, str) and re.fullmatch(r"[^\W\d]\w*", text) is not None
+            and text not in KEYWORDS and text not in FUNCTIONS)
 _svd_ids = itertools.count(1)
 
 
@@ -784,6 +793,12 @@ class Checker:
                                hints=did_you_mean(name, FUNCTIONS))
         args = [self.expr(a) for a in call.args]
         kwargs = {k.name.id: (k, self.expr(k.value)) for k in call.kwargs}
+        seen: set[str] = set()
+        for k in call.kwargs:
+            if k.name.id in seen:
+                return self._error("E020", f"`{k.name.id}=` is given twice", k.name.span,
+                                   hints=[f"give `{k.name.id}=` once"])
+            seen.add(k.name.id)
         usage = ["usage: `svd(x, rank=R)`: the best rank-R approximation of x's weight update"]
         for key, (kw, _) in kwargs.items():
             if key != "rank":

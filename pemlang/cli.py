@@ -19,10 +19,12 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .backend import DEVICE_FORMS, DEVICE_PATTERN  # light: torch is imported only to run
 from .diagnostics import Diagnostic, PemError, emit, error, summary
 from .source import CONFIG_SUFFIXES, Source, Span, read_source
 
@@ -163,10 +165,6 @@ def _dtype(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # also the config's `device:` pattern
-DEVICE_FORMS = "auto, cpu, cuda, cuda:N"
-
-
 def _device(text: str) -> str:
     """`--device`: one of auto, cpu, cuda, cuda:N (whether that CUDA device exists is known only at run time)."""
     import re
@@ -300,8 +298,10 @@ def parse_sweep(text: str, max_points: int = DEFAULT_MAX_POINTS) -> tuple[str, l
         count = int(round(ratio)) + 1
         if start + (count - 1) * step > stop + abs(step) * 1e-9:
             count -= 1
-        places = min(300, 12 + max(0, -math.floor(math.log10(step))))
-        values = [round(start + i * step, places) for i in range(count)]
+        # In decimal, from the numbers as written: 0:1:0.000005 gives 0.000005, 0.00001, … exactly
+        # (as floats, the nearest to those decimals), not the float sums' noise.
+        exact_start, exact_step = (Decimal(text[a:b].strip()) for a, b in (fields[0], fields[2]))
+        values = [float(exact_start + i * exact_step) for i in range(count)]
     else:
         values = numbers
     if len(values) > max_points:
@@ -411,7 +411,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import ast
-    from .check import Checker
+    from .check import Checker, is_name
     from .parser import parse_expression
 
     words = list(args.expression)
@@ -427,6 +427,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         name, sep, path = text.partition("=")
         if not sep or not name.strip() or not path:
             raise UsageError(f"--input expects NAME=PATH, got {text!r}")
+        if not is_name(name.strip()):
+            raise UsageError(f"--input {text!r}: {name.strip()!r} cannot name an input (a name is a letter or _ "
+                             "followed by letters, digits or _, and not a keyword or function, e.g. yelp_lm)")
         arg_source = Source(text, "--input")
         checker.add_input(ast.Name(name.strip(), Span(0, len(name))), path, Span(len(name) + 1, len(text)),
                           source=arg_source)

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
-from .cli import DEVICE_FORMS, DEVICE_PATTERN
+from .backend import DEVICE_FORMS, DEVICE_PATTERN
 from .diagnostics import Diagnostic, PemError, error
 from .source import CONFIG_SUFFIXES, Source, Span, read_source
 

@@ -105,3 +105,75 @@ def test_api_evaluate_and_save_of_a_non_finite_result_are_compile_errors(adapter
             call()
         assert caught.value.diagnostics[0].code == "E027"
     assert not (tmp_path / "o").exists()
+
+
+def test_api_arguments_are_checked(adapters: Path) -> None:
+    inputs = {"a": adapters / "llama_r8", "b": adapters / "llama_r8_b"}
+    for mode in ("EXACT", "fast", None, 1):
+        with pytest.raises(ValueError, match="mode must be 'paper' or 'exact'"):
+            pemlang.compile("a + b", inputs=inputs, mode=mode)  # type: ignore[arg-type]
+    for device in ("tpu", "gpu", "cuda:x", None):
+        with pytest.raises(ValueError, match="unknown device"):
+            pemlang.compile("a + b", inputs=inputs, device=device)  # type: ignore[arg-type]
+    program = pemlang.compile("a + b", inputs=inputs)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        program.evaluate(device="tpu")
+    for value, code in ((float("nan"), "E026"), (float("inf"), "E026"), (10**400, "E026"), ("x", "E017")):
+        with pytest.raises(pemlang.CompileError) as caught:
+            pemlang.compile("l*a", inputs=inputs, params={"l": value})
+        assert [d.code for d in caught.value.diagnostics] == [code], str(caught.value)
+        assert "unknown name" not in str(caught.value)
+    with pytest.raises(pemlang.CompileError) as caught:  # a name cannot smuggle in statements
+        pemlang.compile("l*a", inputs=inputs, params={'l = 1\noutput a -> "evil"\nparam m': 1.0})
+    assert caught.value.diagnostics[0].code == "E017"
+    evaluated = pemlang.compile("l*a", inputs=inputs, params={"l": 0.5})
+    with pytest.raises(pemlang.CompileError) as caught:
+        evaluated.evaluate(l=float("nan"))
+    assert "params gives `l`" in str(caught.value) and "--set" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["a b", "1x", "input", "svd", "x-y", ""])
+def test_input_names_are_names_in_eval_and_the_api(adapters: Path, tmp_path: Path, name: str) -> None:
+    status, _, err = cli("eval", "--input", f"{name}={adapters}/llama_r8", "--out", str(tmp_path / "o"), "2*a")
+    assert status == 2 and "Traceback" not in err, err
+    with pytest.raises(ValueError, match="cannot name an input"):
+        pemlang.compile("2*a", inputs={name: adapters / "llama_r8"})
+
+
+def test_a_keyword_argument_given_twice_is_e020(adapters: Path, tmp_path: Path) -> None:
+    program = tmp_path / "p.pem"
+    program.write_text(f'mode exact\ninput a = "{adapters}/llama_r8"\noutput svd(a, rank=4, rank=5) -> "o"\n',
+                       encoding="utf-8")
+    status, _, err = cli("check", str(program))
+    assert status == 1 and "error[E020]" in err and "`rank=` is given twice" in err, err
+
+
+def test_w002_cosine_of_huge_a_matrices_is_measured_in_float64(adapters: Path, tmp_path: Path) -> None:
+    """A cosine does not depend on scale: A·1e30 against the same A measures 1, not an overflow's 0."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(adapters / "llama_r8", big)
+    weights = big / "adapter_model.safetensors"
+    tensors = {k: v * 1e30 if "lora_A" in k else v for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    status, _, err = cli("eval", "--input", f"a={big}", "--input", f"b={adapters}/llama_r8",
+                         "--out", str(tmp_path / "o"), "--device", "cpu", "0.5*a + 0.5*b")
+    assert status == 0 and "W002" not in err, err
+    assert torch.isfinite(load_file(str(tmp_path / "o" / "adapter_model.safetensors"))[
+        next(k for k in tensors if "lora_A" in k)]).all()
+
+
+def test_sweep_ranges_are_the_decimals_written_not_float_noise() -> None:
+    from pemlang.api import sweep_decimals, sweep_suffix
+    from pemlang.cli import parse_sweep
+
+    name, values = parse_sweep("λ=0:1:0.000005", max_points=300_000)
+    assert len(values) == 200_001 and values[3] == 0.000015 and values[-1] == 1.0
+    decimals = sweep_decimals({name: values})
+    assert [sweep_suffix({name: v}, decimals) for v in values[:3]] == ["λ=0.000000", "λ=0.000005", "λ=0.000010"]
+    name, values = parse_sweep("λ=0:1e-300:1e-303")  # tiny steps are not "listed twice"
+    assert len(values) == 1001 and len(set(values)) == 1001

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the CLI's --device, the config's `device:`, the API's device=
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N"
 
 
 def resolve_device(spec: str) -> tuple[Any, str]:
-    """`auto|cpu|cuda|cuda:N` → (torch.device, a line saying which and why)."""
+    """`auto|cpu|cuda|cuda:N` → (torch.device, a line saying which and why); ValueError otherwise."""
+    if not isinstance(spec, str) or re.fullmatch(DEVICE_PATTERN, spec) is None:
+        raise ValueError(f"unknown device {spec!r} (expected {DEVICE_FORMS})")
     import torch
 
     if spec == "auto":

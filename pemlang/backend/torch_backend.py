@@ -420,7 +420,8 @@ class TorchBackend:
             if first_a is None:
                 first_a = a
             else:
-                cosine = torch.nn.functional.cosine_similarity(a.flatten(), first_a.flatten(), dim=0)
+                # in float64: squared norms of large A entries overflow float32 (a cosine does not depend on scale)
+                cosine = torch.nn.functional.cosine_similarity(a.flatten().double(), first_a.flatten().double(), dim=0)
                 cosines.setdefault(term.source, []).append(float(cosine))
         return a_out, b_out
 
