@@ -1,0 +1,72 @@
+"""Hostile inputs named precisely: numbers out of range in adapter_config.json, files that are not
+regular files, program and config files too large to be programs, booleans where numbers belong and
+duplicate keys in config blocks. Each is a diagnostic naming the file and the field or position."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pemlang.adapters import MAX_RANK, AdapterError, read_adapter
+
+CONFIG = "adapter_config.json"
+
+
+def damaged_config(adapters: Path, tmp_path: Path, text: str | None = None, **fields: Any) -> Path:
+    directory = tmp_path / "adapter"
+    shutil.copytree(adapters / "llama_r8", directory)
+    path = directory / CONFIG
+    if text is None:
+        config = json.loads(path.read_text())
+        for name, value in fields.items():
+            config.pop(name) if value is None else config.__setitem__(name, value)
+        text = json.dumps(config)
+    path.write_text(text)
+    return directory
+
+
+def refusal(directory: Path) -> AdapterError:
+    with pytest.raises(AdapterError) as caught:
+        read_adapter(directory)
+    assert caught.value.code == "E013"
+    return caught.value
+
+
+@pytest.mark.parametrize(("fields", "field", "words"), [
+    ({"lora_alpha": 10**400}, "lora_alpha", "an integer of 401 digits"),
+    ({"r": 10**400}, "r", f"from 1 to {MAX_RANK}"),
+    ({"r": MAX_RANK + 1}, "r", f"from 1 to {MAX_RANK}"),
+    ({"lora_alpha": 5e-324}, "lora_alpha", "below float32's smallest normal number"),
+    ({"lora_alpha": 1e308}, "lora_alpha", "beyond float32's range"),
+    ({"lora_alpha": 3e-38, "use_rslora": True}, "lora_alpha", "/sqrt(8)"),
+    ({"alpha_pattern": {"q_proj": 1e-300}}, "alpha_pattern['q_proj']", "below float32's smallest normal"),
+    ({"lora_alpha": 1e-37, "rank_pattern": {"q_proj": 2**31}}, "rank_pattern['q_proj']", "below float32"),
+])
+def test_out_of_range_numbers_name_the_field(adapters: Path, tmp_path: Path, fields: dict[str, Any], field: str,
+                                             words: str) -> None:
+    error = refusal(damaged_config(adapters, tmp_path, **fields))
+    assert f"`{field}`" in error.message and words in error.message
+    assert any(note.endswith(f"{CONFIG}: field {field}") for note in error.notes)
+
+
+def test_a_layer_scaling_is_checked_when_r_is_not_recorded(adapters: Path, tmp_path: Path) -> None:
+    error = refusal(damaged_config(adapters, tmp_path, lora_alpha=5e-324, r=None))
+    assert "layer " in error.message and "lora_alpha" in error.message and "rank 8" in error.message
+    assert any(note.endswith(f"{CONFIG}: field lora_alpha") for note in error.notes)
+
+
+def test_integer_too_long_to_parse_names_its_field(adapters: Path, tmp_path: Path) -> None:
+    text = (adapters / "llama_r8" / CONFIG).read_text()
+    config = json.loads(text)
+    config["rank_pattern"] = {"q_proj": "@@"}
+    error = refusal(damaged_config(adapters, tmp_path, text=json.dumps(config).replace('"@@"', "9" * 5000)))
+    assert "`rank_pattern.q_proj` is an integer of 5000 digits" in error.message
+
+
+def test_scalings_at_the_edges_of_float32_are_accepted(adapters: Path, tmp_path: Path) -> None:
+    adapter = read_adapter(damaged_config(adapters, tmp_path, lora_alpha=8 * 2.0**-126))
+    assert {layer.scaling for layer in adapter.type.layers.values()} == {2.0**-126}
