@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -152,6 +154,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     one has junk appended and is refused), `__metadata__` a flat string map, nesting bounded.
 
     Returns (tensors by key, `__metadata__`, offset where data starts, file size)."""
+    if not _regular_file(path):
+        raise AdapterError("E012", f"{path.name} not found", notes=[f"no such file: {display_path(path)}"])
     try:
         file_size = path.stat().st_size
         with path.open("rb") as f:
@@ -216,12 +220,13 @@ def _refuse_constant(name: str) -> Any:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG_NAME
-    if not directory.exists():
+    mode = _stat_mode(directory)
+    if mode is None:
         raise AdapterError("E012", "adapter directory not found", notes=[f"no such directory: {display_path(directory)}"])
-    if not directory.is_dir():
-        raise AdapterError("E012", "not an adapter directory", notes=[f"{display_path(directory)} is a file"],
+    if not stat.S_ISDIR(mode):
+        raise AdapterError("E012", "not an adapter directory", notes=[f"{display_path(directory)} is {_kind(mode)}"],
                            hints=["an input is a PEFT adapter directory (adapter_config.json + weights)"])
-    if not config_path.is_file():
+    if not _regular_file(config_path):
         raise AdapterError("E012", f"no {CONFIG_NAME} in the adapter directory",
                            notes=[f"looked for {display_path(config_path)}"],
                            hints=["an input is a directory written by PEFT's save_pretrained"])
@@ -268,6 +273,47 @@ def _find_long_int(config: dict[str, Any]) -> tuple[str, int] | None:
         elif isinstance(value, list):
             stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
     return None
+
+
+def _stat_mode(path: Path) -> int | None:
+    """The file type and mode bits of `path` (symbolic links followed), or None when nothing is there.
+    A symbolic link to nothing, or a path that cannot be looked at, is E012."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise AdapterError("E012", f"{path.name} is a symbolic link to a missing file",
+                               notes=[f"{display_path(path)} -> {os.readlink(path)}"]) from None
+        return None
+    except OSError as exc:
+        raise AdapterError("E012", f"cannot read {path.name}", notes=[f"{display_path(path)}: {exc.strerror}"]) from None
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def _regular_file(path: Path) -> bool:
+    """Whether `path` is a regular file (False: nothing there). Anything else there (a directory, a
+    FIFO, a device such as a link to /dev/zero) is E012, decided by stat before any open: opening a
+    FIFO to read waits for a writer, and a device never ends."""
+    mode = _stat_mode(path)
+    if mode is None:
+        return False
+    if not stat.S_ISREG(mode):
+        shown = display_path(path)
+        if os.path.islink(path):
+            shown += f" -> {os.readlink(path)}"
+        raise AdapterError("E012", f"{path.name} is not a regular file", notes=[f"{shown} is {_kind(mode)}"],
+                           hints=["an adapter's config and weights are regular files, as PEFT's save_pretrained "
+                                  "writes them"])
+    return True
 
 
 def _config_error(path: Path, field_name: str, message: str, hints: Iterable[str] = ()) -> AdapterError:
@@ -507,9 +553,9 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
 
     weights_file = directory / WEIGHTS_NAME
     pickled_state = None
-    if weights_file.is_file():
+    if _regular_file(weights_file):
         tensors, _metadata, data_start, file_size = read_safetensors_header(weights_file)
-    elif (directory / PICKLE_NAME).is_file():
+    elif _regular_file(directory / PICKLE_NAME):
         weights_file = directory / PICKLE_NAME
         if not allow_pickle:
             raise AdapterError("E023", f"the adapter's weights are pickled ({PICKLE_NAME})",

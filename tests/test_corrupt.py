@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
 import time
@@ -194,6 +195,22 @@ def remove(name: str) -> Callable[[Path], None]:
     return damage
 
 
+def replace_by(name: str, kind: str) -> Callable[[Path], None]:
+    """A file of the adapter replaced by something that is not a regular file."""
+    def damage(directory: Path) -> None:
+        target = directory / name
+        target.unlink()
+        if kind == "fifo":
+            os.mkfifo(target)
+        elif kind == "directory":
+            target.mkdir()
+        elif kind == "dangling":
+            target.symlink_to(directory / "nothing here")
+        else:
+            target.symlink_to(kind)
+    return damage
+
+
 def replace_dir_by_file(directory: Path) -> None:
     shutil.rmtree(directory)
     directory.write_text("not a directory")
@@ -333,6 +350,11 @@ def build_cases(header_length: int, file_length: int) -> list[Case]:
     add("config_missing", remove(CONFIG), "E012")
     add("weights_missing", remove(WEIGHTS), "E012")
     add("directory_is_a_file", replace_dir_by_file, "E012")
+    # Not regular files: a FIFO (never opened: reading one waits for a writer), devices, directories.
+    for name in (WEIGHTS, CONFIG):
+        for kind, label in (("fifo", "fifo"), ("directory", "directory"), ("/dev/zero", "dev_zero"),
+                            ("/dev/null", "dev_null"), ("dangling", "dangling_link")):
+            add(f"{name.split('.')[0]}_{label}", replace_by(name, kind), "E012")
     return cases
 
 

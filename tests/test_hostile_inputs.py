@@ -5,6 +5,7 @@ duplicate keys in config blocks. Each is a diagnostic naming the file and the fi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,30 @@ def test_integer_too_long_to_parse_names_its_field(adapters: Path, tmp_path: Pat
 def test_scalings_at_the_edges_of_float32_are_accepted(adapters: Path, tmp_path: Path) -> None:
     adapter = read_adapter(damaged_config(adapters, tmp_path, lora_alpha=8 * 2.0**-126))
     assert {layer.scaling for layer in adapter.type.layers.values()} == {2.0**-126}
+
+
+@pytest.mark.parametrize("name", [CONFIG, "adapter_model.safetensors"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero", "dangling"])
+def test_a_file_that_is_not_regular_is_named(adapters: Path, tmp_path: Path, name: str, kind: str) -> None:
+    directory = tmp_path / "adapter"
+    shutil.copytree(adapters / "llama_r8", directory)
+    target = directory / name
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)  # opened for reading, this would wait for a writer forever
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "dangling":
+        target.symlink_to(tmp_path / "gone")
+    else:
+        target.symlink_to(kind)
+    with pytest.raises(AdapterError) as caught:
+        read_adapter(directory)
+    error = caught.value
+    assert error.code == "E012"
+    expected = "is a symbolic link to a missing file" if kind == "dangling" else "is not a regular file"
+    assert error.message == f"{name} {expected}"
+    assert str(target) in error.notes[0]
+    if kind in ("fifo", "directory", "/dev/zero"):
+        assert error.notes[0].endswith({"fifo": "a FIFO (named pipe)", "directory": "a directory",
+                                        "/dev/zero": "a character device"}[kind])
