@@ -98,3 +98,68 @@ def test_a_file_that_is_not_regular_is_named(adapters: Path, tmp_path: Path, nam
     if kind in ("fifo", "directory", "/dev/zero"):
         assert error.notes[0].endswith({"fifo": "a FIFO (named pipe)", "directory": "a directory",
                                         "/dev/zero": "a character device"}[kind])
+
+
+def oversized(tmp_path: Path, name: str) -> Path:
+    from pemlang.source import MAX_SOURCE_BYTES
+
+    path = tmp_path / name
+    with path.open("wb") as f:  # a sparse file: MAX_SOURCE_BYTES + 1 zero bytes
+        f.truncate(MAX_SOURCE_BYTES + 1)
+    return path
+
+
+def test_read_source_stops_at_the_cap(tmp_path: Path) -> None:
+    from pemlang.diagnostics import PemError, render
+    from pemlang.source import MAX_SOURCE_BYTES, read_source
+
+    path = tmp_path / "at_cap.pem"
+    path.write_bytes(b"# " + b"x" * (MAX_SOURCE_BYTES - 3) + b"\n")  # exactly the cap: read
+    assert len(read_source(path).text) == MAX_SOURCE_BYTES
+    for target in (oversized(tmp_path, "big.pem"), Path("/dev/zero")):  # a device never ends
+        with pytest.raises(PemError) as caught:
+            read_source(target)
+        (diag,) = caught.value.diagnostics
+        assert diag.code == "E001" and diag.location() == str(target)
+        assert diag.message == f"{target} is larger than 16 MiB: not a pemlang program or config"
+        assert diag.hints and "error[E001]" in render(diag)
+
+
+def test_invalid_utf8_in_a_large_file_is_found_quickly(tmp_path: Path) -> None:
+    import time
+
+    from pemlang.diagnostics import PemError
+    from pemlang.source import MAX_SOURCE_BYTES, read_source
+
+    path = tmp_path / "binary.pem"
+    path.write_bytes(b"x = 1\n" * (MAX_SOURCE_BYTES // 6 - 1) + b"\xff" + b"\xfe" * 9)  # 16 MiB in all
+    started = time.perf_counter()
+    with pytest.raises(PemError) as caught:
+        read_source(path)
+    assert time.perf_counter() - started < 3
+    (diag,) = caught.value.diagnostics
+    assert diag.location() == f"{path}:{MAX_SOURCE_BYTES // 6}:1"
+    assert diag.source is not None and len(diag.source.line_text(MAX_SOURCE_BYTES // 6)) == 10
+
+
+@pytest.mark.parametrize("name", ["big.pem", "big.yaml", "big.json", "big.toml", "noext"])
+def test_every_reader_refuses_an_oversized_file_with_e001(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         name: str) -> None:
+    import pemlang
+    from pemlang import repl
+    from pemlang.cli import main
+    from pemlang.diagnostics import PemError
+
+    path = oversized(tmp_path, name)
+    expected = f"error[E001]: {path} is larger than 16 MiB"
+    for command in (["check", str(path)], ["run", str(path), "--device", "cpu"], ["plan", str(path)]):
+        assert main(command) == 1, command
+        err = capsys.readouterr().err
+        assert expected in err and "internal error" not in err, (command, err)
+    reads = [lambda: pemlang.load(path), lambda: repl.Session(device="cpu").load(path)]
+    reads.append((lambda: pemlang.from_config(path)) if name != "big.pem" and name != "noext"
+                 else (lambda: pemlang.compile(file=path)))
+    for read in reads:
+        with pytest.raises(PemError) as caught:
+            read()
+        assert caught.value.diagnostics[0].code == "E001"
