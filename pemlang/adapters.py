@@ -36,6 +36,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # adapter_config.json is read at most this far
 
 _PEFT_TYPE_NAMES = {
     "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT", "BOFT": "BOFT",
@@ -231,7 +232,12 @@ def _read_config(directory: Path) -> dict[str, Any]:
                            notes=[f"looked for {display_path(config_path)}"],
                            hints=["an input is a directory written by PEFT's save_pretrained"])
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"), parse_int=_parse_int)
+        with config_path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise AdapterError("E013", f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES // 2**20} MiB",
+                               notes=[f"{display_path(config_path)}: PEFT writes a config of a few kilobytes"])
+        config = json.loads(raw.decode("utf-8"), parse_int=_parse_int)
     except OSError as exc:
         raise AdapterError("E012", f"cannot read {CONFIG_NAME}", notes=[f"{display_path(config_path)}: {exc.strerror}"]) from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -350,6 +350,7 @@ def build_cases(header_length: int, file_length: int) -> list[Case]:
     add("config_missing", remove(CONFIG), "E012")
     add("weights_missing", remove(WEIGHTS), "E012")
     add("directory_is_a_file", replace_dir_by_file, "E012")
+    add("config_oversized", on_config_text(b'{"peft_type": "LORA", "pad": "' + b"x" * (16 * 2**20) + b'"}'))
     # Not regular files: a FIFO (never opened: reading one waits for a writer), devices, directories.
     for name in (WEIGHTS, CONFIG):
         for kind, label in (("fifo", "fifo"), ("directory", "directory"), ("/dev/zero", "dev_zero"),
