@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # adapter_config.json is read at most this far
 
 _PEFT_TYPE_NAMES = {
     "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT", "BOFT": "BOFT",
@@ -152,6 +155,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     one has junk appended and is refused), `__metadata__` a flat string map, nesting bounded.
 
     Returns (tensors by key, `__metadata__`, offset where data starts, file size)."""
+    if not _regular_file(path):
+        raise AdapterError("E012", f"{path.name} not found", notes=[f"no such file: {display_path(path)}"])
     try:
         file_size = path.stat().st_size
         with path.open("rb") as f:
@@ -216,25 +221,105 @@ def _refuse_constant(name: str) -> Any:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG_NAME
-    if not directory.exists():
+    mode = _stat_mode(directory)
+    if mode is None:
         raise AdapterError("E012", "adapter directory not found", notes=[f"no such directory: {display_path(directory)}"])
-    if not directory.is_dir():
-        raise AdapterError("E012", "not an adapter directory", notes=[f"{display_path(directory)} is a file"],
+    if not stat.S_ISDIR(mode):
+        raise AdapterError("E012", "not an adapter directory", notes=[f"{display_path(directory)} is {_kind(mode)}"],
                            hints=["an input is a PEFT adapter directory (adapter_config.json + weights)"])
-    if not config_path.is_file():
+    if not _regular_file(config_path):
         raise AdapterError("E012", f"no {CONFIG_NAME} in the adapter directory",
                            notes=[f"looked for {display_path(config_path)}"],
                            hints=["an input is a directory written by PEFT's save_pretrained"])
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        with config_path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise AdapterError("E013", f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES // 2**20} MiB",
+                               notes=[f"{display_path(config_path)}: PEFT writes a config of a few kilobytes"])
+        config = json.loads(raw.decode("utf-8"), parse_int=_parse_int)
     except OSError as exc:
         raise AdapterError("E012", f"cannot read {CONFIG_NAME}", notes=[f"{display_path(config_path)}: {exc.strerror}"]) from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterError("E013", f"{CONFIG_NAME} is not valid JSON", notes=[f"{display_path(config_path)}: {exc}"]) from None
     if not isinstance(config, dict):
         raise AdapterError("E013", f"{CONFIG_NAME} is not a JSON object", notes=[str(config_path)])
+    if (where := _find_long_int(config)) is not None:
+        field_name, digits = where
+        raise _config_error(config_path, field_name, f"is an integer of {digits} digits, too long to read"
+                            f" (at most {MAX_JSON_INT_DIGITS})")
     _validate_config(config, config_path)
     return config
+
+
+# Python refuses to turn longer digit strings into ints (sys.get_int_max_str_digits, a ValueError
+# from json.loads itself); such a number is kept as a _LongInt and reported with its field.
+MAX_JSON_INT_DIGITS = 4300
+
+
+@dataclass(frozen=True, slots=True)
+class _LongInt:
+    digits: int
+
+
+def _parse_int(text: str) -> int | _LongInt:
+    digits = len(text.lstrip("-"))
+    return _LongInt(digits) if digits > MAX_JSON_INT_DIGITS else int(text)
+
+
+def _find_long_int(config: dict[str, Any]) -> tuple[str, int] | None:
+    """The dotted path and length of the first over-long integer in a parsed config (no recursion)."""
+    stack: list[tuple[str, Any]] = [(str(k), v) for k, v in reversed(config.items())]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, _LongInt):
+            return where, value.digits
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}", v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _stat_mode(path: Path) -> int | None:
+    """The file type and mode bits of `path` (symbolic links followed), or None when nothing is there.
+    A symbolic link to nothing, or a path that cannot be looked at, is E012."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise AdapterError("E012", f"{path.name} is a symbolic link to a missing file",
+                               notes=[f"{display_path(path)} -> {os.readlink(path)}"]) from None
+        return None
+    except OSError as exc:
+        raise AdapterError("E012", f"cannot read {path.name}", notes=[f"{display_path(path)}: {exc.strerror}"]) from None
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def _regular_file(path: Path) -> bool:
+    """Whether `path` is a regular file (False: nothing there). Anything else there (a directory, a
+    FIFO, a device such as a link to /dev/zero) is E012, decided by stat before any open: opening a
+    FIFO to read waits for a writer, and a device never ends."""
+    mode = _stat_mode(path)
+    if mode is None:
+        return False
+    if not stat.S_ISREG(mode):
+        shown = display_path(path)
+        if os.path.islink(path):
+            shown += f" -> {os.readlink(path)}"
+        raise AdapterError("E012", f"{path.name} is not a regular file", notes=[f"{shown} is {_kind(mode)}"],
+                           hints=["an adapter's config and weights are regular files, as PEFT's save_pretrained "
+                                  "writes them"])
+    return True
 
 
 def _config_error(path: Path, field_name: str, message: str, hints: Iterable[str] = ()) -> AdapterError:
@@ -244,8 +329,35 @@ def _config_error(path: Path, field_name: str, message: str, hints: Iterable[str
 
 def _positive_number(value: Any, *, integer: bool) -> bool:
     if integer:
-        return _is_int(value) and value > 0
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        return _is_int(value) and 0 < value <= MAX_RANK
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+# A rank beyond this is no tensor anyone can hold; scalings are applied in float32, so each must
+# be a normal float32 (a subnormal or zero scaling is divided by when inputs are mixed).
+MAX_RANK = 2**31
+FLOAT32_TINY = 2.0**-126
+FLOAT32_MAX = (2 - 2.0**-23) * 2.0**127
+
+
+def scaling_of(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling: `lora_alpha / r`, or `lora_alpha / sqrt(r)` under rsLoRA."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+def scaling_problem(alpha: float, rank: int, use_rslora: bool) -> str | None:
+    """Why the scaling an (alpha, r) pair gives is unusable, or None."""
+    scaling = scaling_of(alpha, rank, use_rslora)
+    if FLOAT32_TINY <= scaling <= FLOAT32_MAX:
+        return None
+    formula = f"{alpha:g}/sqrt({rank})" if use_rslora else f"{alpha:g}/{rank}"
+    side = "below float32's smallest normal number" if scaling < FLOAT32_TINY else "beyond float32's range"
+    return f"gives the scaling {formula} = {scaling:g}, {side}"
 
 
 MAX_PATTERN_LENGTH = 1000
@@ -311,9 +423,9 @@ def _validate_config(config: dict[str, Any], path: Path) -> None:
         raise _config_error(path, "peft_type", f"is {peft_type!r}; PEFT writes {peft_type.upper()!r}",
                             hints=[f"PEFT reads only the exact spelling: set \"peft_type\": \"{peft_type.upper()}\""])
     if "r" in config and not _positive_number(config["r"], integer=True):
-        raise _config_error(path, "r", f"must be a positive whole number, not {config['r']!r}")
+        raise _config_error(path, "r", f"must be a whole number from 1 to {MAX_RANK}, not {_shown(config['r'])}")
     if "lora_alpha" in config and not _positive_number(config["lora_alpha"], integer=False):
-        raise _config_error(path, "lora_alpha", f"must be a finite number > 0, not {config['lora_alpha']!r}")
+        raise _config_error(path, "lora_alpha", f"must be a finite number > 0, not {_shown(config['lora_alpha'])}")
     for field_name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         patterns = config.get(field_name)
         if patterns is None:
@@ -322,8 +434,8 @@ def _validate_config(config: dict[str, Any], path: Path) -> None:
             raise _config_error(path, field_name, "must be a map of layer patterns to numbers")
         for key, value in patterns.items():
             if not _positive_number(value, integer=integer):
-                raise _config_error(path, field_name, f"maps {key!r} to {value!r}, not a "
-                                    + ("positive whole number" if integer else "finite number > 0"))
+                raise _config_error(path, field_name, f"maps {key[:80]!r} to {_shown(value)}, not a "
+                                    + (f"whole number from 1 to {MAX_RANK}" if integer else "finite number > 0"))
             if (problem := pattern_problem(key)) is not None:
                 raise _config_error(path, field_name, f"key {key[:80]!r} {problem}")
     for field_name in ("modules_to_save", "target_modules", "feedforward_modules"):
@@ -347,14 +459,48 @@ def _validate_config(config: dict[str, Any], path: Path) -> None:
         value = config.get(field_name)
         if value is not None and not isinstance(value, bool):
             raise _config_error(path, field_name, f"must be true or false, not {value!r}"[:200])
+    _validate_scalings(config, path)
+
+
+def _shown(value: Any) -> str:
+    """A config value for a message: long numbers by their length, anything else shortened."""
+    if _is_int(value) and abs(value) >= 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _validate_scalings(config: dict[str, Any], path: Path) -> None:
+    """Every scaling a layer can get from the config's own numbers (lora_alpha or an alpha_pattern
+    value over r or a rank_pattern value) is a normal float32; `_lora_layer` checks each layer's."""
+    if config.get("peft_type") != "LORA":
+        return
+    use_rslora = bool(config.get("use_rslora", False))
+    pairs = []
+    if "lora_alpha" in config and "r" in config:
+        pairs.append(("lora_alpha", config["lora_alpha"], config["r"]))
+    if "r" in config:
+        pairs += [(f"alpha_pattern[{k[:80]!r}]", v, config["r"]) for k, v in (config.get("alpha_pattern") or {}).items()]
+    if "lora_alpha" in config:
+        pairs += [(f"rank_pattern[{k[:80]!r}]", config["lora_alpha"], v)
+                  for k, v in (config.get("rank_pattern") or {}).items()]
+    for field_name, alpha, rank in pairs:
+        if (problem := scaling_problem(float(alpha), rank, use_rslora)) is not None:
+            raise _config_error(path, field_name, problem,
+                                hints=["PEFT scales a layer by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)"])
 
 
 def _pattern_value(patterns: dict[str, Any] | None, layer_key: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    return _pattern_match(patterns, layer_key, default)[1]
+
+
+def _pattern_match(patterns: dict[str, Any] | None, layer_key: str, default: Any) -> tuple[str | None, Any]:
+    """(the matching pattern key or None, the value) of a rank_pattern / alpha_pattern lookup."""
     for pattern in patterns or {}:
         if re.match(rf"(.*\.)?({pattern})$", layer_key):
-            return patterns[pattern]  # type: ignore[index]
-    return default
+            return pattern, patterns[pattern]  # type: ignore[index]
+    return None, default
 
 
 def _module_matches(module_path: str, names: Iterable[str]) -> bool:
@@ -413,9 +559,9 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
 
     weights_file = directory / WEIGHTS_NAME
     pickled_state = None
-    if weights_file.is_file():
+    if _regular_file(weights_file):
         tensors, _metadata, data_start, file_size = read_safetensors_header(weights_file)
-    elif (directory / PICKLE_NAME).is_file():
+    elif _regular_file(directory / PICKLE_NAME):
         weights_file = directory / PICKLE_NAME
         if not allow_pickle:
             raise AdapterError("E023", f"the adapter's weights are pickled ({PICKLE_NAME})",
@@ -512,16 +658,25 @@ def _lora_layer(directory: Path, config: dict[str, Any], layer_key: str, group: 
     if rank_b != rank:
         raise AdapterError("E013", f"layer {layer_key}: lora_A and lora_B ranks disagree",
                            notes=[f"lora_A is {rank}×{in_features}, lora_B is {out_features}×{rank_b}"])
+    if rank == 0:
+        raise AdapterError("E013", f"layer {layer_key} has rank 0",
+                           notes=[f"{display_path(directory / WEIGHTS_NAME)}: lora_A is 0×{in_features}"])
     configured_rank = _pattern_value(config.get("rank_pattern"), layer_key, config.get("r", rank))
     if configured_rank != rank:
         raise AdapterError("E013", f"layer {layer_key}: the tensors have rank {rank} but the config says "
                            f"{configured_rank}", notes=[f"{display_path(directory / CONFIG_NAME)}: r / rank_pattern"])
-    alpha = _pattern_value(config.get("alpha_pattern"), layer_key, config.get("lora_alpha", 8))
+    alpha_key, alpha = _pattern_match(config.get("alpha_pattern"), layer_key, config.get("lora_alpha", 8))
+    use_rslora = bool(config.get("use_rslora", False))
+    if (problem := scaling_problem(float(alpha), rank, use_rslora)) is not None:
+        alpha_field = "lora_alpha" if alpha_key is None else f"alpha_pattern[{alpha_key[:80]!r}]"
+        raise AdapterError("E013", f"layer {layer_key}: {CONFIG_NAME}'s {alpha_field} with rank {rank} {problem}",
+                           notes=[f"{display_path(directory / CONFIG_NAME)}: field {alpha_field}"],
+                           hints=["PEFT scales a layer by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)"])
     for info in (a, b):
         if info.dtype not in FLOAT_DTYPES:
             _note(unsupported, f"quantised or non-float LoRA weights ({info.dtype})")
     return LoraLayer(layer_key, in_features, out_features, rank, float(alpha),
-                     bool(config.get("use_rslora", False)), fan_in_fan_out, a.dtype, a.nbytes + b.nbytes)
+                     use_rslora, fan_in_fan_out, a.dtype, a.nbytes + b.nbytes)
 
 
 def _ia3_layer(layer_key: str, info: TensorInfo, unsupported: list[str]) -> Ia3Layer | None:

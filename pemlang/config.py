@@ -25,9 +25,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic_core import PydanticCustomError
 
 from .backend import DEVICE_FORMS, DEVICE_PATTERN
 from .diagnostics import Diagnostic, PemError, error
@@ -36,6 +37,18 @@ from .source import CONFIG_SUFFIXES, Source, Span, read_source
 SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
 
 Key = tuple[str | int, ...]
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """pydantic reads true/false as 1/0 where a float is expected; YAML reads yes/no/on/off as booleans too.
+    A number field refuses them."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "expected a number, got a boolean")
+    return value
+
+
+# A number in a config: finite, and never a boolean (`λ: yes` is not λ = 1).
+Number = Annotated[FiniteFloat, BeforeValidator(_not_a_boolean)]
 
 
 class OutputSpec(BaseModel):
@@ -58,7 +71,7 @@ class PemConfig(BaseModel):
                                             "itself (see 'Two meanings of `+`' in the README)")
     inputs: dict[str, str] = Field(default_factory=dict,
                                    description="name → PEFT adapter directory, relative to the config file")
-    params: dict[str, FiniteFloat] = Field(default_factory=dict,
+    params: dict[str, Number] = Field(default_factory=dict,
                                      description="name → value; with `program`, overrides its params")
     heads: str | None = Field(None, pattern=r"^\s*(drop|from\s+\S+)\s*$",
                               description="modules_to_save policy: `drop` or `from NAME` "
@@ -189,7 +202,7 @@ def _yaml_spans(text: str) -> dict[Key, tuple[Span, Span]]:
 
     try:
         root = yaml.compose(text, Loader=_yaml_loader())
-    except (yaml.YAMLError, TooComplex):
+    except (yaml.YAMLError, ConfigProblem):
         return spans
     if root is not None:
         walk(root, ())
@@ -281,12 +294,58 @@ MAX_DEPTH = 100  # nesting levels of a config file; a pemlang block needs four
 MAX_NODES = 100_000  # values in a YAML document once its aliases are expanded
 
 
-class TooComplex(Exception):
-    """A config nested too deeply, or whose aliases expand too far, found before it is expanded."""
+class ConfigProblem(Exception):
+    """A config file refused while it is read, at a character offset, with a hint."""
 
-    def __init__(self, message: str, offset: int, hint: str):
+    def __init__(self, message: str, offset: int, hint: str, end: int | None = None):
         super().__init__(message)
         self.message, self.offset, self.hint = message, offset, hint
+        self.end = max(end if end is not None else offset + 1, offset + 1)
+
+
+class TooComplex(ConfigProblem):
+    """A config nested too deeply, or whose aliases expand too far, found before it is expanded."""
+
+
+class DuplicateKey(ConfigProblem):
+    """A key written twice in one mapping (YAML and JSON parsers keep the last silently)."""
+
+    def __init__(self, key: object, offset: int, end: int):
+        shown = f"`{key}`" if isinstance(key, str) and key.isprintable() else repr(key)
+        super().__init__(f"the key {shown} is given twice in the same mapping", offset,
+                         "remove one of them: which one wins would be a parser's accident", end)
+
+
+_JSON_KEY_TOKENS = re.compile(r'("(?:[^"\\]|\\.)*")(\s*:)?|[\[\]{}]')
+
+
+def _json_duplicate_key(text: str) -> DuplicateKey | None:
+    """The second occurrence of a key in one JSON object of a valid JSON text, found by scanning tokens
+    (no recursion; keys compared once their escapes are decoded)."""
+    stack: list[set[str] | None] = []
+    for m in _JSON_KEY_TOKENS.finditer(text):
+        token = m.group()
+        if token in ("{", "["):
+            stack.append(set() if token == "{" else None)
+        elif token in ("}", "]"):
+            if stack:
+                stack.pop()
+        elif m.group(2) is not None and stack and (keys := stack[-1]) is not None:
+            key = json.loads(m.group(1))
+            if key in keys:
+                return DuplicateKey(key, m.start(), m.end(1))
+            keys.add(key)
+    return None
+
+
+def _json_pairs(duplicates: list[bool]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """An object_pairs_hook that notes whether any object repeats a key."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        made = dict(items)
+        if len(made) != len(items):
+            duplicates.append(True)
+        return made
+    return pairs
 
 
 _DEEP_HINT = f"a pemlang block needs a few levels; configs nested deeper than {MAX_DEPTH} are refused"
@@ -318,6 +377,24 @@ def _yaml_loader():  # type: ignore[no-untyped-def]
             self.depth = 0
             self.expanded = 0  # values composed so far, an alias counting as the values it stands for
             self.sizes: dict[int, int] = {}
+
+        def compose_mapping_node(self, anchor):  # type: ignore[no-untyped-def]
+            node = super().compose_mapping_node(anchor)
+            seen: set[Any] = set()
+            for key, _ in node.value:  # as written: merge keys (`<<`) may be overridden, and are skipped
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                try:
+                    value = (key.tag, self.construct_object(key))  # `1` and `01` are the same int
+                except (yaml.YAMLError, TypeError, ValueError):
+                    value = (key.tag, key.value)
+                try:
+                    if value in seen:
+                        raise DuplicateKey(value[1], key.start_mark.index, key.end_mark.index)
+                    seen.add(value)
+                except TypeError:  # an unhashable key: PyYAML refuses it when constructing
+                    continue
+            return node
 
         def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
             event = self.peek_event()
@@ -381,13 +458,16 @@ def read_config(path: str | Path, *, key: str | None = None, text: str | None = 
 
             data = tomllib.loads(text)
         elif suffix == ".json":
-            data = json.loads(text)
+            duplicates: list[bool] = []
+            data = json.loads(text, object_pairs_hook=_json_pairs(duplicates))
+            if duplicates and (duplicate := _json_duplicate_key(text)) is not None:
+                raise duplicate
         else:
             import yaml
 
             data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
-    except TooComplex as exc:
-        raise PemError([_at(host, Span(exc.offset, exc.offset + 1), exc.message, hints=[exc.hint])]) from None
+    except ConfigProblem as exc:
+        raise PemError([_at(host, Span(exc.offset, exc.end), exc.message, hints=[exc.hint])]) from None
     except Exception as exc:  # the parsers' own errors carry a line and column
         raise PemError([_parse_error(host, exc, suffix)]) from None
     spans = _toml_spans(text) if suffix == ".toml" else _yaml_spans(text)
@@ -458,6 +538,12 @@ def _validation_diagnostic(located: Located, e: Mapping[str, Any]) -> Diagnostic
     if kind == "string_pattern_mismatch" and loc == ("device",):
         return _at(located.host, located.value_span(loc), f"`device` must be one of {DEVICE_FORMS}",
                    notes=[f"got {e.get('input')!r}"], hints=["`device: cpu`, or `device: cuda:1` for the second GPU"])
+    if kind == "bool_not_number":
+        yaml_words = located.host.filename.lower().endswith((".yaml", ".yml"))
+        return _at(located.host, located.value_span(loc), f"`{where}`: expected a number, got a boolean",
+                   notes=[f"got {e.get('input')!r}" + (" (YAML reads yes/no/on/off/true/false as booleans)"
+                                                       if yaml_words else "")],
+                   hints=["write the number itself, e.g. `1` or `0.5`"])
     if kind == "finite_number":
         return _at(located.host, located.value_span(loc), f"`{where}` must be a finite number",
                    notes=[f"got {e.get('input')!r}"], hints=["e.g. `0.5`; infinities and NaN are not parameters"])

@@ -261,3 +261,71 @@ def test_non_finite_params_are_refused_at_the_field(adapters: Path, tmp_path: Pa
     assert status == 1, err
     assert "error[E025]" in err and "must be a finite number" in err and f"c{suffix}:{line}:" in err, err
     assert "E002" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix,value,line", [
+    (".yaml", "yes", 3), (".yaml", "off", 3), (".yaml", "true", 3), (".yaml", "False", 3), (".yaml", "on", 3),
+    (".json", "true", 3), (".json", "false", 3), (".toml", "true", 4), (".toml", "false", 4)])
+@pytest.mark.parametrize("with_program", [False, True])
+def test_boolean_params_are_refused_at_the_field(adapters: Path, tmp_path: Path, suffix: str, value: str,
+                                                 line: int, with_program: bool) -> None:
+    body = {"expression": "l*a", "output": "out/x"}
+    if with_program:
+        body = {"program": 'param l = 0.5\noutput l*a -> "out/x"\n'}
+    if suffix == ".yaml":
+        text = (f"inputs: {{a: {adapters}/llama_r8}}\nparams:\n  l: {value}\n"
+                + "".join(f"{k}: {json.dumps(v)}\n" for k, v in body.items()))
+    elif suffix == ".json":
+        text = (f'{{"inputs": {{"a": "{adapters}/llama_r8"}},\n"params":\n  {{"l": {value}}},\n'
+                + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in body.items()) + "}\n")
+    else:
+        text = ("".join(f"{k} = {json.dumps(v)}\n" for k, v in body.items())
+                + f'[params]\nl = {value}\n[inputs]\na = "{adapters}/llama_r8"\n')
+        line += len(body) - 2
+    status, _, err = cli("run", str(_config(tmp_path, suffix, text)), "--device", "cpu")
+    assert status == 1, err
+    assert "error[E025]" in err and "expected a number, got a boolean" in err and f"c{suffix}:{line}:" in err, err
+    assert "internal error" not in err and not (tmp_path / "out").exists()
+
+
+def test_boolean_params_are_refused_in_a_mapping_too(adapters: Path, tmp_path: Path) -> None:
+    block = {"inputs": {"a": str(adapters / "llama_r8")}, "params": {"l": True}, "expression": "l*a"}
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.from_config(block, base_dir=tmp_path)
+    (diag,) = caught.value.diagnostics
+    assert diag.code == "E025" and "`params.l`: expected a number, got a boolean" in diag.message
+    block["params"] = {"l": 1}  # an integer is a number
+    assert pemlang.from_config(block, base_dir=tmp_path).plan()
+
+
+@pytest.mark.parametrize("suffix,text,line,col,key", [
+    (".yaml", "inputs: {{a: {a}}}\ninputs: {{a: {b}}}\nexpression: a\noutput: out/x\n", 2, 1, "inputs"),
+    (".yaml", "inputs: {{a: {a}}}\nparams: {{l: 1, l: 2}}\nexpression: l*a\noutput: out/x\n", 2, 16, "l"),
+    (".yaml", "inputs:\n  a: {a}\n  a: {b}\nexpression: a\noutput: out/x\n", 3, 3, "a"),
+    (".yaml", "inputs: {{a: {a}}}\nparams:\n  l: 1\n  'l': 2\nexpression: l*a\noutput: out/x\n", 4, 3, "l"),
+    (".yaml", "inputs: {{a: {a}}}\nparams: {{1: 1, 01: 2}}\nexpression: a\noutput: out/x\n", 2, 16, "1"),
+    (".json", '{{"inputs": {{"a": "{a}"}},\n"inputs": {{"a": "{b}"}}, "expression": "a", "output": "out/x"}}\n',
+     2, 1, "inputs"),
+    (".json", '{{"inputs": {{"a": "{a}"}}, "params": {{"l": 1,\n "\\u006c": 2}}, "expression": "l*a", '
+     '"output": "out/x"}}\n', 2, 2, "l"),
+    (".toml", 'expression = "a"\noutput = "out/x"\n[inputs]\na = "{a}"\na = "{b}"\n', 5, None, None),
+    (".toml", 'expression = "a"\nexpression = "2*a"\noutput = "out/x"\n[inputs]\na = "{a}"\n', 2, None, None),
+], ids=["yaml_top", "yaml_flow", "yaml_block", "yaml_quoted", "yaml_int", "json_top", "json_escaped", "toml_table",
+        "toml_top"])
+def test_duplicate_keys_are_refused_at_the_second(adapters: Path, tmp_path: Path, suffix: str, text: str,
+                                                  line: int, col: int | None, key: str | None) -> None:
+    config = _config(tmp_path, suffix, text.format(a=adapters / "llama_r8", b=adapters / "llama_r8_b"))
+    status, _, err = cli("run", str(config), "--device", "cpu")
+    assert status == 1, err
+    assert "error[E025]" in err and "internal error" not in err and not (tmp_path / "out").exists()
+    assert f"c{suffix}:{line}:{col if col is not None else ''}" in err, err
+    if key is not None:  # TOML's own parser refuses duplicates, in its words
+        assert f"the key `{key}` is given twice" in err or f"the key {key} is given twice" in err, err
+
+
+def test_yaml_merge_keys_may_be_overridden(adapters: Path, tmp_path: Path) -> None:
+    text = (f"paths: &paths {{a: {adapters}/nowhere, b: {adapters}/llama_r8_b}}\n"
+            f"merge:\n  inputs: {{<<: *paths, a: {adapters}/llama_r8}}\n  expression: a + b\n  output: out/x\n")
+    status, out, err = cli("check", str(_config(tmp_path, ".yaml", text)), "--key", "merge")
+    assert status == 0, err
+    assert "2 inputs" in out

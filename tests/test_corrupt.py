@@ -5,13 +5,15 @@ The damaged copies are generated from a real PEFT adapter (tests/peft_factory.py
 headers cut at many points, absurd length prefixes, headers that are not JSON or not an object,
 deep nesting, wrong dtypes, shapes and offsets, junk appended, data cut off, metadata that is not a
 flat string map, missing or disagreeing LoRA factors, every config field with a wrong type or a
-value out of range, hostile regexes, and non-finite tensors.
+value out of range (integers too long to parse, scalings lora_alpha/r that are not normal float32
+numbers), hostile regexes, and non-finite tensors.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
 import time
@@ -165,10 +167,47 @@ def config_field(field: str, value: Any) -> Callable[[Path], None]:
     return damage
 
 
+def config_raw_field(field: str, raw: str) -> Callable[[Path], None]:
+    """Set a field to a JSON text written as is (numbers Python's json cannot write)."""
+    def damage(directory: Path) -> None:
+        path = directory / CONFIG
+        config = json.loads(path.read_text())
+        config[field] = "@@raw@@"
+        path.write_text(json.dumps(config).replace('"@@raw@@"', raw))
+    return damage
+
+
+def config_fields(**values: Any) -> Callable[[Path], None]:
+    """Several fields at once; a value of None removes the field."""
+    def damage(directory: Path) -> None:
+        path = directory / CONFIG
+        config = json.loads(path.read_text())
+        for field, value in values.items():
+            config.pop(field) if value is None else config.__setitem__(field, value)
+        path.write_text(json.dumps(config))
+    return damage
+
+
 def remove(name: str) -> Callable[[Path], None]:
     def damage(directory: Path) -> None:
         target = directory / name if name else directory
         shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return damage
+
+
+def replace_by(name: str, kind: str) -> Callable[[Path], None]:
+    """A file of the adapter replaced by something that is not a regular file."""
+    def damage(directory: Path) -> None:
+        target = directory / name
+        target.unlink()
+        if kind == "fifo":
+            os.mkfifo(target)
+        elif kind == "directory":
+            target.mkdir()
+        elif kind == "dangling":
+            target.symlink_to(directory / "nothing here")
+        else:
+            target.symlink_to(kind)
     return damage
 
 
@@ -261,6 +300,25 @@ def build_cases(header_length: int, file_length: int) -> list[Case]:
         add(f"r_{name}", config_field("r", value))
     for name, value in bad_numbers:
         add(f"lora_alpha_{name}", config_field("lora_alpha", value))
+    # Numbers out of range: too long to parse, beyond float, a scaling that is not a normal float32.
+    add("r_too_many_digits", config_raw_field("r", "9" * 5000))
+    add("lora_alpha_too_many_digits", config_raw_field("lora_alpha", "1" * 4301))
+    add("rank_pattern_too_many_digits", config_raw_field("rank_pattern", '{"q_proj": ' + "8" * 5000 + "}"))
+    add("unused_field_too_many_digits", config_raw_field("something_else", "[" + "7" * 5000 + "]"))
+    add("lora_alpha_float_literal_overflow", config_raw_field("lora_alpha", "1e999"))
+    for name, value in (("huge", 10**400), ("beyond_rank_limit", 2**31 + 1), ("beyond_int64", 2**64)):
+        add(f"r_{name}", config_field("r", value))
+    for name, value in (("beyond_float", 10**400), ("subnormal", 5e-324), ("tiny", 1e-40),
+                        ("scaling_subnormal", 8e-38), ("scaling_overflow", 1e308), ("huge_int", 10**39 * 8)):
+        add(f"lora_alpha_{name}", config_field("lora_alpha", value))
+    add("lora_alpha_tiny_rslora", config_fields(lora_alpha=3e-38, use_rslora=True))
+    add("lora_alpha_tiny_without_r", config_fields(lora_alpha=5e-324, r=None))
+    for name, value in (("beyond_float", 10**400), ("subnormal", 5e-324), ("scaling_overflow", 1e308)):
+        add(f"alpha_pattern_{name}", config_field("alpha_pattern", {"q_proj": value}))
+    for name, value in (("huge", 10**100), ("beyond_rank_limit", 2**31 + 1)):
+        add(f"rank_pattern_{name}", config_field("rank_pattern", {"q_proj": value}))
+    add("rank_pattern_scaling_subnormal", config_fields(lora_alpha=1e-37, rank_pattern={"q_proj": 2**31}))
+    add("alpha_pattern_subnormal_without_r", config_fields(alpha_pattern={"q_proj": 5e-324}, r=None))
     for field in ("rank_pattern", "alpha_pattern"):
         for name, value in (("list", ["q_proj"]), ("string", "q_proj"), ("value_string", {"q_proj": "4"}),
                             ("value_zero", {"q_proj": 0}), ("value_negative", {"q_proj": -4}),
@@ -292,6 +350,12 @@ def build_cases(header_length: int, file_length: int) -> list[Case]:
     add("config_missing", remove(CONFIG), "E012")
     add("weights_missing", remove(WEIGHTS), "E012")
     add("directory_is_a_file", replace_dir_by_file, "E012")
+    add("config_oversized", on_config_text(b'{"peft_type": "LORA", "pad": "' + b"x" * (16 * 2**20) + b'"}'))
+    # Not regular files: a FIFO (never opened: reading one waits for a writer), devices, directories.
+    for name in (WEIGHTS, CONFIG):
+        for kind, label in (("fifo", "fifo"), ("directory", "directory"), ("/dev/zero", "dev_zero"),
+                            ("/dev/null", "dev_null"), ("dangling", "dangling_link")):
+            add(f"{name.split('.')[0]}_{label}", replace_by(name, kind), "E012")
     return cases
 
 
