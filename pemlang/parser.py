@@ -322,14 +322,23 @@ def _syntax_error(exc: UnexpectedInput, source: Source, chunk: _Chunk) -> Diagno
 # -- entry points -------------------------------------------------------------------------------
 
 
+MAX_SYNTAX_ERRORS = 200  # then parsing stops: a file with more is not a program with typos
+
+
 def parse_program(source: Source) -> tuple[ast.Program, list[Diagnostic]]:
-    """Parse a whole program; statements with syntax errors are left out and reported."""
+    """Parse a whole program; statements with syntax errors are left out and reported (up to
+    MAX_SYNTAX_ERRORS, then parsing stops with one more diagnostic saying so)."""
     statements: list[ast.Statement] = []
     diagnostics: list[Diagnostic] = []
     broken: set[str] = set()
     for chunk in _split(source.text):
         stmt, diag = _parse_chunk(source, chunk)
         if diag is not None:
+            if len(diagnostics) == MAX_SYNTAX_ERRORS:
+                diagnostics.append(error("E001", f"more than {MAX_SYNTAX_ERRORS} syntax errors: stopped reading here",
+                                         source, Span(chunk.start, chunk.start + 1),
+                                         hints=["is this a pemlang program? (a .pem file or a config)"]))
+                break
             diagnostics.append(diag)
             if defined := _DEFINITION.match(source.text, chunk.start):
                 broken.add(defined.group(1))
