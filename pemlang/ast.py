@@ -43,9 +43,17 @@ class BinOp:
 
 
 @dataclass(frozen=True, slots=True)
+class Text:
+    """A string argument of a function (`sign="total"`); not a value of its own."""
+
+    value: str
+    span: Span = field(default=_NO_SPAN, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Keyword:
     name: Name
-    value: Expr
+    value: Expr | Text
     span: Span = field(default=_NO_SPAN, compare=False, repr=False)
 
 
@@ -176,7 +184,8 @@ def format_expr(expr: Expr) -> str:
             return text
         case Call(func=func, args=args, kwargs=kwargs):
             parts = [format_expr(a) for a in args]
-            parts += [f"{k.name.id}={format_expr(k.value)}" for k in kwargs]
+            parts += [f"{k.name.id}={format_string(k.value.value) if isinstance(k.value, Text) else format_expr(k.value)}"
+                      for k in kwargs]
             return f"{func.id}({', '.join(parts)})"
     raise TypeError(f"not an expression: {expr!r}")
 

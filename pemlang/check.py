@@ -23,12 +23,12 @@ from typing import Literal
 from . import ast
 from .adapters import Adapter, AdapterError, config_owner, read_adapter, task_of
 from .diagnostics import Diagnostic, display_path, error, warning
+from .operators import FUNCTIONS, OPERATORS, Operator
 from .source import Source, Span, read_source
 from .types import Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
 
 Mode = Literal["paper", "exact"]
 MODES: tuple[Mode, ...] = ("paper", "exact")
-FUNCTIONS = ("svd",)
 KEYWORDS = ("input", "param", "output", "mode", "heads")
 
 
@@ -37,7 +37,7 @@ def is_name(text: object) -> bool:
     not a keyword or function."""
     return (isinstance(text, str) and re.fullmatch(r"[^\W\d]\w*", text) is not None
             and text not in KEYWORDS and text not in FUNCTIONS)
-_svd_ids = itertools.count(1)
+_call_ids = itertools.count(1)
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -54,21 +54,31 @@ class InputRef:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class SvdRef:
-    """A term's source: the best rank-`rank` approximation of `value` (SPEC §2.2).
+class CallRef:
+    """A term's source: a function's result (`svd`, `prune`, `dare`, `ties`; see operators.py)
+    over module arguments, with its options (`rank`, `density`…).
 
-    Compared by identity: each `svd(...)` call is its own source."""
+    Compared by identity: each call is its own source."""
 
-    value: ModuleValue
-    rank: int
-    id: int = field(default_factory=lambda: next(_svd_ids))
-    text: str = field(default="svd(...)", compare=False)
+    op: str
+    args: tuple[ModuleValue, ...]
+    options: tuple[tuple[str, float | str], ...]
+    id: int = field(default_factory=lambda: next(_call_ids))
+    text: str = field(default="f(...)", compare=False)
 
     def describe(self) -> str:
         return self.text
 
+    def option(self, name: str) -> float | str:
+        return dict(self.options)[name]
 
-TermSource = InputRef | SvdRef
+    @property
+    def dense(self) -> bool:
+        """Whether the result is a dense ΔW per layer (the element-wise merges)."""
+        return OPERATORS[self.op].dense
+
+
+TermSource = InputRef | CallRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,15 +128,22 @@ class ModuleValue:
         return ModuleValue(tuple(merged.values()), combined)
 
     def input_betas(self) -> dict[str, float]:
-        """beta per input, with svd results expanded into the inputs they came from."""
+        """beta per input, with function results expanded into the inputs they came from (a
+        function of several modules counts as their sum)."""
         betas: dict[str, float] = {}
         for term in self.terms:
             if isinstance(term.source, InputRef):
                 betas[term.source.name] = betas.get(term.source.name, 0.0) + term.beta
             else:
-                for name, inner in term.source.value.input_betas().items():
-                    betas[name] = betas.get(name, 0.0) + term.beta * inner
+                for arg in term.source.args:
+                    for name, inner in arg.input_betas().items():
+                        betas[name] = betas.get(name, 0.0) + term.beta * inner
         return betas
+
+    @property
+    def dense(self) -> bool:
+        """Whether this value holds a dense ΔW per layer (a merge not yet reduced by `svd`)."""
+        return any(isinstance(t.source, CallRef) and t.source.dense and t.beta != 0 for t in self.terms)
 
 
 class Poison:
@@ -481,6 +498,14 @@ class Checker:
         if path is not None:
             self._current_span = span
             self._check_output_path(path, path_span, path_source)
+        if isinstance(value, ModuleValue) and value.dense:
+            snippet = self.source.snippet(expr.span)
+            self._error("E028", "this output is a dense weight update: write it through `svd(…, rank=R)`", expr.span,
+                        notes=["prune, dare and ties give every layer a dense ΔW, which a LoRA adapter cannot hold "
+                               "as it is"],
+                        hints=[f"output svd({snippet if len(snippet) <= 60 else '…'}, rank=16): the best rank-16 "
+                               "approximation per layer (pick the rank for the size you want)"])
+            value = POISON
         if isinstance(value, ModuleValue):
             errors = len([d for d in self.diagnostics if d.is_error])
             self._check_heads(value, expr.span)
@@ -782,8 +807,9 @@ class Checker:
                           lt.architecture or rt.architecture)
 
     def _call(self, call: ast.Call) -> Value:
+        """A function call, by its entry in operators.OPERATORS: arguments, options, mode, kind."""
         name = call.func.id
-        if name not in FUNCTIONS:
+        if name not in OPERATORS:
             entry = self.env.get(name)
             if entry is not None:
                 entry.used = True
@@ -791,48 +817,90 @@ class Checker:
             return self._error("E020", f"unknown function `{name}`", call.func.span,
                                notes=[f"the functions are: {', '.join(FUNCTIONS)}"],
                                hints=did_you_mean(name, FUNCTIONS))
+        op = OPERATORS[name]
+        usage = [f"usage: `{op.usage}`: {op.summary}"]
         args = [self.expr(a) for a in call.args]
-        kwargs = {k.name.id: (k, self.expr(k.value)) for k in call.kwargs}
         seen: set[str] = set()
         for k in call.kwargs:
             if k.name.id in seen:
                 return self._error("E020", f"`{k.name.id}=` is given twice", k.name.span,
                                    hints=[f"give `{k.name.id}=` once"])
             seen.add(k.name.id)
-        usage = ["usage: `svd(x, rank=R)`: the best rank-R approximation of x's weight update"]
-        for key, (kw, _) in kwargs.items():
-            if key != "rank":
-                return self._error("E020", f"svd() has no argument `{key}`", kw.name.span,
-                                   hints=did_you_mean(key, ["rank"]) or usage)
-        if len(args) != 1:
-            return self._error("E020", f"svd() takes one module, {len(args)} given", call.span, hints=usage)
-        if "rank" not in kwargs:
-            return self._error("E020", "svd() needs `rank=`", call.span, hints=usage)
-        (inner,) = args
-        rank_kw, rank_value = kwargs["rank"]
-        if isinstance(inner, Poison) or isinstance(rank_value, Poison):
+            if k.name.id not in op.option_names:
+                return self._error("E020", f"{name}() has no argument `{k.name.id}`", k.name.span,
+                                   hints=did_you_mean(k.name.id, list(op.option_names)) or usage)
+        if not args or (len(args) != 1 and not op.many):
+            return self._error("E020", f"{name}() takes {'modules' if op.many else 'one module'}, "
+                               f"{len(args)} given", call.span, hints=usage)
+        missing = [o.name for o in op.options if o.default is None and o.name not in seen]
+        if missing:
+            return self._error("E020", f"{name}() needs `{missing[0]}=`", call.span, hints=usage)
+        options = self._options(op, call, usage)
+        if options is None or any(isinstance(a, Poison) for a in args):
             return POISON
         if self.mode != "exact":
-            return self._error("E020", "svd() needs `mode exact`", call.func.span,
-                               notes=["svd approximates the weight update ΔW, which paper mode does not compute"],
+            return self._error("E020", f"{name}() needs `mode exact`", call.func.span,
+                               notes=[f"{name} acts on the weight update ΔW, which paper mode does not compute"],
                                hints=["use exact mode: `mode exact` as a file's first statement, "
-                                      "`mode: exact` in a config, `--mode exact` with `pemlang eval`"])
-        if not isinstance(inner, ModuleValue):
-            return self._error("E019", "svd() needs a module, but this is a number", call.args[0].span)
-        if inner.type.kind != "lora":
-            return self._error("E020", "svd() applies to LoRA modules", call.args[0].span,
-                               notes=[f"`{self.source.snippet(call.args[0].span)}` is an (IA)3 module"])
-        if not isinstance(rank_value, ScalarValue) or not math.isfinite(rank_value.value) \
-                or rank_value.value != int(rank_value.value) or rank_value.value < 1:
-            return self._error("E020", "svd() rank must be a positive whole number", rank_kw.value.span,
-                               hints=usage)
-        rank = int(rank_value.value)
-        layers: dict[str, Layer] = {
-            k: replace(layer, rank=rank, alpha=float(rank), use_rslora=False)
-            for k, layer in inner.type.layers.items() if isinstance(layer, LoraLayer)}
-        result_type = ModuleType("lora", inner.type.base, layers, inner.type.heads, inner.type.architecture)
-        ref = SvdRef(inner, rank, text=self.source.snippet(call.span))
+                                      "`mode: exact` in a config, `--mode exact` with `pemlang eval`, "
+                                      '`mode="exact"` in the API'])
+        for arg, expr in zip(args, call.args, strict=True):
+            if not isinstance(arg, ModuleValue):
+                return self._error("E019", f"{name}() needs a module, but this is a number", expr.span)
+            if arg.type.kind != "lora":
+                return self._error("E020", f"{name}() applies to LoRA modules", expr.span,
+                                   notes=[f"`{self.source.snippet(expr.span)}` is an (IA)3 module, whose vectors "
+                                          "rescale activations: it has no weight update ΔW to act on"])
+        modules = [a for a in args if isinstance(a, ModuleValue)]
+        combined = modules[0].type
+        for module, expr in zip(modules[1:], call.args[1:], strict=True):  # ties: the arguments combine like a sum
+            joined = self._combine_types(expr.span, ModuleValue(modules[0].terms, combined), module)
+            if joined is None:
+                return POISON
+            combined = joined
+        if op.dense:
+            result_type = combined
+        else:  # svd: rank R per layer
+            rank = int(options["rank"])
+            layers: dict[str, Layer] = {
+                k: replace(layer, rank=rank, alpha=float(rank), use_rslora=False)
+                for k, layer in combined.layers.items() if isinstance(layer, LoraLayer)}
+            result_type = ModuleType("lora", combined.base, layers, combined.heads, combined.architecture)
+        ref = CallRef(name, tuple(modules), tuple(sorted(options.items())), text=self.source.snippet(call.span))
         return ModuleValue((Term(ref, 1.0, 1.0),), result_type)
+
+    def _options(self, op: Operator, call: ast.Call, usage: list[str]) -> dict[str, float | str] | None:
+        """The call's options, checked against their rules; defaults filled in."""
+        given = {k.name.id: k for k in call.kwargs}
+        options: dict[str, float | str] = {}
+        failed = False
+        for option in op.options:
+            keyword = given.get(option.name)
+            if keyword is None:
+                assert option.default is not None
+                options[option.name] = option.default
+                continue
+            raw = keyword.value
+            value: float | str | None = None
+            if isinstance(raw, ast.Text):
+                value = raw.value if option.kind == "choice" else None
+            elif option.kind == "seed":
+                value = raw.value if isinstance(raw, ast.Number) else None
+            elif option.kind != "choice":
+                evaluated = self.expr(raw)
+                if isinstance(evaluated, Poison):
+                    failed = True
+                    continue
+                value = evaluated.value if isinstance(evaluated, ScalarValue) else None
+            if value is None or not option.accepts(value):
+                self._error("E020", f"{op.name}() `{option.name}` must be {option.rule}", raw.span,
+                            notes=[f"it is {self.source.snippet(raw.span)}"] if raw.span.end > raw.span.start else [],
+                            hints=usage)
+                failed = True
+                continue
+            options[option.name] = int(value) if option.kind in ("seed", "rank") and not isinstance(value, str) \
+                else value
+        return None if failed else options
 
 
 def _unusable(path: Path) -> str | None:

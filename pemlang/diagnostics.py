@@ -54,6 +54,7 @@ CODES: dict[str, str] = {
     "E025": "invalid config (YAML/JSON/TOML block)",
     "E026": "a number that is not finite, or a coefficient beyond float32's range",
     "E027": "a result is not finite in the output dtype",
+    "E028": "a dense merge (prune, dare, ties) is written only through svd",
     "W001": "base model not recorded in an input",
     "W002": "paper mode over LoRA inputs whose A matrices differ",
     "W003": "unused input or binding",

@@ -12,8 +12,8 @@ from collections import Counter
 from typing import Any
 
 from .adapters import config_owner
-from .check import CheckedOutput, CheckedProgram, InputRef, ModuleValue, SvdRef, Term
-from .plan import DTYPE_BYTES, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, SvdStep, pattern_key
+from .check import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
+from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key
 from .types import Ia3Layer, LoraLayer
 
 
@@ -21,44 +21,59 @@ class _Lowering:
     def __init__(self, program: CheckedProgram, dtype: str | None):
         self.program = program
         self.dtype = dtype
-        self.svds: dict[int, SvdStep] = {}
-        self.svd_types: dict[str, ModuleValue] = {}
+        self.calls: dict[int, CallStep] = {}
 
     # sources
     def source_id(self, term: Term) -> str:
         if isinstance(term.source, InputRef):
             return term.source.name
-        return self.svd(term.source).id
+        return self.call(term.source).id
 
     def plan_terms(self, value: ModuleValue) -> tuple[PlanTerm, ...]:
         return tuple(PlanTerm(self.source_id(t), t.alpha, t.beta) for t in value.terms)
 
-    def svd(self, ref: SvdRef) -> SvdStep:
-        if ref.id in self.svds:
-            return self.svds[ref.id]
-        terms = self.plan_terms(ref.value)  # nested svd nodes get their ids first
+    def call(self, ref: CallRef) -> CallStep:
+        if ref.id in self.calls:
+            return self.calls[ref.id]
+        args = tuple(self.plan_terms(arg) for arg in ref.args)  # nested calls get their ids first
+        shapes: dict[str, tuple[int, int]] = {}
+        for arg in ref.args:
+            for key, layer in arg.type.layers.items():
+                assert isinstance(layer, LoraLayer)
+                shapes[key] = (layer.out_features, layer.in_features)
         layer_ranks = {}
-        for key, layer in ref.value.type.layers.items():
-            assert isinstance(layer, LoraLayer)
-            stacked = sum(self.layer_rank(t, key) for t in ref.value.terms if t.beta != 0)
-            layer_ranks[key] = min(ref.rank, stacked, layer.out_features, layer.in_features)
-        step = SvdStep(f"svd#{len(self.svds) + 1}", ref.text, terms, ref.rank, layer_ranks)
-        self.svds[ref.id] = step
-        self.svd_types[step.id] = ref.value
+        if ref.op == "svd":
+            (arg,) = ref.args
+            rank = int(ref.option("rank"))
+            for key, (out_features, in_features) in shapes.items():
+                live = [t for t in arg.terms if t.beta != 0]
+                if any(isinstance(t.source, CallRef) and t.source.dense and self.has_layer(t, key) for t in live):
+                    stacked = min(out_features, in_features)  # a dense ΔW has full rank
+                else:
+                    stacked = sum(self.layer_rank(t, key) for t in live)
+                layer_ranks[key] = min(rank, stacked, out_features, in_features)
+        step = CallStep(f"{ref.op}#{len(self.calls) + 1}", ref.op, ref.text, args, dict(ref.options), layer_ranks,
+                        shapes)
+        self.calls[ref.id] = step
         return step
 
+    def has_layer(self, term: Term, key: str) -> bool:
+        if isinstance(term.source, InputRef):
+            return key in self.program.inputs[term.source.name].type.layers
+        return key in self.call(term.source).layer_shapes
+
     def layer_rank(self, term: Term, key: str) -> int:
-        """The rank a source contributes to one layer in exact mode (0: it has no such layer)."""
+        """The rank a low-rank source contributes to one layer in exact mode (0: it has no such layer)."""
         if isinstance(term.source, InputRef):
             layer = self.program.inputs[term.source.name].type.layers.get(key)
             return layer.rank if isinstance(layer, LoraLayer) else 0
-        return self.svd(term.source).layer_ranks.get(key, 0)
+        return self.call(term.source).layer_ranks.get(key, 0)
 
     def first_input(self, value: ModuleValue) -> str:
         for term in value.terms:
             if isinstance(term.source, InputRef):
                 return term.source.name
-            return self.first_input(term.source.value)
+            return self.first_input(term.source.args[0])
         raise AssertionError("a module value has at least one term")
 
     def out_dtype(self, dtype: str) -> str:
@@ -108,8 +123,7 @@ class _Lowering:
         if isinstance(term.source, InputRef):
             layer = self.program.inputs[term.source.name].type.layers[key]
             return layer.dtype
-        inner = term.source.value
-        first = next(t for t in inner.terms if t.beta != 0 and self.layer_rank(t, key) > 0)
+        first = next(t for arg in term.source.args for t in arg.terms if t.beta != 0 and self.has_layer(t, key))
         return self._lora_dtype(first, key)
 
     @staticmethod
@@ -127,7 +141,7 @@ class _Lowering:
             if source in self.program.inputs:
                 used.add((source, key))
             else:
-                step = next(s for s in self.svds.values() if s.id == source)
+                step = next(s for s in self.calls.values() if s.id == source)
                 for term in step.terms:
                     visit(term.source, key)
 
@@ -215,4 +229,4 @@ def lower(program: CheckedProgram, *, dtype: str | None = None, filename: str | 
     inputs = {name: PlanInput(name, adapter.path, program.input_written.get(name, str(adapter.path)), adapter)
               for name, adapter in program.inputs.items()}
     return Plan(filename or program.source.filename, program.source.text, program.mode, dict(program.params),
-                inputs, {s.id: s for s in lowering.svds.values()}, outputs)
+                inputs, {s.id: s for s in lowering.calls.values()}, outputs)

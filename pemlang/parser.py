@@ -157,6 +157,10 @@ class _Build(Transformer):
     def keyword(self, meta, children):  # type: ignore[no-untyped-def]
         return ast.Keyword(self._name(children[0]), children[1], self._span(meta))
 
+    def text_keyword(self, meta, children):  # type: ignore[no-untyped-def]
+        name, text = children
+        return ast.Keyword(self._name(name), ast.Text(_unquote(text), self._tok(text)), self._span(meta))
+
     def arguments(self, meta, children):  # type: ignore[no-untyped-def]
         return children
 
@@ -218,7 +222,7 @@ def _too_deep(stmt: ast.Statement) -> ast.Expr | None:
             case ast.Neg(operand=operand):
                 stack.append((operand, depth + 1))
             case ast.Call(args=args, kwargs=kwargs):
-                stack += [(k.value, depth + 1) for k in reversed(kwargs)]
+                stack += [(k.value, depth + 1) for k in reversed(kwargs) if not isinstance(k.value, ast.Text)]
                 stack += [(a, depth + 1) for a in reversed(args)]
     return None
 

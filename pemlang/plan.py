@@ -46,14 +46,35 @@ class LayerStep:
 
 
 @dataclass(frozen=True, slots=True)
-class SvdStep:
-    """`svd(x, rank=R)`: per layer the best rank-R approximation of x's ΔW (SPEC §2.2)."""
+class CallStep:
+    """A function call (operators.OPERATORS), evaluated per layer from its arguments' ΔW.
 
-    id: str
+    svd:   the best rank-R approximation of its argument's ΔW (SPEC §2.2), low-rank
+    prune, dare, ties: element-wise on ΔW (SPEC §2.5), dense per layer
+    """
+
+    id: str  # `svd#1`, `ties#2`: what PlanTerm.source names
+    op: str
     text: str
-    terms: tuple[PlanTerm, ...]
-    rank: int
-    layer_ranks: dict[str, int] = field(compare=False)  # effective rank per layer: min(R, stacked, d, k)
+    args: tuple[tuple[PlanTerm, ...], ...]  # per argument, its sources and coefficients
+    options: dict[str, float | str] = field(compare=False)
+    layer_ranks: dict[str, int] = field(compare=False)  # svd: effective rank per layer: min(R, stacked, d, k)
+    layer_shapes: dict[str, tuple[int, int]] = field(compare=False)  # (out, in) of every layer it has
+
+    @property
+    def terms(self) -> tuple[PlanTerm, ...]:
+        """Every argument's terms (svd has one argument)."""
+        return tuple(t for arg in self.args for t in arg)
+
+    @property
+    def rank(self) -> int:
+        return int(self.options["rank"])
+
+    @property
+    def dense(self) -> bool:
+        from .operators import OPERATORS
+
+        return OPERATORS[self.op].dense
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +118,7 @@ class Plan:
     mode: Literal["paper", "exact"]
     params: dict[str, float]
     inputs: dict[str, PlanInput]
-    svds: dict[str, SvdStep]
+    calls: dict[str, CallStep]  # function calls by id (`svd#1`)
     outputs: tuple[OutputPlan, ...]
 
 
@@ -125,14 +146,14 @@ def pattern_key(layer_key: str) -> str:
 
 
 def output_inputs(plan: Plan, out: OutputPlan) -> set[str]:
-    """The inputs an output reads, through svd nodes and heads."""
+    """The inputs an output reads, through function calls and heads."""
     names: set[str] = set()
 
     def visit(source: str) -> None:
         if source in plan.inputs:
             names.add(source)
         else:
-            for term in plan.svds[source].terms:
+            for term in plan.calls[source].terms:
                 visit(term.source)
 
     for term in out.terms:
@@ -152,6 +173,22 @@ def _bytes(n: int) -> str:
     from .inspection import human_bytes
 
     return human_bytes(n)
+
+
+def _call_line(plan: Plan, call: CallStep) -> str:
+    """What a function node does per layer, and for dense ones the memory of a layer."""
+    from .operators import dense_bytes
+
+    largest = max((dense_bytes(shape) for shape in call.layer_shapes.values()), default=0)
+    dense_terms = any(t.source in plan.calls and plan.calls[t.source].dense for t in call.terms)
+    if call.op == "svd":
+        how = ("the dense ΔW factorised (a randomised range finder with power iterations on large layers)"
+               if dense_terms else
+               "thin QR of the stacked factors and an SVD of the small core")
+        return f"per layer, {how}, truncated to rank {call.rank}"
+    options = ", ".join(f"{k}={v}" for k, v in sorted(call.options.items()))
+    return (f"dense ΔW per layer ({options}); {_bytes(largest)} for the largest layer, "
+            f"{_bytes(largest * (len(call.args) + 1))} with its arguments'")
 
 
 def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-def]
@@ -177,10 +214,11 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
         size = sum(layer.nbytes for layer in t.layers.values()) + sum(h.nbytes for h in t.heads.values())
         inputs.add_row(escape(item.name), escape(item.written), kind, t.base.name or "-", str(len(t.layers)), _bytes(size))
     console.print(inputs)
-    for svd in plan.svds.values():
-        console.print(f"\n[bold]{svd.id}[/bold] = {escape(svd.text)}: per layer, thin QR of the stacked factors and an "
-                      f"SVD of the small core, truncated to rank {svd.rank}")
-        console.print(escape("  " + ", ".join(f"{t.source}: beta {_number(t.beta)}" for t in svd.terms)))
+    for call in plan.calls.values():
+        console.print(f"\n[bold]{call.id}[/bold] = {escape(call.text)}: {escape(_call_line(plan, call))}")
+        for number, arg in enumerate(call.args, 1):
+            prefix = f"  argument {number}: " if len(call.args) > 1 else "  "
+            console.print(escape(prefix + ", ".join(f"{t.source}: beta {_number(t.beta)}" for t in arg)))
     for out in plan.outputs:
         console.print(f"\n[bold]output[/bold] {escape(out.name or out.expression)}"
                       + (f" -> {escape(str(out.path))}" if out.path is not None else ""))

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..plan import HeadStep, LayerStep, Plan, PlanTerm, SvdStep, tensor_key
+from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, tensor_key
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -276,7 +278,7 @@ def _group_needs(plan: Plan, group: list[tuple[int, LayerStep | HeadStep]]) -> l
             for key in adapter.layer_keys.get(layer, {}).values():
                 needs[(source, key)] = adapter.tensors[key].begin if not adapter.pickled else 0
         else:
-            for term in plan.svds[source].terms:
+            for term in plan.calls[source].terms:
                 if term.beta != 0:
                     add(term.source, layer)
 
@@ -319,10 +321,9 @@ class TorchBackend:
         report = RunReport()
         results: list[dict[str, torch.Tensor]] = [{} for _ in plan.outputs]
         with contextlib.ExitStack() as stack, torch.no_grad():
-            if plan.svds and self.device.type == "cpu":
-                # LAPACK's QR and SVD round differently with the thread count; one thread makes svd
-                # outputs byte-identical across machines' core counts (the factorisations are small:
-                # d×m with m the stacked rank).
+            if plan.calls and self.device.type == "cpu":
+                # LAPACK's QR and SVD (and BLAS products) round differently with the thread count;
+                # one thread makes function results byte-identical across machines' core counts.
                 stack.enter_context(_threads(1))
             inputs = _Inputs(plan, self.device, stack, report, self.cache)
             groups = _layer_groups(plan)
@@ -341,7 +342,7 @@ class TorchBackend:
                         inputs.next_layer(prefetch.result())
                         following = groups[number + 1] if number + 1 < len(groups) else None
                         prefetch = pool.submit(inputs.read_all, _group_needs(plan, following)) if following else None
-                    svd_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+                    svd_cache: dict[tuple[str, str], Any] = {}
                     for index, item in group:
                         if isinstance(item, HeadStep):
                             produced = {f"base_model.model.{item.key}": self._head(plan, item, inputs)}
@@ -390,7 +391,7 @@ class TorchBackend:
         return torch.as_tensor(mixed)
 
     def _layer(self, plan: Plan, step: LayerStep, inputs: _Inputs, report: RunReport, index: int,
-               svd_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+               svd_cache: dict[tuple[str, str], Any]) -> dict[str, torch.Tensor]:
         if step.op == "ia3":
             return {tensor_key(step.key, "ia3_l"): self._ia3(step, inputs)}
         if step.op == "paper":
@@ -426,19 +427,48 @@ class TorchBackend:
         return a_out, b_out
 
     def _factors(self, plan: Plan, source: str, layer: str, inputs: _Inputs,
-                 cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], index: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, s·B) of a source at one layer: an input's own factors, or an svd node's result
-        (computed once per layer for every output that uses it)."""
+                 cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, s·B) of a low-rank source at one layer: an input's own factors, or an svd node's
+        result (computed once per layer for every output that uses it)."""
         if source in plan.inputs:
             a, b, scaling = inputs.lora(source, layer)
             return a, scaling * b
         if (source, layer) not in cache:
-            cache[(source, layer)] = self._svd(plan, plan.svds[source], layer, inputs, cache, index)
-        return cache[(source, layer)]
+            cache[(source, layer)] = self._svd(plan, plan.calls[source], layer, inputs, cache, index)
+        return cache[(source, layer)]  # type: ignore[no-any-return]
+
+    def _delta(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, shape: tuple[int, int], inputs: _Inputs,
+               cache: dict[tuple[str, str], Any], index: int) -> torch.Tensor:
+        """Σ beta_i·ΔW_i of some sources at one layer, dense (out × in, fp32): what the element-wise
+        functions act on. A source without the layer contributes nothing."""
+        total = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        for term in terms:
+            if term.beta == 0 or not self._has_layer(plan, term.source, layer):
+                continue
+            if term.source in plan.calls and plan.calls[term.source].dense:
+                total += term.beta * self._dense(plan, plan.calls[term.source], layer, inputs, cache, index)
+            else:
+                a, b = self._factors(plan, term.source, layer, inputs, cache, index)
+                total += term.beta * (b @ a)
+        return total
+
+    def _dense(self, plan: Plan, call: CallStep, layer: str, inputs: _Inputs, cache: dict[tuple[str, str], Any],
+               index: int) -> torch.Tensor:
+        """A dense function's ΔW at one layer (computed once per layer): its kernel over its
+        arguments' ΔW (operators.OPERATORS; kernels below)."""
+        if (call.id, layer) not in cache:
+            shape = call.layer_shapes[layer]
+            args = [self._delta(plan, arg, layer, shape, inputs, cache, index) for arg in call.args]
+            if not _finite(args):  # E014 names a non-finite input; otherwise the sum overflowed
+                if not inputs.blame():
+                    inputs.report.non_finite_result = (index, layer, "F32")
+                raise _Stop
+            kernel = KERNELS[call.op]
+            cache[(call.id, layer)] = kernel(args, call.options, layer)
+        return cache[(call.id, layer)]  # type: ignore[no-any-return]
 
     def _stack(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, inputs: _Inputs,
-               cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], index: int
+               cache: dict[tuple[str, str], Any], index: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
         a_parts, b_parts = [], []
         for term in terms:
@@ -448,7 +478,7 @@ class TorchBackend:
         return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
 
     def _concat(self, plan: Plan, step: LayerStep, inputs: _Inputs,
-                cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], index: int
+                cache: dict[tuple[str, str], Any], index: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """A = [A_1; A_2; …];  B = [beta_1·s_1·B_1 | …]: ΔW = Σ beta_i·s_i·B_i·A_i exactly (SPEC §2.2)."""
         out_features, in_features = step.shape
@@ -472,18 +502,26 @@ class TorchBackend:
         return source in plan.inputs and inputs.stored_dtype(
             source, plan.inputs[source].adapter.layer_keys[step.key]["A"]) == step.dtype
 
-    def _svd(self, plan: Plan, svd: SvdStep, layer: str, inputs: _Inputs,
-             cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], index: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best rank-R approximation of ΔW = B·A without forming the d×k matrix (SPEC §2.2).
+    def _svd(self, plan: Plan, svd: CallStep, layer: str, inputs: _Inputs,
+             cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best rank-R approximation of ΔW at one layer (SPEC §2.2).
 
-        B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), so ΔW = Q_b (R_b R_aᵀ) Q_aᵀ; the SVD of the small
-        core U S Vᵀ gives ΔW = (Q_b U) S (Q_a V)ᵀ. Cost O((d + k)·m²) for a stacked rank m.
+        Low-rank argument: B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), so ΔW = Q_b (R_b R_aᵀ) Q_aᵀ; the SVD
+        of the small core U S Vᵀ gives ΔW = (Q_b U) S (Q_a V)ᵀ, at O((d + k)·m²) for a stacked rank m,
+        without forming the d×k matrix. An argument with a dense part (prune, dare, ties) is formed
+        and reduced with a randomised range finder (`truncated_svd`).
         """
         rank = svd.layer_ranks.get(layer, 0)
         terms = tuple(t for t in svd.terms if t.beta != 0 and self._has_layer(plan, t.source, layer))
         if rank == 0 or not terms:
             raise AssertionError("lowering gives svd sources only to layers they contribute to")
+        if any(t.source in plan.calls and plan.calls[t.source].dense for t in terms):
+            delta = self._delta(plan, terms, layer, svd.layer_shapes[layer], inputs, cache, index)
+            if not _finite([delta]):
+                if not inputs.blame():
+                    inputs.report.non_finite_result = (index, layer, "F32")
+                raise _Stop
+            return truncated_svd(delta, rank, layer)
         a, b = self._stack(plan, terms, layer, inputs, cache, index)
         if not _finite([a, b]):  # a factorisation of NaN would only crash: E014 names the input first
             if not inputs.blame():
@@ -494,16 +532,109 @@ class TorchBackend:
         q_b, r_b = torch.linalg.qr(b.double())
         q_a, r_a = torch.linalg.qr(a.T.double())
         u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-        left = q_b @ u
-        signs = torch.sign(left.gather(0, left.abs().argmax(dim=0, keepdim=True)))
-        signs[signs == 0] = 1
-        b_out = (left * signs) * s
-        a_out = (vh * signs.T) @ q_a.T
-        return a_out.float(), b_out.float()
+        return _signed(q_b @ u[:, :rank], s[:rank], vh[:rank] @ q_a.T)
 
     @staticmethod
     def _has_layer(plan: Plan, source: str, layer: str) -> bool:
         if source in plan.inputs:
             return layer in plan.inputs[source].adapter.type.layers
-        return plan.svds[source].layer_ranks.get(layer, 0) > 0
+        call = plan.calls[source]
+        return layer in call.layer_shapes if call.dense else call.layer_ranks.get(layer, 0) > 0
+
+
+def _signed(left: torch.Tensor, s: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (Vᵀ, U·S) with fixed signs (the largest entry of each left singular vector
+    positive), in fp32, so the bytes are reproducible."""
+    signs = torch.sign(left.gather(0, left.abs().argmax(dim=0, keepdim=True)))
+    signs[signs == 0] = 1
+    return (right * signs.T).float(), ((left * signs) * s).float()
+
+
+# -- kernels of the dense functions (operators.OPERATORS), on one layer's ΔW ------------------------
+
+
+def _layer_generator(seed: int, layer: str) -> torch.Generator:
+    """A CPU generator seeded by (seed, layer key): the same numbers on every device, thread count
+    and evaluation order."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}\0{layer}".encode()).digest()
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return generator
+
+
+def keep_count(density: float, numel: int) -> int:
+    """⌈d·n⌉ with d as written (0.2 of 100 is 20, not the 21 that 0.2's binary value would give)."""
+    from decimal import Decimal
+
+    return min(numel, math.ceil(Decimal(repr(float(density))) * numel))
+
+
+def prune(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ⌈d·n⌉ entries largest in magnitude, zero the rest; among equal magnitudes at the
+    threshold, the first by flat index are kept."""
+    numel = delta.numel()
+    keep = keep_count(density, numel)
+    if keep >= numel:
+        return delta.clone()
+    flat = delta.reshape(-1)
+    magnitude = flat.abs()
+    threshold = torch.kthvalue(magnitude.cpu() if magnitude.device.type == "mps" else magnitude,
+                               numel - keep + 1).values.to(magnitude.device)
+    kept = magnitude > threshold
+    missing = keep - int(kept.sum())
+    if missing > 0:
+        at_threshold = torch.nonzero(magnitude == threshold).reshape(-1)[:missing]
+        kept[at_threshold] = True
+    return torch.where(kept, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape(delta.shape)
+
+
+def dare(delta: torch.Tensor, p: float, seed: int, layer: str) -> torch.Tensor:
+    """Drop each entry with probability p (a mask drawn on the CPU from (seed, layer)) and scale the
+    kept ones by 1/(1−p)."""
+    if p == 0:
+        return delta.clone()
+    mask = torch.rand(delta.shape, generator=_layer_generator(seed, layer)) >= p
+    return torch.where(mask.to(delta.device), delta * (1 / (1 - p)),
+                       torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def ties(deltas: list[torch.Tensor], density: float, sign: str) -> torch.Tensor:
+    """TIES: trim each to density d; elect a sign per entry (of the sum, "total", or of the sum of
+    signs, "frequency"); the mean of the trimmed values that are non-zero and agree with it."""
+    trimmed = torch.stack([prune(d, density) if density < 1 else d for d in deltas]).double()
+    signs = torch.sign(trimmed)
+    elected = torch.sign(trimmed.sum(0) if sign == "total" else signs.sum(0))
+    agree = (signs == elected) & (trimmed != 0)
+    total = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype, device=trimmed.device)).sum(0)
+    return (total / agree.sum(0).clamp(min=1)).float()
+
+
+KERNELS: dict[str, Callable[[list[torch.Tensor], dict[str, Any], str], torch.Tensor]] = {
+    "prune": lambda args, options, layer: prune(args[0], float(options["density"])),
+    "dare": lambda args, options, layer: dare(args[0], float(options["p"]), int(options["seed"]), layer),
+    "ties": lambda args, options, layer: ties(args, float(options["density"]), str(options["sign"])),
+}
+
+
+def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int = 10, power: int = 4
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B·A the best rank-`rank` approximation of a dense ΔW (within a small fraction of
+    the optimal error): a randomised range finder (Halko, Martinsson & Tropp 2011) with `power`
+    power iterations, re-orthonormalised each time, then an exact SVD of the small projection.
+    Small layers are factorised exactly. The test matrix comes from (layer) on the CPU, so the
+    result does not depend on the device's random numbers."""
+    rows, cols = delta.shape
+    width = min(rows, cols, rank + max(rank, oversample))
+    if width >= min(rows, cols) // 2:
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        return _signed(u[:, :rank], s[:rank], vh[:rank])
+    omega = torch.randn((cols, width), generator=_layer_generator(0, layer), dtype=torch.float32).to(delta.device)
+    basis, _ = torch.linalg.qr((delta @ omega).double())
+    for _ in range(power):
+        back, _ = torch.linalg.qr((delta.T @ basis.float()).double())
+        basis, _ = torch.linalg.qr((delta @ back.float()).double())
+    small = basis.T @ delta.double()  # width × cols
+    u, s, vh = torch.linalg.svd(small, full_matrices=False)
+    return _signed(basis @ u[:, :rank], s[:rank], vh[:rank])
