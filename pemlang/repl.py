@@ -28,12 +28,13 @@ from . import ast
 from .api import AdapterCache
 from .check import POISON, CheckedProgram, Checker, ModuleValue, Override, ScalarValue, Value, did_you_mean
 from .diagnostics import Diagnostic, PemError, emit, error
+from .operators import FUNCTIONS
 from .parser import parse_expression, parse_program
 from .source import Source, Span, read_source
 
 PROMPT, CONTINUATION = "pem> ", "...  "
 KEYWORDS = ("input", "param", "output", "mode", "heads", "from", "drop", "paper", "exact")
-FUNCTIONS = ("svd",)
+
 COMMANDS = {
     ":type": ":type EXPR          the type of an expression (module or number) and its coefficients",
     ":plan": ":plan EXPR          the evaluation plan of an expression",
@@ -217,6 +218,8 @@ class Session:
         checker.add_output(expr, None, expr.span, expr.span)
         checked = checker.result()
         trouble = next((d for d in checked.diagnostics if d.is_error), None)
+        if trouble is not None and trouble.code == "E028":
+            return ", dense ΔW per layer (written only through svd(…, rank=R))"
         if trouble is not None:
             return f", heads not writable ({trouble.code}: {trouble.message})"
         heads = len({head.module for head in lower(checked).outputs[0].heads})
@@ -232,6 +235,8 @@ class Session:
         kind = "LoRA" if t.kind == "lora" else "(IA)3"
         ranks = sorted({getattr(layer, "rank", 0) for layer in t.layers.values()} - {0})
         rank = (f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}") if ranks else ""
+        if value.dense:
+            rank = ""  # a dense ΔW has no rank to speak of; `heads` says what it is
         if heads is None:
             modules = len(t.head_modules)
             heads = f", {modules} head{'s' if modules != 1 else ''}" if t.heads else ""

@@ -196,3 +196,35 @@ def test_written_adapter_loads_in_peft_and_gives_base_plus_oracle(adapters: Path
     ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, oracle(input_ids=ids).logits, atol=1e-4)
+
+
+def test_every_front_end_takes_the_functions(adapters: Path, tmp_path: Path) -> None:
+    """eval, the REPL, a config block and the API: one expression, the same bytes."""
+    import subprocess
+    import sys
+
+    import pemlang
+
+    expression = 'svd(ties(0.5*a, 0.5*b, density=0.3, sign="frequency"), rank=4)'
+    a, b = adapters / INPUTS["a"], adapters / INPUTS["b"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["eval", "--mode", "exact", "--input", f"a={a}", "--input", f"b={b}", "--out",
+                     str(tmp_path / "eval"), "--device", "cpu", expression]) == 0, err.getvalue()
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"mode: exact\ninputs:\n  a: {a}\n  b: {b}\nexpression: '{expression}'\noutput: config\n",
+                      encoding="utf-8")
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(config), "--device", "cpu"]) == 0, err.getvalue()
+    pemlang.compile(expression, mode="exact", inputs={"a": a, "b": b}, device="cpu").save(tmp_path / "api")
+    script = f'mode exact\ninput a = "{a}"\ninput b = "{b}"\n:type ties(a, b, density=0.3)\n' \
+             f'x = {expression}\n:save x {tmp_path / "repl"}\n'
+    result = subprocess.run([sys.executable, "-m", "pemlang.cli", "repl"], input=script, capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dense ΔW per layer (written only through svd(…, rank=R))" in result.stdout
+    files = [(tmp_path / d / "adapter_model.safetensors") for d in ("eval", "config", "api", "repl")]
+    weights = [load_file(str(f)) for f in files]
+    for other in weights[1:]:
+        assert other.keys() == weights[0].keys()
+        assert all(torch.equal(other[k], weights[0][k]) for k in other)
