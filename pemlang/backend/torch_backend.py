@@ -312,6 +312,7 @@ class TorchBackend:
     def __init__(self, device: torch.device | str = "cpu", cache: TensorCache | None = None):
         self.device = torch.device(device)
         self.cache = cache
+        self.threads = torch.get_num_threads()
 
     def run(self, plan: Plan, *, on_layer: Callable[[], None] | None = None, sink: Sink | None = None,
             hash_inputs: bool = False) -> tuple[list[dict[str, torch.Tensor]], RunReport]:
@@ -441,16 +442,17 @@ class TorchBackend:
                cache: dict[tuple[str, str], Any], index: int) -> torch.Tensor:
         """Σ beta_i·ΔW_i of some sources at one layer, dense (out × in, fp32): what the element-wise
         functions act on. A source without the layer contributes nothing."""
-        total = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        total: torch.Tensor | None = None
         for term in terms:
             if term.beta == 0 or not self._has_layer(plan, term.source, layer):
                 continue
             if term.source in plan.calls and plan.calls[term.source].dense:
-                total += term.beta * self._dense(plan, plan.calls[term.source], layer, inputs, cache, index)
+                dense = self._dense(plan, plan.calls[term.source], layer, inputs, cache, index)
+                total = dense * term.beta if total is None else total.add_(dense, alpha=term.beta)
             else:
                 a, b = self._factors(plan, term.source, layer, inputs, cache, index)
-                total += term.beta * (b @ a)
-        return total
+                total = torch.mm(b, a).mul_(term.beta) if total is None else total.addmm_(b, a, alpha=term.beta)
+        return total if total is not None else torch.zeros(shape, dtype=torch.float32, device=self.device)
 
     def _dense(self, plan: Plan, call: CallStep, layer: str, inputs: _Inputs, cache: dict[tuple[str, str], Any],
                index: int) -> torch.Tensor:
@@ -458,13 +460,12 @@ class TorchBackend:
         arguments' ΔW (operators.OPERATORS; kernels below)."""
         if (call.id, layer) not in cache:
             shape = call.layer_shapes[layer]
+            # Not checked finite here: NaN and ±inf pass through the kernels into the result, which
+            # svd checks before factorising it (one check, not one per argument).
             args = [self._delta(plan, arg, layer, shape, inputs, cache, index) for arg in call.args]
-            if not _finite(args):  # E014 names a non-finite input; otherwise the sum overflowed
-                if not inputs.blame():
-                    inputs.report.non_finite_result = (index, layer, "F32")
-                raise _Stop
             kernel = KERNELS[call.op]
-            cache[(call.id, layer)] = kernel(args, call.options, layer)
+            with _threads(self.threads):  # element-wise and selections: the same bytes on any thread count
+                cache[(call.id, layer)] = kernel(args, call.options, layer)
         return cache[(call.id, layer)]  # type: ignore[no-any-return]
 
     def _stack(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, inputs: _Inputs,
@@ -580,14 +581,30 @@ def prune(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta.clone()
     flat = delta.reshape(-1)
     magnitude = flat.abs()
-    threshold = torch.kthvalue(magnitude.cpu() if magnitude.device.type == "mps" else magnitude,
-                               numel - keep + 1).values.to(magnitude.device)
-    kept = magnitude > threshold
-    missing = keep - int(kept.sum())
-    if missing > 0:
-        at_threshold = torch.nonzero(magnitude == threshold).reshape(-1)[:missing]
-        kept[at_threshold] = True
-    return torch.where(kept, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape(delta.shape)
+    threshold = _kth_largest(magnitude, keep)
+    dropped = magnitude < threshold
+    excess = (numel - int(dropped.sum())) - keep  # how many equal to the threshold are one too many
+    if excess > 0:  # equal magnitudes at the threshold: the first by position are kept
+        at_threshold = torch.nonzero(magnitude == threshold).reshape(-1)
+        dropped[at_threshold[len(at_threshold) - excess:]] = True
+    return flat.masked_fill(dropped, 0.0).reshape(delta.shape)
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of a flat tensor, exactly. A strided sample bounds it from below, so the
+    selection runs over the values above that bound (about k of them) rather than all; when the
+    bound is not low enough, over all."""
+    numel = values.numel()
+    if numel > 1 << 20:
+        sample = values[:: numel // (1 << 16)]
+        rank = len(sample) * k / numel  # where the k-th largest falls in the sample
+        margin = 8 * math.sqrt(rank + 1) + 16
+        position = max(1, min(len(sample), len(sample) - int(rank + margin) + 1))
+        bound = torch.kthvalue(sample, position).values
+        candidates = values[values >= bound]
+        if len(candidates) >= k:
+            return torch.kthvalue(candidates, len(candidates) - k + 1).values
+    return torch.kthvalue(values, numel - k + 1).values
 
 
 def dare(delta: torch.Tensor, p: float, seed: int, layer: str) -> torch.Tensor:
@@ -602,13 +619,20 @@ def dare(delta: torch.Tensor, p: float, seed: int, layer: str) -> torch.Tensor:
 
 def ties(deltas: list[torch.Tensor], density: float, sign: str) -> torch.Tensor:
     """TIES: trim each to density d; elect a sign per entry (of the sum, "total", or of the sum of
-    signs, "frequency"); the mean of the trimmed values that are non-zero and agree with it."""
-    trimmed = torch.stack([prune(d, density) if density < 1 else d for d in deltas]).double()
-    signs = torch.sign(trimmed)
-    elected = torch.sign(trimmed.sum(0) if sign == "total" else signs.sum(0))
-    agree = (signs == elected) & (trimmed != 0)
-    total = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype, device=trimmed.device)).sum(0)
-    return (total / agree.sum(0).clamp(min=1)).float()
+    signs, "frequency"); the mean of the trimmed values that are non-zero and agree with it.
+    Element-wise, one argument at a time (no stacked copy of all of them)."""
+    trimmed = [prune(d, density) if density < 1 else d for d in deltas]
+    votes = torch.zeros_like(trimmed[0])
+    for t in trimmed:
+        votes += t if sign == "total" else torch.sign(t)
+    elected = votes.sign_()  # 0 where the vote ties: no value agrees with it
+    total = torch.zeros_like(elected)
+    count = torch.zeros_like(elected)
+    for t in trimmed:
+        agree = torch.mul(t, elected).gt_(0)  # 1.0 where non-zero and of the elected sign, else 0.0
+        total.addcmul_(t, agree)
+        count += agree
+    return total.div_(count.clamp_(min=1))
 
 
 KERNELS: dict[str, Callable[[list[torch.Tensor], dict[str, Any], str], torch.Tensor]] = {
@@ -635,6 +659,6 @@ def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int
     for _ in range(power):
         back, _ = torch.linalg.qr((delta.T @ basis.float()).double())
         basis, _ = torch.linalg.qr((delta @ back.float()).double())
-    small = basis.T @ delta.double()  # width × cols
+    small = (basis.float().T @ delta).double()  # width × cols (the product in fp32: no fp64 copy of ΔW)
     u, s, vh = torch.linalg.svd(small, full_matrices=False)
     return _signed(basis @ u[:, :rank], s[:rank], vh[:rank])
