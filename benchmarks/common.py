@@ -214,22 +214,41 @@ class Measured:
     stderr: str
 
 
+# A small launcher between the benchmark and the measured command: a child forked from a big process
+# inherits that process's RSS high-water mark (Linux carries it across fork and exec into ru_maxrss), so
+# the command is started from this ~10 MiB Python instead, which reports wait4's rusage for it alone.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+report, command = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+process = subprocess.Popen(command)
+_, status, usage = os.wait4(process.pid, 0)
+wall = time.perf_counter() - start
+scale = 1 if sys.platform == "darwin" else 1024
+with open(report, "w") as f:
+    json.dump({"wall": wall, "maxrss": usage.ru_maxrss * scale, "returncode": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
 def measure(command: list[str], *, env: dict[str, str] | None = None, check: bool = True) -> Measured:
-    """Run `command` as a child; its wall time and peak RSS (the kernel's high-water mark from
-    wait4's rusage, else psutil polling every 10 ms)."""
+    """Run `command` as a child: its wall time and peak RSS (the kernel's high-water mark for that
+    process, from wait4 in a small launcher; psutil polling every 10 ms where there is no wait4)."""
     import tempfile
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(suffix=".json") as report:
         if hasattr(os, "wait4"):
-            _, status, usage = os.wait4(process.pid, 0)
-            wall = time.perf_counter() - start
-            process.returncode = os.waitstatus_to_exitcode(status)
-            peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            subprocess.run([sys.executable, "-c", _LAUNCHER, report.name, *command], stdout=out, stderr=err,
+                           env=env, check=False)
+            data = json.loads(Path(report.name).read_text() or "{}")
+            if not data:
+                raise RuntimeError(f"the launcher did not report on {command}")
+            wall, peak, returncode = data["wall"], data["maxrss"], data["returncode"]
         else:  # pragma: no cover - platforms without wait4
             import psutil
 
+            start = time.perf_counter()
+            process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
             child = psutil.Process(process.pid)
             peak = 0
             while process.poll() is None:
@@ -238,10 +257,10 @@ def measure(command: list[str], *, env: dict[str, str] | None = None, check: boo
                 except psutil.Error:
                     break
                 time.sleep(0.01)
-            wall = time.perf_counter() - start
+            wall, returncode = time.perf_counter() - start, process.returncode
         out.seek(0)
         err.seek(0)
-        result = Measured(wall, peak, process.returncode, out.read().decode(errors="replace"),
+        result = Measured(wall, peak, returncode, out.read().decode(errors="replace"),
                           err.read().decode(errors="replace"))
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -259,6 +278,15 @@ def baseline_rss() -> int:
 
 def lora_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def dtypes(directory: Path) -> str:
+    """The dtypes in an adapter's safetensors header, e.g. "F32" or "BF16+F32"."""
+    import struct
+
+    with open(directory / "adapter_model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return "+".join(sorted({v["dtype"] for k, v in header.items() if k != "__metadata__"}))
 
 
 # -- checks on adapters ---------------------------------------------------------------------------
@@ -310,12 +338,13 @@ def relative_error(x, reference) -> float:  # type: ignore[no-untyped-def]
 # -- results --------------------------------------------------------------------------------------
 
 
-def require_bench_extra() -> None:
-    try:
-        import matplotlib  # noqa: F401
-        import psutil  # noqa: F401
-    except ImportError as exc:
-        sys.exit(f"the benchmarks need matplotlib and psutil ({exc}): pip install -e '.[bench]'")
+def require_bench_extra(*more: str) -> None:
+    """Exit with a clear message when the `bench` extra (matplotlib, psutil; transformers for end_to_end) is missing."""
+    import importlib.util
+
+    missing = [name for name in ("matplotlib", "psutil", *more) if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"the benchmarks need {', '.join(missing)}, which are not installed: pip install -e '.[bench]'")
 
 
 def pyplot():  # type: ignore[no-untyped-def]

@@ -90,7 +90,10 @@ def peft_worker(args: argparse.Namespace) -> None:
     from transformers import LlamaForCausalLM
 
     mark("import")
-    model = LlamaForCausalLM.from_pretrained(args.base, dtype=torch.bfloat16)
+    import transformers
+
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = LlamaForCausalLM.from_pretrained(args.base, **{dtype_key: torch.bfloat16})
     if args.device != "cpu":
         model.to(args.device)
     mark("load base")
@@ -204,7 +207,7 @@ def main() -> None:
     if args.worker:
         peft_worker(args)
         return
-    common.require_bench_extra()
+    common.require_bench_extra("transformers", "peft")
     common.cuda_or_exit(args.device)
 
     shape, note = feasible_shape(common.SIZES[args.size]) if not args.skip_peft else (common.SIZES[args.size], "")
@@ -288,6 +291,7 @@ def main() -> None:
         + f" only, its SVD time scaled to {shape.layers} layers; peak RSS as measured."
         if any(r["scaled"] for r in results.values()) else "",
         ratios,
+        notes(results),
         "svd accuracy (relative Frobenius error over the layer's 7 modules; fp64 reference: dense truncated SVD "
         "of the exact ΔW):",
         acc,
@@ -298,6 +302,22 @@ def main() -> None:
     print(text)
     print(f"\nwrote {md} and {md.with_suffix('.png')}")
     shutil.rmtree(out, ignore_errors=True)
+
+
+def notes(results: dict) -> str:  # type: ignore[type-arg]
+    peft = {name: r for name, r in results.items() if name.startswith("PEFT")}
+    if not peft:
+        return ""
+    lines = [f"- PEFT's base model is loaded from safetensors by mmap: RSS right after loading it was "
+             f"{common.mib(max(r['rss_after_base'] for r in peft.values()))} MiB; its weights become resident only "
+             "where touched, and merging adapters touches none of them (a process that also runs the model pays "
+             "for them)."]
+    low = [name for name, r in peft.items() if "BF16" in r["dtypes"]]
+    if low:
+        lines.append(f"- {', '.join(low)} wrote (some) factors in the base model's dtype, bf16 (PEFT creates the merged "
+                     "adapter's weights like the base layer's), hence the smaller output and the error of PEFT cat below; "
+                     "pemlang writes the inputs' dtype (F32).")
+    return "Notes:\n\n" + "\n".join(lines)
 
 
 def plot(results: dict, size: str, path: Path) -> None:  # type: ignore[type-arg]
