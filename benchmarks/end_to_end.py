@@ -186,7 +186,8 @@ def accuracy(shape: common.Shape, inputs: dict[str, Path], outputs: dict[str, Pa
         rows.append([layer, f"{_error(got['pemlang exact'], exact):.1e}",
                      f"{_error(got['PEFT cat'], exact):.1e}" if "PEFT cat" in got else "n/a",
                      f"{_error(best, exact):.4f}", f"{_error(got['pemlang svd'], best):.1e}",
-                     f"{_error(got['PEFT svd'], best):.1e}" if "PEFT svd" in got else "not sampled"])
+                     f"{_error(got['PEFT svd'], best):.1e}" if "PEFT svd" in got
+                     else "not run" if "PEFT svd" not in outputs else "not sampled"])
     return rows
 
 
@@ -197,7 +198,9 @@ def main() -> None:
     parser.add_argument("--svd-sample-layers", type=int, default=1,
                         help="layers PEFT's svd really computes; its time is scaled to all layers")
     parser.add_argument("--accuracy-layers", type=int, default=2, help="layers for the svd accuracy check")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each pemlang route (median wall, max RSS)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each pemlang route (median wall, max RSS)")
+    parser.add_argument("--no-peft-svd", action="store_true",
+                        help="skip PEFT's svd (on 70b-slice one layer's full SVDs take over half an hour on 2 cores)")
     parser.add_argument("--skip-peft", action="store_true", help="pemlang routes only")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--combination", "--base", "--out", "--inputs", "--weights", "--sample-layers", "--json"):
@@ -234,7 +237,7 @@ def main() -> None:
                                        "dtypes": common.dtypes(out / f"pemlang-{route}")}
         print(f"  pemlang {route:6s} {results[f'pemlang {route}']['wall']:8.1f} s  "
               f"{common.mib(results[f'pemlang {route}']['rss'])} MiB", flush=True)
-        if args.skip_peft:
+        if args.skip_peft or (combination == "svd" and args.no_peft_svd):
             continue
         assert base is not None
         measured, report = run_peft(combination, inputs, base, out / f"peft-{combination}", shape.rank,
@@ -258,7 +261,8 @@ def main() -> None:
     outputs = {"pemlang exact": out / "pemlang-exact", "pemlang svd": out / "pemlang-svd"}
     if not args.skip_peft:
         outputs["PEFT cat"] = out / "peft-cat" / "merged"
-        outputs["PEFT svd"] = out / "peft-svd" / "merged"
+        if not args.no_peft_svd:
+            outputs["PEFT svd"] = out / "peft-svd" / "merged"
     acc_layers = sorted(set(spread(min(args.accuracy_layers, shape.layers))) | set(sample_layers))
     acc_rows = accuracy(shape, inputs, outputs, acc_layers, set(sample_layers))
 
@@ -270,6 +274,9 @@ def main() -> None:
     ratio_rows = []
     if not args.skip_peft:
         for route, combination in PAIRS:
+            if f"PEFT {combination}" not in results:
+                ratio_rows.append([f"PEFT {combination} / pemlang {route}", "not run (--no-peft-svd)", ""])
+                continue
             p, q = results[f"PEFT {combination}"], results[f"pemlang {route}"]
             ratio_rows.append([f"PEFT {combination} / pemlang {route}", f"{p['wall'] / q['wall']:.1f}x",
                                f"{p['rss'] / q['rss']:.1f}x"])
@@ -328,8 +335,8 @@ def plot(results: dict, size: str, path: Path) -> None:  # type: ignore[type-arg
     for ax, key, title, scale in ((axes[0], "wall", "wall (s)", 1), (axes[1], "rss", "peak RSS (MiB)", common.MiB)):
         pem = [results[f"pemlang {r}"][key] / scale for r, _ in PAIRS]
         ax.bar([i - 0.2 for i in x], pem, 0.4, label="pemlang")
-        if all(f"PEFT {c}" in results for _, c in PAIRS):
-            peft = [results[f"PEFT {c}"][key] / scale for _, c in PAIRS]
+        if any(f"PEFT {c}" in results for _, c in PAIRS):
+            peft = [results[f"PEFT {c}"][key] / scale if f"PEFT {c}" in results else 0 for _, c in PAIRS]
             ax.bar([i + 0.2 for i in x], peft, 0.4, label="PEFT (cat / linear / svd*)")
         ax.set_xticks(list(x), labels)
         ax.set_title(title)

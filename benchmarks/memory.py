@@ -74,9 +74,20 @@ def main() -> None:
     expression = f"svd({common.EXPRESSION}, rank={shape.rank})" if args.mode == "svd" else common.EXPRESSION
     print(f"{args.size}: L={base_layers}, multiples {multiples}, `{expression}` ({args.mode}); "
           f"baseline (import torch, safetensors.torch) {common.mib(baseline)} MiB", flush=True)
-    points = []
+    import psutil
+
+    points: list[dict] = []  # type: ignore[type-arg]
+    skipped = []
     for multiple in multiples:
         s = shape.with_layers(base_layers * multiple)
+        if points:  # a point whose peak, extrapolated from the last one, would not fit in memory is skipped
+            last = points[-1]
+            projected = baseline + (last["peak"] - baseline) * s.layers / last["layers"]
+            if projected > 0.8 * psutil.virtual_memory().available:
+                skipped.append(f"{multiple}L = {s.layers} layers skipped: projected peak {projected / 2**30:.1f} GiB "
+                               f"(from {last['multiple']}L), {psutil.virtual_memory().available / 2**30:.1f} GiB available")
+                print("  " + skipped[-1], flush=True)
+                continue
         inputs = common.adapters(s)
         out = common.CACHE / s.key / "memory-out"
         command = [*common.pemlang_cli(), "eval", *[f"--input={n}={p}" for n, p in inputs.items()], "--out", str(out),
@@ -113,6 +124,7 @@ def main() -> None:
         f"`python -c \"import torch, safetensors.torch\"` = {common.mib(baseline)} MiB. "
         "Check: peak ≤ baseline + 64 MiB + 2 × largest layer (one module's A+B, summed over the inputs).",
         table,
+        "\n".join(f"- {line}" for line in skipped),
         slope,
     ] if x)
     md = common.write_results(f"memory-{args.size}", text)
