@@ -107,7 +107,7 @@ def peft_worker(args: argparse.Namespace) -> None:
         model.load_adapter(inputs[name], adapter_name=name)
     mark("load adapters")
     svd_times: list[float] = []
-    if args.combination == "svd":
+    if args.combination.endswith("svd"):  # svd, ties_svd, dare_ties_svd, …: one dense SVD per layer
         sample = {int(x) for x in args.sample_layers.split(",")}
         layer_of = {id(m): int(re.search(r"\.layers\.(\d+)\.", n).group(1))  # type: ignore[union-attr]
                     for n, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -128,8 +128,9 @@ def peft_worker(args: argparse.Namespace) -> None:
 
         lora_model._svd_generalized_task_arithmetic_weighted_adapter = sampled
     weights = json.loads(args.weights)
+    extra = {"density": float(args.density)} if args.density else {}
     model.add_weighted_adapter(names, [weights[n] for n in names], "merged", combination_type=args.combination,
-                               svd_rank=args.rank if args.combination == "svd" else None)
+                               svd_rank=args.rank if args.combination.endswith("svd") else None, **extra)
     mark("add_weighted_adapter")
     model.save_pretrained(args.out, selected_adapters=["merged"])
     mark("save_pretrained")
@@ -148,12 +149,15 @@ def run_pemlang(route: str, inputs: dict[str, Path], out: Path, rank: int, devic
 
 
 def run_peft(combination: str, inputs: dict[str, Path], base: Path, out: Path, rank: int, device: str,
-             sample_layers: list[int]) -> tuple[common.Measured, dict]:  # type: ignore[type-arg]
+             sample_layers: list[int], weights: dict[str, float] | None = None, density: float | None = None
+             ) -> tuple[common.Measured, dict]:  # type: ignore[type-arg]
     report = out.with_suffix(".json")
     command = [sys.executable, __file__, "--worker", "--combination", combination, "--base", str(base),
                "--out", str(out), "--inputs", json.dumps({n: str(p) for n, p in inputs.items()}),
-               "--weights", json.dumps(common.WEIGHTS), "--rank", str(rank), "--device", device,
+               "--weights", json.dumps(weights or common.WEIGHTS), "--rank", str(rank), "--device", device,
                "--sample-layers", ",".join(map(str, sample_layers)), "--json", str(report)]
+    if density is not None:
+        command += ["--density", str(density)]
     measured = common.measure(command)
     return measured, json.loads(report.read_text())
 
@@ -206,7 +210,8 @@ def main() -> None:
                         help="skip PEFT's svd (on 70b-slice one layer's full SVDs take over half an hour on 2 cores)")
     parser.add_argument("--skip-peft", action="store_true", help="pemlang routes only")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for hidden in ("--combination", "--base", "--out", "--inputs", "--weights", "--sample-layers", "--json"):
+    for hidden in ("--combination", "--base", "--out", "--inputs", "--weights", "--sample-layers", "--json",
+                   "--density"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
