@@ -583,27 +583,30 @@ def prune(delta: torch.Tensor, density: float) -> torch.Tensor:
     magnitude = flat.abs()
     threshold = _kth_largest(magnitude, keep)
     dropped = magnitude < threshold
-    excess = (numel - int(dropped.sum())) - keep  # how many equal to the threshold are one too many
+    excess = (numel - int(torch.count_nonzero(dropped))) - keep  # equal to the threshold, one too many
     if excess > 0:  # equal magnitudes at the threshold: the first by position are kept
         at_threshold = torch.nonzero(magnitude == threshold).reshape(-1)
         dropped[at_threshold[len(at_threshold) - excess:]] = True
-    return flat.masked_fill(dropped, 0.0).reshape(delta.shape)
+    return torch.where(dropped, torch.zeros((), dtype=flat.dtype, device=flat.device), flat).reshape(delta.shape)
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest of a flat tensor, exactly. A strided sample bounds it from below, so the
-    selection runs over the values above that bound (about k of them) rather than all; when the
-    bound is not low enough, over all."""
+    """The k-th largest of a flat tensor, exactly. A strided sample brackets it between two bounds,
+    so the selection runs over the values in that narrow band (after counting those above it)
+    rather than over all; when the bracket misses, over all."""
     numel = values.numel()
     if numel > 1 << 20:
-        sample = values[:: numel // (1 << 16)]
-        rank = len(sample) * k / numel  # where the k-th largest falls in the sample
+        sample = torch.sort(values[:: numel // (1 << 16)]).values
+        size = len(sample)
+        rank = size * k / numel  # where the k-th largest falls in the sample, from the top
         margin = 8 * math.sqrt(rank + 1) + 16
-        position = max(1, min(len(sample), len(sample) - int(rank + margin) + 1))
-        bound = torch.kthvalue(sample, position).values
-        candidates = values[values >= bound]
-        if len(candidates) >= k:
-            return torch.kthvalue(candidates, len(candidates) - k + 1).values
+        low = sample[max(0, size - int(rank + margin) - 1)]
+        high = sample[min(size - 1, max(0, size - int(rank - margin)))] if rank > margin else None
+        above = 0 if high is None else int(torch.count_nonzero(values > high))
+        band = values[values >= low] if high is None else values[(values >= low) & (values <= high)]
+        wanted = k - above  # the wanted-th largest of the band
+        if 1 <= wanted <= len(band) and (high is None or above < k):
+            return torch.kthvalue(band, len(band) - wanted + 1).values
     return torch.kthvalue(values, numel - k + 1).values
 
 
