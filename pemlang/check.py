@@ -829,6 +829,11 @@ class Checker:
             if k.name.id not in op.option_names:
                 return self._error("E020", f"{name}() has no argument `{k.name.id}`", k.name.span,
                                    hints=did_you_mean(k.name.id, list(op.option_names)) or usage)
+        numbers = [expr for arg, expr in zip(args, call.args, strict=True) if isinstance(arg, ScalarValue)]
+        if numbers and op.options and len(args) > 1:
+            return self._error("E020", f"{name}() takes its options by name", numbers[0].span,
+                               notes=[f"`{self.source.snippet(numbers[0].span)}` is a number given by position"],
+                               hints=[f"write `{op.options[0].name}=…`; {usage[0]}"])
         if not args or (len(args) != 1 and not op.many):
             return self._error("E020", f"{name}() takes {'modules' if op.many else 'one module'}, "
                                f"{len(args)} given", call.span, hints=usage)
@@ -893,9 +898,11 @@ class Checker:
                     continue
                 value = evaluated.value if isinstance(evaluated, ScalarValue) else None
             if value is None or not option.accepts(value):
+                shown = self.source.snippet(raw.span)
+                if not isinstance(value, str) and value is not None and shown != _fmt(value):
+                    shown += f" = {_fmt(value)}"  # a param, perhaps set by --set or a sweep
                 self._error("E020", f"{op.name}() `{option.name}` must be {option.rule}", raw.span,
-                            notes=[f"it is {self.source.snippet(raw.span)}"] if raw.span.end > raw.span.start else [],
-                            hints=usage)
+                            notes=[f"it is {shown}"] if raw.span.end > raw.span.start else [], hints=usage)
                 failed = True
                 continue
             options[option.name] = int(value) if option.kind in ("seed", "rank") and not isinstance(value, str) \

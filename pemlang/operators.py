@@ -33,7 +33,7 @@ class Option:
             "rank": "a whole number ≥ 1",
             "density": "a number in (0, 1]",
             "probability": "a number in [0, 1)",
-            "seed": "a whole-number literal (e.g. 7), so that the program names its randomness",
+            "seed": "a whole-number literal ≥ 0 (e.g. 7), so that the program names its randomness",
             "choice": " or ".join(f'"{c}"' for c in self.choices),
         }[self.kind]
 

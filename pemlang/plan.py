@@ -188,7 +188,7 @@ def _call_line(plan: Plan, call: CallStep) -> str:
         return f"per layer, {how}, truncated to rank {call.rank}"
     options = ", ".join(f"{k}={v}" for k, v in sorted(call.options.items()))
     return (f"dense ΔW per layer ({options}); {_bytes(largest)} for the largest layer, "
-            f"{_bytes(largest * (len(call.args) + 1))} with its arguments'")
+            f"{_bytes(largest * (len(call.args) + 1))} with its arguments' ΔW")
 
 
 def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-def]

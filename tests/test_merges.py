@@ -228,3 +228,26 @@ def test_every_front_end_takes_the_functions(adapters: Path, tmp_path: Path) -> 
     for other in weights[1:]:
         assert other.keys() == weights[0].keys()
         assert all(torch.equal(other[k], weights[0][k]) for k in other)
+
+
+def test_readme_ties_snippet_runs_as_printed(example_root: Path) -> None:
+    """The README's TIES block, as printed, from the repository root after the set-up command."""
+    import os
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### TIES, DARE and pruning, on ΔW"):]
+    block = section[section.index("    mode exact"):]
+    block = block[: block.index("\n\n")]
+    program = example_root / "ties_snippet.pem"
+    program.write_text("\n".join(line[4:] for line in block.splitlines()) + "\n", encoding="utf-8")
+    err = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(example_root)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            status = main(["run", str(program), "--device", "cpu", "--force"])
+    finally:
+        os.chdir(cwd)
+    assert status == 0, err.getvalue()
+    for name in ("ties", "dare_ties", "pruned"):
+        assert (example_root / "examples" / "out" / name / "adapter_model.safetensors").exists()
