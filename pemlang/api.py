@@ -270,11 +270,22 @@ class Program:
         suffixes = [sweep_suffix(point, decimals) for point in points]
         if save and checked:
             self._guard_sweep(checked, suffixes, force=force)
-        for point, program, suffix in zip(points, checked, suffixes, strict=True):
+        for number, (point, program, suffix) in enumerate(zip(points, checked, suffixes, strict=True)):
             try:
                 evaluation = self._evaluate(point, device, program)
             except PemError as exc:  # a non-finite input or result (E014, E027): name the point
-                raise CompileError([_at_points(d, [point]) for d in exc.diagnostics]) from None
+                diagnostics = [_at_points(d, [point]) for d in exc.diagnostics]
+                if save and number:  # the points before this one were written, each whole
+                    from dataclasses import replace as _replace
+
+                    written = ", ".join(suffixes[:number][:3]) + (" …" if number > 3 else "")
+                    diagnostics = [_replace(d, notes=(*d.notes, f"the {number} point{'s' if number > 1 else ''} "
+                                                      f"before it were written ({written}); this one and the "
+                                                      "later ones were not"),
+                                            hints=tuple(h.replace("nothing was written",
+                                                                  "this point was not written") for h in d.hints))
+                                   for d in diagnostics]
+                raise CompileError(diagnostics) from None
             if save:
                 self.write(evaluation, suffix=suffix, force=force)
             if callback is not None:

@@ -143,7 +143,7 @@ class ModuleValue:
     @property
     def dense(self) -> bool:
         """Whether this value holds a dense ΔW per layer (a merge not yet reduced by `svd`)."""
-        return any(isinstance(t.source, CallRef) and t.source.dense and t.beta != 0 for t in self.terms)
+        return any(isinstance(t.source, CallRef) and t.source.dense for t in self.terms)  # whatever its coefficient
 
 
 class Poison:
@@ -889,8 +889,9 @@ class Checker:
             value: float | str | None = None
             if isinstance(raw, ast.Text):
                 value = raw.value if option.kind == "choice" else None
-            elif option.kind == "seed":
-                value = raw.value if isinstance(raw, ast.Number) else None
+            elif option.kind == "seed":  # from the text as written: exact beyond 2**53
+                text = self.source.snippet(raw.span)
+                value = int(text) if isinstance(raw, ast.Number) and text.isdigit() else None
             elif option.kind != "choice":
                 evaluated = self.expr(raw)
                 if isinstance(evaluated, Poison):

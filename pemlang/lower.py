@@ -13,7 +13,7 @@ from typing import Any
 
 from .adapters import config_owner
 from .check import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
-from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key
+from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key, recursion_room
 from .types import Ia3Layer, LoraLayer
 
 
@@ -225,7 +225,8 @@ def lower(program: CheckedProgram, *, dtype: str | None = None, filename: str | 
     if not program.ok:
         raise ValueError("cannot lower a program with errors")
     lowering = _Lowering(program, dtype)
-    outputs = tuple(lowering.output(out) for out in program.outputs)
+    with recursion_room():
+        outputs = tuple(lowering.output(out) for out in program.outputs)
     inputs = {name: PlanInput(name, adapter.path, program.input_written.get(name, str(adapter.path)), adapter)
               for name, adapter in program.inputs.items()}
     return Plan(filename or program.source.filename, program.source.text, program.mode, dict(program.params),

@@ -33,7 +33,7 @@ class Option:
             "rank": "a whole number ≥ 1",
             "density": "a number in (0, 1]",
             "probability": "a number in [0, 1)",
-            "seed": "a whole-number literal ≥ 0 (e.g. 7), so that the program names its randomness",
+            "seed": "a whole-number literal from 0 to 2**63 − 1 (e.g. 7), so that the program names its randomness",
             "choice": " or ".join(f'"{c}"' for c in self.choices),
         }[self.kind]
 
@@ -49,7 +49,7 @@ class Option:
             return 0 < value <= 1
         if self.kind == "probability":
             return 0 <= value < 1
-        return value == int(value) and 0 <= value < 2**63  # seed
+        return isinstance(value, int) and 0 <= value < 2**63  # seed: an int read from its digits
 
 
 @dataclass(frozen=True)

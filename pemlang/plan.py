@@ -7,7 +7,10 @@ dtypes are decided, and the adapter_config.json to write is built. The plan hold
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -135,6 +138,18 @@ def dtype_name(text: str) -> str:
     raise ValueError(f"unknown dtype {text!r} (float32, float16 or bfloat16)")
 
 
+@contextlib.contextmanager
+def recursion_room(limit: int = 20_000) -> Iterator[None]:
+    """Room for the recursion over function nodes (lowering, evaluation, provenance): a program may
+    nest 200 calls (the parser's limit), a few Python frames each."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
+
+
 def tensor_key(layer_key: str, suffix: str) -> str:
     """The PEFT state-dict key of a layer's tensor (`lora_A.weight`, `lora_B.weight`, `ia3_l`)."""
     return f"{PEFT_PREFIX}{layer_key}.{suffix}"
@@ -147,6 +162,11 @@ def pattern_key(layer_key: str) -> str:
 
 def output_inputs(plan: Plan, out: OutputPlan) -> set[str]:
     """The inputs an output reads, through function calls and heads."""
+    with recursion_room():
+        return _output_inputs(plan, out)
+
+
+def _output_inputs(plan: Plan, out: OutputPlan) -> set[str]:
     names: set[str] = set()
 
     def visit(source: str) -> None:

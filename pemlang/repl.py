@@ -351,7 +351,16 @@ class Session:
         except ValueError:
             raise PemError([error("E017", f"`{value.strip() or '(nothing)'}` is not a finite number", source,
                                   Span(span.start + len(name) + 1, span.end), hints=[f"e.g. :set {name.strip()}=0.3"])]) from None
+        previous = self.overrides.get(name.strip())
         self.overrides[name.strip()] = Override(name.strip(), number, source, what=":set")
+        errors = [d for d in self._replayed(self.mode).diagnostics if d.is_error]
+        if errors:  # an earlier entry does not check with this value: keep the old one, say why
+            if previous is None:
+                del self.overrides[name.strip()]
+            else:
+                self.overrides[name.strip()] = previous
+            raise PemError([*errors, error("E017", f"`{name.strip()}` keeps its value: with {number:g}, the entries "
+                                           "above have errors", source, span)])
         self.say(f"{name.strip()} = {number:g}")
 
     def cmd_save(self, source: Source, rest: str, span: Span) -> None:

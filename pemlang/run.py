@@ -123,11 +123,13 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
     guard([out.path for _, out in destinations if out.path is not None],
           {name: item.path for name, item in plan.inputs.items()}, force=force)
     placeholder = {name: "0" * 64 for name in plan.inputs}  # a sha256 is 64 hex digits: the header's length is fixed
-    with staged([out.path for _, out in destinations if out.path is not None], force=force) as (stagings, writer):
+    with staged([out.path for _, out in destinations if out.path is not None], force=force,
+                protect=[item.path for item in plan.inputs.values()]) as (stagings, writer):
         files: dict[int, StagedAdapter] = {}
         try:
             for (index, out), staging in zip(destinations, stagings, strict=True):
-                files[index] = StagedAdapter(staging, output_entries(out), metadata(plan, out, placeholder), writer)
+                files[index] = StagedAdapter(staging, output_entries(out), metadata(plan, out, placeholder), writer,
+                                             destination=out.path)
 
             def sink(index: int, tensors: dict[str, Any], ready: Callable[[], None] | None) -> bool:
                 if index not in files:
@@ -178,7 +180,8 @@ def write_outputs(result: RunResult, *, force: bool = False) -> list[Path]:
     written = []
     for out, tensors in outputs:
         assert out.path is not None
-        write_adapter(out.path, tensors, out.config, metadata(result.plan, out, hashes), force=force)
+        write_adapter(out.path, tensors, out.config, metadata(result.plan, out, hashes), force=force,
+                      protect=[item.path for item in result.plan.inputs.values()])
         written.append(out.path)
     return written
 

@@ -297,13 +297,20 @@ def remove_stale_staging(directory: Path, *, wait: bool = True) -> int:
         os.close(fd)
 
 
-def _remove_staging(directory: Path) -> int:
+def _remove_staging(directory: Path, protect: Sequence[Path] = ()) -> int:
+    """Remove stale staging in `directory`; never an entry that is, contains or is inside one of
+    `protect` (the run's inputs), whatever its name and claim."""
     removed = 0
+    entries = []
     with contextlib.suppress(OSError), os.scandir(directory) as scan:
         entries = list(scan)
     names = {entry.name for entry in entries}
+    guarded = [Path(os.path.realpath(path)) for path in protect]
     for entry in entries:
         if not STAGING.match(entry.name):
+            continue
+        real = Path(os.path.realpath(entry.path))
+        if any(_overlaps(real, path) for path in guarded):
             continue
         if entry.name + CLAIM in names:
             _remove(Path(entry.path))
@@ -404,8 +411,9 @@ class StagedAdapter:
     at the end, goes in last, at the same length. Nothing holds the whole output."""
 
     def __init__(self, staging: Path, entries: Mapping[str, tuple[str, Sequence[int]]], meta: Mapping[str, str],
-                 background: _Background | None = None):
+                 background: _Background | None = None, destination: Path | None = None):
         self.staging = staging
+        self.destination = destination
         self.entries = dict(entries)
         self.layout = layout(self.entries, meta)
         self.written: set[str] = set()
@@ -429,10 +437,10 @@ class StagedAdapter:
             assert len(data) == end - begin
             self.written.add(key)
             if self.background is not None:
-                self.background.submit(_pwrite_all, self.fd, data, begin, ready)
+                self.background.submit(_pwrite_all, self.fd, data, begin, ready, self.destination)
                 ready = None  # one wait covers the layer's tensors: they were copied before the event
             else:
-                _pwrite_all(self.fd, data, begin)
+                _pwrite_all(self.fd, data, begin, None, self.destination)
 
     def finish(self, config: Mapping[str, Any], meta: Mapping[str, str]) -> None:
         """Write the header (with the final metadata) and the config, and flush both to disk."""
@@ -461,12 +469,17 @@ class StagedAdapter:
             self.fd = -1
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int, ready: Callable[[], None] | None = None) -> None:
+def _pwrite_all(fd: int, data: memoryview, offset: int, ready: Callable[[], None] | None = None,
+                destination: Path | None = None) -> None:
     if ready is not None:
         ready()
-    while data:
-        count = os.pwrite(fd, data, offset)
-        data, offset = data[count:], offset + count
+    try:
+        while data:
+            count = os.pwrite(fd, data, offset)
+            data, offset = data[count:], offset + count
+    except OSError as exc:
+        exc.destination = destination  # type: ignore[attr-defined]  # which output failed (E018 names it)
+        raise
 
 
 class _Background:
@@ -509,8 +522,8 @@ def _os_error(exc: OSError, destination: Path) -> WriteError:
 
 
 @contextlib.contextmanager
-def staged(destinations: Sequence[Path], *, force: bool = False, background: bool = True
-           ) -> Iterator[tuple[list[Path], _Background | None]]:
+def staged(destinations: Sequence[Path], *, force: bool = False, background: bool = True,
+           protect: Sequence[Path] = ()) -> Iterator[tuple[list[Path], _Background | None]]:
     """Staging directories for `destinations`, each swapped into place when the block ends normally
     (one after the other); on any exception every staging directory is removed and nothing is
     written. The destinations' parent directories stay locked meanwhile (in sorted order, so two
@@ -522,15 +535,18 @@ def staged(destinations: Sequence[Path], *, force: bool = False, background: boo
     stagings: list[Path] = []
     writer = _Background() if background else None
     current = destinations[0] if destinations else Path(".")
+    created: list[Path] = []  # parent directories made here: removed again if nothing is written
     try:
         with contextlib.ExitStack() as locks:
             for destination in destinations:
                 current = destination
+                missing = [d for d in [destination.parent, *destination.parent.parents] if not os.path.lexists(d)]
                 destination.parent.mkdir(parents=True, exist_ok=True)
+                created += missing  # deepest first
             for parent in sorted({d.parent for d in destinations}):
                 current = parent
                 locks.enter_context(locked(parent))
-                _remove_staging(parent)
+                _remove_staging(parent, protect)
             for destination in destinations:
                 if os.path.lexists(destination) and not force:
                     raise OutputExists(destination)
@@ -559,8 +575,13 @@ def staged(destinations: Sequence[Path], *, force: bool = False, background: boo
                         if os.path.lexists(staging) or os.path.lexists(staging.with_name(staging.name + CLAIM)):
                             _release(staging)
                 raise
-    except OSError as exc:
-        raise _os_error(exc, current) from None
+    except BaseException as exc:
+        for directory in created:  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        if isinstance(exc, OSError):
+            raise _os_error(exc, getattr(exc, "destination", current)) from None
+        raise
     finally:
         if writer is not None:
             writer.close()
@@ -584,12 +605,12 @@ def _swap(staging: Path, destination: Path) -> None:
 
 
 def write_adapter(destination: Path, tensors: dict[str, Any], config: dict[str, Any], meta: dict[str, str],
-                  *, force: bool = False) -> None:
+                  *, force: bool = False, protect: Sequence[Path] = ()) -> None:
     """Write an adapter held in memory atomically; replace an existing one only with `force`.
 
     OS errors (no space, read-only file system, permissions, a name too long) become WriteError
     (E018) naming the destination; nothing partial is left."""
-    with staged([destination], force=force, background=False) as (stagings, _):
+    with staged([destination], force=force, background=False, protect=protect) as (stagings, _):
         entries = {key: (dtype_name(t), tuple(t.shape)) for key, t in tensors.items()}
         adapter = StagedAdapter(stagings[0], entries, meta)
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, tensor_key
+from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, recursion_room, tensor_key
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -321,7 +321,7 @@ class TorchBackend:
         which, and the results are empty."""
         report = RunReport()
         results: list[dict[str, torch.Tensor]] = [{} for _ in plan.outputs]
-        with contextlib.ExitStack() as stack, torch.no_grad():
+        with contextlib.ExitStack() as stack, torch.no_grad(), recursion_room():
             if plan.calls and self.device.type == "cpu":
                 # LAPACK's QR and SVD (and BLAS products) round differently with the thread count;
                 # one thread makes function results byte-identical across machines' core counts.
@@ -544,11 +544,13 @@ class TorchBackend:
 
 
 def _signed(left: torch.Tensor, s: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) = (Vᵀ, U·S) with fixed signs (the largest entry of each left singular vector
-    positive), in fp32, so the bytes are reproducible."""
+    """(A, B) = (√S·Vᵀ, U·√S) with fixed signs (the largest entry of each left singular vector
+    positive), in fp32, so the bytes are reproducible. The singular values are split between the
+    factors, so each holds about √ of ΔW's scale and fits a half-precision output where ΔW does."""
     signs = torch.sign(left.gather(0, left.abs().argmax(dim=0, keepdim=True)))
     signs[signs == 0] = 1
-    return (right * signs.T).float(), ((left * signs) * s).float()
+    root = s.sqrt()
+    return (right * (signs.T * root[:, None])).float(), ((left * signs) * root).float()
 
 
 # -- kernels of the dense functions (operators.OPERATORS), on one layer's ΔW ------------------------
@@ -653,10 +655,14 @@ def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int
     Small layers are factorised exactly. The test matrix comes from (layer) on the CPU, so the
     result does not depend on the device's random numbers."""
     rows, cols = delta.shape
+    scale = float(delta.abs().max())  # worked on at unit scale: fp32 products cannot overflow
+    if scale == 0:
+        return torch.zeros((rank, cols), device=delta.device), torch.zeros((rows, rank), device=delta.device)
+    delta = delta / scale
     width = min(rows, cols, rank + max(rank, oversample))
     if width >= min(rows, cols) // 2:
         u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-        return _signed(u[:, :rank], s[:rank], vh[:rank])
+        return _signed(u[:, :rank], s[:rank] * scale, vh[:rank])
     omega = torch.randn((cols, width), generator=_layer_generator(0, layer), dtype=torch.float32).to(delta.device)
     basis, _ = torch.linalg.qr((delta @ omega).double())
     for _ in range(power):
@@ -664,4 +670,4 @@ def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int
         basis, _ = torch.linalg.qr((delta @ back.float()).double())
     small = (basis.float().T @ delta).double()  # width × cols (the product in fp32: no fp64 copy of ΔW)
     u, s, vh = torch.linalg.svd(small, full_matrices=False)
-    return _signed(basis @ u[:, :rank], s[:rank], vh[:rank])
+    return _signed(basis @ u[:, :rank], s[:rank] * scale, vh[:rank])

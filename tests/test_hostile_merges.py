@@ -1,0 +1,153 @@
+"""Hostile input against the streaming writer and the merge functions (found by an attack on them)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pemlang.cli import main
+
+
+def cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(list(args))
+    finally:
+        os.chdir(previous)
+    return status, out.getvalue(), err.getvalue()
+
+
+def program(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_an_input_with_a_claim_beside_it_is_still_never_removed(adapters: Path, tmp_path: Path) -> None:
+    """Even a directory that looks exactly like a dead writer's retired output — the name and its
+    claim file — is left alone when it is one of the run's inputs."""
+    retired = tmp_path / ".o.99-x_y.pemlang-old"
+    shutil.copytree(adapters / "llama_r8", retired)
+    (tmp_path / ".o.99-x_y.pemlang-old.claim").touch()
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{retired}"\noutput 2*a -> "o"\n')
+    status, _, err = cli("run", str(path), "--device", "cpu")
+    assert status == 0, err
+    assert (retired / "adapter_model.safetensors").exists()
+
+
+def test_repl_set_that_breaks_an_earlier_entry_is_refused(adapters: Path, tmp_path: Path) -> None:
+    script = (f'mode exact\ninput a = "{adapters}/llama_r8"\ninput b = "{adapters}/llama_r8_b"\nparam d = 0.3\n'
+              f't = ties(a, b, density=d)\n:set d=0\n:save svd(t, rank=2) {tmp_path / "r5"}\n')
+    result = subprocess.run([sys.executable, "-m", "pemlang.cli", "repl"], input=script, capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "`density` must be a number in (0, 1]" in result.stdout + result.stderr
+    assert "`d` keeps its value" in result.stdout + result.stderr
+    assert (tmp_path / "r5" / "adapter_model.safetensors").exists()  # saved with d = 0.3
+
+
+def test_huge_finite_values_in_a_dense_merge_are_reduced_not_crashed(adapters: Path, tmp_path: Path) -> None:
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\n'
+                                       'output svd(dare(3e38*a, p=0.5, seed=1), rank=2) -> "o"\n')
+    status, _, err = cli("run", str(path), "--device", "cpu")
+    assert status in (0, 1) and "internal error" not in err, err
+    if status == 0:
+        assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "o" / "adapter_model.safetensors")).values())
+    else:
+        assert "error[E027]" in err
+
+
+def test_functions_nested_to_the_parsers_limit_lower_and_run(adapters: Path, tmp_path: Path) -> None:
+    expression = "a"
+    for _ in range(199):
+        expression = f"prune({expression}, density=0.9)"
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\n'
+                                       f'output svd({expression}, rank=2) -> "o"\n')
+    for command in ("plan", "run"):
+        status, _, err = cli(command, str(path), *(["--device", "cpu"] if command == "run" else []))
+        assert status == 0, err[-2000:]
+
+
+def test_a_sweep_that_fails_later_says_which_points_were_written(adapters: Path, tmp_path: Path) -> None:
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\nparam k = 1\n'
+                                       'output svd(k*prune(a, density=0.5), rank=2) -> "swk/o"\n')
+    status, _, err = cli("run", str(path), "--sweep", "k=1,2,1e12", "--dtype", "float16", "--device", "cpu")
+    assert status == 1 and "error[E027]" in err, err
+    assert "the 2 points before it were written (k=1.0, k=2.0)" in err and "nothing was written" not in err
+    assert sorted(p.name for p in (tmp_path / "swk").iterdir()) == ["o.k=1.0", "o.k=2.0"]
+
+
+def test_a_write_error_names_the_output_that_failed(adapters: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = program(tmp_path / "p.pem", f'input a = "{adapters}/llama_r8"\n'
+                                       'output 2*a -> "first"\noutput 3*a -> "second"\n')
+    real = os.pwrite
+
+    def failing(fd: int, data: bytes, offset: int) -> int:
+        if ".first." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    status, _, err = cli("run", str(path), "--device", "cpu")
+    assert status == 1 and "/first: No space left on device" in err and "second" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pem"]
+
+
+def test_directories_made_for_a_failed_run_are_removed(adapters: Path, tmp_path: Path) -> None:
+    path = program(tmp_path / "p.pem", f'mode exact\ninput n = "{adapters}/llama_nan"\n'
+                                       'output svd(prune(n, density=0.5), rank=2) -> "deep/x/y/o"\n')
+    status, _, err = cli("run", str(path), "--device", "cpu")
+    assert status == 1 and "error[E014]" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pem"]
+
+
+def test_seeds_are_exact_integers_up_to_2_63(adapters: Path, tmp_path: Path) -> None:
+    def run(seed: str, name: str) -> dict[str, torch.Tensor]:
+        path = program(tmp_path / f"{name}.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\n'
+                                                 f'output svd(dare(a, p=0.5, seed={seed}), rank=4) -> "{name}"\n')
+        status, _, err = cli("run", str(path), "--device", "cpu")
+        assert status == 0, err
+        return load_file(str(tmp_path / name / "adapter_model.safetensors"))
+
+    first, second = run(str(2**53), "s1"), run(str(2**53 + 1), "s2")
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    run(str(2**63 - 1), "s3")
+    path = program(tmp_path / "big.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\n'
+                                         f'output svd(dare(a, p=0.5, seed={2**63}), rank=4) -> "s4"\n')
+    status, _, err = cli("check", str(path))
+    assert status == 1 and "from 0 to 2**63 − 1" in err, err
+
+
+def test_a_dense_term_needs_svd_whatever_its_coefficient(adapters: Path, tmp_path: Path) -> None:
+    for expression in ("0*prune(a, density=0.5)", "0*ties(a, b, density=0.5) + a"):
+        path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\n'
+                                           f'input b = "{adapters}/llama_r8_b"\noutput {expression} -> "o"\n')
+        status, _, err = cli("check", str(path))
+        assert status == 1 and "error[E028]" in err, (expression, err)
+
+
+def test_svd_factors_share_the_singular_values(adapters: Path, tmp_path: Path) -> None:
+    """B = U·√S and A = √S·Vᵀ: each component's norms are equal, so a half-precision output holds
+    factors of about √ of ΔW's scale."""
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\n'
+                                       f'input b = "{adapters}/llama_r8_b"\noutput svd(a + b, rank=6) -> "o"\n')
+    status, _, err = cli("run", str(path), "--device", "cpu")
+    assert status == 0, err
+    tensors = load_file(str(tmp_path / "o" / "adapter_model.safetensors"))
+    for key in [k for k in tensors if k.endswith("lora_A.weight")]:
+        a, b = tensors[key].double(), tensors[key.replace("lora_A", "lora_B")].double()
+        assert torch.allclose(a.norm(dim=1), b.norm(dim=0), rtol=1e-4), key
