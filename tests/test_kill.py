@@ -113,8 +113,8 @@ def test_kills_at_random_points_leave_no_partial_output(big: Path) -> None:
         process.send_signal(how)
         status = process.wait()
         stdout, stderr = process.communicate()
-        if status != 0 and "wrote" in stdout:  # the signal came after main() returned: a finished run
-            assert status == -how, (status, stderr)
+        if status != 0 and "wrote" in stdout:  # the signal came after the output was in place: a finished run
+            assert status in (-how, 130), (status, stderr)  # 130: while the summary was printed
             assert content(out / "mix") == known[k]
         elif status != 0:
             kills += 1
