@@ -1,10 +1,11 @@
 """Run every benchmark for one size, each in its own process; results land in benchmarks/results/.
 
-    python benchmarks/run_all.py [--size tinyllama|7b|70b-slice] [--device cpu|cuda] [--only end_to_end,roofline,memory,ties]
+    python benchmarks/run_all.py [--size tinyllama|7b|70b-slice] [--device cpu|cuda]
+                                 [--only end_to_end,roofline,memory,ties]
 
 end_to_end.py (pemlang vs PEFT), roofline.py (pemlang vs a plain copy), memory.py (peak RSS vs output
-size) and ties.py (svd(ties(…)) vs PEFT's ties_svd). With `--device cuda` and no CUDA device each says so and is skipped (exit 0). sweep.py (λ sweeps)
-is separate: it takes its own shape options.
+size) and ties.py (svd(ties(…)) vs PEFT's ties_svd). With `--device cuda` and no CUDA device each says
+so and is skipped (exit 0). sweep.py (λ sweeps) is separate: it takes its own shape options.
 """
 
 from __future__ import annotations
