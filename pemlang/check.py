@@ -30,12 +30,13 @@ from .types import Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
 Mode = Literal["paper", "exact"]
 MODES: tuple[Mode, ...] = ("paper", "exact")
 KEYWORDS = ("input", "param", "output", "mode", "heads")
+NAME_PATTERN = r"[^\W\d]\w*"  # the grammar's NAME
 
 
 def is_name(text: object) -> bool:
     """Whether `text` can name an input or param: a letter or _ then letters, digits or _, and
     not a keyword or function."""
-    return (isinstance(text, str) and re.fullmatch(r"[^\W\d]\w*", text) is not None
+    return (isinstance(text, str) and re.fullmatch(NAME_PATTERN, text) is not None
             and text not in KEYWORDS and text not in FUNCTIONS)
 _call_ids = itertools.count(1)
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat,
 from pydantic_core import PydanticCustomError
 
 from .backend import DEVICE_FORMS, DEVICE_PATTERN
+from .check import KEYWORDS, NAME_PATTERN
 from .diagnostics import Diagnostic, PemError, error
 from .source import CONFIG_SUFFIXES, Source, Span, read_source
 
@@ -577,7 +578,7 @@ def structure_problems(config: PemConfig, located: Located | None = None) -> lis
                            hints=["write `heads drop` or `heads from NAME` as a statement of the program"]))
     for field_name, what in (("inputs", "an input"), ("params", "a param")):
         for name in getattr(config, field_name):
-            if not re.fullmatch(r"[^\W\d]\w*", name) or name in ("input", "param", "output", "mode", "heads"):
+            if not re.fullmatch(NAME_PATTERN, name) or name in KEYWORDS:
                 shown = f"`{name}`" if name.isprintable() else repr(name)
                 problems.append(at((field_name, name), f"{shown} cannot be {what} name",
                                    hints=["a name is a letter or _ followed by letters, digits or _ (e.g. `yelp_lm`)"]))

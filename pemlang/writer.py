@@ -36,7 +36,7 @@ from typing import Any
 from . import __version__, interrupts
 from .adapters import CONFIG_NAME, WEIGHTS_NAME
 from .diagnostics import Diagnostic, PemError, display_path, error
-from .plan import OutputPlan, Plan, output_inputs
+from .plan import DTYPE_BYTES, OutputPlan, Plan, output_inputs
 
 # What a writer leaves beside the destination while it works: `.NAME.PID-RANDOM.pemlang-tmp`
 # (staging) and `.NAME.PID-RANDOM.pemlang-old` (an old directory on its way out).
@@ -92,7 +92,6 @@ def metadata(plan: Plan, out: OutputPlan, input_hashes: dict[str, str]) -> dict[
 
 # safetensors lays tensors out by dtype, widest first, then by name; the header lists them sorted.
 DTYPE_ORDER = {"F64": 4, "F32": 3, "BF16": 2, "F16": 1}
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 
 
 @dataclass(frozen=True)
@@ -131,10 +130,11 @@ def tensor_bytes(tensor: Any) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def dtype_name(tensor: Any) -> str:
-    import torch
+def tensor_dtype(tensor: Any) -> str:
+    """A tensor's safetensors dtype name (`F32`…): the backend's table, read backwards."""
+    from .backend.torch_backend import TORCH_DTYPES
 
-    return {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[tensor.dtype]
+    return next(name for name, dtype in TORCH_DTYPES.items() if dtype == tensor.dtype)
 
 
 # -- the guard: every write is checked here first ---------------------------------------------------
@@ -430,8 +430,8 @@ class StagedAdapter:
             ready = None
         for key, tensor in tensors.items():
             begin, end = self.layout.offsets[key]
-            if (dtype_name(tensor), tuple(tensor.shape)) != (self.entries[key][0], tuple(self.entries[key][1])):
-                raise AssertionError(f"{key}: {dtype_name(tensor)}{list(tensor.shape)} is not the planned "
+            if (tensor_dtype(tensor), tuple(tensor.shape)) != (self.entries[key][0], tuple(self.entries[key][1])):
+                raise AssertionError(f"{key}: {tensor_dtype(tensor)}{list(tensor.shape)} is not the planned "
                                      f"{self.entries[key][0]}{list(self.entries[key][1])}")
             data = tensor_bytes(tensor)
             assert len(data) == end - begin
@@ -611,7 +611,7 @@ def write_adapter(destination: Path, tensors: dict[str, Any], config: dict[str, 
     OS errors (no space, read-only file system, permissions, a name too long) become WriteError
     (E018) naming the destination; nothing partial is left."""
     with staged([destination], force=force, background=False, protect=protect) as (stagings, _):
-        entries = {key: (dtype_name(t), tuple(t.shape)) for key, t in tensors.items()}
+        entries = {key: (tensor_dtype(t), tuple(t.shape)) for key, t in tensors.items()}
         adapter = StagedAdapter(stagings[0], entries, meta)
         try:
             adapter.put(tensors)

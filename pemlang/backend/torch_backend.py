@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, recursion_room, tensor_key
+from ..writer import sha256_file
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -131,7 +132,6 @@ class _Inputs:
         self.plan = plan
         self.device = device
         self.report = report
-        self.stack = stack
         self.readers: dict[str, _HashingReader] = {}
         self.readers_lock = __import__("threading").Lock()
         self.layer: dict[tuple[str, str, bool], torch.Tensor] = {}
@@ -220,20 +220,18 @@ class _Inputs:
                 found = True
         return found
 
+    def stop_unless_finite(self, values: list[torch.Tensor], index: int, key: str, dtype: str) -> None:
+        """Stop the run (_Stop) when any of `values` is not finite: the report blames this layer's
+        inputs when one of them is not (E014), else the result of output `index` at `key` (E027)."""
+        if not _finite(values):
+            if not self.blame():
+                self.report.non_finite_result = (index, key, dtype)
+            raise _Stop
+
     def digests(self) -> dict[str, str]:
         """Every input's sha256: finish hashing what reading did not reach."""
-        return {name: _sha256(item.adapter.weights_file) if item.adapter.pickled else self._reader(name).digest()
+        return {name: sha256_file(item.adapter.weights_file) if item.adapter.pickled else self._reader(name).digest()
                 for name, item in self.plan.inputs.items()}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -367,10 +365,7 @@ class TorchBackend:
         layer are blamed when one of them is not finite (E014), the result otherwise (E027)."""
         dtype = TORCH_DTYPES[item.dtype]
         cast = {name: value.to(dtype) for name, value in produced.items()}
-        if not _finite(list(cast.values())):
-            if not inputs.blame():
-                report.non_finite_result = (index, item.key, item.dtype)
-            raise _Stop
+        inputs.stop_unless_finite(list(cast.values()), index, item.key, item.dtype)
         if cast and next(iter(cast.values())).device.type == "cuda":
             # Into page-locked memory without waiting; the writer waits for the copy (the event)
             # before it reads the bytes, so the next layer computes meanwhile.
@@ -518,16 +513,10 @@ class TorchBackend:
             raise AssertionError("lowering gives svd sources only to layers they contribute to")
         if any(t.source in plan.calls and plan.calls[t.source].dense for t in terms):
             delta = self._delta(plan, terms, layer, svd.layer_shapes[layer], inputs, cache, index)
-            if not _finite([delta]):
-                if not inputs.blame():
-                    inputs.report.non_finite_result = (index, layer, "F32")
-                raise _Stop
+            inputs.stop_unless_finite([delta], index, layer, "F32")
             return truncated_svd(delta, rank, layer)
         a, b = self._stack(plan, terms, layer, inputs, cache, index)
-        if not _finite([a, b]):  # a factorisation of NaN would only crash: E014 names the input first
-            if not inputs.blame():
-                inputs.report.non_finite_result = (index, layer, "F32")
-            raise _Stop
+        inputs.stop_unless_finite([a, b], index, layer, "F32")  # a factorisation of NaN would only crash
         # In float64 (on the CPU with one thread, see `run`), then rounded to fp32; signs are fixed
         # (the largest entry of each left singular vector positive), so the bytes are reproducible.
         q_b, r_b = torch.linalg.qr(b.double())
