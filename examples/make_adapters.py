@@ -41,6 +41,21 @@ def base_model(task: str = "lm"):  # type: ignore[no-untyped-def]
     return model
 
 
+def tokenizer():  # type: ignore[no-untyped-def]
+    """A character-level tokenizer for the tiny model (printable ASCII, one id per character; ids
+    below the model's vocabulary of 128), so that `pemlang tune --data` has text to score."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 def make_lora(out: Path, seed: int, *, task: str = "lm", r: int = 8, alpha: int = 16,
               drift: float = 0.02, shared_init: int = 0, **extra) -> None:  # type: ignore[no-untyped-def]
     """A LoRA adapter on q/k/v/o whose A starts from `shared_init` and drifts by `drift`."""
@@ -105,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     # (IA)3 modules, for the same operators on the other kind of PEM.
     make_ia3(out / "ia3_theta1", seed=10)
     make_ia3(out / "ia3_theta2", seed=11)
-    # A model to load the results onto.
+    # A model to load the results onto (and tune on: with its tokenizer).
     base_model("lm").save_pretrained(out / "base")
+    tokenizer().save_pretrained(out / "base")
     print(f"wrote {len(list(out.iterdir()))} directories under {out}")
 
 

@@ -131,6 +131,8 @@ class Program:
         self.device = device
         self.dtype = dtype_name(dtype) if dtype is not None else None  # ValueError for an unknown dtype
         self._tensor_cache: Any = None
+        # How to compile this program again (a Ray worker does, in its own process): (function, kwargs).
+        self._recipe: tuple[Callable[..., Program], dict[str, Any]] | None = None
         self.checked = self._check({})  # raises CompileError with every diagnostic
         self.warnings = [d for d in self.checked.diagnostics if not d.is_error]
 
@@ -189,17 +191,23 @@ class Program:
                           result.diagnostics)
 
     def save(self, directory: str | Path | None = None, params: Mapping[str, float] | None = None, *,
-             device: str | None = None, force: bool = False, **kw: float) -> list[Path]:
+             device: str | None = None, force: bool = False, provenance: Mapping[str, str] | None = None,
+             **kw: float) -> list[Path]:
         """Write the outputs as PEFT adapter directories, streaming: each layer goes to disk as it
         is computed, so memory does not grow with the output.
 
         A program whose outputs have directories writes there; `directory` gives the directory of
-        a single-output program compiled without one (an expression)."""
+        a single-output program compiled without one (an expression). `provenance` adds entries
+        (`pemlang.…` keys) to the metadata recorded in the written header."""
+        from dataclasses import replace
+
         from .lower import lower
         from .run import stream
 
         checked = self._check({**(params or {}), **kw})
         plan = self._placed(lower(checked, dtype=self.dtype), directory=directory)
+        if provenance:
+            plan = replace(plan, provenance=tuple(sorted(provenance.items())))
         try:
             stream(checked, device=device or self.device, dtype=self.dtype, force=force, plan=plan)
         except CompileError:
@@ -316,16 +324,20 @@ class Program:
                   adapter_name: str = "pemlang", device: str | None = None, **kw: float) -> Any:
         """Load an output into a model in memory: a PeftModel gains adapter `adapter_name` (made
         active); a transformers model is wrapped into a PeftModel. Returns the PeftModel."""
-        import warnings
-
-        from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-
         evaluation = self._evaluate({**(params or {}), **kw}, device)
         names = list(evaluation.tensors)
         if output is None and len(names) != 1:
             raise ValueError(f"the program has {len(names)} outputs: name one with output=")
-        name = output or names[0]
-        index = names.index(name)
+        return self._install(model, evaluation, output or names[0], adapter_name)
+
+    @staticmethod
+    def _install(model: Any, evaluation: Evaluation, name: str, adapter_name: str) -> Any:
+        """Put output `name` of `evaluation` into `model` as adapter `adapter_name` (see load_into)."""
+        import warnings
+
+        from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+        index = list(evaluation.tensors).index(name)
         config = PeftConfig.from_peft_type(**evaluation.plan.outputs[index].config)
         config.inference_mode = True
         if isinstance(model, PeftModel):
@@ -344,6 +356,50 @@ class Program:
             raise RuntimeError(f"pemlang produced keys PEFT did not expect: {unexpected[:3]}")
         model.set_adapter(adapter_name)
         return model
+
+    def tune(self, base: Any, params: Mapping[str, Any], *, data: str | Path | None = None,
+             objective: Callable[[Any, dict[str, float]], float] | str | None = None, trials: int | None = None,
+             sampler: str | None = None, direction: str | None = None, study: str | Path | None = None,
+             seed: int = 0, ray: bool | str = False, cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None,
+             output: str | None = None, tokenizer: str | None = None, fail_fast: bool = False,
+             save: str | Path | bool | None = None, force: bool = False, batch_size: int = 8,
+             on_trial: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        """Choose params on a metric ("Tuning λ" in the README); returns a `pemlang.tune.TuneResult`.
+
+        `base`: the base model (a path or Hub id, or a loaded transformers model). `params`: per
+        tuned param a range `(lo, hi)` or grid `(lo, hi, step)`, or the text `"lo:hi[:step]"`.
+        The objective is `data` (a JSONL file: causal-LM loss, or accuracy for a classifier head)
+        or `objective(model, params) -> float` (a callable, or "module:function"). `study`: a
+        SQLite file to keep (and resume) the study in. `ray`: True, or a cluster address, to run
+        trials on Ray Tune. `save`: a directory for the best point (default: the program's output
+        directory, when it has one; False: write nothing)."""
+        from .tune import DataObjective, TuneOptions, parse_range, tune
+
+        if (data is None) == (objective is None):
+            raise ValueError("give exactly one of data= (a JSONL file) or objective= (a callable)")
+        space = []
+        for name, bounds in params.items():
+            text = bounds if isinstance(bounds, str) else ":".join(repr(float(b)) for b in bounds)
+            try:
+                space.append(parse_range(f"{name}={text}"))
+            except PemError as exc:
+                raise CompileError(exc.diagnostics) from None
+        has_paths = all(o.path is not None for o in self.checked.outputs)
+        options = TuneOptions(
+            space=space, base=base, output=output, trials=trials, sampler=sampler, direction=direction,
+            study=Path(study) if study is not None else None, seed=seed, ray=bool(ray),
+            ray_address=ray if isinstance(ray, str) else None, cpus_per_trial=cpus_per_trial,
+            gpus_per_trial=gpus_per_trial, tokenizer=tokenizer, fail_fast=fail_fast, force=force,
+            save=save is not False and (isinstance(save, str | Path) or has_paths),
+            save_dir=Path(save) if isinstance(save, str | Path) and not isinstance(save, bool) else None,
+            objective=None)
+        try:
+            options.objective = DataObjective.read(data, batch_size=batch_size) if data is not None else objective
+            return tune(self, options, on_trial=on_trial)
+        except CompileError:
+            raise
+        except PemError as exc:
+            raise CompileError(exc.diagnostics) from None
 
 
 def _decimals(values: Sequence[float]) -> int | None:
@@ -470,7 +526,11 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
     if expression is not None:
         frontend = _expression_frontend(expression, inputs or {}, mode=mode, params=params or {}, heads=heads,
                                         allow_pickle=allow_pickle, base_dir=root)
-        return Program(frontend, device=device, dtype=dtype)
+        program = Program(frontend, device=device, dtype=dtype)
+        program._recipe = (compile, dict(expression=expression, inputs=dict(inputs or {}), params=dict(params or {}),
+                                         mode=mode, heads=heads, device=device, dtype=dtype,
+                                         allow_pickle=allow_pickle, base_dir=root or Path.cwd()))
+        return program
     if file is not None:
         try:
             source = read_source(file)  # a missing file raises FileNotFoundError, as open() does
@@ -481,7 +541,10 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
     elif source is None:
         source = source_from_text(text or "", "<text>")
     frontend = _file_frontend(source, allow_pickle=allow_pickle, base_dir=root)
-    return Program(frontend, params=params, device=device, dtype=dtype)
+    program = Program(frontend, params=params, device=device, dtype=dtype)
+    program._recipe = (compile, dict(source=source, params=dict(params or {}), device=device, dtype=dtype,
+                                     allow_pickle=allow_pickle, base_dir=root or default_base_dir(source)))
+    return program
 
 
 def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None = None,
@@ -508,7 +571,11 @@ def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None
                             require_output=False)
 
     chosen_dtype = dtype or (DTYPES[located.config.dtype] if located.config.dtype else None)
-    return Program(check, params=params, device=device or located.config.device or "auto", dtype=chosen_dtype)
+    program = Program(check, params=params, device=device or located.config.device or "auto", dtype=chosen_dtype)
+    program._recipe = (from_config, dict(config=Path(config).resolve() if isinstance(config, str | Path) else config,
+                                         key=key, params=dict(params or {}), base_dir=located.base_dir,
+                                         device=device, dtype=dtype, allow_pickle=allow_pickle))
+    return program
 
 
 def load(path: str | Path, *, key: str | None = None, **options: Any) -> Program:

@@ -386,6 +386,200 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _TrialTable:
+    """Trials as they finish: a live rich table on a terminal, else one line per trial."""
+
+    def __init__(self, names: Sequence[str], objective: str, *, live: bool = True):
+        self.names = list(names)
+        from .tune import objective_label
+
+        self.label = objective_label(objective)
+        self.rows: list[dict[str, Any]] = []
+        self.live: Any = None
+        if not live:
+            return
+        if sys.stdout.isatty():
+            from rich.live import Live
+
+            self.live = Live(self._table(), refresh_per_second=4, transient=False)
+            self.live.start()
+        else:
+            print(self._line(["trial", *self.names, self.label, "seconds"]), flush=True)
+
+    def _table(self, rows: Sequence[dict[str, Any]] | None = None, best: int | None = None) -> Any:
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold")
+        for column in ["trial", *self.names, self.label, "seconds"]:
+            table.add_column(column, justify="right")
+        for row in (self.rows[-30:] if rows is None else rows):
+            table.add_row(*self._cells(row), style="bold green" if row["number"] == best else None)
+        return table
+
+    def _cells(self, row: dict[str, Any]) -> list[str]:
+        value = f"{row['value']:.6g}" if row["value"] is not None else row["state"]
+        seconds = f"{row['seconds']:.2f}" if row.get("seconds") is not None else "-"
+        return [str(row["number"]), *(f"{row['params'].get(n, float('nan')):.6g}" for n in self.names), value, seconds]
+
+    @staticmethod
+    def _line(cells: Sequence[str]) -> str:
+        return "".join(cell.rjust(6 if i == 0 else 12) for i, cell in enumerate(cells))
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.live is not None:
+            self.live.update(self._table())
+        else:
+            print(self._line(self._cells(row)), flush=True)
+        if row.get("error"):
+            print(f"  trial {row['number']} failed: {row['error']}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def show(self, rows: Sequence[dict[str, Any]], best: int | None) -> None:
+        """Every trial at once (`--show`)."""
+        from rich.console import Console
+
+        Console(highlight=False).print(self._table(rows, best))
+
+
+def _print_result(result: Any, names: Sequence[str]) -> None:
+    from .tune import format_params
+
+    complete = sum(t["state"] == "complete" for t in result.trials)
+    failed = sum(t["state"] == "fail" for t in result.trials)
+    line = f"{complete} trial{'s' if complete != 1 else ''} complete" + (f", {failed} failed" if failed else "")
+    print(line)
+    if result.best_params is None:
+        return
+    from .tune import objective_label
+
+    label = objective_label(result.objective)
+    print(f"best: {format_params(result.best_params)}  {label} = {result.best_value:.6g}  (trial {result.best_number}, "
+          f"{result.direction}d)")
+    if result.plot is not None:
+        print(f"plot: {result.plot}")
+    if result.study is not None:
+        print(f"study: {result.study}  (`pemlang tune --show {result.study}` prints it again; the same command "
+              "resumes it)")
+
+
+def cmd_tune_show(args: argparse.Namespace) -> int:
+    from .tune import TuneError, _optuna, open_study, plot, summarise
+
+    path = Path(args.show)
+    try:
+        _optuna()
+        study = open_study(path, direction="minimize", sampler=None, settings=None, create=False)
+    except TuneError as exc:
+        _report(exc.diagnostics)
+        return EXIT_ERRORS
+    result = summarise(study, study_path=path)
+    settings = study.user_attrs.get("pemlang", {})
+    names = [s.partition("=")[0] for s in settings.get("space", [])] or sorted({k for t in result.trials for k in t["params"]})
+    print(f"{path}: {result.objective}, {result.direction}d over {', '.join(settings.get('space', names))}")
+    _TrialTable(names, result.objective, live=False).show(result.trials, result.best_number)
+    result.plot = plot(result, path.with_suffix(".png"), names) if result.trials else None
+    _print_result(result, names)
+    return EXIT_OK
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .api import CompileError, from_config
+    from .api import compile as compile_program
+    from .tune import DataObjective, TuneError, TuneOptions, parse_range, tune
+
+    if args.show is not None:
+        if args.file is not None:
+            raise UsageError("--show reads a study; give it without FILE")
+        return cmd_tune_show(args)
+    if args.file is None:
+        raise UsageError("tune needs FILE (the program), or --show STUDY")
+    if args.base is None:
+        raise UsageError("tune needs --base MODEL: the model the adapters were trained on")
+    if (args.data is None) == (args.objective is None):
+        raise UsageError("tune needs exactly one objective: --data FILE.jsonl or --objective MODULE:FUNCTION")
+    if not args.param:
+        raise UsageError("tune needs at least one --param NAME=LO:HI[:STEP]")
+    overrides, bad_sets = _overrides(args.set)
+    problems: list[Diagnostic] = list(bad_sets)
+    space = []
+    for text in args.param:
+        try:
+            space.append(parse_range(text, max_points=args.max_points))
+        except PemError as exc:
+            problems.extend(exc.diagnostics)
+    if problems:
+        _report(problems)
+        return EXIT_ERRORS
+    fixed = {o.name: o.value for o in overrides}
+    if clash := sorted({r.name for r in space} & set(fixed)):
+        raise UsageError(f"{clash[0]} is given both by --set and --param")
+    source, is_config = _program_file(args)
+    ray_address = args.ray if args.ray not in (None, "") else None
+    use_ray = args.ray is not None or bool(os.environ.get("RAY_ADDRESS"))
+    if use_ray and ray_address is None:
+        ray_address = os.environ.get("RAY_ADDRESS") or None
+    study = Path(args.study) if args.study else Path(args.file).with_suffix(".tune.db")
+    table: _TrialTable | None = None
+    try:
+        if is_config:
+            program = from_config(args.file, key=args.key, params=fixed, device=args.device,
+                                  allow_pickle=args.allow_pickle)
+        else:
+            program = compile_program(source=source, params=fixed or None, device=args.device or "auto",
+                                      allow_pickle=args.allow_pickle)
+        _report(program.warnings)
+        objective: Any = DataObjective.read(args.data, batch_size=args.batch_size) if args.data else args.objective
+        options = TuneOptions(space=space, objective=objective, base=args.base, output=args.output, trials=args.trials,
+                              sampler=args.sampler, direction=args.direction, study=study, seed=args.seed,
+                              ray=use_ray, ray_address=ray_address, cpus_per_trial=args.cpus_per_trial,
+                              gpus_per_trial=args.gpus_per_trial, device=args.device, tokenizer=args.tokenizer,
+                              fail_fast=args.fail_fast, save=not args.no_save,
+                              save_dir=Path(args.save_best) if args.save_best else None, force=args.force)
+        if options.save_dir is not None and len(program.outputs) != 1:
+            raise UsageError("--save-best DIR applies to a program with one output")
+        names = [r.name for r in space]
+
+        def started(message: str) -> None:
+            print(message, file=sys.stderr)
+
+        def row(trial: dict[str, Any]) -> None:
+            nonlocal table
+            if table is None:
+                table = _TrialTable(names, trial_label)
+            table.add(trial)
+
+        trial_label = ("accuracy" if isinstance(objective, DataObjective) and program.plan().outputs[0].config.get(
+            "task_type") == "SEQ_CLS" else "loss" if isinstance(objective, DataObjective) else "value")
+        result = tune(program, options, on_trial=row, on_start=started)
+    except (CompileError, TuneError) as exc:
+        if table is not None:
+            table.close()
+        _report(exc.diagnostics)
+        return EXIT_ERRORS
+    except PemError as exc:
+        if table is not None:
+            table.close()
+        _report(exc.diagnostics)
+        return EXIT_ERRORS
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        if table is not None:
+            table.close()
+    _print_result(result, names)
+    for path in result.saved:
+        print(f"wrote {path} (the best point; how it was chosen is in its provenance: pemlang inspect {path})")
+    if result.best_params is None:
+        print("no trial completed: nothing to write", file=sys.stderr)
+        return EXIT_ERRORS
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.sweep:
         return cmd_sweep(args)
@@ -577,6 +771,49 @@ def build_parser() -> argparse.ArgumentParser:
     repl.add_argument("--history", default=None, metavar="FILE",
                       help="history file (default $PEMLANG_HISTORY or ~/.pemlang_history)")
     repl.set_defaults(handler=cmd_repl)
+
+    tune = commands.add_parser(
+        "tune", help="choose params on a metric: trials in memory (or on Ray), the best point written",
+        description="Choose a program's params on your own metric. The base model is loaded once; each trial "
+                    "evaluates the program in memory and puts the merged adapter into it in place.")
+    tune.add_argument("file", nargs="?", metavar="FILE", help="the program: FILE.pem, or a config file")
+    tune.add_argument("--key", metavar="DOTTED.PATH", default=None, help="in a config file, where the pemlang block is")
+    tune.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix a `param` (repeatable)")
+    tune.add_argument("--base", metavar="MODEL", help="the base model: a save_pretrained directory or a cached Hub id")
+    tune.add_argument("--param", action="append", default=[], metavar="NAME=LO:HI[:STEP]",
+                      help="a param to tune, over a range (or a grid with STEP); repeatable")
+    tune.add_argument("--data", metavar="FILE.jsonl", help='{"input": …, "output": …} records: minimise the '
+                      "causal-LM loss of the outputs (maximise accuracy for a classifier head)")
+    tune.add_argument("--objective", metavar="MODULE:FUNCTION",
+                      help="your metric: FUNCTION(model, params) -> float, given the PeftModel of the trial")
+    tune.add_argument("--trials", type=_positive_int, default=None, metavar="N",
+                      help="trials in all, counting a resumed study's (default: the grid's size, else 30)")
+    tune.add_argument("--sampler", choices=["tpe", "grid", "cmaes", "random"], default=None,
+                      help="the search (default: grid when every --param has a STEP, else tpe)")
+    tune.add_argument("--direction", choices=["minimize", "maximize"], default=None,
+                      help="default: minimize (maximize for accuracy)")
+    tune.add_argument("--study", metavar="FILE.db", default=None,
+                      help="the SQLite study: rerunning resumes it (default FILE's name with .tune.db)")
+    tune.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    tune.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                      help="run trials on Ray Tune (a new local instance, or the cluster at ADDRESS; RAY_ADDRESS too)")
+    tune.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N", help="with --ray (default 1)")
+    tune.add_argument("--gpus-per-trial", type=float, default=None, metavar="N",
+                      help="with --ray (default 1 when the cluster has GPUs, else 0)")
+    tune.add_argument("--output", metavar="NAME", default=None, help="the output to tune, when the program has several")
+    tune.add_argument("--tokenizer", metavar="NAME", default=None, help="for --data (default: the base model's)")
+    tune.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="for --data (default 8)")
+    tune.add_argument("--fail-fast", action="store_true", help="stop at the first trial that fails")
+    tune.add_argument("--save-best", metavar="DIR", default=None,
+                      help="where to write the best point (default: the program's output directory)")
+    tune.add_argument("--no-save", action="store_true", help="write no adapter")
+    tune.add_argument("--force", action="store_true", help="replace an existing output directory")
+    tune.add_argument("--allow-pickle", action="store_true")
+    tune.add_argument("--device", type=_device, default=None, metavar="auto|cpu|cuda|cuda:N")
+    tune.add_argument("--max-points", type=_positive_int, default=DEFAULT_MAX_POINTS, metavar="N",
+                      help=f"refuse a grid of more than N points per param (default {DEFAULT_MAX_POINTS})")
+    tune.add_argument("--show", metavar="STUDY", default=None, help="print a study's trials, best point and plot")
+    tune.set_defaults(handler=cmd_tune)
 
     inspect = commands.add_parser("inspect", help="print an adapter's type signature")
     inspect.add_argument("adapter", metavar="ADAPTER_DIR")

@@ -123,6 +123,8 @@ class Plan:
     inputs: dict[str, PlanInput]
     calls: dict[str, CallStep]  # function calls by id (`svd#1`)
     outputs: tuple[OutputPlan, ...]
+    # Extra provenance for the written header (`pemlang.tune`: how a tuned point was chosen).
+    provenance: tuple[tuple[str, str], ...] = ()
 
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}

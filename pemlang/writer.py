@@ -87,6 +87,7 @@ def metadata(plan: Plan, out: OutputPlan, input_hashes: dict[str, str]) -> dict[
             [{"name": n, "path": plan.inputs[n].written, "sha256": input_hashes[n]} for n in used],
             sort_keys=True, ensure_ascii=False),
         "pemlang.program": plan.program,
+        **dict(plan.provenance),
     }
 
 

@@ -43,6 +43,6 @@ def example_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec.loader.exec_module(module)
     with contextlib.redirect_stdout(io.StringIO()):
         module.main(["--out", str(examples / "adapters")])
-    for program in EXAMPLES.glob("*.pem"):
+    for program in [*EXAMPLES.glob("*.pem"), *EXAMPLES.glob("*.jsonl")]:
         shutil.copy(program, examples / program.name)
     return root

@@ -1,0 +1,437 @@
+"""`pemlang tune` and `Program.tune`: the search finds a known optimum (in-process and on Ray), a
+killed tuning resumes without repeating a trial, the built-in objectives equal a hand computation,
+and every bad option or input is a diagnostic.
+
+The known optimum: the target is the logits of the base model plus the program's adapter at
+λ* = 0.3 on fixed inputs, and the objective is the mean squared error to them, so the loss is 0 at
+λ* and grows away from it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import pemlang
+from pemlang.cli import main
+from pemlang.tune import TuneError, parse_range, read_records
+from tests.peft_factory import base_model
+
+pytest.importorskip("optuna")
+REPO = Path(__file__).resolve().parent.parent
+LAMBDA_STAR = 0.3
+PROGRAM = """\
+input a = "{a}"
+input b = "{b}"
+param lam = 0.5
+mix = lam*a + (1 - lam)*b
+output mix -> "{out}"
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A program over two fixture adapters, the base saved as a directory, and the target logits."""
+    root = tmp_path_factory.mktemp("tune")
+    base = root / "base"
+    base_model("llama").save_pretrained(base)
+    program = root / "mix.pem"
+    program.write_text(PROGRAM.format(a=adapters / "llama_r8", b=adapters / "llama_r8_b", out=root / "out" / "mix"))
+    inputs = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    model = pemlang.load(program).load_into(base_model("llama"), lam=LAMBDA_STAR)
+    with torch.no_grad():
+        target = model(input_ids=inputs).logits
+    torch.save({"inputs": inputs, "target": target}, root / "target.pt")
+    (root / "tune_objectives.py").write_text(textwrap.dedent("""\
+        import os, signal, torch
+        from pathlib import Path
+
+        _cache = {}
+
+        def mse(model, params):
+            if "t" not in _cache:
+                _cache["t"] = torch.load(os.environ["PEMLANG_TEST_TARGET"])
+            t = _cache["t"]
+            return torch.mean((model(input_ids=t["inputs"]).logits - t["target"]) ** 2).item()
+
+        def mse_then_die(model, params):
+            # counts calls in a file; the call after PEMLANG_TEST_KILL_AFTER kills this process
+            counter = Path(os.environ["PEMLANG_TEST_COUNTER"])
+            calls = int(counter.read_text()) if counter.exists() else 0
+            counter.write_text(str(calls + 1))
+            if calls == int(os.environ["PEMLANG_TEST_KILL_AFTER"]):
+                os.kill(os.getpid(), getattr(signal, os.environ.get("PEMLANG_TEST_SIGNAL", "SIGKILL")))
+            return mse(model, params)
+
+        def fails_at_half(model, params):
+            if params["lam"] == 0.5:
+                raise ValueError("no good at a half")
+            return mse(model, params)
+
+        def not_a_number(model, params):
+            return "high"
+
+        def nan(model, params):
+            return float("nan")
+        """))
+    return {"root": root, "base": base, "program": program, "target": root / "target.pt", "out": root / "out" / "mix"}
+
+
+def _mse(setup: dict[str, Path]):  # type: ignore[no-untyped-def]
+    saved = torch.load(setup["target"])
+
+    def mse(model, params):  # type: ignore[no-untyped-def]
+        return torch.mean((model(input_ids=saved["inputs"]).logits - saved["target"]) ** 2).item()
+
+    return mse
+
+
+def _env(setup: dict[str, Path], **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PEMLANG_TEST_TARGET": str(setup["target"]), "PYTHONPATH": str(REPO), **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _cli(setup: dict[str, Path], *args: str, env: dict[str, str] | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pemlang.cli", "tune", *args], cwd=setup["root"], text=True,
+                          capture_output=True, env=env or _env(setup), timeout=timeout)
+
+
+# -- finding the optimum ---------------------------------------------------------------------------
+
+
+def test_grid_finds_the_optimum_in_process(setup: dict[str, Path], tmp_path: Path) -> None:
+    program = pemlang.load(setup["program"])
+    result = program.tune(setup["base"], {"lam": (0, 1, 0.1)}, objective=_mse(setup), save=tmp_path / "best")
+    assert len(result.trials) == 11 and all(t["state"] == "complete" for t in result.trials)
+    assert sorted(t["params"]["lam"] for t in result.trials) == [i / 10 for i in range(11)]
+    assert result.best_params == {"lam": LAMBDA_STAR}
+    assert result.best_value == pytest.approx(0, abs=1e-10)
+    # The loss really is the MSE to the target: larger away from λ*, symmetric in |λ - λ*| to first order.
+    values = {round(t["params"]["lam"], 1): t["value"] for t in result.trials}
+    assert values[0.2] > 0 and values[0.4] > 0 and values[1.0] > values[0.6] > values[0.4]
+    # The best point is written, loads in PEFT and equals `run` at λ*; its provenance says how it was chosen.
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    reference = program.evaluate(lam=LAMBDA_STAR)["mix"]
+    written = load_file(tmp_path / "best" / "adapter_model.safetensors")
+    assert written.keys() == reference.keys()
+    assert all(torch.equal(written[k], reference[k]) for k in written)
+    with safe_open(tmp_path / "best" / "adapter_model.safetensors", "pt") as f:
+        meta = f.metadata()
+    tuned = json.loads(meta["pemlang.tune"])
+    assert tuned["params"] == {"lam": LAMBDA_STAR} and tuned["direction"] == "minimize" and tuned["trials"] == 11
+    assert json.loads(meta["pemlang.params"]) == {"lam": LAMBDA_STAR}
+
+
+def test_tpe_finds_the_optimum_within_two_hundredths(setup: dict[str, Path]) -> None:
+    program = pemlang.load(setup["program"])
+    result = program.tune(setup["base"], {"lam": "0:1"}, objective=_mse(setup), trials=40, seed=7, save=False)
+    assert result.best_params is not None
+    assert abs(result.best_params["lam"] - LAMBDA_STAR) <= 0.02
+    # seeded: the same trials again
+    again = program.tune(setup["base"], {"lam": "0:1"}, objective=_mse(setup), trials=5, seed=7, save=False)
+    assert [t["params"] for t in again.trials] == [t["params"] for t in result.trials[:5]]
+
+
+def test_cli_grid_prints_the_table_best_and_plot(setup: dict[str, Path]) -> None:
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:mse",
+                "--param", "lam=0:1:0.1", "--study", "cli.db", "--save-best", "cli_best")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["trial", "lam", "value", "seconds"]
+    assert len(_rows(done.stdout)) == 11
+    assert "best: lam=0.3" in done.stdout
+    assert (setup["root"] / "cli.png").stat().st_size > 1000 and "plot: cli.png" in done.stdout
+    assert (setup["root"] / "cli_best" / "adapter_model.safetensors").exists()
+    shown = _cli(setup, "--show", "cli.db")
+    assert shown.returncode == 0, shown.stderr
+    assert "best: lam=0.3" in shown.stdout and len(_rows(shown.stdout)) == 11
+
+
+def _rows(stdout: str) -> list[list[str]]:
+    """The table's rows: trial number, param, value, seconds."""
+    return [cells for line in stdout.splitlines() if len(cells := line.split()) == 4 and cells[0].isdigit()]
+
+
+def test_ray_finds_the_optimum_on_a_local_instance(setup: dict[str, Path]) -> None:
+    pytest.importorskip("ray")
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:mse",
+                "--param", "lam=0:1:0.1", "--study", "ray.db", "--no-save", "--ray", timeout=420)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "best: lam=0.3" in done.stdout
+    rows = _rows(done.stdout)
+    assert sorted(float(r[1]) for r in rows) == [i / 10 for i in range(11)]  # each grid point once
+
+
+# -- resuming ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_killed_tuning_resumes_without_repeating(setup: dict[str, Path], tmp_path: Path, how: str) -> None:
+    study = tmp_path / "resume.db"
+    env = _env(setup, PEMLANG_TEST_COUNTER=str(tmp_path / "calls"), PEMLANG_TEST_KILL_AFTER="4",
+               PEMLANG_TEST_SIGNAL=how)
+    args = [str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:mse_then_die",
+            "--param", "lam=0:1:0.1", "--study", str(study), "--no-save"]
+    first = _cli(setup, *args, env=env)
+    assert first.returncode == (-9 if how == "SIGKILL" else 130), first.stderr
+    assert len(_rows(first.stdout)) == 4
+    second = _cli(setup, *args, env={**env, "PEMLANG_TEST_KILL_AFTER": "-1"})
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stderr and "4 of 11 trials done" in second.stderr
+    import optuna
+
+    trials = optuna.load_study(study_name="pemlang", storage=f"sqlite:///{study}").trials
+    complete = [t.params["lam"] for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(complete) == [i / 10 for i in range(11)]  # the total is N, no point twice
+    assert sum(t.state.name == "FAIL" and t.user_attrs.get("interrupted") for t in trials) == 1
+    assert "best: lam=0.3" in second.stdout
+
+
+def test_a_study_of_another_tuning_is_refused(setup: dict[str, Path], tmp_path: Path) -> None:
+    program = pemlang.load(setup["program"])
+    program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=tmp_path / "s.db", save=False)
+    with pytest.raises(pemlang.CompileError) as caught:
+        program.tune(setup["base"], {"lam": (0, 1, 0.25)}, objective=_mse(setup), study=tmp_path / "s.db", save=False)
+    assert caught.value.diagnostics[0].code == "E033" and "space" in str(caught.value)
+    (tmp_path / "notes.db").write_text("my notes, not a database")
+    with pytest.raises(pemlang.CompileError) as caught:
+        program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=tmp_path / "notes.db", save=False)
+    assert caught.value.diagnostics[0].code == "E033"
+    assert (tmp_path / "notes.db").read_text() == "my notes, not a database"
+
+
+# -- the built-in objectives equal a hand computation -------------------------------------------
+
+
+def _hand_loss(model, tokenizer, records) -> float:  # type: ignore[no-untyped-def]
+    """Σ over records of −log p(output token | everything before it), / number of output tokens."""
+    total, count = 0.0, 0
+    for record in records:
+        prompt = tokenizer(record["input"])["input_ids"]
+        answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        for t in range(len(prompt), len(prompt) + len(answer)):
+            total -= float(logprobs[t - 1, ids[0, t]])
+            count += 1
+    return total / count
+
+
+def test_the_jsonl_loss_is_the_causal_lm_loss_of_the_outputs(example_root: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    examples = example_root / "examples"
+    program = pemlang.load(examples / "detoxify.pem")
+    result = program.tune(examples / "adapters" / "base", {"λ": (0.3, 0.5, 0.2)}, data=examples / "tune_data.jsonl",
+                          save=False, batch_size=5)
+    records = [json.loads(line) for line in (examples / "tune_data.jsonl").read_text().splitlines() if line.strip()]
+    tokenizer = AutoTokenizer.from_pretrained(examples / "adapters" / "base")
+    for trial in result.trials:
+        model = program.load_into(AutoModelForCausalLM.from_pretrained(examples / "adapters" / "base"), trial["params"])
+        assert trial["value"] == pytest.approx(_hand_loss(model.eval(), tokenizer, records), rel=1e-5)
+    assert result.direction == "minimize" and result.objective.startswith("loss on ")
+
+
+def test_accuracy_for_a_classifier_head(example_root: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    examples = example_root / "examples"
+    data = tmp_path / "cls.jsonl"
+    texts = ["great shoes", "awful service", "fine", "never again", "love it", "meh", "ok then", "broken box"]
+    data.write_text("".join(json.dumps({"input": t, "output": i % 2}) + "\n" for i, t in enumerate(texts)))
+    program = pemlang.compile("λ*cls", inputs={"cls": examples / "adapters" / "amazon_cls"}, params={"λ": 1.0},
+                              heads="from cls")
+    result = program.tune(examples / "adapters" / "base", {"λ": (0, 2, 1)}, data=data, save=False, batch_size=3)
+    assert result.direction == "maximize" and result.objective.startswith("accuracy on ")
+    tokenizer = AutoTokenizer.from_pretrained(examples / "adapters" / "base")
+    for trial in result.trials:
+        base = AutoModelForSequenceClassification.from_pretrained(examples / "adapters" / "base")
+        model = program.load_into(base, trial["params"]).eval()
+        right = 0
+        for i, text in enumerate(texts):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits
+            right += int(logits.argmax(-1).item() == i % 2)
+        assert trial["value"] == pytest.approx(right / len(texts))
+
+
+def test_readme_tune_command(example_root: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "tune", "examples/detoxify.pem", "--base",
+                           "examples/adapters/base", "--data", "examples/tune_data.jsonl", "--param", "λ=0:1:0.1"],
+                          cwd=example_root, text=True, capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "best: λ=" in done.stdout and "plot: examples/detoxify.tune.png" in done.stdout
+    assert (example_root / "examples" / "out" / "detoxified" / "adapter_model.safetensors").exists()
+    shutil_rm(example_root / "examples" / "out" / "detoxified")
+
+
+def shutil_rm(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- diagnostics -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lam", "expected NAME=LO:HI[:STEP]"),
+    ("lam=1:0", "is empty"),
+    ("lam=0:0", "is empty"),
+    ("lam=0:nan", "not a finite number"),
+    ("lam=0:inf", "not a finite number"),
+    ("lam=0:1e999", "not a finite number"),
+    ("lam=0:x", "'x' is not a number"),
+    ("lam=0:1:0", "the step must be above 0"),
+    ("lam=0:1:-0.1", "the step must be above 0"),
+    ("lam=0:1:0.3", "does not divide"),
+    ("lam=0:1:1e-9", "more than the limit"),
+    ("lam=0:1:2:3", "expected LO:HI or LO:HI:STEP"),
+    ("1x=0:1", "is not a param name"),
+])
+def test_bad_ranges(text: str, message: str) -> None:
+    with pytest.raises(TuneError) as caught:
+        parse_range(text)
+    diagnostic = caught.value.diagnostics[0]
+    assert diagnostic.code == "E029" and message in diagnostic.message
+    assert diagnostic.span is not None and diagnostic.source is not None
+
+
+def test_ranges_as_written() -> None:
+    assert parse_range("λ=0:1:0.1").grid == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert parse_range(" lam = -1:1 ").step is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "has no records"),
+    ("\n\n", "has no records"),
+    ('{"input": "a", "output": "b"\n', "not JSON"),
+    ('["a", "b"]\n', "is a JSON object, not list"),
+    ('{"output": "b"}\n', 'no "input"'),
+    ('{"input": 3, "output": "b"}\n', '"input" must be text'),
+    ('{"input": "a"}\n', 'no "output"'),
+    ('{"input": "a", "output": true}\n', '"output" must be text'),
+    ('{"input": "a", "output": null}\n', '"output" must be text'),
+    ("[" * 100_000 + "\n", "nested too deeply"),
+])
+def test_bad_data_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(TuneError) as caught:
+        read_records(path)
+    assert caught.value.diagnostics[0].code == "E030" and message in caught.value.diagnostics[0].message
+
+
+def test_data_file_not_utf8_or_missing(tmp_path: Path) -> None:
+    (tmp_path / "bin.jsonl").write_bytes(b'{"input": "\xff"}\n')
+    for name, message in (("bin.jsonl", "not UTF-8"), ("missing.jsonl", "cannot read")):
+        with pytest.raises(TuneError) as caught:
+            read_records(tmp_path / name)
+        assert message in caught.value.diagnostics[0].message
+
+
+def test_bad_data_line_is_located(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: dict[str, Path]) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input": "a", "output": "b"}\n{"input": "a", "output": 3.5}\n')
+    code = main(["tune", str(setup["program"]), "--base", str(setup["base"]), "--data", str(data),
+                 "--param", "lam=0:1:0.5", "--no-save"])
+    err = capsys.readouterr().err
+    assert code == 1 and "error[E030]" in err and "d.jsonl:2:1" in err
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--param", "lamb=0:1:0.5"], "E029", "did you mean `lam`?"),
+    (["--param", "lam=0:1:0.5", "--param", "lam=0:1"], "E029", "two ranges"),
+    (["--param", "lam=0:1", "--sampler", "grid"], "E029", "a grid needs a step"),
+    (["--param", "lam=0:1", "--sampler", "cmaes"], "E029", "two or more params"),
+    (["--param", "lam=0:1:0.5", "--output", "other"], "E029", "no output 'other'"),
+])
+def test_option_diagnostics(setup: dict[str, Path], capsys: pytest.CaptureFixture[str], args: list[str], code: str,
+                            message: str) -> None:
+    status = main(["tune", str(setup["program"]), "--base", str(setup["base"]), "--objective", "math:sqrt",
+                   "--no-save", *args])
+    err = capsys.readouterr().err
+    assert status == 1 and f"error[{code}]" in err and message in err, err
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_module_xyz:f", "cannot import no_such_module_xyz: ModuleNotFoundError"),
+    ("tune_objectives:missing", "has no function 'missing'"),
+    ("tune_objectives", "expects MODULE:FUNCTION"),
+    ("math:pi", "is not a function"),
+    ("nowhere.py:f", "no such file"),
+])
+def test_objective_import_errors(setup: dict[str, Path], spec: str, message: str) -> None:
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", spec,
+                "--param", "lam=0:1:0.5", "--no-save")
+    assert done.returncode == 1 and "error[E031]" in done.stderr and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_failing_trials_are_reported_and_the_study_goes_on(setup: dict[str, Path], tmp_path: Path) -> None:
+    args = [str(setup["program"]), "--base", str(setup["base"]), "--param", "lam=0:1:0.25", "--no-save"]
+    done = _cli(setup, *args, "--objective", "tune_objectives:fails_at_half", "--study", str(tmp_path / "a.db"))
+    assert done.returncode == 0, done.stderr
+    assert "failed: the objective raised ValueError: no good at a half" in done.stderr
+    assert "4 trials complete, 1 failed" in done.stdout and "best: lam=0.25" in done.stdout
+    stopped = _cli(setup, *args, "--objective", "tune_objectives:fails_at_half", "--fail-fast", "--study",
+                   str(tmp_path / "b.db"), "--sampler", "grid", "--seed", "3")
+    assert stopped.returncode == 1 and "error[E031]" in stopped.stderr and "lam=0.5" in stopped.stderr
+    for objective, message in (("not_a_number", "returned str 'high', not a number"),
+                               ("nan", "returned nan, not a finite number")):
+        bad = _cli(setup, *args, "--objective", f"tune_objectives:{objective}", "--study", str(tmp_path / f"{objective}.db"))
+        assert bad.returncode == 1 and message in bad.stderr and "no trial completed" in bad.stderr
+
+
+def test_usage_errors(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["tune", str(setup["program"]), "--base", str(setup["base"]), "--param", "lam=0:1:0.5"]
+    for args in ([*common], [*common, "--data", "x.jsonl", "--objective", "m:f"], ["tune", "--param", "lam=0:1"],
+                 [*common, "--objective", "m:f", "--set", "lam=0.2"], ["tune", str(setup["program"]), "--objective", "m:f",
+                                                                      "--param", "lam=0:1"]):
+        assert main(args) == 2, args
+    capsys.readouterr()
+    assert main(["tune", "--show", str(setup["root"] / "no.db")]) == 1
+    assert "no such study" in capsys.readouterr().err
+
+
+def test_a_base_that_cannot_be_loaded(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["tune", str(setup["program"]), "--base", str(setup["root"] / "missing"), "--objective", "math:fabs",
+                   "--param", "lam=0:1:0.5", "--no-save"])
+    err = capsys.readouterr().err
+    assert status == 1 and "error[E032]" in err and "no such directory" in err
+
+
+def test_an_existing_output_is_refused_before_any_trial(setup: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:mse",
+                "--param", "lam=0:1:0.5", "--save-best", str(tmp_path / "taken"), "--study", str(tmp_path / "t.db"))
+    assert done.returncode == 1 and "error[E018]" in done.stderr and "trial" not in done.stdout
+
+
+def test_missing_ray_is_a_clear_message(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    program = pemlang.load(setup["program"])
+    with pytest.raises(pemlang.CompileError) as caught:
+        program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), ray=True, save=False)
+    assert caught.value.diagnostics[0].code == "E031" and "pip install 'pemlang[ray]'" in str(caught.value)
+
+
+def test_a_point_the_checker_refuses_is_a_failed_trial(setup: dict[str, Path], adapters: Path) -> None:
+    program = pemlang.compile("a / lam", inputs={"a": adapters / "llama_r8"}, params={"lam": 1.0})
+    result = program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), save=False)
+    failed = [t for t in result.trials if t["state"] == "fail"]
+    assert [t["params"] for t in failed] == [{"lam": 0.0}] and "zero" in failed[0]["error"]
+    assert not math.isnan(result.best_value or math.nan)
