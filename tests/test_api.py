@@ -171,11 +171,14 @@ def test_run_sweep_diagnostics(sweep_program: Path) -> None:
 
 
 def test_readme_api_snippet_runs(example_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    [snippet] = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    snippets = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    assert len(snippets) == 2  # tuning's, then the API section's
     monkeypatch.chdir(example_root)
     namespace: dict[str, object] = {}
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
+        for snippet in snippets:
+            exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["result"].best_params.keys() == {"λ"}  # type: ignore[attr-defined]
     assert "{'λ': 0.4} ['detoxified']" in out.getvalue()
     assert (example_root / "examples" / "out" / "detoxified" / "adapter_config.json").exists()
     assert (example_root / "examples" / "out" / "mix" / "adapter_model.safetensors").exists()
