@@ -192,7 +192,13 @@ def read_records(path: str | Path, *, limit: int = 1_000_000) -> list[Record]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
+            if not records and not problems and _one_document(text):
+                problems.append(bad("this is one JSON document, not JSON lines (one record per line)",
+                                    hints=['write each record on its own line: {"input": "…", "output": "…"}']))
+                break
             problems.append(bad(f"not JSON: {exc.msg}", exc.colno - 1, exc.colno))
+            if len(problems) >= 10:
+                break
             continue
         except RecursionError:
             problems.append(bad("not a record: the JSON is nested too deeply"))
@@ -207,7 +213,7 @@ def read_records(path: str | Path, *, limit: int = 1_000_000) -> list[Record]:
                                 '"output" must be text (or a label index, for a classifier)'))
         else:
             records.append(Record(value["input"], value["output"], number))
-        if len(problems) >= 20:
+        if len(problems) >= 10:
             break
     if problems:
         raise TuneError(problems)
@@ -215,6 +221,15 @@ def read_records(path: str | Path, *, limit: int = 1_000_000) -> list[Record]:
         raise TuneError([error("E030", f"{path} has no records",
                                hints=['each line is one JSON object: {"input": "…", "output": "…"}'])])
     return records
+
+
+def _one_document(text: str) -> bool:
+    """Whether `text` is a single JSON document spread over lines (a JSON file, not JSON lines)."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return "\n" in text.strip()
 
 
 def records_digest(path: str | Path) -> str:
@@ -363,7 +378,9 @@ def check_base(base: Any) -> None:
 
 def _load_failure(base: Any, exc: BaseException) -> str:
     text = str(base)
-    if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):
+    parts = Path(text).parts
+    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or (len(parts) > 1 and Path(parts[0]).is_dir())
+    if not Path(text).exists() and local:
         return f"no such directory: {text}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"cannot load the base model {text!r}: {first[:300]}"
@@ -977,7 +994,14 @@ def run_ray(job: WorkerJob, study: Any, dists: Mapping[str, Any], total: int, *,
             run_config=tune.RunConfig(storage_path=scratch, name="pemlang-tune", verbose=0, callbacks=[Rows()],
                                       stop=Stop()),
         )
-        tuner.fit()
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray's own failures (workers lost, out of memory…)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TuneError([error("E031", f"Ray could not run the trials: {first[:400]}",
+                                   hints=["the trials finished so far are in the study; rerunning resumes it"])]) from None
     if fatal:
         raise TuneError([error("E032", f"a Ray worker could not start: {fatal[0]}")])
     if fail_fast and failed:

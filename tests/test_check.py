@@ -227,7 +227,8 @@ def test_did_you_mean_over_many_names_is_fast_and_right(adapters: Path, tmp_path
     assert errors[0].hints == ("did you mean `task_02718`?",)
     assert errors[1].hints == ("did you mean `task_00000`?",)
     assert errors[-1].hints == ("did you mean `task_09900`?",)
-    assert elapsed < 10, elapsed
+    # Not a speed target: a guard against the quadratic scan (minutes), loose enough for a loaded CI machine.
+    assert elapsed < 60, elapsed
 
 
 def test_did_you_mean_keeps_difflib_answers_on_small_scopes() -> None:

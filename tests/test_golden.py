@@ -2,7 +2,8 @@
 <case>.err, the exact output of `pemlang check` (stderr, then the exit status).
 
 A first line `# args: ...` gives extra command-line arguments; `# command: run` (first or second
-line) runs `pemlang run --device cpu` instead, for diagnostics that need tensor data. The .pem files name fixture
+line) runs `pemlang run --device cpu` instead, for diagnostics that need tensor data, and
+`# command: tune` runs `pemlang tune` (its options in `# args:`). The .pem files name fixture
 adapters as "adapters/<name>" (see peft_factory.build_all).
 
 Regenerate after an intended change of wording:   python -m pytest tests/test_golden.py --regen-golden
@@ -31,7 +32,8 @@ def run_check(pem: Path, workdir: Path, adapters: Path) -> str:
     text = pem.read_text(encoding="utf-8")
     head = text.splitlines()[:2]
     extra = next((shlex.split(line.removeprefix("# args:")) for line in head if line.startswith("# args:")), [])
-    command = ["run", "--device", "cpu"] if "# command: run" in head else ["check"]
+    command = (["run", "--device", "cpu"] if "# command: run" in head else ["tune"] if "# command: tune" in head
+               else ["check"])
     link = workdir / "adapters"
     if not link.exists():
         link.symlink_to(adapters, target_is_directory=True)
