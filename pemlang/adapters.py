@@ -105,6 +105,7 @@ class Adapter:
     file_size: int = 0
     pickled: bool = False
     _pickled_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    metadata: dict[str, str] = field(default_factory=dict, compare=False)  # the safetensors `__metadata__`
 
     @property
     def data_bytes_expected(self) -> int:
@@ -559,8 +560,9 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
 
     weights_file = directory / WEIGHTS_NAME
     pickled_state = None
+    metadata: dict[str, str] = {}
     if _regular_file(weights_file):
-        tensors, _metadata, data_start, file_size = read_safetensors_header(weights_file)
+        tensors, metadata, data_start, file_size = read_safetensors_header(weights_file)
     elif _regular_file(directory / PICKLE_NAME):
         weights_file = directory / PICKLE_NAME
         if not allow_pickle:
@@ -635,7 +637,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     module_type = ModuleType(kind, base, dict(sorted(layers.items())), dict(sorted(heads.items())),
                              auto_mapping.get("base_model_class"))
     return Adapter(directory, config, module_type, weights_file, tensors, layer_keys, head_keys,
-                   tuple(unsupported), data_start, file_size, pickled_state is not None, pickled_state)
+                   tuple(unsupported), data_start, file_size, pickled_state is not None, pickled_state, metadata)
 
 
 def _note(features: list[str], feature: str) -> None:

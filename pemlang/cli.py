@@ -14,6 +14,7 @@ if __name__ == "__main__":  # `python -m pemlang.cli`: Ctrl-C and SIGTERM are ha
     _interrupts.hold()  # raised inside main(), where it becomes a quiet exit 130
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -389,8 +390,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 class _TrialTable:
     """Trials as they finish: a live rich table on a terminal, else one line per trial."""
 
-    def __init__(self, names: Sequence[str], objective: str, *, live: bool = True):
+    def __init__(self, names: Sequence[str], objective: str, *, live: bool = True, quiet_errors: bool = False):
         self.names = list(names)
+        self.quiet_errors = quiet_errors  # --fail-fast: the error diagnostic says it once
         from .tune import objective_label
 
         self.label = objective_label(objective)
@@ -431,8 +433,11 @@ class _TrialTable:
             self.live.update(self._table())
         else:
             print(self._line(self._cells(row)), flush=True)
-        if row.get("error"):
-            print(f"  trial {row['number']} failed: {row['error']}", file=sys.stderr, flush=True)
+        if row.get("error") and not self.quiet_errors:
+            from .tune import format_params
+
+            print(f"  trial {row['number']} failed at {format_params(row['params'])}: {row['error']}", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self.live is not None:
@@ -504,6 +509,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError("tune needs exactly one objective: --data FILE.jsonl or --objective MODULE:FUNCTION")
     if not args.param:
         raise UsageError("tune needs at least one --param NAME=LO:HI[:STEP]")
+    if args.no_save and args.save_best:
+        raise UsageError("--save-best DIR and --no-save contradict each other: give one")
     overrides, bad_sets = _overrides(args.set)
     problems: list[Diagnostic] = list(bad_sets)
     space = []
@@ -550,7 +557,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         def row(trial: dict[str, Any]) -> None:
             nonlocal table
             if table is None:
-                table = _TrialTable(names, trial_label)
+                table = _TrialTable(names, trial_label, quiet_errors=args.fail_fast)
             table.add(trial)
 
         trial_label = ("accuracy" if isinstance(objective, DataObjective) and program.plan().outputs[0].config.get(
@@ -845,6 +852,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupts.quiet()
         print("pemlang: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`pemlang tune --show F.db | head`): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # an internal bug: never a bare traceback for the user
         if interrupts.interrupted():  # a library turned the interruption into another exception
             interrupts.quiet()

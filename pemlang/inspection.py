@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from .adapters import Adapter
 from .types import LoraLayer, describe_heads
@@ -65,6 +66,40 @@ def layer_rows(adapter: Adapter) -> list[tuple[str, ...]]:
             if "{}" in pattern else pattern
         rows.append((name, *row_facts, human_bytes(sum(n for _, n in members))))
     return rows
+
+
+def provenance_rows(metadata: dict[str, str]) -> list[tuple[str, str]]:
+    """What a pemlang-made adapter records about how it was made (empty for other adapters); a
+    field that does not parse is shown as it is."""
+    import json
+
+    if "pemlang.expression" not in metadata:
+        return []
+
+    def parsed(key: str) -> Any:
+        try:
+            return json.loads(metadata.get(key, "null"))
+        except ValueError:
+            return metadata.get(key)
+
+    from rich.markup import escape
+
+    rows = [("version", metadata.get("pemlang.version", "?")), ("mode", metadata.get("pemlang.mode", "?")),
+            ("expression", metadata.get("pemlang.expression", ""))]
+    params = parsed("pemlang.params")
+    if isinstance(params, dict) and params:
+        rows.append(("params", ", ".join(f"{k} = {v}" for k, v in params.items())))
+    inputs = parsed("pemlang.inputs")
+    if isinstance(inputs, list):
+        for item in inputs:
+            if isinstance(item, dict):
+                rows.append((f"input {item.get('name')}", f"{item.get('path')}  sha256 {str(item.get('sha256'))[:16]}…"))
+    tuned = parsed("pemlang.tune")
+    if isinstance(tuned, dict):
+        rows.append(("tuned", f"{tuned.get('direction')} {tuned.get('objective')}: {tuned.get('value')} "
+                     f"at trial {tuned.get('trial')} of {tuned.get('trials')} over {', '.join(tuned.get('space') or [])}"
+                     + (f" (study {tuned.get('study')})" if tuned.get("study") else "")))
+    return [(label, escape(str(value))) for label, value in rows]
 
 
 def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-untyped-def]
@@ -129,6 +164,13 @@ def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-u
                 heads.add_row(module if index == 0 else "", key, "×".join(map(str, head.shape)), head.dtype,
                               human_bytes(head.nbytes))
         console.print(heads)
+    made = provenance_rows(adapter.metadata)
+    if made:
+        grid = Table.grid(padding=(0, 2))
+        for label, value in made:
+            grid.add_row(f"[dim]{label}[/dim]", value)
+        console.print("[bold]made by pemlang[/bold]")
+        console.print(grid)
     if adapter.unsupported:
         console.print("[bold red]not composable by pemlang:[/bold red] " + "; ".join(adapter.unsupported))
     if adapter.truncated:

@@ -630,9 +630,9 @@ def _storage_url(path: Path) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
-def study_error(path: Path | str | None, message: str, hints: Sequence[str] = ()) -> TuneError:
+def study_error(path: Path | str | None, message: str, hints: Sequence[str] = (), option: str = "--study") -> TuneError:
     text = str(path) if path is not None else "study"
-    return TuneError([error("E033", message, Source(text, "--study"), Span(0, max(1, len(text))), hints=hints)])
+    return TuneError([error("E033", message, Source(text, option), Span(0, max(1, len(text))), hints=hints)])
 
 
 def open_study(path: Path | None, *, direction: str, sampler: Any, settings: Mapping[str, Any] | None,
@@ -652,7 +652,7 @@ def open_study(path: Path | None, *, direction: str, sampler: Any, settings: Map
                 raise study_error(path, f"{path} is not a study (not an SQLite file); pemlang will not overwrite it",
                                   hints=["give --study a new file name"])
     elif not create:
-        raise study_error(path, f"no such study: {path}")
+        raise study_error(path, f"no such study: {path}", option="--show")
     if path.parent and not path.parent.is_dir():
         raise study_error(path, f"the directory {path.parent} does not exist")
     try:
@@ -678,7 +678,8 @@ def open_study(path: Path | None, *, direction: str, sampler: Any, settings: Map
             differ = [k for k in settings if recorded.get(k) != settings[k]]
             if differ:
                 shown = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings[k]!r} now" for k in differ[:4])
-                raise study_error(path, f"{path} is a study of a different tuning ({', '.join(differ)} differ)",
+                verb = "differs" if len(differ) == 1 else "differ"
+                raise study_error(path, f"{path} is a study of a different tuning ({', '.join(differ)} {verb})",
                                   hints=["give --study a new file name to start another tuning, or delete it"]
                                   ).with_note(shown)
         if study.direction.name.lower() != direction:
@@ -1094,6 +1095,18 @@ def settle(program: Any, options: TuneOptions) -> tuple[str, str, str, int]:
     return output, sampler, direction, total
 
 
+def _tuned_by(directory: Path, study_file: str) -> bool:
+    """Whether `directory` holds the best point a tuning with study `study_file` wrote (a resumed
+    tuning rewrites it; anything else needs --force)."""
+    try:
+        from .adapters import read_safetensors_header
+
+        _, metadata, _, _ = read_safetensors_header(directory / "adapter_model.safetensors")
+        return bool(json.loads(metadata.get("pemlang.tune", "{}")).get("study") == study_file)
+    except Exception:  # noqa: BLE001 - missing, unreadable or foreign: not ours
+        return False
+
+
 def describe_objective(objective: Any, classifier: bool) -> str:
     if isinstance(objective, DataObjective):
         return objective.describe(classifier)
@@ -1129,9 +1142,15 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
         destinations = ([options.save_dir.resolve()] if options.save_dir is not None else
                         [o.path for o in program.checked.outputs if o.path is not None])
         inputs = {name: adapter.path for name, adapter in program.checked.inputs.items()}
-        problems = destination_problems(destinations, inputs, force=options.force)
+        study_file = str(Path(options.study).resolve()) if options.study is not None else None
+        ours = [d for d in destinations if study_file is not None and _tuned_by(d, study_file)]
+        problems = destination_problems([d for d in destinations if d not in ours], inputs, force=options.force)
+        problems += destination_problems(ours, inputs, force=True)  # this study's own best: rewritten
         if problems:
-            raise TuneError(problems)
+            from dataclasses import replace
+
+            raise TuneError([replace(d, hints=(*d.hints, "or write the best point elsewhere (--save-best DIR, "
+                                               "save= in the API), or nowhere (--no-save)")) for d in problems])
     optuna = _optuna()
     study_path = Path(options.study) if options.study is not None else None
     probe = open_study(study_path, direction=direction, sampler=None, settings=settings) if study_path else None
@@ -1171,7 +1190,11 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
             "params": result.best_params, "trial": result.best_number,
             "trials": sum(t["state"] == "complete" for t in result.trials),
             "space": [r.describe() for r in options.space],
-            "study": str(study_path) if study_path else None}, sort_keys=True, ensure_ascii=False)}
-        result.saved = program.save(options.save_dir, result.best_params, force=options.force,
+            "study": str(study_path.resolve()) if study_path else None}, sort_keys=True, ensure_ascii=False)}
+        study_file = str(study_path.resolve()) if study_path is not None else None
+        destinations = ([options.save_dir.resolve()] if options.save_dir is not None else
+                        [o.path for o in program.checked.outputs if o.path is not None])
+        replace_ours = study_file is not None and all(_tuned_by(d, study_file) for d in destinations if d.exists())
+        result.saved = program.save(options.save_dir, result.best_params, force=options.force or replace_ours,
                                     provenance=provenance)
     return result

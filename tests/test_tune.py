@@ -288,14 +288,27 @@ def test_accuracy_for_a_classifier_head(example_root: Path, tmp_path: Path) -> N
 
 
 def test_readme_tune_command(example_root: Path) -> None:
+    """The README's command on a clean clone; run again it resumes (nothing left to do) and rewrites
+    its own best point; `inspect` shows how that was chosen; another study's output is refused."""
     shutil_rm(example_root / "examples" / "out" / "detoxified")  # as on a clean clone (other tests write it)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "tune", "examples/detoxify.pem", "--base",
-                           "examples/adapters/base", "--data", "examples/tune_data.jsonl", "--param", "λ=0:1:0.1"],
-                          cwd=example_root, text=True, capture_output=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "pemlang.cli", "tune", "examples/detoxify.pem", "--base", "examples/adapters/base",
+               "--data", "examples/tune_data.jsonl", "--param", "λ=0:1:0.1"]
+    done = subprocess.run(command, cwd=example_root, text=True, capture_output=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "best: λ=" in done.stdout and "plot: examples/detoxify.tune.png" in done.stdout
     assert (example_root / "examples" / "out" / "detoxified" / "adapter_model.safetensors").exists()
+    again = subprocess.run(command, cwd=example_root, text=True, capture_output=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "11 of 11 trials done" in again.stderr and not _rows(again.stdout)
+    best = done.stdout.split("best: ")[1].split()[0]
+    assert f"best: {best}" in again.stdout
+    shown = subprocess.run([sys.executable, "-m", "pemlang.cli", "inspect", "examples/out/detoxified"], cwd=example_root,
+                           text=True, capture_output=True, env=env)
+    assert "made by pemlang" in shown.stdout and "tuned" in shown.stdout and "minimize loss on" in shown.stdout
+    other = subprocess.run([*command, "--study", "other.db"], cwd=example_root, text=True, capture_output=True, env=env)
+    assert other.returncode == 1 and "error[E018]" in other.stderr and "--save-best DIR" in other.stderr
+    assert not (example_root / "other.db").exists()  # refused before the study was made
     shutil_rm(example_root / "examples" / "out" / "detoxified")
 
 
@@ -406,11 +419,12 @@ def test_failing_trials_are_reported_and_the_study_goes_on(setup: dict[str, Path
     args = [str(setup["program"]), "--base", str(setup["base"]), "--param", "lam=0:1:0.25", "--no-save"]
     done = _cli(setup, *args, "--objective", "tune_objectives:fails_at_half", "--study", str(tmp_path / "a.db"))
     assert done.returncode == 0, done.stderr
-    assert "failed: the objective raised ValueError: no good at a half" in done.stderr
+    assert "failed at lam=0.5: the objective raised ValueError: no good at a half" in done.stderr
     assert "4 trials complete, 1 failed" in done.stdout and "best: lam=0.25" in done.stdout
     stopped = _cli(setup, *args, "--objective", "tune_objectives:fails_at_half", "--fail-fast", "--study",
                    str(tmp_path / "b.db"), "--sampler", "grid", "--seed", "3")
     assert stopped.returncode == 1 and "error[E031]" in stopped.stderr and "lam=0.5" in stopped.stderr
+    assert stopped.stderr.count("no good at a half") == 1  # said once, by the diagnostic
     for objective, message in (("not_a_number", "returned str 'high', not a number"),
                                ("nan", "returned nan, not a finite number")):
         bad = _cli(setup, *args, "--objective", f"tune_objectives:{objective}", "--study", str(tmp_path / f"{objective}.db"))
@@ -421,11 +435,23 @@ def test_usage_errors(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
     common = ["tune", str(setup["program"]), "--base", str(setup["base"]), "--param", "lam=0:1:0.5"]
     for args in ([*common], [*common, "--data", "x.jsonl", "--objective", "m:f"], ["tune", "--param", "lam=0:1"],
                  [*common, "--objective", "m:f", "--set", "lam=0.2"], ["tune", str(setup["program"]), "--objective", "m:f",
-                                                                      "--param", "lam=0:1"]):
+                                                                      "--param", "lam=0:1"],
+                 [*common, "--objective", "m:f", "--no-save", "--save-best", "d"]):
         assert main(args) == 2, args
     capsys.readouterr()
     assert main(["tune", "--show", str(setup["root"] / "no.db")]) == 1
     assert "no such study" in capsys.readouterr().err
+
+
+def test_show_into_a_closed_pipe_is_quiet(setup: dict[str, Path]) -> None:
+    program = pemlang.load(setup["program"])
+    program.tune(setup["base"], {"lam": (0, 1, 0.1)}, objective=_mse(setup), study=setup["root"] / "pipe.db", save=False)
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads: every write to stdout fails with EPIPE
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "tune", "--show", "pipe.db"], stdout=writer,
+                          stderr=subprocess.PIPE, cwd=setup["root"], text=True, env=_env(setup))
+    os.close(writer)
+    assert done.returncode == 0 and done.stderr == ""
 
 
 def test_a_base_that_cannot_be_loaded(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
