@@ -584,7 +584,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     if config.get("bias", "none") not in (None, "none"):
         unsupported.append(f"bias training (bias={config['bias']!r})")
 
-    base = BaseModelRef(config.get("base_model_name_or_path"), config.get("revision"))
+    base = BaseModelRef.from_config(config.get("base_model_name_or_path"), config.get("revision"))
     auto_mapping = config.get("auto_mapping") or {}
     heads_names = config.get("modules_to_save") or []
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))

@@ -21,6 +21,10 @@ DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2":
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
+# A snapshot directory of the Hugging Face cache: …/models--org--name/snapshots/<commit sha>[/…]
+_HF_CACHE_PATH = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<sha>[0-9a-f]{40})(?:/|$)")
+
+
 @dataclass(frozen=True, slots=True)
 class BaseModelRef:
     """The base model an adapter was trained on, as its adapter_config.json records it."""
@@ -36,6 +40,17 @@ class BaseModelRef:
         if self.name is None:
             return "not recorded"
         return f'"{self.name}"' + (f" @ {self.revision}" if self.revision else "")
+
+    @classmethod
+    def from_config(cls, name: str | None, revision: str | None) -> BaseModelRef:
+        """The base as recorded, a path inside a Hugging Face cache read as the repo it caches:
+        `…/models--org--name/snapshots/<sha>` is `org/name` at revision `<sha>` (a revision the
+        config records wins)."""
+        if name:
+            match = _HF_CACHE_PATH.search(name.replace("\\", "/"))
+            if match:
+                return cls(match["repo"].replace("--", "/", 1), revision or match["sha"])
+        return cls(name, revision)
 
     def same_as(self, other: BaseModelRef) -> bool:
         """False only when both are recorded and differ (an unrecorded base is a warning)."""
