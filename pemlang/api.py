@@ -377,9 +377,12 @@ class Program:
 
         if (data is None) == (objective is None):
             raise ValueError("give exactly one of data= (a JSONL file) or objective= (a callable)")
+        for label, number in (("trials", trials), ("batch_size", batch_size)):
+            if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 1):
+                raise ValueError(f"{label} must be a whole number of at least 1, not {number!r}")
         space = []
         for name, bounds in params.items():
-            text = bounds if isinstance(bounds, str) else ":".join(repr(float(b)) for b in bounds)
+            text = _range_text(bounds)
             try:
                 space.append(parse_range(f"{name}={text}"))
             except PemError as exc:
@@ -400,6 +403,17 @@ class Program:
             raise
         except PemError as exc:
             raise CompileError(exc.diagnostics) from None
+
+
+def _range_text(bounds: Any) -> str:
+    """A tuning range given to the API — "lo:hi[:step]", or (lo, hi[, step]) — as the CLI's text."""
+    if isinstance(bounds, str):
+        return bounds
+    try:
+        items = list(bounds)
+    except TypeError:
+        return repr(bounds)
+    return ":".join(repr(b) if isinstance(b, float) else str(b) for b in items)
 
 
 def _decimals(values: Sequence[float]) -> int | None:

@@ -467,27 +467,34 @@ def _print_result(result: Any, names: Sequence[str]) -> None:
           f"{result.direction}d)")
     if result.plot is not None:
         print(f"plot: {result.plot}")
+    elif getattr(result, "plot_note", None):
+        print(result.plot_note, file=sys.stderr)
     if result.study is not None:
         print(f"study: {result.study}  (`pemlang tune --show {result.study}` prints it again; the same command "
               "resumes it)")
 
 
 def cmd_tune_show(args: argparse.Namespace) -> int:
-    from .tune import TuneError, _optuna, open_study, plot, summarise
+    from .tune import TuneError, _optuna, open_study, plot_beside, summarise
 
     path = Path(args.show)
     try:
         _optuna()
         study = open_study(path, direction="minimize", sampler=None, settings=None, create=False)
+        result = summarise(study, study_path=path)
     except TuneError as exc:
         _report(exc.diagnostics)
         return EXIT_ERRORS
-    result = summarise(study, study_path=path)
+    except Exception as exc:  # noqa: BLE001 - a damaged study: the database's own error
+        _report([error("E033", f"cannot read the study {path}: {type(exc).__name__}: {str(exc)[:200]}",
+                       Source(str(path), "--show"), Span(0, max(1, len(str(path)))))])
+        return EXIT_ERRORS
     settings = study.user_attrs.get("pemlang", {})
     names = [s.partition("=")[0] for s in settings.get("space", [])] or sorted({k for t in result.trials for k in t["params"]})
     print(f"{path}: {result.objective}, {result.direction}d over {', '.join(settings.get('space', names))}")
     _TrialTable(names, result.objective, live=False).show(result.trials, result.best_number)
-    result.plot = plot(result, path.with_suffix(".png"), names) if result.trials else None
+    if result.trials:
+        result.plot, result.plot_note = plot_beside(result, path, names)
     _print_result(result, names)
     return EXIT_OK
 
@@ -546,7 +553,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                               ray=use_ray, ray_address=ray_address, cpus_per_trial=args.cpus_per_trial,
                               gpus_per_trial=args.gpus_per_trial, device=args.device, tokenizer=args.tokenizer,
                               fail_fast=args.fail_fast, save=not args.no_save,
-                              save_dir=Path(args.save_best) if args.save_best else None, force=args.force)
+                              save_dir=Path(args.save_best) if args.save_best else None, force=args.force,
+                              max_points=args.max_points)
         if options.save_dir is not None and len(program.outputs) != 1:
             raise UsageError("--save-best DIR applies to a program with one output")
         names = [r.name for r in space]

@@ -22,6 +22,7 @@ The objective is one of:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -119,6 +120,9 @@ def parse_range(text: str, *, max_points: int = 1000) -> ParamRange:
                                hints=["the bounds of a param are finite numbers"])
         numbers.append(number)
     low, high = numbers[0], numbers[1]
+    if not math.isfinite(float(high) - float(low)):
+        raise _range_error(text, f"{stripped}: the range is wider than a float can hold", fields[0][0], fields[1][1],
+                           hints=["give bounds whose difference is a finite number"])
     if not low < high:
         raise _range_error(text, f"{stripped}: the range {text[fields[0][0]:fields[1][1]].strip()} is empty "
                            "(LO must be below HI)", fields[0][0], fields[1][1])
@@ -127,13 +131,19 @@ def parse_range(text: str, *, max_points: int = 1000) -> ParamRange:
         step = numbers[2]
         if not step > 0:
             raise _range_error(text, f"{stripped}: the step must be above 0", *fields[2])
-        count = (high - low) / step
-        if count != count.to_integral_value():
+        try:
+            count = (high - low) / step
+            whole = count == count.to_integral_value()
+        except ArithmeticError:  # decimal's overflow or underflow: a step far too small for the range
+            raise _range_error(text, f"{stripped}: the step is far too small for the range", *fields[2],
+                               hints=["use a larger step"]) from None
+        if count + 1 > max_points:
+            shown = f"{int(count) + 1:,}" if count < 10**15 else f"about {float(count):.3g}"
+            raise _range_error(text, f"{stripped}: {shown} grid points is more than the limit of {max_points:,}",
+                               *fields[2], hints=["use a larger step, or --max-points N"])
+        if not whole:
             raise _range_error(text, f"{stripped}: the step {step} does not divide {low}:{high} into whole steps",
                                *fields[2], hints=[f"e.g. {stripped}={low}:{low + step * int(count)}:{step}"])
-        if count + 1 > max_points:
-            raise _range_error(text, f"{stripped}: {int(count) + 1:,} grid points is more than the limit of "
-                               f"{max_points:,}", *fields[2], hints=["use a larger step, or --max-points N"])
     return ParamRange(stripped, float(low), float(high), float(step) if step is not None else None, text)
 
 
@@ -191,7 +201,10 @@ def read_records(path: str | Path, *, limit: int = 1_000_000) -> list[Record]:
 
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:
+            if not isinstance(exc, json.JSONDecodeError):  # e.g. an integer of more than 4,300 digits
+                problems.append(bad(f"not a record: {str(exc)[:120]}"))
+                continue
             if not records and not problems and _one_document(text):
                 problems.append(bad("this is one JSON document, not JSON lines (one record per line)",
                                     hints=['write each record on its own line: {"input": "…", "output": "…"}']))
@@ -211,6 +224,10 @@ def read_records(path: str | Path, *, limit: int = 1_000_000) -> list[Record]:
         elif isinstance(value.get("output"), bool) or not isinstance(value.get("output"), str | int):
             problems.append(bad('the record has no "output"' if "output" not in value else
                                 '"output" must be text (or a label index, for a classifier)'))
+        elif not _encodable(value["input"]) or (isinstance(value["output"], str) and not _encodable(value["output"])):
+            problems.append(bad("the record's text is not valid Unicode (a lone surrogate escape)"))
+        elif isinstance(value["output"], int) and not -2**63 <= value["output"] < 2**63:
+            problems.append(bad('"output" is a label index far out of range'))
         else:
             records.append(Record(value["input"], value["output"], number))
         if len(problems) >= 10:
@@ -221,6 +238,14 @@ def read_records(path: str | Path, *, limit: int = 1_000_000) -> list[Record]:
         raise TuneError([error("E030", f"{path} has no records",
                                hints=['each line is one JSON object: {"input": "…", "output": "…"}'])])
     return records
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _one_document(text: str) -> bool:
@@ -312,7 +337,7 @@ def as_value(result: Any) -> float:
         if hasattr(result, "item") and callable(result.item):  # a 0-d tensor or numpy scalar
             result = result.item()
         value = float(result)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
+    except Exception:  # noqa: BLE001 - whatever the returned object's conversion raises
         raise TrialFailed(f"the objective returned {type(result).__name__} {str(result)[:60]!r}, "
                           "not a number") from None
     if not math.isfinite(value):
@@ -362,9 +387,23 @@ def _absolute(name: Any) -> Any:
     return name
 
 
-def check_base(base: Any) -> None:
-    """E032 when `base` (a path or Hub id) has no loadable config: found without loading weights."""
+def check_base(base: Any, *, load: bool = True) -> None:
+    """E032 when `base` (a path or Hub id) is not a model: a local path must be a model directory
+    (not an adapter, not a file); with `load`, its config must load (without weights)."""
     if not isinstance(base, str | Path):
+        return
+    local = Path(base)
+    if local.exists():
+        if not local.is_dir():
+            raise base_error(str(base), f"{base} is a file; --base is a model directory or Hub id")
+        if (local / "adapter_config.json").exists() and not (local / "config.json").exists():
+            raise base_error(str(base), f"{base} is a PEFT adapter, not a base model",
+                             hints=["--base is the model the adapters were trained on (its config.json and weights)"])
+        if not (local / "config.json").exists():
+            raise base_error(str(base), f"{base} has no config.json: it is not a saved model")
+    elif (message := _load_failure(base, FileNotFoundError())).startswith("no such directory"):
+        raise base_error(str(base), message)
+    if not load:
         return
     try:
         from transformers import AutoConfig
@@ -423,6 +462,7 @@ class Worker:
         self.source = base
         self.base = load_base(base, classifier=self.classifier, device=self.device)
         self.model: Any = None
+        self.anchor: tuple[Any, str, Any] | None = None
         self.name = ADAPTER_NAME
         self.config: dict[str, Any] | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -452,7 +492,7 @@ class Worker:
             if not isinstance(self.source, str | Path):
                 raise TrialFailed("the adapter's layout (rank or heads) differs at this point from the trial "
                                   "before; pass the base model as a path so that it can be reloaded")
-            self.model = None
+            self.model, self.anchor = None, None
             self.base = load_base(self.source, classifier=self.classifier, device=self.device)
         if self.model is None:
             try:
@@ -465,8 +505,18 @@ class Worker:
 
             set_peft_model_state_dict(self.model, tensors, adapter_name=self.name)
         self.config, self.shapes = config, shapes
+        if self.anchor is None:
+            self.anchor = _tuner_layer(self.model)
         self.model.eval()
         return self.model
+
+    def _layer_in_place(self) -> bool:
+        """Whether the first adapter layer is still where it was put (an objective that unloads the
+        adapter takes it out)."""
+        if self.anchor is None:
+            return True
+        parent, name, layer = self.anchor
+        return getattr(parent, name, None) is layer
 
     def __call__(self, params: Mapping[str, float]) -> float:
         model = self.install(params)
@@ -475,11 +525,30 @@ class Worker:
         with torch.no_grad():
             try:
                 result = self.objective(model, dict(params))
+                value = as_value(result)
             except (TrialFailed, TuneError, KeyboardInterrupt):
                 raise
+            except SystemExit as exc:
+                raise TrialFailed(f"the objective called sys.exit({exc.code!r})") from None
             except Exception as exc:  # noqa: BLE001 - the user's objective: reported with the trial
                 raise TrialFailed(f"the objective raised {type(exc).__name__}: {exc}") from None
-        return as_value(result)
+        if self.name not in (getattr(model, "peft_config", None) or {}) or \
+                getattr(model, "active_adapter", self.name) != self.name or not self._layer_in_place():
+            raise TuneError([error("E031", "the objective removed or switched the adapter being tuned",
+                                   hints=["an objective scores the model it is given; it must not change it "
+                                          "(no unload, delete_adapter or set_adapter)"])])
+        return value
+
+
+def _tuner_layer(model: Any) -> tuple[Any, str, Any] | None:
+    """(parent, attribute, layer) of the model's first PEFT adapter layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, BaseTunerLayer):
+                return parent, name, child
+    return None
 
 
 class _DataScorer:
@@ -566,7 +635,9 @@ def _label(output: str | int, config: Any) -> int | None:
     label2id = getattr(config, "label2id", None) or {}
     if output in label2id:
         return int(label2id[output])
-    return int(output) if output.isdigit() and int(output) < len(labels) else None
+    if output.isascii() and output.isdigit() and len(output) < 19:
+        return int(output) if int(output) < len(labels) else None
+    return None
 
 
 # -- the study ----------------------------------------------------------------------------------
@@ -644,35 +715,47 @@ def open_study(path: Path | None, *, direction: str, sampler: Any, settings: Map
         study = optuna.create_study(study_name=STUDY_NAME, direction=direction, sampler=sampler)
         study.set_user_attr("pemlang", dict(settings or {}))
         return study
-    if path.exists() or path.is_symlink():
+    option = "--study" if create else "--show"
+    existing = path.exists() or path.is_symlink()
+    if existing:
         if not path.is_file():
-            raise study_error(path, f"{path} is not a file")
+            raise study_error(path, f"{path} is not a file", option=option)
         with path.open("rb") as f:
-            if f.read(16) not in (b"SQLite format 3\x00", b""):
-                raise study_error(path, f"{path} is not a study (not an SQLite file); pemlang will not overwrite it",
-                                  hints=["give --study a new file name"])
+            head = f.read(16)
+        if head not in (b"SQLite format 3\x00", b"") or (head == b"" and not create):
+            raise study_error(path, f"{path} is not a study (not an SQLite file); pemlang will not overwrite it",
+                              hints=["give --study a new file name"], option=option)
+        if head:
+            _check_foreign(path, option)
     elif not create:
-        raise study_error(path, f"no such study: {path}", option="--show")
+        raise study_error(path, f"no such study: {path}", option=option)
     if path.parent and not path.parent.is_dir():
-        raise study_error(path, f"the directory {path.parent} does not exist")
+        raise study_error(path, f"the directory {path.parent} does not exist", option=option)
     try:
-        storage = optuna.storages.RDBStorage(_storage_url(path))
+        storage = optuna.storages.RDBStorage(_storage_url(path), skip_table_creation=not create)
         if not create:
-            return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
-        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=direction, sampler=sampler,
-                                    load_if_exists=True)
+            study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+        else:
+            study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=direction,
+                                        sampler=sampler, load_if_exists=True)
+        recorded = study.user_attrs.get("pemlang")
+        multi = len(study.directions) != 1
     except TuneError:
         raise
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign database
         raise study_error(path, f"cannot use {path} as a study: {type(exc).__name__}: {str(exc)[:200]}",
-                          hints=["give --study a new file name"]) from None
-    recorded = study.user_attrs.get("pemlang")
+                          hints=["give --study a new file name"], option=option) from None
+    if multi or (recorded is not None and not isinstance(recorded, dict)):
+        raise study_error(path, f"{path} holds a study pemlang did not make", hints=["give --study a new file name"],
+                          option=option)
     if settings is not None:
-        if recorded is None:
-            if study.trials:
-                raise study_error(path, f"{path} holds a study pemlang did not make", hints=["give --study a new file name"])
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        if recorded is None or not finished:  # a new study, or one whose start failed: these settings now
+            if recorded is None and study.trials:
+                raise study_error(path, f"{path} holds a study pemlang did not make",
+                                  hints=["give --study a new file name"])
             study.set_user_attr("pemlang", dict(settings))
         else:
             differ = [k for k in settings if recorded.get(k) != settings[k]]
@@ -685,6 +768,61 @@ def open_study(path: Path | None, *, direction: str, sampler: Any, settings: Map
         if study.direction.name.lower() != direction:
             raise study_error(path, f"{path} was made to {study.direction.name.lower()}, not to {direction}")
     return study
+
+
+def _check_foreign(path: Path, option: str) -> None:
+    """E033 for an SQLite file that is not a study pemlang made: another application's database,
+    or an Optuna database without a pemlang study. Read only."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+            names = {row[0] for row in db.execute("select study_name from studies")} if "studies" in tables else set()
+    except sqlite3.Error as exc:
+        raise study_error(path, f"cannot read {path}: {exc}", option=option) from None
+    if not tables:
+        return  # an empty database: a new study
+    if "studies" not in tables or "trials" not in tables:
+        raise study_error(path, f"{path} is another application's database, not a study; pemlang will not write "
+                          "into it", hints=["give --study a new file name"], option=option)
+    if STUDY_NAME not in names:
+        raise study_error(path, f"{path} holds other Optuna studies ({', '.join(sorted(names))[:80]}), not a "
+                          "pemlang one; pemlang will not add to it", hints=["give --study a new file name"],
+                          option=option)
+
+
+class StudyLock:
+    """One tuning per study file at a time: an exclusive flock on the study file itself (SQLite's
+    own locks are POSIX record locks, independent of flock), held while trials run, so that a trial
+    left running in the study is known to be stale. Creates the file (empty) when it is new."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.handle: Any = None
+
+    def __enter__(self) -> StudyLock:
+        if self.path is None:
+            return self
+        import fcntl
+
+        try:
+            self.handle = self.path.open("ab")
+        except OSError as exc:
+            raise study_error(self.path, f"cannot open {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            self.handle = None
+            raise study_error(self.path, f"{self.path} is being tuned by another pemlang process",
+                              hints=["wait for it to finish (or stop it), then rerun to resume"]) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing releases the flock
+            self.handle = None
 
 
 def _done(trial: Any) -> bool:
@@ -735,6 +873,7 @@ class TuneResult:
     plot: Path | None = None
     saved: list[Path] = field(default_factory=list)
     best_number: int | None = None
+    plot_note: str | None = None  # why no plot was written, when one was due
 
 
 def summarise(study: Any, *, study_path: Path | None) -> TuneResult:
@@ -811,6 +950,76 @@ def plot(result: TuneResult, path: Path, space_names: Sequence[str]) -> Path | N
     return path
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def plot_beside(result: TuneResult, study: Path, names: Sequence[str],
+                protected: Mapping[str, Path] | None = None) -> tuple[Path | None, str | None]:
+    """The plot beside the study (`F.db` → `F.png`): (path, None), or (None, why not). Never
+    written over the study, an input, or a file that is not a PNG already."""
+    target = study.with_suffix(".png")
+    if _same_file(target, study) or any(_same_file(target, p) for p in (protected or {}).values()):
+        return None, f"plot not written: {target} is the study or an input"
+    if target.exists() or target.is_symlink():
+        if not target.is_file():
+            return None, f"plot not written: {target} is not a file"
+        try:
+            with target.open("rb") as f:
+                if f.read(8) != PNG_MAGIC:
+                    return None, f"plot not written: {target} exists and is not a plot pemlang would replace"
+        except OSError as exc:
+            return None, f"plot not written: {target}: {exc.strerror or exc}"
+    try:
+        return plot(result, target, names), None
+    except OSError as exc:
+        return None, f"plot not written: {target}: {exc.strerror or exc}"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return a.samefile(b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def input_digests(program: Any) -> dict[str, str]:
+    """Per input, a digest of its config and safetensors header (cheap: no tensor data), so that a
+    study is not resumed over inputs that changed at the same path."""
+    digests = {}
+    for name, adapter in sorted(program.checked.inputs.items()):
+        digest = hashlib.sha256()
+        for file in (adapter.path / "adapter_config.json", adapter.weights_file):
+            try:
+                with file.open("rb") as f:
+                    digest.update(f.read(8 + min(adapter.data_start, 100 << 20)) if file == adapter.weights_file
+                                  else f.read())
+            except OSError:
+                digest.update(b"unreadable")
+        digests[name] = digest.hexdigest()[:16]
+    return digests
+
+
+def protected_paths(program: Any, options: TuneOptions, objective: Any) -> dict[str, Path]:
+    """Everything a tuning reads, which nothing it writes may replace: the program's inputs and file,
+    the base model, tokenizer, data file and the objective's module."""
+    paths: dict[str, Path] = {f"input `{name}`": adapter.path for name, adapter in program.checked.inputs.items()}
+    source = getattr(program.checked, "source", None)
+    if source is not None and not source.filename.startswith(("<", "--")) and Path(source.filename).exists():
+        paths["the program file"] = Path(source.filename)
+    for label, value in (("the base model", options.base), ("the tokenizer", options.tokenizer)):
+        if isinstance(value, str | Path) and Path(value).exists():
+            paths[label] = Path(value)
+    if isinstance(options.objective, DataObjective):
+        paths["the data file"] = Path(options.objective.path)
+    module = sys.modules.get(getattr(objective, "__module__", "") or "")
+    module_file = getattr(getattr(objective, "__code__", None), "co_filename", None) or getattr(module, "__file__", None)
+    if module_file and isinstance(options.objective, str) and Path(module_file).exists():
+        paths["the objective's module"] = Path(module_file)
+    return {label: Path(os.path.abspath(path)) for label, path in paths.items()}
+
+
 def objective_label(description: str) -> str:
     """The objective's column name: loss, accuracy, or value (a user's function)."""
     word = description.split(" on ")[0]
@@ -837,8 +1046,13 @@ def run_local(worker: Worker, study: Any, dists: Mapping[str, Any], total: int, 
         sampler = study.sampler
         if not waiting and hasattr(sampler, "is_exhausted") and sampler.is_exhausted(study):
             break
-        trial = study.ask(dict(dists))
-        params = {name: trial.params[name] for name in dists}
+        trial = study.ask()
+        try:
+            params = {name: trial.suggest_float(name, d.low, d.high, step=d.step) for name, d in dists.items()}
+        except Exception as exc:  # noqa: BLE001 - the sampler cannot draw from this space
+            study.tell(trial, state=TrialState.FAIL)
+            raise TuneError([error("E029", f"the sampler cannot search this space: {str(exc)[:200]}",
+                                   hints=["narrow the ranges"])]) from None
         start = time.perf_counter()
         try:
             value = worker(params)
@@ -919,6 +1133,22 @@ def _ray_trial(config: dict[str, Any], job: WorkerJob) -> None:
     tune.report({"value": value, "seconds": time.perf_counter() - start, "error": problem, "fatal": fatal})
 
 
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """E031 unless a TCP connection to HOST:PORT opens within `timeout` seconds."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    raise TuneError([error("E031", f"cannot reach a Ray cluster at {address}: {reason}",
+                           Source(address, "--ray"), Span(0, max(1, len(address))),
+                           hints=["give the head node's HOST:PORT (`ray start --head` prints it), or --ray alone "
+                                  "for a local instance"])])
+
+
 def ray_missing() -> TuneError:
     return TuneError([error("E031", "--ray needs Ray, which is not installed",
                             hints=["pip install 'pemlang[ray]'  (or run without --ray: trials run in this process)"])])
@@ -937,6 +1167,8 @@ def run_ray(job: WorkerJob, study: Any, dists: Mapping[str, Any], total: int, *,
     import tempfile
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized() and address and address not in ("auto", "local") and "://" not in address:
+        _reachable(address)  # ray.init retries an unreachable address for minutes
     if not ray.is_initialized():
         try:
             ray.init(address=address or None, log_to_driver=False, include_dashboard=False,
@@ -1034,6 +1266,7 @@ class TuneOptions:
     save: bool = True
     save_dir: Path | None = None
     force: bool = False
+    max_points: int = 1000  # the most grid points in all
 
 
 def settle(program: Any, options: TuneOptions) -> tuple[str, str, str, int]:
@@ -1087,6 +1320,10 @@ def settle(program: Any, options: TuneOptions) -> tuple[str, str, str, int]:
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', not {direction!r}")
     grid_size = math.prod(len(r.grid) for r in options.space) if sampler == "grid" else None
+    if grid_size is not None and grid_size > options.max_points:
+        raise TuneError([error("E029", f"the grid has {grid_size:,} points, more than the limit of "
+                               f"{options.max_points:,}", hints=["use larger steps, fewer params, --sampler tpe, "
+                                                                 "or --max-points N"])])
     total = options.trials if options.trials is not None else (grid_size or DEFAULT_TRIALS)
     if grid_size is not None:
         total = min(total, grid_size)
@@ -1125,65 +1362,79 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
     search_path = (os.getcwd(),)
     if isinstance(objective, str):
         objective_fn: Any = import_objective(objective)  # fails here, before anything loads
-    else:
+    elif callable(objective) or isinstance(objective, DataObjective):
         objective_fn = objective
+    else:
+        raise ValueError(f"objective must be a callable, MODULE:FUNCTION or a data file, not {type(objective).__name__}")
+    check_base(options.base, load=False)
     description = describe_objective(objective, classifier)
     settings = {
         "program": hashlib.sha256(program.checked.source.text.encode()).hexdigest()
         if getattr(program.checked, "source", None) is not None else "",
+        "params": {k: v for k, v in sorted(program.params.items()) if k not in {r.name for r in options.space}},
+        "inputs": input_digests(program),
         "output": output,
         "objective": description,
         "space": [r.describe() for r in options.space],
-        "base": str(options.base) if isinstance(options.base, str | Path) else type(options.base).__name__,
+        "base": str(_absolute(options.base)) if isinstance(options.base, str | Path) else type(options.base).__name__,
+        "tokenizer": str(_absolute(options.tokenizer)) if options.tokenizer else None,
     }
+    study_path = Path(options.study) if options.study is not None else None
+    protected = protected_paths(program, options, objective_fn)
     if options.save:  # refuse an output that cannot be written before any trial runs
         from .writer import destination_problems
 
         destinations = ([options.save_dir.resolve()] if options.save_dir is not None else
                         [o.path for o in program.checked.outputs if o.path is not None])
-        inputs = {name: adapter.path for name, adapter in program.checked.inputs.items()}
-        study_file = str(Path(options.study).resolve()) if options.study is not None else None
+        study_file = str(study_path.resolve()) if study_path is not None else None
         ours = [d for d in destinations if study_file is not None and _tuned_by(d, study_file)]
-        problems = destination_problems([d for d in destinations if d not in ours], inputs, force=options.force)
-        problems += destination_problems(ours, inputs, force=True)  # this study's own best: rewritten
+        kept = {**protected, **({"the study": Path(study_file)} if study_file is not None else {})}
+        problems = destination_problems([d for d in destinations if d not in ours], kept, force=options.force)
+        problems += destination_problems(ours, kept, force=True)  # this study's own best: rewritten
         if problems:
             from dataclasses import replace
 
             raise TuneError([replace(d, hints=(*d.hints, "or write the best point elsewhere (--save-best DIR, "
                                                "save= in the API), or nowhere (--no-save)")) for d in problems])
+    if study_path is not None:
+        clash = next((name for name, path in protected.items() if _same_file(path, study_path)), None)
+        if clash is not None:
+            raise study_error(study_path, f"the study would be written over {clash}",
+                              hints=["give --study a new file name"])
     optuna = _optuna()
-    study_path = Path(options.study) if options.study is not None else None
-    probe = open_study(study_path, direction=direction, sampler=None, settings=settings) if study_path else None
-    existing = len(probe.trials) if probe is not None else 0
-    sampler = make_sampler(sampler_name, options.space, seed=options.seed, offset=existing)
-    if probe is not None:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=probe._storage, sampler=sampler)
-    else:
-        study = open_study(None, direction=direction, sampler=sampler, settings=settings)
-    recovered = recover(study)
-    done = sum(_done(t) for t in study.get_trials(deepcopy=False))
-    if on_start and done:
-        on_start(f"resuming {study_path}: {done} of {total} trials done"
-                 + (f", {recovered} cut off by an interruption to run again" if recovered else ""))
-    dists = distributions(options.space, sampler_name)
-    if done < total:
-        if options.ray or (options.ray_address is not None):
-            if program._recipe is None:
-                raise ValueError("this program cannot be rebuilt on Ray workers: compile it with pemlang.compile, "
-                                 "pemlang.load or pemlang.from_config")
-            check_base(options.base)  # in the driver, from its config alone: not once per worker
-            job = WorkerJob(program._recipe, output, _absolute(options.base), objective,
-                            _absolute(options.tokenizer), options.device, search_path)
-            run_ray(job, study, dists, total, address=options.ray_address, cpus_per_trial=options.cpus_per_trial,
-                    gpus_per_trial=options.gpus_per_trial, on_trial=on_trial, fail_fast=options.fail_fast)
+    with StudyLock(study_path):
+        probe = open_study(study_path, direction=direction, sampler=None, settings=settings) if study_path else None
+        existing = len(probe.trials) if probe is not None else 0
+        sampler = make_sampler(sampler_name, options.space, seed=options.seed, offset=existing)
+        if probe is not None:
+            study = optuna.load_study(study_name=STUDY_NAME, storage=probe._storage, sampler=sampler)
         else:
-            worker = Worker(program, output, options.base, objective_fn, tokenizer=options.tokenizer,
-                            device=options.device)
-            run_local(worker, study, dists, total, on_trial=on_trial, fail_fast=options.fail_fast)
+            study = open_study(None, direction=direction, sampler=sampler, settings=settings)
+        recovered = recover(study)
+        done = sum(_done(t) for t in study.get_trials(deepcopy=False))
+        if on_start and done:
+            on_start(f"resuming {study_path}: {done} of {total} trials done"
+                     + (f", {recovered} cut off by an interruption to run again" if recovered else ""))
+        dists = distributions(options.space, sampler_name)
+        if done < total:
+            if options.ray or (options.ray_address is not None):
+                if program._recipe is None:
+                    raise ValueError("this program cannot be rebuilt on Ray workers: compile it with "
+                                     "pemlang.compile, pemlang.load or pemlang.from_config")
+                check_base(options.base)  # in the driver, from its config alone: not once per worker
+                job = WorkerJob(program._recipe, output, _absolute(options.base), objective,
+                                _absolute(options.tokenizer), options.device, search_path)
+                run_ray(job, study, dists, total, address=options.ray_address,
+                        cpus_per_trial=options.cpus_per_trial, gpus_per_trial=options.gpus_per_trial,
+                        on_trial=on_trial, fail_fast=options.fail_fast)
+            else:
+                worker = Worker(program, output, options.base, objective_fn, tokenizer=options.tokenizer,
+                                device=options.device)
+                run_local(worker, study, dists, total, on_trial=on_trial, fail_fast=options.fail_fast)
     result = summarise(study, study_path=study_path)
     result.objective = description
     if study_path is not None:
-        result.plot = plot(result, study_path.with_suffix(".png"), [r.name for r in options.space])
+        result.plot, result.plot_note = plot_beside(result, study_path, [r.name for r in options.space], protected)
     if options.save and result.best_params is not None:
         provenance = {"pemlang.tune": json.dumps({
             "objective": description, "direction": direction, "value": result.best_value,

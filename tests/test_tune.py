@@ -80,6 +80,17 @@ def setup(adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
         def nan(model, params):
             return float("nan")
+
+        def exits(model, params):
+            raise SystemExit(3)
+
+        def unloads(model, params):
+            model.unload()
+            return mse(model, params)
+
+        def deletes(model, params):
+            model.delete_adapter("pemlang")
+            return 1.0
         """))
     return {"root": root, "base": base, "program": program, "target": root / "target.pt", "out": root / "out" / "mix"}
 
@@ -482,3 +493,183 @@ def test_a_point_the_checker_refuses_is_a_failed_trial(setup: dict[str, Path], a
     failed = [t for t in result.trials if t["state"] == "fail"]
     assert [t["params"] for t in failed] == [{"lam": 0.0}] and "zero" in failed[0]["error"]
     assert not math.isnan(result.best_value or math.nan)
+
+
+# -- hostile input: what a tuning reads is never written; studies are never mixed or taken over -------
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): _md5(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_save_best_never_replaces_what_the_tuning_reads(example_root: Path, tmp_path: Path) -> None:
+    examples = example_root / "examples"
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "data").mkdir()
+    data = work / "data" / "tune.jsonl"
+    data.write_text((examples / "tune_data.jsonl").read_text())
+    (work / "objs").mkdir()
+    (work / "objs" / "obj.py").write_text("def f(model, params):\n    return 1.0\n")
+    common = ["--param", "λ=0:1:0.5", "--force"]
+    cases = [
+        ["--data", str(data), "--save-best", str(examples / "adapters" / "base"), "--study", str(work / "a.db")],
+        ["--data", str(data), "--save-best", str(work / "data"), "--study", str(work / "b.db")],
+        ["--data", str(data), "--save-best", str(work / "st"), "--study", str(work / "st" / "s.db")],
+        ["--objective", f"{work / 'objs' / 'obj.py'}:f", "--save-best", str(work / "objs"), "--study",
+         str(work / "c.db")],
+        ["--data", str(data), "--save-best", str(examples), "--study", str(work / "d.db")],
+    ]
+    (work / "st").mkdir()
+    before = {p: _tree(p) for p in (examples / "adapters" / "base", work / "data", work / "objs")}
+    for case in cases:
+        done = subprocess.run([sys.executable, "-m", "pemlang.cli", "tune", str(examples / "detoxify.pem"), "--base",
+                               str(examples / "adapters" / "base"), *common, *case], text=True, capture_output=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+        assert done.returncode == 1 and "error[E018]" in done.stderr, (case, done.stderr)
+    assert {p: _tree(p) for p in before} == before
+
+
+def test_the_plot_never_replaces_the_study_or_an_input(setup: dict[str, Path], example_root: Path, tmp_path: Path) -> None:
+    program = pemlang.load(setup["program"])
+    result = program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=tmp_path / "p.png", save=False)
+    assert result.plot is None and "the study" in (result.plot_note or "")
+    assert (tmp_path / "p.png").read_bytes()[:6] == b"SQLite"
+    examples = example_root / "examples"
+    data = tmp_path / "data.png"
+    data.write_text((examples / "tune_data.jsonl").read_text())
+    kept = _md5(data)
+    result = pemlang.load(examples / "detoxify.pem").tune(examples / "adapters" / "base", {"λ": (0, 1, 0.5)}, data=data,
+                                                         study=tmp_path / "data.db", save=False)
+    assert result.plot is None and _md5(data) == kept
+    (tmp_path / "dir.png").mkdir()
+    result = program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=tmp_path / "dir.db", save=False)
+    assert result.plot is None and "not a file" in (result.plot_note or "") and result.best_params is not None
+
+
+def test_foreign_databases_are_never_written(setup: dict[str, Path], tmp_path: Path) -> None:
+    import sqlite3
+
+    import optuna
+
+    foreign = tmp_path / "app.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("create table users (name text)")
+    other = tmp_path / "optuna.db"
+    optuna.create_study(study_name="theirs", storage=f"sqlite:///{other}")
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    sums = {p: _md5(p) for p in (foreign, other, empty)}
+    program = pemlang.load(setup["program"])
+    for path, message in ((foreign, "another application's database"), (other, "holds other Optuna studies")):
+        with pytest.raises(pemlang.CompileError) as caught:
+            program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=path, save=False)
+        assert caught.value.diagnostics[0].code == "E033" and message in str(caught.value)
+    for path in (foreign, other, empty):
+        assert main(["tune", "--show", str(path)]) == 1
+    assert {p: _md5(p) for p in sums} == sums
+
+
+def test_a_study_is_not_resumed_over_other_settings_or_inputs(setup: dict[str, Path], adapters: Path,
+                                                               tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(adapters / "llama_r8", tmp_path / "a")
+    text = PROGRAM.format(a=tmp_path / "a", b=adapters / "llama_r8_b", out=tmp_path / "out").replace(
+        "param lam = 0.5", "param lam = 0.5\nparam mu = 1").replace("mix = lam*a", "mix = mu*lam*a")
+    (tmp_path / "p.pem").write_text(text)
+    study = tmp_path / "s.db"
+
+    def tune(**fixed: float) -> object:
+        return pemlang.load(tmp_path / "p.pem", params=fixed or None).tune(
+            setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=study, save=False, trials=1)
+
+    tune()
+    with pytest.raises(pemlang.CompileError) as caught:
+        tune(mu=2.0)
+    assert "params differs" in str(caught.value)
+    shutil.copy(adapters / "llama_r8_c" / "adapter_model.safetensors", tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(pemlang.CompileError) as caught:
+        tune()
+    assert "inputs differs" in str(caught.value)
+
+
+def test_a_study_in_use_is_refused(setup: dict[str, Path], tmp_path: Path) -> None:
+    import fcntl
+
+    study = tmp_path / "busy.db"
+    with study.open("ab") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:mse",
+                    "--param", "lam=0:1:0.5", "--study", str(study), "--no-save")
+    assert done.returncode == 1 and "being tuned by another pemlang process" in done.stderr
+
+
+def test_a_failed_start_does_not_pin_the_study(setup: dict[str, Path], tmp_path: Path) -> None:
+    args = ["--objective", "tune_objectives:mse", "--param", "lam=0:1:0.5", "--study", str(tmp_path / "f.db"),
+            "--no-save"]
+    wrong = _cli(setup, str(setup["program"]), "--base", str(setup["root"]), *args)  # not a model directory
+    assert wrong.returncode == 1 and "error[E032]" in wrong.stderr
+    right = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), *args)
+    assert right.returncode == 0, right.stderr
+
+
+@pytest.mark.parametrize("param, message", [
+    ("lam=0:1:1E-999999999999", "far too small"),
+    ("lam=-1e308:1e308", "wider than a float"),
+])
+def test_absurd_ranges(param: str, message: str) -> None:
+    with pytest.raises(TuneError) as caught:
+        parse_range(param)
+    assert message in caught.value.diagnostics[0].message
+
+
+def test_the_whole_grid_is_capped(setup: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "g.pem").write_text(setup["program"].read_text().replace("param lam = 0.5", "param lam = 0.5\nparam mu = 1")
+                                    .replace("mix = lam*a", "mix = mu*lam*a"))
+    status = main(["tune", str(tmp_path / "g.pem"), "--base", str(setup["base"]), "--objective", "math:fabs",
+                   "--param", "lam=0:1:0.01", "--param", "mu=0:1:0.01", "--no-save"])
+    assert status == 1 and "the grid has 10,201 points, more than the limit of 1,000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"input": "\\ud800", "output": "b"}', "not valid Unicode"),
+    ('{"input": "a", "output": ' + "9" * 5000 + "}", "not a record"),
+])
+def test_hostile_records(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "d.jsonl").write_text(line + "\n")
+    with pytest.raises(TuneError) as caught:
+        read_records(tmp_path / "d.jsonl")
+    assert caught.value.diagnostics[0].code == "E030" and message in caught.value.diagnostics[0].message
+
+
+@pytest.mark.parametrize("objective, status, message", [
+    ("exits", 1, "the objective called sys.exit(3)"),
+    ("unloads", 1, "removed or switched the adapter"),
+    ("deletes", 1, "removed or switched the adapter"),
+])
+def test_objectives_that_misbehave(setup: dict[str, Path], tmp_path: Path, objective: str, status: int,
+                                   message: str) -> None:
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", f"tune_objectives:{objective}",
+                "--param", "lam=0:1:0.5", "--study", str(tmp_path / "o.db"), "--no-save")
+    assert done.returncode == status and message in done.stderr, done.stderr
+    assert "internal error" not in done.stderr
+
+
+def test_a_base_that_is_an_adapter(setup: dict[str, Path], adapters: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tune", str(setup["program"]), "--base", str(adapters / "llama_r8"), "--objective", "math:fabs",
+                 "--param", "lam=0:1:0.5", "--no-save"]) == 1
+    assert "is a PEFT adapter, not a base model" in capsys.readouterr().err
+
+
+def test_an_unreachable_ray_address(setup: dict[str, Path]) -> None:
+    pytest.importorskip("ray")
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:mse",
+                "--param", "lam=0:1:0.5", "--no-save", "--ray", "127.0.0.1:1", timeout=120)
+    assert done.returncode == 1 and "cannot reach a Ray cluster at 127.0.0.1:1" in done.stderr
