@@ -80,6 +80,8 @@ class InputStmt:
     path: str
     path_span: Span = field(default=_NO_SPAN, compare=False, repr=False)
     span: Span = field(default=_NO_SPAN, compare=False, repr=False)
+    base: str | None = None  # `base "org/name"`: the program states the base the input was trained on
+    base_span: Span = field(default=_NO_SPAN, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +202,8 @@ def format_statement(stmt: Statement) -> str:
     match stmt:
         case ModeStmt(mode=mode):
             return f"mode {mode.id}"
-        case InputStmt(name=name, path=path):
-            return f"input {name.id} = {format_string(path)}"
+        case InputStmt(name=name, path=path, base=base):
+            return f"input {name.id} = {format_string(path)}" + (f" base {format_string(base)}" if base else "")
         case ParamStmt(name=name, value=value):
             return f"param {name.id} = {format_expr(value)}"
         case Binding(name=name, value=value):

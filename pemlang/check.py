@@ -25,7 +25,7 @@ from .adapters import Adapter, AdapterError, config_owner, read_adapter, task_of
 from .diagnostics import Diagnostic, display_path, error, warning
 from .operators import FUNCTIONS, OPERATORS, Operator
 from .source import Source, Span, read_source
-from .types import Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
+from .types import BaseModelRef, Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
 
 Mode = Literal["paper", "exact"]
 MODES: tuple[Mode, ...] = ("paper", "exact")
@@ -380,8 +380,8 @@ class Checker:
         match stmt:
             case ast.ModeStmt(mode=mode):
                 self._mode(mode, stmt.span, first=index == 0)
-            case ast.InputStmt(name=name, path=path, path_span=path_span):
-                self.add_input(name, path, path_span)
+            case ast.InputStmt(name=name, path=path, path_span=path_span, base=base, base_span=base_span):
+                self.add_input(name, path, path_span, stated_base=base, base_span=base_span)
             case ast.ParamStmt(name=name, value=value):
                 if self._declare(name, "param"):
                     override = self.overrides.get(name.id)
@@ -438,8 +438,28 @@ class Checker:
                     hints=["pick another name: a program defines each name once"])
         return False
 
-    def add_input(self, name: ast.Name, written: str, path_span: Span, source: Source | None = None) -> None:
-        """Declare an input adapter: read its signature (config + header) and bind the name."""
+    def _with_stated_base(self, name: ast.Name, adapter: Adapter, stated: str, span: Span,
+                          source: Source | None) -> Adapter:
+        """The adapter taken as trained on `stated` (normalised like a recorded base); W006 when that
+        differs from what its config records, so the choice is visible, never silent."""
+        base = BaseModelRef.from_config(stated.strip() or None, None)
+        recorded = adapter.type.base
+        if base.name is None:
+            self._error("E024", f"input `{name.id}`: an empty base", span, source=source,
+                        hints=['write the base model\'s name, e.g. base "meta-llama/Llama-2-7b-hf"'])
+            return adapter
+        if recorded.name != base.name:
+            self._warn("W006", f"input `{name.id}` is taken as trained on {base.describe()}", span, source=source,
+                       notes=[f"its adapter_config.json records base {recorded.describe()}"],
+                       hints=["the program says so; pemlang cannot check that these are the same model"])
+        revision = recorded.revision if recorded.name == base.name else base.revision
+        return replace(adapter, type=replace(adapter.type, base=BaseModelRef(base.name, revision)))
+
+    def add_input(self, name: ast.Name, written: str, path_span: Span, source: Source | None = None, *,
+                  stated_base: str | None = None, base_span: Span | None = None) -> None:
+        """Declare an input adapter: read its signature (config + header) and bind the name. With
+        `stated_base` (`input x = "dir" base "org/name"`) the input is taken as trained on that base,
+        whatever its config records, and a warning (W006) says so."""
         if not self._declare(name, "input", source):
             return
         path = Path(os.path.abspath(self.base_dir / written))
@@ -476,6 +496,8 @@ class Checker:
                                f"{adapter.file_size}"],
                         hints=["the file was cut off (an interrupted copy or download?): fetch it again"])
             return
+        if stated_base is not None:
+            adapter = self._with_stated_base(name, adapter, stated_base, base_span or path_span, source)
         if not adapter.type.base.recorded:
             self._warn("W001", f"input `{name.id}` does not record its base model", path_span, source=source,
                        notes=[f"{display_path(path / 'adapter_config.json')}: base_model_name_or_path is null"],
@@ -745,7 +767,9 @@ class Checker:
             return None
         if not lt.base.same_as(rt.base):
             self._error("E006", "cannot add modules trained on different base models", span,
-                        notes=[f"{ln}: base {lt.base.describe()}; {rn}: base {rt.base.describe()}"])
+                        notes=[f"{ln}: base {lt.base.describe()}; {rn}: base {rt.base.describe()}"],
+                        hints=["if they are the same model recorded differently, say so where the input is "
+                               f'declared: input NAME = "DIR" base "{lt.base.name}"'])
             return None
         only_left = lt.layers.keys() - rt.layers.keys()
         only_right = rt.layers.keys() - lt.layers.keys()

@@ -65,6 +65,7 @@ CODES: dict[str, str] = {
     "W003": "unused input or binding",
     "W004": "inputs differ in task type or architecture",
     "W005": "output already exists (`run` will need --force)",
+    "W006": "an input taken as trained on the base the program states",
 }
 
 

@@ -174,8 +174,9 @@ class _Build(Transformer):
         return ast.ModeStmt(self._name(children[0]), self._span(meta))
 
     def input_stmt(self, meta, children):  # type: ignore[no-untyped-def]
-        name, path = children
-        return ast.InputStmt(self._name(name), _unquote(path), self._tok(path), self._span(meta))
+        name, path, *base = children
+        return ast.InputStmt(self._name(name), _unquote(path), self._tok(path), self._span(meta),
+                             _unquote(base[0]) if base else None, self._tok(base[0]) if base else ast.Span(0, 0))
 
     def param_stmt(self, meta, children):  # type: ignore[no-untyped-def]
         return ast.ParamStmt(self._name(children[0]), children[1], self._span(meta))

@@ -1366,7 +1366,6 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
         objective_fn = objective
     else:
         raise ValueError(f"objective must be a callable, MODULE:FUNCTION or a data file, not {type(objective).__name__}")
-    check_base(options.base, load=False)
     description = describe_objective(objective, classifier)
     settings = {
         "program": hashlib.sha256(program.checked.source.text.encode()).hexdigest()
@@ -1410,6 +1409,7 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
             study = optuna.load_study(study_name=STUDY_NAME, storage=probe._storage, sampler=sampler)
         else:
             study = open_study(None, direction=direction, sampler=sampler, settings=settings)
+        check_base(options.base, load=False)
         recovered = recover(study)
         done = sum(_done(t) for t in study.get_trials(deepcopy=False))
         if on_start and done:

@@ -55,3 +55,43 @@ def test_different_repos_in_the_cache_still_differ(adapters: Path, tmp_path: Pat
         pemlang.compile("a + b", inputs={"a": a, "b": adapters / "llama_r8_b"})
     [error] = caught.value.diagnostics
     assert error.code == "E006" and '"someone/else" @ ' + SHA in error.notes[0]
+
+
+def test_a_program_states_the_base_of_an_input(adapters: Path, tmp_path: Path) -> None:
+    """`input x = "dir" base "org/name"`: x is taken as trained on that base, visibly (W006); the
+    output records it; without the statement the same program is E006."""
+    other = adapters / "llama_other_base"  # records "someone-else/llama-7b"
+    text = (f'input a = "{adapters / "llama_r8"}"\n'
+            f'input b = "{other}" base "tiny-org/tiny-llama"\n'
+            f'output 0.5*a + 0.5*b -> "{tmp_path / "out"}"\n')
+    program = pemlang.compile(text=text)
+    [warning] = program.warnings
+    assert warning.code == "W006" and warning.message == 'input `b` is taken as trained on "tiny-org/tiny-llama"'
+    assert warning.notes == ('its adapter_config.json records base "someone-else/llama-7b"',)
+    [written] = program.save()
+    assert json.loads((written / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-org/tiny-llama"
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile(text=text.replace(' base "tiny-org/tiny-llama"', ""))
+    [error] = caught.value.diagnostics
+    assert error.code == "E006" and 'input NAME = "DIR" base "tiny-org/tiny-llama"' in error.hints[0]
+
+
+def test_a_stated_base_equal_to_the_recorded_one_is_quiet(adapters: Path) -> None:
+    text = f'input a = "{adapters / "llama_r8"}" base "tiny-org/tiny-llama"\noutput a -> "o"\n'
+    assert pemlang.compile(text=text).warnings == []
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile(text=text.replace('base "tiny-org/tiny-llama"', 'base "  "'))
+    assert caught.value.diagnostics[0].code == "E024"
+
+
+def test_the_base_clause_round_trips_and_base_stays_a_name() -> None:
+    from pemlang import ast
+    from pemlang.parser import parse_program
+    from pemlang.source import Source
+
+    program, errors = parse_program(Source('input base = "d" base "o/n"\ninput x = "e"\n', "t.pem"))
+    assert not errors
+    first, second = program.statements
+    assert isinstance(first, ast.InputStmt) and first.name.id == "base" and first.base == "o/n"
+    assert ast.format_statement(first) == 'input base = "d" base "o/n"'
+    assert ast.format_statement(second) == 'input x = "e"'
