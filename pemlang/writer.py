@@ -73,6 +73,71 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+CARD_NAME = "README.md"
+
+
+def _cell(value: Any) -> str:
+    """Text for a Markdown table cell: pipes escaped, on one line."""
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
+    """The Hub's model card for a written adapter: YAML front matter (base_model, library_name,
+    tags) and what made it — the program, each input with its sha256, the params — and how to load
+    it. Deterministic: the same inputs give the same card."""
+    import yaml
+
+    def field(key: str, default: Any) -> Any:
+        try:
+            return json.loads(meta[key])
+        except (KeyError, ValueError):
+            return default
+
+    def fenced(text: str, language: str = "") -> list[str]:  # a fence longer than any backtick run inside
+        longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+        fence = "`" * max(3, longest + 1)
+        return [fence + language, text, fence]
+
+    base = config.get("base_model_name_or_path")
+    kind = "lora" if config.get("peft_type") == "LORA" else "ia3"
+    front: dict[str, Any] = {}
+    if base:
+        front["base_model"] = base
+    front["library_name"] = "peft"
+    front["tags"] = ["pemlang", kind, "merge"]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+             f"# {meta.get('pemlang.output') or meta.get('pemlang.expression', 'adapter')}", "",
+             f"A {'LoRA' if kind == 'lora' else '(IA)3'} adapter made by [pemlang](https://github.com/pemlang/pemlang) "
+             f"{meta.get('pemlang.version', '')} ({meta.get('pemlang.mode', 'paper')} mode) from other adapters by "
+             "arithmetic, without training:", "", *fenced(meta.get("pemlang.expression", "")), ""]
+    params = field("pemlang.params", {})
+    if params:
+        lines += ["Params: " + ", ".join(f"`{k} = {v}`" for k, v in params.items()) + ".", ""]
+    tuned = field("pemlang.tune", None)
+    if isinstance(tuned, dict):
+        lines += [f"The params were chosen by `pemlang tune`: {tuned.get('direction')} {tuned.get('objective')}, "
+                  f"best value {tuned.get('value')} at trial {tuned.get('trial')} of {tuned.get('trials')}.", ""]
+    inputs = field("pemlang.inputs", [])
+    if inputs:
+        lines += ["| input | adapter | sha256 |", "|---|---|---|"]
+        lines += [f"| {i.get('name')} | {_cell(i.get('path'))} | `{i.get('sha256')}` |" for i in inputs
+                  if isinstance(i, dict)]
+        lines += [""]
+    program = meta.get("pemlang.program", "")
+    if program:
+        lines += ["The program:", "", *fenced(program.rstrip("\n")), ""]
+    classifier = config.get("task_type") == "SEQ_CLS" or bool({"score", "classifier"} & set(config.get("modules_to_save")
+                                                                                        or []))
+    loader = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    lines += ["Load it with PEFT:", "", "```python", "from peft import PeftModel",
+              f"from transformers import {loader}", "",
+              f"base = {loader}.from_pretrained({json.dumps(base or 'BASE_MODEL', ensure_ascii=False)})",
+              'model = PeftModel.from_pretrained(base, "path/to/this/directory")', "```", "",
+              "`pemlang inspect` on this directory shows the same provenance, which is also recorded in the "
+              "safetensors header.", ""]
+    return "\n".join(lines)
+
+
 def metadata(plan: Plan, out: OutputPlan, input_hashes: dict[str, str]) -> dict[str, str]:
     """The provenance recorded in the safetensors header: expression, mode, params, inputs."""
     used = sorted(output_inputs(plan, out))
@@ -458,8 +523,10 @@ class StagedAdapter:
         self.close()
         (self.staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False)
                                                 + "\n", encoding="utf-8")
-        with (self.staging / CONFIG_NAME).open("rb") as f:
-            os.fsync(f.fileno())
+        (self.staging / CARD_NAME).write_text(model_card(config, meta), encoding="utf-8")
+        for name in (CONFIG_NAME, CARD_NAME):
+            with (self.staging / name).open("rb") as f:
+                os.fsync(f.fileno())
 
     def close(self) -> None:
         """Close the file (after any write still in flight: never under a background write)."""
@@ -561,7 +628,7 @@ def staged(destinations: Sequence[Path], *, force: bool = False, background: boo
                 umask = os.umask(0)
                 os.umask(umask)
                 for staging in stagings:
-                    for name in (WEIGHTS_NAME, CONFIG_NAME):
+                    for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
                         os.chmod(staging / name, 0o666 & ~umask)
                     os.chmod(staging, 0o777 & ~umask)
                 interrupts.raise_if_interrupted()  # a signal that some library swallowed still stops the write

@@ -18,6 +18,8 @@ from pemlang.cli import main
 
 PREFIX = "base_model.model."
 
+ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # a written adapter
+
 
 # -- helpers: the oracle side reads files with safetensors and PEFT, never with pemlang ------------
 
@@ -332,7 +334,7 @@ def test_force_replaces_but_inputs_are_never_written(adapters: Path, tmp_path: P
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("old")
     run(tmp_path, f'input a = "{adapters}/llama_r8"\noutput 2*a -> "out"\n', "--force")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ADAPTER_FILES
 
 
 def test_dtype_follows_inputs_unless_asked(adapters: Path, tmp_path: Path) -> None:

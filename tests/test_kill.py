@@ -66,7 +66,7 @@ def assert_whole(directory: Path, allowed: dict[bytes, int]) -> None:
     """The destination is absent, or a complete adapter that is one of the allowed results."""
     if not directory.exists():
         return
-    assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
     load_file(str(directory / "adapter_model.safetensors"))
     assert content(directory) in allowed, "the destination holds neither the old nor the new result"

@@ -22,6 +22,8 @@ from pemlang.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
+ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # a written adapter
+
 
 def cli(*args: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
@@ -152,7 +154,7 @@ def test_the_fallback_without_exchange_still_replaces(adapters: Path, tmp_path: 
     monkeypatch.setattr(writer, "_exchange", lambda a, b: False)
     assert cli("run", str(path), "--device", "cpu", "--force")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.pem"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ADAPTER_FILES
 
 
 def test_stale_staging_of_a_dead_writer_is_removed(adapters: Path, tmp_path: Path) -> None:
