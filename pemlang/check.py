@@ -462,7 +462,20 @@ class Checker:
         whatever its config records, and a warning (W006) says so."""
         if not self._declare(name, "input", source):
             return
-        path = Path(os.path.abspath(self.base_dir / written))
+        pinned = None
+        if written.startswith("hf://"):  # an adapter on the Hugging Face Hub: its snapshot in the cache
+            from . import hub
+
+            try:
+                resolved = hub.resolve(hub.parse(written), allow_pickle=self.allow_pickle)
+            except hub.HubError as exc:
+                self.env[name.id] = Entry("input", POISON, name.span, source=source)
+                self._error("E012", f"input `{name.id}`: {exc.message}", path_span, source=source, hints=exc.hints)
+                return
+            path = resolved.directory
+            pinned = resolved.ref.pinned(resolved.commit)
+        else:
+            path = Path(os.path.abspath(self.base_dir / written))
         problem = _unusable(path)
         if problem is not None:
             self.env[name.id] = Entry("input", POISON, name.span, source=source)
@@ -504,7 +517,7 @@ class Checker:
                        hints=["pemlang cannot check that this input shares a base model with the others; "
                               "set base_model_name_or_path in its adapter_config.json"])
         self.inputs[name.id] = adapter
-        self.input_written[name.id] = written
+        self.input_written[name.id] = pinned or written  # a Hub id is recorded at the commit that was read
         self.input_spans[name.id] = (source or self.source, path_span)
         value = ModuleValue((Term(InputRef(name.id), 1.0, 1.0),), adapter.type)
         self.env[name.id] = Entry("input", value, name.span, source=source)
