@@ -65,8 +65,8 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False) -> Resolved:
     """Fetch (or find in the cache) the adapter's config and weights; HubError with a hint for
     every way that fails (not found, gated, offline and not cached, no adapter files)."""
     try:
-        from huggingface_hub import hf_hub_download
         from huggingface_hub import errors as hub_errors
+        from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - a dependency of peft
         raise HubError("hf:// inputs need huggingface_hub", ("pip install huggingface_hub",)) from None
     where = f"{ref.repo}" + (f"/{ref.subfolder}" if ref.subfolder else "") + (f"@{ref.revision}" if ref.revision else "")
