@@ -144,11 +144,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .adapters import AdapterError, read_adapter
     from .inspection import render_adapter
 
+    location, pinned = args.adapter, None
+    if args.adapter.startswith("hf://"):  # an adapter on the Hub: its snapshot in the cache
+        from . import hub
+
+        try:
+            resolved = hub.resolve(hub.parse(args.adapter), allow_pickle=args.allow_pickle)
+        except hub.HubError as exc:
+            _report([error("E012", exc.message, Source(args.adapter, "ADAPTER"), Span(0, len(args.adapter)),
+                           hints=exc.hints)])
+            return EXIT_ERRORS
+        location, pinned = resolved.directory, resolved.ref.pinned(resolved.commit)
     try:
-        adapter = read_adapter(args.adapter, allow_pickle=args.allow_pickle)
+        adapter = read_adapter(location, allow_pickle=args.allow_pickle)
     except AdapterError as exc:
         _report([error(exc.code, exc.message, notes=exc.notes, hints=exc.hints)])
         return EXIT_ERRORS
+    if pinned is not None:
+        print(f"{pinned}  (cached at {adapter.path})")
     render_adapter(adapter)
     if adapter.truncated:
         _report([error("E013", f"{adapter.weights_file.name} is truncated", notes=[str(adapter.weights_file)],

@@ -119,3 +119,13 @@ def test_what_cannot_be_resolved(cache: Path, written: str, message: str, hint: 
     [error] = caught.value.diagnostics
     assert error.code == "E012" and message in error.message, error.message
     assert hint in " ".join(error.hints)
+
+
+def test_inspect_a_hub_adapter(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pemlang.cli import main
+
+    assert main(["inspect", "hf://tiny-org/adapter-a@v1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"hf://tiny-org/adapter-a@{SHA_A}  (cached at ") and "tiny-org/tiny-llama" in out
+    assert main(["inspect", "hf://tiny-org/nothing"]) == 1
+    assert "error[E012]" in capsys.readouterr().err
