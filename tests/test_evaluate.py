@@ -283,7 +283,7 @@ def test_outputs_are_byte_identical(adapters: Path, tmp_path: Path) -> None:
     first = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.glob("*/*") if p.is_file()}
     run(tmp_path, program, "--force")
     second = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.glob("*/*") if p.is_file()}
-    assert first == second and len(first) == 4
+    assert first == second and len(first) == 6  # two outputs: weights, config and model card each
 
 
 def test_provenance_metadata(adapters: Path, tmp_path: Path) -> None:
