@@ -593,14 +593,17 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     head_keys: dict[str, str] = {}
     head_owner: dict[str, str] = {}
     groups: dict[str, dict[str, TensorInfo]] = {}
+    names: set[str] = set()  # adapter names inside keys (`lora_A.default.weight`: a state dict saved as is)
     for key, info in tensors.items():
         short = _strip(key)
-        if kind == "lora" and (m := re.fullmatch(r"(.+)\.lora_([AB])\.weight", short)):
+        if kind == "lora" and (m := re.fullmatch(r"(.+)\.lora_([AB])(?:\.([^.]+))?\.weight", short)):
             groups.setdefault(m.group(1), {})[m.group(2)] = info
             layer_keys.setdefault(m.group(1), {})[m.group(2)] = key
-        elif kind == "ia3" and (m := re.fullmatch(r"(.+)\.ia3_l", short)):
+            names.add(m.group(3) or "")
+        elif kind == "ia3" and (m := re.fullmatch(r"(.+)\.ia3_l(?:\.([^.]+))?", short)):
             groups.setdefault(m.group(1), {})["l"] = info
             layer_keys.setdefault(m.group(1), {})["l"] = key
+            names.add(m.group(2) or "")
         elif short.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in short:
             _note(unsupported, "DoRA (use_dora)")
         elif re.fullmatch(r".+\.lora_B\.bias", short):
@@ -615,6 +618,10 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         else:
             _note(unsupported, f"an unrecognised tensor {short!r}")
 
+    if len(names) > 1:
+        shown = ", ".join(sorted(repr(n) if n else "unnamed" for n in names))
+        _note(unsupported, f"several adapters in one weights file ({shown}); save each on its own "
+                           "(save_pretrained(..., selected_adapters=[NAME]))")
     layers: dict[str, Layer] = {}
     for layer_key, group in groups.items():
         layer: Layer | None

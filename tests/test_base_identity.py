@@ -95,3 +95,38 @@ def test_the_base_clause_round_trips_and_base_stays_a_name() -> None:
     assert isinstance(first, ast.InputStmt) and first.name.id == "base" and first.base == "o/n"
     assert ast.format_statement(first) == 'input base = "d" base "o/n"'
     assert ast.format_statement(second) == 'input x = "e"'
+
+
+@pytest.mark.parametrize("rename", ["default", "no_prefix"])
+def test_key_variants_people_have(adapters: Path, tmp_path: Path, rename: str) -> None:
+    """A state dict saved as is (`lora_A.default.weight`) or without PEFT's `base_model.model.`
+    prefix reads as the adapter it is: the same result as the PEFT-saved original."""
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "variant"
+    shutil.copytree(adapters / "llama_r8", target)
+    tensors = load_file(adapters / "llama_r8" / "adapter_model.safetensors")
+    if rename == "default":
+        renamed = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+                   for k, v in tensors.items()}
+    else:
+        renamed = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, str(target / "adapter_model.safetensors"))
+    got = pemlang.compile("0.5*a", inputs={"a": target}).evaluate()["0.5*a"]
+    expected = pemlang.compile("0.5*a", inputs={"a": adapters / "llama_r8"}).evaluate()["0.5*a"]
+    assert got.keys() == expected.keys() and all((got[k] == expected[k]).all() for k in got)
+
+
+def test_several_adapters_in_one_file_are_refused_by_name(adapters: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "two"
+    shutil.copytree(adapters / "llama_r8", target)
+    tensors = load_file(adapters / "llama_r8" / "adapter_model.safetensors")
+    both = {**{k.replace(".weight", ".first.weight"): v for k, v in tensors.items()},
+            **{k.replace(".weight", ".second.weight"): v.clone() for k, v in tensors.items()}}
+    save_file(both, str(target / "adapter_model.safetensors"))
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile("a", inputs={"a": target})
+    assert caught.value.diagnostics[0].code == "E011" and "several adapters in one weights file" in str(caught.value)
