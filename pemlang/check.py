@@ -467,7 +467,8 @@ class Checker:
             from . import hub
 
             try:
-                resolved = hub.resolve(hub.parse(written), allow_pickle=self.allow_pickle)
+                # `check` and `plan` need headers only: uncached weights are not downloaded for them
+                resolved = hub.resolve(hub.parse(written), allow_pickle=self.allow_pickle, headers_only=not self.writes)
             except hub.HubError as exc:
                 self.env[name.id] = Entry("input", POISON, name.span, source=source)
                 self._error("E012", f"input `{name.id}`: {exc.message}", path_span, source=source, hints=exc.hints)

@@ -61,9 +61,13 @@ class Resolved:
     commit: str
 
 
-def resolve(ref: HubRef, *, allow_pickle: bool = False) -> Resolved:
+def resolve(ref: HubRef, *, allow_pickle: bool = False, headers_only: bool = False) -> Resolved:
     """Fetch (or find in the cache) the adapter's config and weights; HubError with a hint for
-    every way that fails (not found, gated, offline and not cached, no adapter files)."""
+    every way that fails (not found, gated, offline and not cached, no adapter files).
+
+    `headers_only` (what `check` needs): when the weights are not cached, only their safetensors
+    header is read, by HTTP range requests (huggingface_hub's safetensors-metadata helper), into a
+    stand-in file in a temporary directory: the header, then a hole as long as the tensor data."""
     try:
         from huggingface_hub import errors as hub_errors
         from huggingface_hub import hf_hub_download
@@ -76,6 +80,8 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False) -> Resolved:
 
     try:
         config = fetch("adapter_config.json")
+        if headers_only and not _cached(ref, config):
+            return _header_stand_in(ref, config)
         try:
             fetch("adapter_model.safetensors")
         except hub_errors.EntryNotFoundError:
@@ -101,14 +107,57 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False) -> Resolved:
     except hub_errors.EntryNotFoundError:
         raise HubError(f"{where} holds no adapter (adapter_config.json and adapter_model.safetensors)",
                        ("name the subfolder that holds it: hf://ORG/NAME/SUBFOLDER",)) from None
-    except (hub_errors.HfHubHTTPError, OSError, ValueError) as exc:
+    except (hub_errors.HfHubHTTPError, hub_errors.SafetensorsParsingError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HubError(f"cannot fetch {where}: {first[:300]}") from None
-    directory = config.parent
-    snapshot = directory
+    return Resolved(ref, config.parent, _commit_of(config, ref))
+
+
+def _commit_of(config: Path, ref: HubRef) -> str:
+    snapshot = config.parent
     for _ in (ref.subfolder or "").split("/") if ref.subfolder else ():
         snapshot = snapshot.parent
-    commit = snapshot.name if _COMMIT.fullmatch(snapshot.name) else (ref.revision or "unknown")
+    return snapshot.name if _COMMIT.fullmatch(snapshot.name) else (ref.revision or "unknown")
+
+
+def _cached(ref: HubRef, config: Path) -> bool:
+    """Whether the weights of the commit `config` came from are in the cache already."""
+    from huggingface_hub import try_to_load_from_cache
+
+    name = f"{ref.subfolder}/adapter_model.safetensors" if ref.subfolder else "adapter_model.safetensors"
+    return isinstance(try_to_load_from_cache(ref.repo, name, revision=_commit_of(config, ref)), str)
+
+
+_STAND_INS: list[object] = []  # temporary directories, removed when the process ends
+
+
+def _header_stand_in(ref: HubRef, config: Path) -> Resolved:
+    """The adapter's directory with its config and, for the weights, only their header read by
+    HTTP range: written to a temporary directory as a sparse file of the full length."""
+    import json
+    import shutil
+    import struct
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    commit = _commit_of(config, ref)
+    name = f"{ref.subfolder}/adapter_model.safetensors" if ref.subfolder else "adapter_model.safetensors"
+    parsed = HfApi().parse_safetensors_file_metadata(ref.repo, name, revision=commit)
+    header: dict[str, object] = {"__metadata__": dict(parsed.metadata or {})} if parsed.metadata else {}
+    end = 0
+    for key, info in parsed.tensors.items():
+        header[key] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": list(info.data_offsets)}
+        end = max(end, int(info.data_offsets[1]))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    scratch = tempfile.TemporaryDirectory(prefix="pemlang-hub-headers-")
+    _STAND_INS.append(scratch)  # kept alive (and so not removed) until the process ends
+    directory = Path(scratch.name) / ref.repo.replace("/", "--") / commit / (ref.subfolder or "")
+    directory.mkdir(parents=True)
+    shutil.copyfile(config, directory / "adapter_config.json")
+    with (directory / "adapter_model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + end)  # a hole: no tensor data is downloaded or stored
     return Resolved(ref, directory, commit)
 
 

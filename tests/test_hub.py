@@ -129,3 +129,122 @@ def test_inspect_a_hub_adapter(cache: Path, capsys: pytest.CaptureFixture[str]) 
     assert out.startswith(f"hf://tiny-org/adapter-a@{SHA_A}  (cached at ") and "tiny-org/tiny-llama" in out
     assert main(["inspect", "hf://tiny-org/nothing"]) == 1
     assert "error[E012]" in capsys.readouterr().err
+
+
+# -- check reads headers only: a local HTTP server in the Hub's URL scheme, with Range support --------
+
+
+class _FakeHub:
+    """Serves `files` ({(repo, path): bytes}) at /{repo}/resolve/{revision}/{path} as the Hub does
+    (HEAD and GET, X-Repo-Commit, ETag, Range requests), counting the bytes sent per path."""
+
+    def __init__(self, files: dict[tuple[str, str], bytes], commit: str):
+        import http.server
+        import threading
+
+        hub = self
+        self.files, self.commit, self.sent = files, commit, {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                return None
+
+            def _find(self) -> tuple[str, bytes] | None:
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) < 5 or parts[2] != "resolve":
+                    return None
+                repo, path = "/".join(parts[:2]), "/".join(parts[4:])
+                data = hub.files.get((repo, path))
+                return (path, data) if data is not None else None
+
+            def _answer(self, body: bool) -> None:
+                found = self._find()
+                if found is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                path, data = found
+                start, stop = 0, len(data) - 1
+                wanted = self.headers.get("Range")
+                if wanted and wanted.startswith("bytes="):
+                    first, _, last = wanted[6:].partition("-")
+                    start, stop = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{stop}/{len(data)}")
+                else:
+                    self.send_response(200)
+                chunk = data[start:stop + 1]
+                self.send_header("Content-Length", str(len(chunk)))
+                self.send_header("X-Repo-Commit", hub.commit)
+                self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+                self.end_headers()
+                if body:
+                    self.wfile.write(chunk)
+                    hub.sent[path] = hub.sent.get(path, 0) + len(chunk)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._answer(False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(True)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _big_adapter(directory: Path, hidden: int = 2048, rank: int = 16) -> Path:
+    """A LoRA adapter of one Llama-shaped layer, large enough (1 MiB) that its header is a small part."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        key = f"base_model.model.model.layers.0.self_attn.{module}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator)
+        tensors[f"{key}.lora_B.weight"] = torch.randn(hidden, rank, generator=generator)
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "base_model_name_or_path": "bench/llama", "task_type": "CAUSAL_LM", "bias": "none"}))
+    return directory
+
+
+def test_check_reads_only_the_header_of_weights_not_cached(tmp_path: Path) -> None:
+    adapter = _big_adapter(tmp_path / "big")
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    files = {("org/big", name): (adapter / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    files[("org/big", "sub/adapter_config.json")] = files[("org/big", "adapter_config.json")]
+    files[("org/big", "sub/adapter_model.safetensors")] = weights
+    hub = _FakeHub(files, SHA_A)
+    try:
+        program = tmp_path / "p.pem"
+        program.write_text('input a = "hf://org/big"\ninput b = "hf://org/big/sub"\noutput a - b -> "out/d"\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        done = subprocess.run([sys.executable, "-m", "pemlang.cli", "check", str(program)], text=True,
+                              capture_output=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("ok: ")
+        # the weights: at most the first 100 kB each (huggingface_hub's first range request), not 1 MiB
+        assert len(weights) > 1_000_000
+        assert 0 < hub.sent["adapter_model.safetensors"] <= 100_001
+        assert 0 < hub.sent["sub/adapter_model.safetensors"] <= 100_001
+        assert not list((tmp_path / "cache").rglob("adapter_model.safetensors"))  # nothing of them cached
+        # `run` downloads them (into the cache) and records the commit
+        ran = subprocess.run([sys.executable, "-m", "pemlang.cli", "run", str(program), "--device", "cpu"], text=True,
+                             capture_output=True, env=env, timeout=120)
+        assert ran.returncode == 0, ran.stderr
+        assert {i["path"] for i in _inputs(tmp_path / "out" / "d")} == {f"hf://org/big@{SHA_A}",
+                                                                        f"hf://org/big/sub@{SHA_A}"}
+        assert len(list((tmp_path / "cache").rglob("adapter_model.safetensors"))) == 2
+    finally:
+        hub.close()
