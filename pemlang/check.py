@@ -783,7 +783,8 @@ class Checker:
             self._error("E006", "cannot add modules trained on different base models", span,
                         notes=[f"{ln}: base {lt.base.describe()}; {rn}: base {rt.base.describe()}"],
                         hints=["if they are the same model recorded differently, say so where the input is "
-                               f'declared: input NAME = "DIR" base "{lt.base.name}"'])
+                               f'declared: input NAME = "DIR" base "{lt.base.name}" (in a config: '
+                               f'bases: {{NAME: "{lt.base.name}"}})'])
             return None
         only_left = lt.layers.keys() - rt.layers.keys()
         only_right = rt.layers.keys() - lt.layers.keys()

@@ -72,6 +72,9 @@ class PemConfig(BaseModel):
                                             "itself (see 'Two meanings of `+`' in the README)")
     inputs: dict[str, str] = Field(default_factory=dict,
                                    description="name → PEFT adapter directory, relative to the config file")
+    bases: dict[str, str] = Field(default_factory=dict,
+                                  description="input name → the base model it was trained on, when its config records "
+                                              "another name for the same model (like `input x = \"dir\" base \"org/name\"`)")
     params: dict[str, Number] = Field(default_factory=dict,
                                      description="name → value; with `program`, overrides its params")
     heads: str | None = Field(None, pattern=r"^\s*(drop|from\s+\S+)\s*$",
@@ -576,6 +579,13 @@ def structure_problems(config: PemConfig, located: Located | None = None) -> lis
     if config.program is not None and config.heads is not None:
         problems.append(at(("heads",), "`heads` goes in the program text with `program`",
                            hints=["write `heads drop` or `heads from NAME` as a statement of the program"]))
+    for name in config.bases:
+        if name not in config.inputs:
+            problems.append(at(("bases", name), f"`bases` names `{name}`, which is not an input",
+                               hints=[f"the inputs: {', '.join(config.inputs) or 'none'}"]))
+    if config.program is not None and config.bases:
+        problems.append(at(("bases",), "`bases` goes with `inputs`; with `program`, write the base in the program",
+                           hints=['input x = "dir" base "org/name"']))
     for field_name, what in (("inputs", "an input"), ("params", "a param")):
         for name in getattr(config, field_name):
             if not re.fullmatch(NAME_PATTERN, name) or name in KEYWORDS:
@@ -629,12 +639,15 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
         key, path_span = located.key_span(("inputs", name)), located.value_span(("inputs", name))
         if key is not None and host.snippet(key) in (f'"{name}"', f"'{name}'"):  # a quoted key
             key = Span(key.start + 1, key.end - 1)
+        stated = config.bases.get(name)
+        base_span = located.value_span(("bases", name)) if stated is not None else None
         if key is not None and path_span is not None and host.snippet(key) == name:
-            checker.add_input(ast.Name(name, key), written, path_span, source=host)
+            checker.add_input(ast.Name(name, key), written, path_span, source=host, stated_base=stated,
+                              base_span=base_span)
         else:
             e = embed(("inputs", name), f"{name}={written}", "inputs")
             checker.add_input(ast.Name(name, Span(0, len(name))), written, Span(len(name) + 1, len(e.source.text)),
-                              source=e.source)
+                              source=e.source, stated_base=stated)
     if program is not None:
         checked = checker.program(program)
         return replace(checked, diagnostics=tuple(relocate(checked.diagnostics, embedded, host)))

@@ -130,3 +130,18 @@ def test_several_adapters_in_one_file_are_refused_by_name(adapters: Path, tmp_pa
     with pytest.raises(pemlang.CompileError) as caught:
         pemlang.compile("a", inputs={"a": target})
     assert caught.value.diagnostics[0].code == "E011" and "several adapters in one weights file" in str(caught.value)
+
+
+def test_a_config_states_the_base_of_an_input(adapters: Path, tmp_path: Path) -> None:
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"inputs:\n  a: {adapters / 'llama_r8'}\n  b: {adapters / 'llama_other_base'}\n"
+                      f"bases:\n  b: tiny-org/tiny-llama\nexpression: 0.5*a + 0.5*b\noutput: {tmp_path / 'out'}\n")
+    program = pemlang.load(config)
+    [warning] = program.warnings
+    assert warning.code == "W006" and warning.source is not None and warning.source.filename == str(config)
+    [written] = program.save()
+    assert json.loads((written / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-org/tiny-llama"
+    config.write_text(config.read_text().replace("  b: tiny-org/tiny-llama", "  c: tiny-org/tiny-llama"))
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.load(config)
+    assert "`bases` names `c`, which is not an input" in str(caught.value)
