@@ -138,12 +138,14 @@ class _FakeHub:
     """Serves `files` ({(repo, path): bytes}) at /{repo}/resolve/{revision}/{path} as the Hub does
     (HEAD and GET, X-Repo-Commit, ETag, Range requests), counting the bytes sent per path."""
 
-    def __init__(self, files: dict[tuple[str, str], bytes], commit: str):
+    def __init__(self, files: dict[tuple[str, str], bytes], commit: str,
+                 errors: dict[str, tuple[int, str]] | None = None):
         import http.server
         import threading
 
         hub = self
         self.files, self.commit, self.sent = files, commit, {}
+        self.errors = errors or {}  # repo → (HTTP status, X-Error-Code) as the Hub answers
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
@@ -158,6 +160,15 @@ class _FakeHub:
                 return (path, data) if data is not None else None
 
             def _answer(self, body: bool) -> None:
+                repo = "/".join(self.path.strip("/").split("/")[:2])
+                if repo in hub.errors:
+                    status, code = hub.errors[repo]
+                    self.send_response(status)
+                    self.send_header("X-Error-Code", code)
+                    self.send_header("X-Error-Message", code)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 found = self._find()
                 if found is None:
                     self.send_response(404)
@@ -248,3 +259,31 @@ def test_check_reads_only_the_header_of_weights_not_cached(tmp_path: Path) -> No
         assert len(list((tmp_path / "cache").rglob("adapter_model.safetensors"))) == 2
     finally:
         hub.close()
+
+
+@pytest.mark.parametrize("written, message, hint", [
+    ("hf://org/nothing", "no repository org/nothing on the Hub (or it is private)", "huggingface-cli login"),
+    ("hf://org/gated", "is gated", "huggingface-cli login"),
+    ("hf://org/big@v9", "has no revision 'v9'", "branch, tag or commit"),
+    ("hf://org/empty", "holds no adapter", "hf://ORG/NAME/SUBFOLDER"),
+])
+def test_hub_errors_online(tmp_path: Path, written: str, message: str, hint: str) -> None:
+    adapter = _big_adapter(tmp_path / "big")
+    files = {("org/big", name): (adapter / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    files[("org/empty", "README.md")] = b"nothing here"
+    hub = _FakeHub(files, SHA_A, errors={"org/nothing": (404, "RepoNotFound"), "org/gated": (403, "GatedRepo")})
+    if "@v9" in written:
+        hub.errors["org/big"] = (404, "RevisionNotFound")
+    try:
+        program = tmp_path / "p.pem"
+        program.write_text(f'input a = "{written}"\noutput a -> "out/a"\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        done = subprocess.run([sys.executable, "-m", "pemlang.cli", "check", str(program)], text=True,
+                              capture_output=True, env=env, timeout=120)
+    finally:
+        hub.close()
+    assert done.returncode == 1 and "error[E012]" in done.stderr, done.stderr
+    assert message in done.stderr and hint in done.stderr, done.stderr
+    assert "p.pem:1:11" in done.stderr  # at the input's string
