@@ -645,6 +645,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = Source(expression, "<expression>")
     checker = Checker(source, mode=args.mode, force=args.force, allow_pickle=args.allow_pickle, spelling="cli")
     diagnostics: list[Diagnostic] = []
+    bases: dict[str, str] = {}
+    for text in args.input_base:
+        name, sep, base = text.partition("=")
+        if not sep or not name.strip() or not base.strip():
+            raise UsageError(f"--input-base expects NAME=ORG/MODEL, got {text!r}")
+        bases[name.strip()] = base.strip()
+    named = {text.partition("=")[0].strip() for text in args.input}
+    if unknown := sorted(set(bases) - named):
+        raise UsageError(f"--input-base {unknown[0]}: there is no --input {unknown[0]}=...")
     for text in args.input:
         name, sep, path = text.partition("=")
         if not sep or not name.strip() or not path:
@@ -654,7 +663,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "followed by letters, digits or _, and not a keyword or function, e.g. yelp_lm)")
         arg_source = Source(text, "--input")
         checker.add_input(ast.Name(name.strip(), Span(0, len(name))), path, Span(len(name) + 1, len(text)),
-                          source=arg_source)
+                          source=arg_source, stated_base=bases.get(name.strip()))
     if args.heads is not None:  # `--heads from NAME`: checked like a `heads` statement, pointing into the option
         heads_source = Source(args.heads, "--heads")
         policy, _, owner = args.heads.partition(" ")
@@ -779,6 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate one expression over adapters named on the command line")
     evaluate.add_argument("--input", action="append", default=[], metavar="NAME=PATH", help="an input adapter")
+    evaluate.add_argument("--input-base", action="append", default=[], metavar="NAME=ORG/MODEL",
+                          help="take input NAME as trained on this base model (when its config records another "
+                               "name for it; a warning says so)")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="the output adapter directory")
     evaluate.add_argument("--mode", choices=["paper", "exact"], default="paper")
     evaluate.add_argument("--force", action="store_true", help="replace an existing output directory")

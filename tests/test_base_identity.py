@@ -145,3 +145,14 @@ def test_a_config_states_the_base_of_an_input(adapters: Path, tmp_path: Path) ->
     with pytest.raises(pemlang.CompileError) as caught:
         pemlang.load(config)
     assert "`bases` names `c`, which is not an input" in str(caught.value)
+
+
+def test_eval_states_the_base_of_an_input(adapters: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pemlang.cli import main
+
+    args = ["eval", "--input", f"a={adapters / 'llama_r8'}", "--input", f"b={adapters / 'llama_other_base'}",
+            "--out", str(tmp_path / "o"), "--device", "cpu", "0.5*a + 0.5*b"]
+    assert main(args) == 1 and "error[E006]" in capsys.readouterr().err
+    assert main([*args, "--input-base", "b=tiny-org/tiny-llama"]) == 0
+    assert "warning[W006]" in capsys.readouterr().err
+    assert main([*args, "--input-base", "c=tiny-org/tiny-llama"]) == 2
