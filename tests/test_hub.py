@@ -287,3 +287,50 @@ def test_hub_errors_online(tmp_path: Path, written: str, message: str, hint: str
     assert done.returncode == 1 and "error[E012]" in done.stderr, done.stderr
     assert message in done.stderr and hint in done.stderr, done.stderr
     assert "p.pem:1:11" in done.stderr  # at the input's string
+
+
+def test_eval_and_configs_take_hub_ids(cache: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "eval", "--input", "a=hf://tiny-org/adapter-a@v1",
+                           "--input", "b=hf://tiny-org/adapter-b", "--out", str(tmp_path / "e"), "--device", "cpu",
+                           "a - b"], text=True, capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert {i["path"] for i in _inputs(tmp_path / "e")} == {f"hf://tiny-org/adapter-a@{SHA_A}",
+                                                          f"hf://tiny-org/adapter-b@{SHA_B}"}
+    config = tmp_path / "merge.yaml"
+    config.write_text("inputs:\n  a: hf://tiny-org/adapter-a\n  b: hf://tiny-org/several/first\n"
+                      f"expression: 0.5*a + 0.5*b\noutput: {tmp_path / 'c'}\n")
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "run", str(config), "--device", "cpu"], text=True,
+                          capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"hf://tiny-org/several/first@{SHA_B}" in {i["path"] for i in _inputs(tmp_path / "c")}
+    config.write_text(config.read_text().replace("adapter-a", "adapter-zzz"))
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "check", str(config)], text=True, capture_output=True,
+                          env=env)
+    assert done.returncode == 1 and "merge.yaml:2:6" in done.stderr and "HF_HUB_OFFLINE" in done.stderr
+
+
+def test_a_directory_of_several_named_adapters(tmp_path: Path) -> None:
+    """PEFT's save_pretrained of a model with two adapters writes the default one at the top and the
+    other in a subfolder named after it: each is an input, by its path."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tests.peft_factory import base_model, randomize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        randomize(model, 3)
+        model.save_pretrained(tmp_path / "both")
+    assert (tmp_path / "both" / "other" / "adapter_model.safetensors").exists()
+    program = pemlang.compile("0.5*x + 0.5*y", inputs={"x": tmp_path / "both", "y": tmp_path / "both" / "other"})
+    tensors = program.evaluate()["0.5*x + 0.5*y"]
+    key = next(k for k in tensors if k.endswith("q_proj.lora_B.weight"))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert key.startswith("base_model.model.model.layers.0.")
+    expected = 0.5 * layer.lora_B["default"].weight + 0.5 * layer.lora_B["other"].weight
+    assert torch.allclose(tensors[key], expected.detach())
