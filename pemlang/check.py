@@ -12,6 +12,7 @@ import errno
 import functools
 import heapq
 import itertools
+import json
 import math
 import os
 import re
@@ -442,6 +443,13 @@ class Checker:
                           source: Source | None) -> Adapter:
         """The adapter taken as trained on `stated` (normalised like a recorded base); W006 when that
         differs from what its config records, so the choice is visible, never silent."""
+        from .adapters import _valid_text
+
+        if not _valid_text(stated):
+            self._error("E024", f"input `{name.id}`: the base is not valid text (control characters, line breaks "
+                        "or lone surrogates)", span, source=source,
+                        hints=['write the base model\'s name on one line, e.g. base "meta-llama/Llama-2-7b-hf"'])
+            return adapter
         base = BaseModelRef.from_config(stated.strip() or None, None)
         recorded = adapter.type.base
         if base.name is None:
@@ -783,8 +791,9 @@ class Checker:
             self._error("E006", "cannot add modules trained on different base models", span,
                         notes=[f"{ln}: base {lt.base.describe()}; {rn}: base {rt.base.describe()}"],
                         hints=["if they are the same model recorded differently, say so where the input is "
-                               f'declared: input NAME = "DIR" base "{lt.base.name}" (in a config: '
-                               f'bases: {{NAME: "{lt.base.name}"}})'])
+                               f"declared: input NAME = \"DIR\" base {ast.format_string(lt.base.name or '')} "
+                               f"(in a config: bases: {{NAME: {json.dumps(lt.base.name)}}}; for eval: "
+                               f"--input-base NAME={lt.base.name})"])
             return None
         only_left = lt.layers.keys() - rt.layers.keys()
         only_right = rt.layers.keys() - lt.layers.keys()

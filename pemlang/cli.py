@@ -650,6 +650,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         name, sep, base = text.partition("=")
         if not sep or not name.strip() or not base.strip():
             raise UsageError(f"--input-base expects NAME=ORG/MODEL, got {text!r}")
+        if name.strip() in bases:
+            raise UsageError(f"--input-base {name.strip()} is given twice")
         bases[name.strip()] = base.strip()
     named = {text.partition("=")[0].strip() for text in args.input}
     if unknown := sorted(set(bases) - named):

@@ -46,8 +46,12 @@ def is_hub(text: str) -> bool:
 def parse(text: str) -> HubRef:
     """`hf://org/name[/sub][@rev]` → HubRef; HubError saying the expected form otherwise."""
     match = _PATTERN.fullmatch(text.strip())
+    ident = text.strip()[len(PREFIX):].split("@")[0]
+    if match is not None and "/" in ident and "/" not in match["repo"]:
+        match = None  # `hf://org/λ`: a two-part id whose name is not a repository name, not repo `org` + subfolder
     if match is None:
-        raise HubError(f"{text!r} is not a Hub id", ("write hf://ORG/NAME, hf://ORG/NAME/SUBFOLDER or hf://ORG/NAME@REVISION",))
+        raise HubError(f"{text[:200]!r} is not a Hub id (ORG and NAME are letters, digits, '-', '_' and '.')",
+                       ("write hf://ORG/NAME, hf://ORG/NAME/SUBFOLDER or hf://ORG/NAME@REVISION",))
     sub = match["sub"].strip("/") or None
     if sub is not None and any(part in ("", ".", "..") for part in sub.split("/")):
         raise HubError(f"{text!r}: a subfolder cannot contain '.' or '..' parts")

@@ -321,8 +321,16 @@ class Session:
                 raise PemError([error("E002", f"no input named `{rest}`", source, span,
                                       hints=did_you_mean(rest, checker.inputs) or
                                       ["give an input's name or an adapter directory"])])
+            location = Path(rest).resolve()
+            if rest.startswith("hf://"):  # an adapter on the Hub: its snapshot in the cache
+                from . import hub
+
+                try:
+                    location = hub.resolve(hub.parse(rest), allow_pickle=self.allow_pickle).directory
+                except hub.HubError as exc:
+                    raise PemError([error("E012", exc.message, source, span, hints=exc.hints)]) from None
             try:
-                adapter = self.adapters(Path(rest).resolve(), allow_pickle=self.allow_pickle)
+                adapter = self.adapters(location, allow_pickle=self.allow_pickle)
             except AdapterError as exc:
                 raise PemError([error(exc.code, exc.message, source, span, notes=exc.notes, hints=exc.hints)]) from None
         render_adapter(adapter, self.console())

@@ -46,6 +46,9 @@ class BaseModelRef:
         """The base as recorded, a path inside a Hugging Face cache read as the repo it caches:
         `…/models--org--name/snapshots/<sha>` is `org/name` at revision `<sha>` (a revision the
         config records wins)."""
+        name = name.strip() if isinstance(name, str) else name
+        if not name:
+            return cls(None, revision)
         if name:
             match = _HF_CACHE_PATH.search(name.replace("\\", "/"))
             if match:

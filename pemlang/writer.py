@@ -76,6 +76,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 CARD_NAME = "README.md"
 
 
+def _heading(meta: Mapping[str, str]) -> str:
+    """The card's title: the output's name, else its expression on one line (comments dropped)."""
+    name = meta.get("pemlang.output") or ""
+    if name:
+        return name
+    lines = [line.split("#")[0].strip() for line in meta.get("pemlang.expression", "").splitlines()]
+    text = " ".join(line for line in lines if line)
+    return (text[:120] + "…" if len(text) > 120 else text).replace("`", "'") or "pemlang adapter"
+
+
 def _cell(value: Any) -> str:
     """Text for a Markdown table cell: pipes escaped, on one line."""
     return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
@@ -106,7 +116,7 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
     front["library_name"] = "peft"
     front["tags"] = ["pemlang", kind, "merge"]
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-             f"# {meta.get('pemlang.output') or meta.get('pemlang.expression', 'adapter')}", "",
+             f"# {_heading(meta)}", "",
              f"A {'LoRA' if kind == 'lora' else '(IA)3'} adapter made by [pemlang](https://github.com/pemlang/pemlang) "
              f"{meta.get('pemlang.version', '')} ({meta.get('pemlang.mode', 'paper')} mode) from other adapters by "
              "arithmetic, without training:", "", *fenced(meta.get("pemlang.expression", "")), ""]

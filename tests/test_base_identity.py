@@ -156,3 +156,25 @@ def test_eval_states_the_base_of_an_input(adapters: Path, tmp_path: Path, capsys
     assert main([*args, "--input-base", "b=tiny-org/tiny-llama"]) == 0
     assert "warning[W006]" in capsys.readouterr().err
     assert main([*args, "--input-base", "c=tiny-org/tiny-llama"]) == 2
+
+
+@pytest.mark.parametrize("recorded, code", [("org/\ud800x", "E013"), ("org/a\nb", "E013"), ("", "W001"), ("   ", "W001")])
+def test_hostile_recorded_bases(adapters: Path, tmp_path: Path, recorded: str, code: str) -> None:
+    a = _recorded_as(adapters / "llama_r8", tmp_path / "a", recorded)
+    if code == "W001":  # an empty name records nothing: a warning, and it combines
+        program = pemlang.compile("a + b", inputs={"a": a, "b": adapters / "llama_r8_b"})
+        assert [w.code for w in program.warnings] == ["W001"]
+        return
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile("a", inputs={"a": a})
+    assert caught.value.diagnostics[0].code == code
+
+
+@pytest.mark.parametrize("stated", ["org/a\nb", "org/\ud800", "x\x00y"])
+def test_hostile_stated_bases(adapters: Path, stated: str) -> None:
+    from pemlang import ast
+
+    text = f"input a = \"{adapters / 'llama_r8'}\" base {ast.format_string(stated)}\noutput a -> \"o\"\n"
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile(text=text)
+    assert caught.value.diagnostics[0].code in ("E024", "E001")

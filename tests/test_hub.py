@@ -334,3 +334,17 @@ def test_a_directory_of_several_named_adapters(tmp_path: Path) -> None:
     assert key.startswith("base_model.model.model.layers.0.")
     expected = 0.5 * layer.lora_B["default"].weight + 0.5 * layer.lora_B["other"].weight
     assert torch.allclose(tensors[key], expected.detach())
+
+
+def test_repl_inspects_a_hub_id(cache: Path, tmp_path: Path) -> None:
+    from tests.test_repl import drive
+
+    out = drive(":inspect hf://tiny-org/adapter-a@v1\n:inspect hf://tiny-org/none\n", tmp_path / "history")
+    assert "tiny-org/tiny-llama" in out and "not in the Hugging Face cache" in out
+
+
+@pytest.mark.parametrize("written", ["hf://org/λ", "hf://org/ a", "hf://org/-a"])
+def test_names_that_are_not_repositories(cache: Path, written: str) -> None:
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile("x", inputs={"x": written})
+    assert "is not a Hub id" in caught.value.diagnostics[0].message
