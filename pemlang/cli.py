@@ -513,9 +513,9 @@ def cmd_tune_show(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .api import CompileError, from_config
     from .api import compile as compile_program
-    from .tune import DataObjective, TuneError, TuneOptions, parse_range, tune
+    from .api import from_config
+    from .tune import DataObjective, TuneOptions, parse_range, tune
 
     if args.show is not None:
         if args.file is not None:
@@ -571,27 +571,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if options.save_dir is not None and len(program.outputs) != 1:
             raise UsageError("--save-best DIR applies to a program with one output")
         names = [r.name for r in space]
+        labels: list[str] = []
 
-        def started(message: str) -> None:
-            print(message, file=sys.stderr)
+        def started(objective_text: str, resuming: str | None) -> None:
+            labels.append(objective_text)  # the table's column: loss, accuracy or value
+            if resuming:
+                print(resuming, file=sys.stderr)
 
         def row(trial: dict[str, Any]) -> None:
             nonlocal table
             if table is None:
-                table = _TrialTable(names, trial_label, quiet_errors=args.fail_fast)
+                table = _TrialTable(names, labels[-1] if labels else "value", quiet_errors=args.fail_fast)
             table.add(trial)
 
-        trial_label = ("accuracy" if isinstance(objective, DataObjective) and program.plan().outputs[0].config.get(
-            "task_type") == "SEQ_CLS" else "loss" if isinstance(objective, DataObjective) else "value")
         result = tune(program, options, on_trial=row, on_start=started)
-    except (CompileError, TuneError) as exc:
+    except PemError as exc:  # CompileError, TuneError, a write refused: diagnostics
         if table is not None:
-            table.close()
-        _report(exc.diagnostics)
-        return EXIT_ERRORS
-    except PemError as exc:
-        if table is not None:
-            table.close()
+            table.close()  # before the diagnostics, so they follow the table
         _report(exc.diagnostics)
         return EXIT_ERRORS
     except ValueError as exc:

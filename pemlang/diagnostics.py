@@ -96,6 +96,12 @@ class Diagnostic:
         return f"{self.source.filename}:{line}:{col}"
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """A library exception's first line for a diagnostic message (its type when it says nothing)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def error(code: str, message: str, source: Source | None = None, span: Span | None = None, *,
           notes: Iterable[str] = (), hints: Iterable[str] = ()) -> Diagnostic:
     """An error diagnostic."""

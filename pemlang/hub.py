@@ -112,8 +112,9 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False, headers_only: bool = Fal
         raise HubError(f"{where} holds no adapter (adapter_config.json and adapter_model.safetensors)",
                        ("name the subfolder that holds it: hf://ORG/NAME/SUBFOLDER",)) from None
     except (hub_errors.HfHubHTTPError, hub_errors.SafetensorsParsingError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HubError(f"cannot fetch {where}: {first[:300]}") from None
+        from .diagnostics import first_line
+
+        raise HubError(f"cannot fetch {where}: {first_line(exc)}") from None
     return Resolved(ref, config.parent, _commit_of(config, ref))
 
 

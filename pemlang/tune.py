@@ -38,7 +38,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from .diagnostics import Diagnostic, PemError, error
+from .diagnostics import Diagnostic, PemError, error, first_line
 from .source import Source, Span
 
 ADAPTER_NAME = "pemlang"
@@ -157,33 +157,30 @@ class Record:
     line: int
 
 
-def _data_error(path: Path, line: int, text: str, message: str, start: int = 0, end: int | None = None,
-                hints: Sequence[str] = ()) -> Diagnostic:
-    source = Source(text, str(path))
-    end = len(text) if end is None else end
-    return error("E030", message, source, Span(start, max(start + 1, min(end, len(text) or 1))),
-                 notes=[f"line {line}"] if not text else [],
-                 hints=hints or ['each line is one JSON object: {"input": "…", "output": "…"}'])
-
-
 def read_records(path: str | Path, *, limit: int = 1_000_000) -> list[Record]:
     """The records of a JSONL data file, every problem an E030 diagnostic at its line."""
-    path = Path(path)
+    return _parse_records(Path(path), _read_data(Path(path)), limit=limit)
+
+
+def _read_data(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise TuneError([error("E030", f"cannot read the data file {path}: {exc.strerror or exc}",
                                hints=["--data names a JSONL file of {\"input\": …, \"output\": …} records"])]) from None
+
+
+def _parse_records(path: Path, raw: bytes, *, limit: int = 1_000_000) -> list[Record]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TuneError([error("E030", f"{path} is not UTF-8 text (byte {exc.start})",
                                hints=["save the data file as UTF-8 JSON lines"])]) from None
+    source = Source(text, str(path))  # one for the file: it indexes every line once
     records: list[Record] = []
     problems: list[Diagnostic] = []
-    lines = text.split("\n")
     offset = 0
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         here = offset
         offset += len(line) + 1
         if not line.strip():
@@ -191,12 +188,11 @@ def read_records(path: str | Path, *, limit: int = 1_000_000) -> list[Record]:
         if len(records) >= limit:
             problems.append(error("E030", f"{path} has more than {limit:,} records"))
             break
-        source = Source(text, str(path))
 
         def bad(message: str, start: int = 0, end: int | None = None, hints: Sequence[str] = (),
-                _here: int = here, _line: str = line, _source: Source = source) -> Diagnostic:
+                _here: int = here, _line: str = line) -> Diagnostic:
             stop = len(_line) if end is None else end
-            return error("E030", message, _source, Span(_here + start, _here + max(stop, start + 1)),
+            return error("E030", message, source, Span(_here + start, _here + max(stop, start + 1)),
                          hints=hints or ['each line is one JSON object: {"input": "…", "output": "…"}'])
 
         try:
@@ -257,10 +253,6 @@ def _one_document(text: str) -> bool:
     return "\n" in text.strip()
 
 
-def records_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 @dataclass(frozen=True)
 class DataObjective:
     """The built-in objective over a JSONL file: causal-LM loss, or accuracy with a classifier head."""
@@ -272,8 +264,8 @@ class DataObjective:
 
     @classmethod
     def read(cls, path: str | Path, *, batch_size: int = DEFAULT_BATCH) -> DataObjective:
-        records = read_records(path)
-        return cls(str(path), tuple(records), records_digest(path), batch_size)
+        raw = _read_data(Path(path))  # read once: parsed and hashed
+        return cls(str(path), tuple(_parse_records(Path(path), raw)), hashlib.sha256(raw).hexdigest(), batch_size)
 
     def describe(self, classifier: bool) -> str:
         what = "accuracy" if classifier else "loss"
@@ -421,8 +413,7 @@ def _load_failure(base: Any, exc: BaseException) -> str:
     local = text.startswith((".", "/", "~")) or text.count("/") > 1 or (len(parts) > 1 and Path(parts[0]).is_dir())
     if not Path(text).exists() and local:
         return f"no such directory: {text}"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"cannot load the base model {text!r}: {first[:300]}"
+    return f"cannot load the base model {text!r}: {first_line(exc)}"
 
 
 def load_tokenizer(name: str) -> Any:
@@ -433,8 +424,7 @@ def load_tokenizer(name: str) -> Any:
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TuneError([error("E032", f"cannot load a tokenizer from {name!r}: {first[:300]}",
+        raise TuneError([error("E032", f"cannot load a tokenizer from {name!r}: {first_line(exc)}",
                                Source(name, "--tokenizer"), Span(0, max(1, len(name))),
                                hints=["--data needs the base model's tokenizer: save it beside the model, "
                                       "or name one with --tokenizer"])]) from None
@@ -1232,8 +1222,7 @@ def run_ray(job: WorkerJob, study: Any, dists: Mapping[str, Any], total: int, *,
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - Ray's own failures (workers lost, out of memory…)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TuneError([error("E031", f"Ray could not run the trials: {first[:400]}",
+            raise TuneError([error("E031", f"Ray could not run the trials: {first_line(exc, 400)}",
                                    hints=["the trials finished so far are in the study; rerunning resumes it"])]) from None
     if fatal:
         raise TuneError([error("E032", f"a Ray worker could not start: {fatal[0]}")])
@@ -1269,9 +1258,10 @@ class TuneOptions:
     max_points: int = 1000  # the most grid points in all
 
 
-def settle(program: Any, options: TuneOptions) -> tuple[str, str, str, int]:
-    """Check the options against the program before anything loads: (output, sampler, direction,
-    total trials). TuneError (E029) for a param the program does not have."""
+def settle(program: Any, options: TuneOptions) -> tuple[str, bool, str, str, int]:
+    """Check the options against the program before anything loads: (output, whether it has a
+    classifier head, sampler, direction, total trials). TuneError (E029) for a param the program
+    does not have."""
     from .check import did_you_mean
 
     problems = []
@@ -1314,9 +1304,9 @@ def settle(program: Any, options: TuneOptions) -> tuple[str, str, str, int]:
     if sampler == "cmaes" and len(options.space) < 2:
         raise TuneError([error("E029", "CMA-ES searches two or more params; this tuning has one",
                                hints=["use --sampler tpe, or grid with a step"])])
-    config = program.plan().outputs[program.outputs.index(output)].config
-    classifier = _is_classifier(config) and isinstance(options.objective, DataObjective)
-    direction = options.direction or ("maximize" if classifier else "minimize")
+    classifier = _is_classifier(program.plan().outputs[program.outputs.index(output)].config)
+    direction = options.direction or ("maximize" if classifier and isinstance(options.objective, DataObjective)
+                                      else "minimize")
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', not {direction!r}")
     grid_size = math.prod(len(r.grid) for r in options.space) if sampler == "grid" else None
@@ -1329,7 +1319,7 @@ def settle(program: Any, options: TuneOptions) -> tuple[str, str, str, int]:
         total = min(total, grid_size)
     if total < 1:
         raise ValueError("trials must be at least 1")
-    return output, sampler, direction, total
+    return output, classifier, sampler, direction, total
 
 
 def _tuned_by(directory: Path, study_file: str) -> bool:
@@ -1353,11 +1343,12 @@ def describe_objective(objective: Any, classifier: bool) -> str:
 
 
 def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
-         on_start: Callable[[str], None] | None = None) -> TuneResult:
-    """Tune `program` (an api.Program) as `options` say; the heart of `pemlang tune` and `Program.tune`."""
-    output, sampler_name, direction, total = settle(program, options)
-    config = program.plan().outputs[program.outputs.index(output)].config
-    classifier = _is_classifier(config)
+         on_start: Callable[[str, str | None], None] | None = None) -> TuneResult:
+    """Tune `program` (an api.Program) as `options` say; the heart of `pemlang tune` and `Program.tune`.
+
+    `on_start(objective, resuming)` is called before the first trial with the objective's
+    description and, when the study already has trials, a line saying so."""
+    output, classifier, sampler_name, direction, total = settle(program, options)
     objective = options.objective
     search_path = (os.getcwd(),)
     if isinstance(objective, str):
@@ -1379,13 +1370,13 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
         "tokenizer": str(_absolute(options.tokenizer)) if options.tokenizer else None,
     }
     study_path = Path(options.study) if options.study is not None else None
+    study_file = str(study_path.resolve()) if study_path is not None else None  # as the best point records it
     protected = protected_paths(program, options, objective_fn)
+    destinations = ([options.save_dir.resolve()] if options.save_dir is not None else
+                    [o.path for o in program.checked.outputs if o.path is not None])
     if options.save:  # refuse an output that cannot be written before any trial runs
         from .writer import destination_problems
 
-        destinations = ([options.save_dir.resolve()] if options.save_dir is not None else
-                        [o.path for o in program.checked.outputs if o.path is not None])
-        study_file = str(study_path.resolve()) if study_path is not None else None
         ours = [d for d in destinations if study_file is not None and _tuned_by(d, study_file)]
         kept = {**protected, **({"the study": Path(study_file)} if study_file is not None else {})}
         problems = destination_problems([d for d in destinations if d not in ours], kept, force=options.force)
@@ -1412,9 +1403,9 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
         check_base(options.base, load=False)
         recovered = recover(study)
         done = sum(_done(t) for t in study.get_trials(deepcopy=False))
-        if on_start and done:
-            on_start(f"resuming {study_path}: {done} of {total} trials done"
-                     + (f", {recovered} cut off by an interruption to run again" if recovered else ""))
+        if on_start:
+            on_start(description, f"resuming {study_path}: {done} of {total} trials done"
+                     + (f", {recovered} cut off by an interruption to run again" if recovered else "") if done else None)
         dists = distributions(options.space, sampler_name)
         if done < total:
             if options.ray or (options.ray_address is not None):
@@ -1441,10 +1432,7 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
             "params": result.best_params, "trial": result.best_number,
             "trials": sum(t["state"] == "complete" for t in result.trials),
             "space": [r.describe() for r in options.space],
-            "study": str(study_path.resolve()) if study_path else None}, sort_keys=True, ensure_ascii=False)}
-        study_file = str(study_path.resolve()) if study_path is not None else None
-        destinations = ([options.save_dir.resolve()] if options.save_dir is not None else
-                        [o.path for o in program.checked.outputs if o.path is not None])
+            "study": study_file}, sort_keys=True, ensure_ascii=False)}
         replace_ours = study_file is not None and all(_tuned_by(d, study_file) for d in destinations if d.exists())
         result.saved = program.save(options.save_dir, result.best_params, force=options.force or replace_ours,
                                     provenance=provenance)
