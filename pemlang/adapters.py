@@ -456,7 +456,7 @@ def _validate_config(config: dict[str, Any], path: Path) -> None:
         value = config.get(field_name)
         if value is not None and not isinstance(value, str):
             raise _config_error(path, field_name, f"must be a string or null, not {value!r}"[:200])
-        if isinstance(value, str) and not _valid_text(value):
+        if isinstance(value, str) and not valid_text(value):
             raise _config_error(path, field_name, f"must be text without control characters or lone surrogates, "
                                 f"not {value!r}"[:200])
     for field_name in ("use_rslora", "fan_in_fan_out"):
@@ -549,7 +549,7 @@ def _strip(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
-def _valid_text(text: str) -> bool:
+def valid_text(text: str) -> bool:
     """Text that can be written back (UTF-8) on one line: no lone surrogates, no control characters."""
     try:
         text.encode("utf-8")

@@ -443,9 +443,9 @@ class Checker:
                           source: Source | None) -> Adapter:
         """The adapter taken as trained on `stated` (normalised like a recorded base); W006 when that
         differs from what its config records, so the choice is visible, never silent."""
-        from .adapters import _valid_text
+        from .adapters import valid_text
 
-        if not _valid_text(stated):
+        if not valid_text(stated):
             self._error("E024", f"input `{name.id}`: the base is not valid text (control characters, line breaks "
                         "or lone surrogates)", span, source=source,
                         hints=['write the base model\'s name on one line, e.g. base "meta-llama/Llama-2-7b-hf"'])
@@ -476,13 +476,13 @@ class Checker:
 
             try:
                 # `check` and `plan` need headers only: uncached weights are not downloaded for them
-                resolved = hub.resolve(hub.parse(written), allow_pickle=self.allow_pickle, headers_only=not self.writes)
+                resolved = hub.locate(written, allow_pickle=self.allow_pickle, headers_only=not self.writes)
             except hub.HubError as exc:
                 self.env[name.id] = Entry("input", POISON, name.span, source=source)
                 self._error("E012", f"input `{name.id}`: {exc.message}", path_span, source=source, hints=exc.hints)
                 return
             path = resolved.directory
-            pinned = resolved.ref.pinned(resolved.commit)
+            pinned = resolved.pinned
         else:
             path = Path(os.path.abspath(self.base_dir / written))
         problem = _unusable(path)

@@ -149,12 +149,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from . import hub
 
         try:
-            resolved = hub.resolve(hub.parse(args.adapter), allow_pickle=args.allow_pickle)
+            resolved = hub.locate(args.adapter, allow_pickle=args.allow_pickle)
         except hub.HubError as exc:
             _report([error("E012", exc.message, Source(args.adapter, "ADAPTER"), Span(0, len(args.adapter)),
                            hints=exc.hints)])
             return EXIT_ERRORS
-        location, pinned = resolved.directory, resolved.ref.pinned(resolved.commit)
+        location, pinned = resolved.directory, resolved.pinned
     try:
         adapter = read_adapter(location, allow_pickle=args.allow_pickle)
     except AdapterError as exc:

@@ -64,6 +64,16 @@ class Resolved:
     directory: Path  # the local snapshot directory (its subfolder) holding the adapter's files
     commit: str
 
+    @property
+    def pinned(self) -> str:
+        """The id at the commit that was read (what provenance records)."""
+        return self.ref.pinned(self.commit)
+
+
+def locate(text: str, *, allow_pickle: bool = False, headers_only: bool = False) -> Resolved:
+    """`hf://…` → its adapter's local directory (see `resolve`); HubError otherwise."""
+    return resolve(parse(text), allow_pickle=allow_pickle, headers_only=headers_only)
+
 
 def resolve(ref: HubRef, *, allow_pickle: bool = False, headers_only: bool = False) -> Resolved:
     """Fetch (or find in the cache) the adapter's config and weights; HubError with a hint for

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
 
 from .adapters import Adapter
 from .types import LoraLayer, describe_heads
@@ -71,30 +70,23 @@ def layer_rows(adapter: Adapter) -> list[tuple[str, ...]]:
 def provenance_rows(metadata: dict[str, str]) -> list[tuple[str, str]]:
     """What a pemlang-made adapter records about how it was made (empty for other adapters); a
     field that does not parse is shown as it is."""
-    import json
-
     if "pemlang.expression" not in metadata:
         return []
-
-    def parsed(key: str) -> Any:
-        try:
-            return json.loads(metadata.get(key, "null"))
-        except ValueError:
-            return metadata.get(key)
-
     from rich.markup import escape
+
+    from .writer import provenance_field as parsed
 
     rows = [("version", metadata.get("pemlang.version", "?")), ("mode", metadata.get("pemlang.mode", "?")),
             ("expression", metadata.get("pemlang.expression", ""))]
-    params = parsed("pemlang.params")
+    params = parsed(metadata, "pemlang.params")
     if isinstance(params, dict) and params:
         rows.append(("params", ", ".join(f"{k} = {v}" for k, v in params.items())))
-    inputs = parsed("pemlang.inputs")
+    inputs = parsed(metadata, "pemlang.inputs")
     if isinstance(inputs, list):
         for item in inputs:
             if isinstance(item, dict):
                 rows.append((f"input {item.get('name')}", f"{item.get('path')}  sha256 {str(item.get('sha256'))[:16]}…"))
-    tuned = parsed("pemlang.tune")
+    tuned = parsed(metadata, "pemlang.tune")
     if isinstance(tuned, dict):
         rows.append(("tuned", f"{tuned.get('direction')} {tuned.get('objective')}: {tuned.get('value')} "
                      f"at trial {tuned.get('trial')} of {tuned.get('trials')} over {', '.join(tuned.get('space') or [])}"

@@ -326,7 +326,7 @@ class Session:
                 from . import hub
 
                 try:
-                    location = hub.resolve(hub.parse(rest), allow_pickle=self.allow_pickle).directory
+                    location = hub.locate(rest, allow_pickle=self.allow_pickle).directory
                 except hub.HubError as exc:
                     raise PemError([error("E012", exc.message, source, span, hints=exc.hints)]) from None
             try:

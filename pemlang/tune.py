@@ -1325,13 +1325,15 @@ def settle(program: Any, options: TuneOptions) -> tuple[str, bool, str, str, int
 def _tuned_by(directory: Path, study_file: str) -> bool:
     """Whether `directory` holds the best point a tuning with study `study_file` wrote (a resumed
     tuning rewrites it; anything else needs --force)."""
-    try:
-        from .adapters import read_safetensors_header
+    from .adapters import read_safetensors_header
+    from .writer import provenance_field
 
+    try:
         _, metadata, _, _ = read_safetensors_header(directory / "adapter_model.safetensors")
-        return bool(json.loads(metadata.get("pemlang.tune", "{}")).get("study") == study_file)
     except Exception:  # noqa: BLE001 - missing, unreadable or foreign: not ours
         return False
+    tuned = provenance_field(metadata, "pemlang.tune")
+    return isinstance(tuned, dict) and tuned.get("study") == study_file
 
 
 def describe_objective(objective: Any, classifier: bool) -> str:

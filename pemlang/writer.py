@@ -91,17 +91,20 @@ def _cell(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+def provenance_field(meta: Mapping[str, str], key: str, default: Any = None) -> Any:
+    """A provenance entry `metadata` recorded as JSON (params, inputs, tune), or `default` when it
+    is missing or does not parse (a header pemlang did not write)."""
+    try:
+        return json.loads(meta[key])
+    except (KeyError, ValueError, RecursionError):
+        return default
+
+
 def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
     """The Hub's model card for a written adapter: YAML front matter (base_model, library_name,
     tags) and what made it — the program, each input with its sha256, the params — and how to load
     it. Deterministic: the same inputs give the same card."""
     import yaml
-
-    def field(key: str, default: Any) -> Any:
-        try:
-            return json.loads(meta[key])
-        except (KeyError, ValueError):
-            return default
 
     def fenced(text: str, language: str = "") -> list[str]:  # a fence longer than any backtick run inside
         longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
@@ -120,14 +123,14 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
              f"A {'LoRA' if kind == 'lora' else '(IA)3'} adapter made by [pemlang](https://github.com/pemlang/pemlang) "
              f"{meta.get('pemlang.version', '')} ({meta.get('pemlang.mode', 'paper')} mode) from other adapters by "
              "arithmetic, without training:", "", *fenced(meta.get("pemlang.expression", "")), ""]
-    params = field("pemlang.params", {})
+    params = provenance_field(meta, "pemlang.params", {})
     if params:
         lines += ["Params: " + ", ".join(f"`{k} = {v}`" for k, v in params.items()) + ".", ""]
-    tuned = field("pemlang.tune", None)
+    tuned = provenance_field(meta, "pemlang.tune")
     if isinstance(tuned, dict):
         lines += [f"The params were chosen by `pemlang tune`: {tuned.get('direction')} {tuned.get('objective')}, "
                   f"best value {tuned.get('value')} at trial {tuned.get('trial')} of {tuned.get('trials')}.", ""]
-    inputs = field("pemlang.inputs", [])
+    inputs = provenance_field(meta, "pemlang.inputs", [])
     if inputs:
         lines += ["| input | adapter | sha256 |", "|---|---|---|"]
         lines += [f"| {i.get('name')} | {_cell(i.get('path'))} | `{i.get('sha256')}` |" for i in inputs
