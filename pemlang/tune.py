@@ -975,19 +975,17 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def input_digests(program: Any) -> dict[str, str]:
-    """Per input, a digest of its config and safetensors header (cheap: no tensor data), so that a
-    study is not resumed over inputs that changed at the same path."""
+    """Per input, the sha256 of its config and weights (as provenance records them), so that a study
+    is not resumed over inputs that changed at the same path."""
+    from .writer import sha256_file
+
     digests = {}
     for name, adapter in sorted(program.checked.inputs.items()):
-        digest = hashlib.sha256()
-        for file in (adapter.path / "adapter_config.json", adapter.weights_file):
-            try:
-                with file.open("rb") as f:
-                    digest.update(f.read(8 + min(adapter.data_start, 100 << 20)) if file == adapter.weights_file
-                                  else f.read())
-            except OSError:
-                digest.update(b"unreadable")
-        digests[name] = digest.hexdigest()[:16]
+        try:
+            digests[name] = "/".join(sha256_file(f)[:16] for f in (adapter.path / "adapter_config.json",
+                                                                    adapter.weights_file))
+        except OSError:
+            digests[name] = "unreadable"
     return digests
 
 
