@@ -394,7 +394,7 @@ class Program:
             ray_address=ray if isinstance(ray, str) else None, cpus_per_trial=cpus_per_trial,
             gpus_per_trial=gpus_per_trial, tokenizer=tokenizer, fail_fast=fail_fast, force=force,
             save=save is not False and (isinstance(save, str | Path) or has_paths),
-            save_dir=Path(save) if isinstance(save, str | Path) and not isinstance(save, bool) else None,
+            save_dir=Path(save) if isinstance(save, str | Path) else None,
             objective=None)
         try:
             options.objective = DataObjective.read(data, batch_size=batch_size) if data is not None else objective

@@ -488,11 +488,10 @@ def _print_result(result: Any, names: Sequence[str]) -> None:
 
 
 def cmd_tune_show(args: argparse.Namespace) -> int:
-    from .tune import TuneError, _optuna, open_study, plot_beside, summarise
+    from .tune import TuneError, open_study, plot_beside, summarise
 
     path = Path(args.show)
     try:
-        _optuna()
         study = open_study(path, direction="minimize", sampler=None, settings=None, create=False)
         result = summarise(study, study_path=path)
     except TuneError as exc:
