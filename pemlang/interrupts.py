@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 _state = {"installed": False, "pending": 0, "raised": False, "depth": 0, "held": False}
 _previous: dict[int, object] = {}
+_previous_hook: list[Any] = [None]  # sys.unraisablehook before `install`
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -25,12 +28,23 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
+def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """Our KeyboardInterrupt, raised where Python cannot propagate it (a weakref callback, a
+    `__del__`), would be printed as "Exception ignored in … Traceback": it is not an error, and
+    `raise_if_interrupted` still stops the command, so say nothing. Anything else as before."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and _state["pending"]:
+        return
+    (_previous_hook[0] or sys.__unraisablehook__)(unraisable)
+
+
 def install() -> None:
     """Route SIGINT and SIGTERM through one handler that raises KeyboardInterrupt (once).
     A second call keeps the first's state (a signal that already arrived stays pending)."""
     if _state["installed"]:
         return
     _state.update(pending=0, raised=False, depth=0, held=False)
+    _previous_hook[0] = sys.unraisablehook
+    sys.unraisablehook = _unraisable
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, OSError):  # not the main thread: leave signals alone
             _previous[sig] = signal.signal(sig, _handler)
@@ -60,6 +74,9 @@ def restore() -> None:
         with contextlib.suppress(ValueError, OSError, TypeError):
             signal.signal(sig, handler)  # type: ignore[arg-type]
     _previous.clear()
+    if _previous_hook[0] is not None:
+        sys.unraisablehook = _previous_hook[0]
+        _previous_hook[0] = None
     _state.update(installed=False, pending=0, raised=False, depth=0, held=False)
 
 

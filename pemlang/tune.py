@@ -1029,7 +1029,10 @@ def run_local(worker: Worker, study: Any, dists: Mapping[str, Any], total: int, 
     """Run trials in this process until the study has `total` (a grid stops when it is exhausted)."""
     from optuna.trial import TrialState
 
+    from . import interrupts
+
     while sum(_done(t) for t in study.get_trials(deepcopy=False)) < total:
+        interrupts.raise_if_interrupted()  # also a signal whose KeyboardInterrupt a library swallowed
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         sampler = study.sampler
         if not waiting and hasattr(sampler, "is_exhausted") and sampler.is_exhausted(study):
