@@ -15,7 +15,7 @@ from peft.utils import merge_utils
 from peft_factory import base_model
 from safetensors.torch import load_file
 
-from pemlang.backend.torch_backend import dare, keep_count, prune, ties, truncated_svd
+from pemlang.backend.dense import dare, keep_count, prune, ties, truncated_svd
 from pemlang.cli import main
 
 PREFIX = "base_model.model."

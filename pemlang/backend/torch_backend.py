@@ -14,7 +14,7 @@ import contextlib
 import errno
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 
 from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, recursion_room, tensor_key
 from ..writer import sha256_file
+from .dense import KERNELS, Rows, magnitude, signed_factors, threads, truncated_svd
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -234,16 +235,6 @@ class _Inputs:
                 for name, item in self.plan.inputs.items()}
 
 
-@contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 class _Stop(Exception):
     """Running stops: an input or a result is not finite (the report says which)."""
 
@@ -323,7 +314,7 @@ class TorchBackend:
             if plan.calls and self.device.type == "cpu":
                 # LAPACK's QR and SVD (and BLAS products) round differently with the thread count;
                 # one thread makes function results byte-identical across machines' core counts.
-                stack.enter_context(_threads(1))
+                stack.enter_context(threads(1))
             inputs = _Inputs(plan, self.device, stack, report, self.cache)
             groups = _layer_groups(plan)
             prefetch = None
@@ -433,34 +424,37 @@ class TorchBackend:
             cache[(source, layer)] = self._svd(plan, plan.calls[source], layer, inputs, cache, index)
         return cache[(source, layer)]  # type: ignore[no-any-return]
 
-    def _delta(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, shape: tuple[int, int], inputs: _Inputs,
-               cache: dict[tuple[str, str], Any], index: int) -> torch.Tensor:
-        """Σ beta_i·ΔW_i of some sources at one layer, dense (out × in, fp32): what the element-wise
-        functions act on. A source without the layer contributes nothing."""
-        total: torch.Tensor | None = None
+    def _rows(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, shape: tuple[int, int], inputs: _Inputs,
+              cache: dict[tuple[str, str], Any], index: int) -> Rows:
+        """Σ beta_i·ΔW_i of some sources at one layer (out × in, fp32), what the element-wise
+        functions act on: the dense results of other functions plus the low-rank terms' factors,
+        stacked, formed a block of rows at a time by the kernels. A source without the layer
+        contributes nothing."""
+        low: list[PlanTerm] = []
+        dense: list[tuple[float, torch.Tensor]] = []
         for term in terms:
             if term.beta == 0 or not self._has_layer(plan, term.source, layer):
                 continue
             if term.source in plan.calls and plan.calls[term.source].dense:
-                dense = self._dense(plan, plan.calls[term.source], layer, inputs, cache, index)
-                total = dense * term.beta if total is None else total.add_(dense, alpha=term.beta)
+                dense.append((term.beta, self._dense(plan, plan.calls[term.source], layer, inputs, cache, index)))
             else:
-                a, b = self._factors(plan, term.source, layer, inputs, cache, index)
-                total = torch.mm(b, a).mul_(term.beta) if total is None else total.addmm_(b, a, alpha=term.beta)
-        return total if total is not None else torch.zeros(shape, dtype=torch.float32, device=self.device)
+                low.append(term)
+        factors = None
+        if low:
+            a, b = self._stack(plan, tuple(low), layer, inputs, cache, index)
+            factors = (b, a)
+        return Rows(shape, self.device, factors, dense)
 
     def _dense(self, plan: Plan, call: CallStep, layer: str, inputs: _Inputs, cache: dict[tuple[str, str], Any],
                index: int) -> torch.Tensor:
         """A dense function's ΔW at one layer (computed once per layer): its kernel over its
-        arguments' ΔW (operators.OPERATORS; kernels below)."""
+        arguments' ΔW (operators.OPERATORS; kernels in dense.py)."""
         if (call.id, layer) not in cache:
             shape = call.layer_shapes[layer]
             # Not checked finite here: NaN and ±inf pass through the kernels into the result, which
             # svd checks before factorising it (one check, not one per argument).
-            args = [self._delta(plan, arg, layer, shape, inputs, cache, index) for arg in call.args]
-            kernel = KERNELS[call.op]
-            with _threads(self.threads):  # element-wise and selections: the same bytes on any thread count
-                cache[(call.id, layer)] = kernel(args, call.options, layer)
+            args = [self._rows(plan, arg, layer, shape, inputs, cache, index) for arg in call.args]
+            cache[(call.id, layer)] = KERNELS[call.op](args, call.options, layer, self.threads)
         return cache[(call.id, layer)]  # type: ignore[no-any-return]
 
     def _stack(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, inputs: _Inputs,
@@ -512,9 +506,10 @@ class TorchBackend:
         if rank == 0 or not terms:
             raise AssertionError("lowering gives svd sources only to layers they contribute to")
         if any(t.source in plan.calls and plan.calls[t.source].dense for t in terms):
-            delta = self._delta(plan, terms, layer, svd.layer_shapes[layer], inputs, cache, index)
-            inputs.stop_unless_finite([delta], index, layer, "F32")
-            return truncated_svd(delta, rank, layer)
+            delta = self._rows(plan, terms, layer, svd.layer_shapes[layer], inputs, cache, index).whole(self.threads)
+            if not math.isfinite(magnitude(delta)):
+                inputs.stop_unless_finite([delta], index, layer, "F32")
+            return truncated_svd(delta, rank, layer, workers=self.threads)
         a, b = self._stack(plan, terms, layer, inputs, cache, index)
         inputs.stop_unless_finite([a, b], index, layer, "F32")  # a factorisation of NaN would only crash
         # In float64 (on the CPU with one thread, see `run`), then rounded to fp32; signs are fixed
@@ -522,7 +517,7 @@ class TorchBackend:
         q_b, r_b = torch.linalg.qr(b.double())
         q_a, r_a = torch.linalg.qr(a.T.double())
         u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-        return _signed(q_b @ u[:, :rank], s[:rank], vh[:rank] @ q_a.T)
+        return signed_factors(q_b @ u[:, :rank], s[:rank], vh[:rank] @ q_a.T)
 
     @staticmethod
     def _has_layer(plan: Plan, source: str, layer: str) -> bool:
@@ -530,133 +525,3 @@ class TorchBackend:
             return layer in plan.inputs[source].adapter.type.layers
         call = plan.calls[source]
         return layer in call.layer_shapes if call.dense else call.layer_ranks.get(layer, 0) > 0
-
-
-def _signed(left: torch.Tensor, s: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) = (√S·Vᵀ, U·√S) with fixed signs (the largest entry of each left singular vector
-    positive), in fp32, so the bytes are reproducible. The singular values are split between the
-    factors, so each holds about √ of ΔW's scale and fits a half-precision output where ΔW does."""
-    signs = torch.sign(left.gather(0, left.abs().argmax(dim=0, keepdim=True)))
-    signs[signs == 0] = 1
-    root = s.sqrt()
-    return (right * (signs.T * root[:, None])).float(), ((left * signs) * root).float()
-
-
-# -- kernels of the dense functions (operators.OPERATORS), on one layer's ΔW ------------------------
-
-
-def _layer_generator(seed: int, layer: str) -> torch.Generator:
-    """A CPU generator seeded by (seed, layer key): the same numbers on every device, thread count
-    and evaluation order."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{seed}\0{layer}".encode()).digest()
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    return generator
-
-
-def keep_count(density: float, numel: int) -> int:
-    """⌈d·n⌉ with d as written (0.2 of 100 is 20, not the 21 that 0.2's binary value would give)."""
-    from decimal import Decimal
-
-    return min(numel, math.ceil(Decimal(repr(float(density))) * numel))
-
-
-def prune(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ⌈d·n⌉ entries largest in magnitude, zero the rest; among equal magnitudes at the
-    threshold, the first by flat index are kept."""
-    numel = delta.numel()
-    keep = keep_count(density, numel)
-    if keep >= numel:
-        return delta.clone()
-    flat = delta.reshape(-1)
-    magnitude = flat.abs()
-    threshold = _kth_largest(magnitude, keep)
-    dropped = magnitude < threshold
-    excess = (numel - int(torch.count_nonzero(dropped))) - keep  # equal to the threshold, one too many
-    if excess > 0:  # equal magnitudes at the threshold: the first by position are kept
-        at_threshold = torch.nonzero(magnitude == threshold).reshape(-1)
-        dropped[at_threshold[len(at_threshold) - excess:]] = True
-    return torch.where(dropped, torch.zeros((), dtype=flat.dtype, device=flat.device), flat).reshape(delta.shape)
-
-
-def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest of a flat tensor, exactly. A strided sample brackets it between two bounds,
-    so the selection runs over the values in that narrow band (after counting those above it)
-    rather than over all; when the bracket misses, over all."""
-    numel = values.numel()
-    if numel > 1 << 20:
-        sample = torch.sort(values[:: numel // (1 << 16)]).values
-        size = len(sample)
-        rank = size * k / numel  # where the k-th largest falls in the sample, from the top
-        margin = 8 * math.sqrt(rank + 1) + 16
-        low = sample[max(0, size - int(rank + margin) - 1)]
-        high = sample[min(size - 1, max(0, size - int(rank - margin)))] if rank > margin else None
-        above = 0 if high is None else int(torch.count_nonzero(values > high))
-        band = values[values >= low] if high is None else values[(values >= low) & (values <= high)]
-        wanted = k - above  # the wanted-th largest of the band
-        if 1 <= wanted <= len(band) and (high is None or above < k):
-            return torch.kthvalue(band, len(band) - wanted + 1).values
-    return torch.kthvalue(values, numel - k + 1).values
-
-
-def dare(delta: torch.Tensor, p: float, seed: int, layer: str) -> torch.Tensor:
-    """Drop each entry with probability p (a mask drawn on the CPU from (seed, layer)) and scale the
-    kept ones by 1/(1−p)."""
-    if p == 0:
-        return delta.clone()
-    mask = torch.rand(delta.shape, generator=_layer_generator(seed, layer)) >= p
-    return torch.where(mask.to(delta.device), delta * (1 / (1 - p)),
-                       torch.zeros((), dtype=delta.dtype, device=delta.device))
-
-
-def ties(deltas: list[torch.Tensor], density: float, sign: str) -> torch.Tensor:
-    """TIES: trim each to density d; elect a sign per entry (of the sum, "total", or of the sum of
-    signs, "frequency"); the mean of the trimmed values that are non-zero and agree with it.
-    Element-wise, one argument at a time (no stacked copy of all of them)."""
-    trimmed = [prune(d, density) if density < 1 else d for d in deltas]
-    votes = torch.zeros_like(trimmed[0])
-    for t in trimmed:
-        votes += t if sign == "total" else torch.sign(t)
-    elected = votes.sign_()  # 0 where the vote ties: no value agrees with it
-    total = torch.zeros_like(elected)
-    count = torch.zeros_like(elected)
-    for t in trimmed:
-        agree = torch.mul(t, elected).gt_(0)  # 1.0 where non-zero and of the elected sign, else 0.0
-        total.addcmul_(t, agree)
-        count += agree
-    return total.div_(count.clamp_(min=1))
-
-
-KERNELS: dict[str, Callable[[list[torch.Tensor], dict[str, Any], str], torch.Tensor]] = {
-    "prune": lambda args, options, layer: prune(args[0], float(options["density"])),
-    "dare": lambda args, options, layer: dare(args[0], float(options["p"]), int(options["seed"]), layer),
-    "ties": lambda args, options, layer: ties(args, float(options["density"]), str(options["sign"])),
-}
-
-
-def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int = 10, power: int = 4
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with B·A the best rank-`rank` approximation of a dense ΔW (within a small fraction of
-    the optimal error): a randomised range finder (Halko, Martinsson & Tropp 2011) with `power`
-    power iterations, re-orthonormalised each time, then an exact SVD of the small projection.
-    Small layers are factorised exactly. The test matrix comes from (layer) on the CPU, so the
-    result does not depend on the device's random numbers."""
-    rows, cols = delta.shape
-    scale = float(delta.abs().max())  # worked on at unit scale: fp32 products cannot overflow
-    if scale == 0:
-        return torch.zeros((rank, cols), device=delta.device), torch.zeros((rows, rank), device=delta.device)
-    delta = delta / scale
-    width = min(rows, cols, rank + max(rank, oversample))
-    if width >= min(rows, cols) // 2:
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-        return _signed(u[:, :rank], s[:rank] * scale, vh[:rank])
-    omega = torch.randn((cols, width), generator=_layer_generator(0, layer), dtype=torch.float32).to(delta.device)
-    basis, _ = torch.linalg.qr((delta @ omega).double())
-    for _ in range(power):
-        back, _ = torch.linalg.qr((delta.T @ basis.float()).double())
-        basis, _ = torch.linalg.qr((delta @ back.float()).double())
-    small = (basis.float().T @ delta).double()  # width × cols (the product in fp32: no fp64 copy of ΔW)
-    u, s, vh = torch.linalg.svd(small, full_matrices=False)
-    return _signed(basis @ u[:, :rank], s[:rank] * scale, vh[:rank])

@@ -1,0 +1,465 @@
+"""Dense weight updates of one layer: the kernels of `prune`, `dare` and `ties`, and the rank
+reduction `svd` applies to a dense ΔW.
+
+On the CPU these passes are bound by memory, not arithmetic: a 5632×2048 ΔW is 46 MB, and each
+whole-matrix element-wise operation streams it through the caches again. So they work on blocks of
+rows small enough to stay in the cache, with every pass over a block done before the next block,
+and a ΔW given as low-rank factors (`Rows`) is never formed whole: each block is computed from the
+factors when it is needed (a rank-m product per block costs less than reading the block back from
+memory). Blocks are independent, so they run on a pool of threads, one torch thread each. The
+partition into blocks is fixed by the shape alone and every reduction over blocks is summed in
+block order, so the bytes do not depend on the number of threads. On a GPU a layer is one block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+BLOCK = 1 << 18  # entries of an element-wise block on the CPU (1 MB in fp32: several fit a core's L2 and L3 share)
+PRODUCT_BLOCK = 1 << 20  # entries of a block of the range finder's products (larger: BLAS likes long panels)
+SAMPLED = 1 << 20  # from this many entries, a sample brackets prune's threshold
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` for a while (a process-wide setting)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def parallel_map(work: Callable[[T], object], items: Sequence[T], workers: int) -> list:  # type: ignore[type-arg]
+    """work(item) for every item, in order, on up to `workers` threads each running torch with one
+    intra-op thread (torch releases the GIL inside its kernels)."""
+    if workers <= 1 or len(items) <= 1:
+        with threads(1):
+            return [work(item) for item in items]
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pemlang-kernel")
+            _pool_size = workers
+        pool = _pool
+    with threads(1):
+        return list(pool.map(work, items))
+
+
+def each_block(work: Callable[[tuple[int, int]], T], spans: Sequence[tuple[int, int]], workers: int) -> list[T]:
+    """work(span) for every block, in order: each thread takes a contiguous run of blocks (a
+    handful of hand-offs between threads per pass, not one per block)."""
+    runs = min(workers, len(spans))
+    bounds = [len(spans) * i // runs for i in range(runs + 1)]
+    groups = [spans[bounds[i]:bounds[i + 1]] for i in range(runs)]
+    return [r for group in parallel_map(lambda group: [work(span) for span in group], groups, workers)
+            for r in group]
+
+
+_local = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...] | torch.Size, device: torch.device) -> torch.Tensor:
+    """A per-thread fp32 work buffer of this shape, reused from block to block (an allocation costs
+    as much as a pass over the block). Its contents are whatever was last written."""
+    numel = math.prod(shape)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    buffers: dict[str, torch.Tensor] = _local.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[name] = torch.empty(max(numel, BLOCK), dtype=torch.float32)
+    return buffer[:numel].view(shape)
+
+
+def default_workers() -> int:
+    return torch.get_num_threads()
+
+
+def blocks(shape: tuple[int, int], device: torch.device, size: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of about `size` entries each (at least one row): fixed by the shape,
+    so results do not depend on the thread count. A GPU takes the whole matrix at once."""
+    rows, cols = shape
+    size = size or BLOCK
+    if device.type != "cpu" or rows * cols <= size:
+        return [(0, rows)]
+    step = max(1, size // max(cols, 1))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+class Rows:
+    """A dense ΔW of one layer (out × in, fp32) given as Σ beta_i·D_i + B·A, evaluated a block of
+    rows at a time: dense parts D_i (results of other functions) and one low-rank part (the
+    weighted factors of every low-rank term, stacked), which is never formed whole."""
+
+    def __init__(self, shape: tuple[int, int], device: torch.device,
+                 low: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 dense: Sequence[tuple[float, torch.Tensor]] = ()):
+        self.shape = shape
+        self.device = device
+        self.low = low  # (B, A): rows × m and m × cols
+        self.dense = list(dense)
+
+    @classmethod
+    def of(cls, value: torch.Tensor | Rows) -> Rows:
+        if isinstance(value, Rows):
+            return value
+        if value.dim() != 2:
+            raise ValueError(f"a weight update is a matrix, not shape {tuple(value.shape)}")
+        return cls((value.shape[0], value.shape[1]), value.device, dense=[(1.0, value)])
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def block(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) in fp32: a new tensor, or written into `out`."""
+        if self.low is not None:
+            b, a = self.low
+            out = torch.mm(b[start:stop], a, out=out)
+            for beta, value in self.dense:
+                out.add_(value[start:stop], alpha=beta)
+            return out
+        if not self.dense:
+            return torch.zeros((stop - start, self.shape[1]), device=self.device) if out is None else out.zero_()
+        (first, value), rest = self.dense[0], self.dense[1:]
+        out = torch.mul(value[start:stop], first, out=out) if out is not None else value[start:stop] * first
+        for beta, value in rest:
+            out.add_(value[start:stop], alpha=beta)
+        return out
+
+    def at(self, flat: torch.Tensor) -> torch.Tensor:
+        """The entries at some flat (row-major) indices: for sampling; may round differently from
+        `block` in the last bit."""
+        rows, cols = flat // self.shape[1], flat % self.shape[1]
+        out = torch.zeros(len(flat), dtype=torch.float32, device=self.device)
+        if self.low is not None:
+            b, a = self.low
+            out += (b[rows] * a.T.contiguous()[cols]).sum(dim=1)
+        for beta, value in self.dense:
+            out += beta * value[rows, cols]
+        return out
+
+    def whole(self, workers: int) -> torch.Tensor:
+        """The whole matrix. A lone dense part of weight 1 is returned as is (not a copy)."""
+        if self.low is None and len(self.dense) == 1 and self.dense[0][0] == 1:
+            return self.dense[0][1]
+        out = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+
+        def fill(span: tuple[int, int]) -> None:
+            out[span[0]:span[1]] = self.block(*span)
+
+        each_block(fill, blocks(self.shape, self.device), workers)
+        return out
+
+
+# -- prune ---------------------------------------------------------------------------------------
+
+
+def keep_count(density: float, numel: int) -> int:
+    """⌈d·n⌉ with d as written (0.2 of 100 is 20, not the 21 that 0.2's binary value would give)."""
+    from decimal import Decimal
+
+    return min(numel, math.ceil(Decimal(repr(float(density))) * numel))
+
+
+class Cut:
+    """Where `prune` cuts one ΔW: entries of magnitude below `threshold` go, and so do the entries
+    equal to it at the flat indices `drop` (the last ones by position, beyond the ⌈d·n⌉ kept)."""
+
+    def __init__(self, threshold: float, drop: torch.Tensor):
+        self.threshold = threshold
+        self.drop = drop  # sorted flat indices
+
+    def apply(self, block: torch.Tensor, offset: int) -> torch.Tensor:
+        """Trim a block (in place) whose first entry has flat index `offset`. NaN and ±inf stay
+        (the result's finiteness check reports them)."""
+        keep = torch.abs(block, out=scratch("keep", block.shape, block.device)).ge_(self.threshold)
+        block.mul_(keep)  # 1.0 kept, 0.0 not (as floats: far faster than a boolean mask on the CPU)
+        if len(self.drop):
+            flat = block.view(-1)
+            low, high = (int(i) for i in torch.searchsorted(self.drop, torch.tensor(
+                [offset, offset + flat.numel()], device=self.drop.device)))
+            if high > low:
+                flat[self.drop[low:high] - offset] = 0
+        return block
+
+
+def cuts(xs: Sequence[Rows], keep: int, workers: int) -> list[Cut]:
+    """For each x, the cut that keeps its `keep` entries largest in magnitude (the first by
+    position among equal ones at the threshold). A strided sample brackets the keep-th largest
+    magnitude; one pass over the blocks counts the entries above the bracket and gathers those
+    inside it, and the exact selection runs over that narrow band. When the bracket misses, over
+    all. Each phase runs for every x at once, so the threads share the per-x work too."""
+    numel, cols = xs[0].numel, xs[0].shape[1]
+    spans = blocks(xs[0].shape, xs[0].device)
+
+    def bracket(x: Rows) -> tuple[float, float]:
+        step = numel // (1 << 16)
+        sample = x.at(torch.arange(0, numel, step, device=x.device)).abs_()
+        size = len(sample)
+        rank = size * keep / numel  # where the keep-th largest falls in the sample, from the top
+        margin = 8 * math.sqrt(rank + 1) + 16
+        low = float(torch.kthvalue(sample, max(1, size - int(rank + margin))).values)
+        if rank <= margin:
+            return low, math.inf
+        return low, float(torch.kthvalue(sample, min(size, max(1, size - int(rank - margin) + 1))).values)
+
+    def gather(x: Rows, low: float, high: float, span: tuple[int, int]) -> tuple[int, torch.Tensor]:
+        magnitude = x.block(*span, out=scratch("block", (span[1] - span[0], cols), x.device)).abs_()
+        over = 0
+        if high < math.inf:
+            over = int(torch.gt(magnitude, high, out=scratch("over", magnitude.shape, x.device)).sum())
+        clamped = torch.clamp(magnitude, low, high, out=scratch("clamped", magnitude.shape, x.device))
+        return over, magnitude[clamped == magnitude]  # low ≤ |x| ≤ high (never NaN)
+
+    bands: list[tuple[int, torch.Tensor] | None] = [None] * len(xs)
+    if numel >= SAMPLED:
+        brackets = parallel_map(bracket, xs, workers)
+        # one task per (x, run of blocks): every thread busy however many xs there are
+        runs = max(1, workers // len(xs) + (workers % len(xs) > 0))
+        bounds = [len(spans) * i // runs for i in range(runs + 1)]
+        tasks = [(i, spans[bounds[r]:bounds[r + 1]]) for i in range(len(xs)) for r in range(runs)]
+        parts = parallel_map(lambda task: [gather(xs[task[0]], brackets[task[0]][0], brackets[task[0]][1], span)
+                                          for span in task[1]],
+                             tasks, workers)
+        for i in range(len(xs)):
+            mine = [part for task, found in zip(tasks, parts, strict=True) if task[0] == i for part in found]
+            above, band = sum(p[0] for p in mine), torch.cat([p[1] for p in mine])
+            if above < keep <= above + len(band):
+                bands[i] = (above, band)
+
+    def select(i: int) -> Cut:
+        x = xs[i]
+        above, band = bands[i] or (0, torch.cat([x.block(*span).abs_().view(-1) for span in spans]))
+        wanted = keep - above  # the wanted-th largest of the band
+        threshold = torch.kthvalue(band, len(band) - wanted + 1).values
+        excess = above + int(torch.count_nonzero(band >= threshold)) - keep  # equal to it, one too many
+        drop = torch.zeros(0, dtype=torch.int64, device=x.device)
+        if excess > 0:  # equal magnitudes at the threshold: the last ones by position go
+            positions = torch.cat([torch.nonzero(x.block(*span).abs_().view(-1) == threshold, as_tuple=True)[0]
+                                   + span[0] * cols for span in spans])
+            drop = positions[len(positions) - excess:]
+        return Cut(float(threshold), drop)
+
+    return parallel_map(select, range(len(xs)), workers)
+
+
+def prune(x: torch.Tensor | Rows, density: float, *, workers: int | None = None) -> torch.Tensor:
+    """Keep the ⌈d·n⌉ entries largest in magnitude, zero the rest; among equal magnitudes at the
+    threshold, the first by flat index are kept."""
+    workers = workers or default_workers()
+    rows = Rows.of(x)
+    keep = keep_count(density, rows.numel)
+    if keep >= rows.numel:
+        return rows.whole(workers).clone()
+    (where,) = cuts([rows], keep, workers)
+    out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+
+    def fill(span: tuple[int, int]) -> None:
+        out[span[0]:span[1]] = where.apply(rows.block(*span), span[0] * rows.shape[1])
+
+    each_block(fill, blocks(rows.shape, rows.device), workers)
+    return out
+
+
+# -- dare ----------------------------------------------------------------------------------------
+
+
+def layer_generator(seed: int, layer: str) -> torch.Generator:
+    """A CPU generator seeded by (seed, layer key): the same numbers on every device, thread count
+    and evaluation order."""
+    digest = hashlib.sha256(f"{seed}\0{layer}".encode()).digest()
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return generator
+
+
+def dare(x: torch.Tensor | Rows, p: float, seed: int, layer: str, *, workers: int | None = None) -> torch.Tensor:
+    """Drop each entry with probability p (a mask drawn on the CPU from (seed, layer)) and scale the
+    kept ones by 1/(1−p)."""
+    workers = workers or default_workers()
+    rows = Rows.of(x)
+    if p == 0:
+        return rows.whole(workers).clone()
+    kept = (torch.rand(rows.shape, generator=layer_generator(seed, layer)) >= p).to(rows.device)
+    out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+
+    def fill(span: tuple[int, int]) -> None:
+        block = rows.block(*span).mul_(1 / (1 - p))
+        out[span[0]:span[1]] = block.masked_fill_(~kept[span[0]:span[1]], 0)
+
+    each_block(fill, blocks(rows.shape, rows.device), workers)
+    return out
+
+
+# -- ties ----------------------------------------------------------------------------------------
+
+
+def ties(xs: Sequence[torch.Tensor | Rows], density: float, sign: str, *, workers: int | None = None
+         ) -> torch.Tensor:
+    """TIES: trim each to density d; elect a sign per entry (of the sum, "total", or of the sum of
+    signs, "frequency"); the mean of the trimmed values that are non-zero and agree with it. Block
+    by block: each argument's block is computed, trimmed, voted on and averaged while in the cache."""
+    workers = workers or default_workers()
+    args = [Rows.of(x) for x in xs]
+    shape, device = args[0].shape, args[0].device
+    keep = keep_count(density, args[0].numel)
+    trims: list[Cut | None] = list(cuts(args, keep, workers)) if keep < args[0].numel else [None] * len(args)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+
+    def fill(span: tuple[int, int]) -> None:
+        size = (span[1] - span[0], shape[1])
+        trimmed = []
+        votes = scratch("votes", size, device)
+        for number, (arg, where) in enumerate(zip(args, trims, strict=True)):
+            block = arg.block(*span, out=scratch(f"argument{number}", size, device))
+            if where is not None:
+                where.apply(block, span[0] * shape[1])
+            trimmed.append(block)
+            vote = block if sign == "total" else torch.sign(block, out=scratch("sign", size, device))
+            if number == 0:
+                votes.copy_(vote)
+            else:
+                votes.add_(vote)
+        elected = votes.sign_()  # 0 where the vote ties: no value agrees with it
+        total = out[span[0]:span[1]]
+        total.zero_()
+        count = scratch("count", size, device).zero_()
+        agree = scratch("agree", size, device)
+        for block in trimmed:
+            torch.mul(block, elected, out=agree).gt_(0)  # 1.0 where non-zero and of the elected sign
+            total.addcmul_(block, agree)
+            count.add_(agree)
+        total.div_(count.clamp_(min=1))
+
+    each_block(fill, blocks(shape, device), workers)
+    return out
+
+
+# -- rank reduction of a dense ΔW ----------------------------------------------------------------
+
+
+def _times(delta: torch.Tensor, right: torch.Tensor, spans: list[tuple[int, int]], workers: int) -> torch.Tensor:
+    """delta @ right, by blocks of rows."""
+    if len(spans) == 1:
+        return delta @ right
+    return torch.cat(each_block(lambda span: delta[span[0]:span[1]] @ right, spans, workers))
+
+
+def _times_t(delta: torch.Tensor, left: torch.Tensor, spans: list[tuple[int, int]], workers: int) -> torch.Tensor:
+    """deltaᵀ @ left, by blocks of rows: partial products summed in block order."""
+    if len(spans) == 1:
+        return delta.T @ left
+    parts = each_block(lambda span: delta[span[0]:span[1]].T @ left[span[0]:span[1]], spans, workers)
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total  # type: ignore[no-any-return]
+
+
+def signed_factors(left: torch.Tensor, s: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (√S·Vᵀ, U·√S) with fixed signs (the largest entry of each left singular vector
+    positive), in fp32, so the bytes are reproducible. The singular values are split between the
+    factors, so each holds about √ of ΔW's scale and fits a half-precision output where ΔW does."""
+    signs = torch.sign(left.gather(0, left.abs().argmax(dim=0, keepdim=True)))
+    signs[signs == 0] = 1
+    root = s.sqrt()
+    return (right * (signs.T * root[:, None])).float(), ((left * signs) * root).float()
+
+
+def magnitude(delta: torch.Tensor) -> float:
+    """max |entry| (NaN when any entry is NaN), without an |ΔW| copy."""
+    low, high = torch.aminmax(delta)
+    return float(torch.maximum(-low, high))
+
+
+EXACT = 128  # a layer with a side this short is factorised exactly (a dense SVD costs little there)
+MIN_POWER, MAX_POWER = 2, 8  # power iterations of the range finder
+CONVERGED = 1e-3  # stop once an iteration adds less than this share of the remaining error² to the captured energy
+
+
+def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int = 10,
+                  workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B·A the best rank-`rank` approximation of a dense ΔW (within a small fraction of
+    the optimal error): a randomised range finder (Halko, Martinsson & Tropp 2011) with power
+    iterations, re-orthonormalised each time, then an exact SVD of the small projection. It
+    iterates until the energy the best rank-R truncation inside the subspace captures has settled
+    (at least MIN_POWER, at most MAX_POWER times): each iteration's projection QᵀΔ is the product
+    the next one starts from, so watching it costs one small SVD. Small layers are factorised
+    exactly. The test matrix comes from (layer) on the CPU, so the result does not depend on the
+    device's random numbers. `delta` is not changed."""
+    workers = workers or default_workers()
+    rows, cols = delta.shape
+    scale = magnitude(delta)
+    if scale == 0:
+        return torch.zeros((rank, cols), device=delta.device), torch.zeros((rows, rank), device=delta.device)
+    width = min(rows, cols, rank + max(rank, oversample))
+    if width >= min(rows, cols) // 2 or min(rows, cols) <= EXACT:
+        u, s, vh = torch.linalg.svd(delta.double() / scale, full_matrices=False)
+        return signed_factors(u[:, :rank], s[:rank] * scale, vh[:rank])
+    if not 1e-20 <= scale <= 1e20:
+        # Products of entries this large (or small) overflow (or lose digits in) fp32: work at unit scale.
+        delta = delta / scale
+    else:
+        scale = 1.0
+    total = float(torch.linalg.vector_norm(delta)) ** 2
+    spans = blocks((rows, cols), delta.device, PRODUCT_BLOCK)
+    omega = torch.randn((cols, width), generator=layer_generator(0, layer), dtype=torch.float32).to(delta.device)
+    basis, _ = torch.linalg.qr(_times(delta, omega, spans, workers).double())
+    captured = -math.inf
+    for power in range(MAX_POWER + 1):
+        projection = _times_t(delta, basis.float(), spans, workers).double()  # (QᵀΔ)ᵀ: cols × width
+        before, captured = captured, float(torch.linalg.svdvals(projection)[:rank].square().sum())
+        if power == MAX_POWER or (power >= MIN_POWER and captured - before <= CONVERGED * max(total - captured, 0)):
+            break
+        back, _ = torch.linalg.qr(projection)
+        basis, _ = torch.linalg.qr(_times(delta, back.float(), spans, workers).double())
+    u, s, vh = torch.linalg.svd(projection.T, full_matrices=False)
+    return signed_factors(basis @ u[:, :rank], s[:rank] * scale, vh[:rank])
+
+
+Options = dict[str, float | str]
+
+
+def _prune(args: list[Rows], options: Options, layer: str, workers: int) -> torch.Tensor:
+    return prune(args[0], float(options["density"]), workers=workers)
+
+
+def _dare(args: list[Rows], options: Options, layer: str, workers: int) -> torch.Tensor:
+    return dare(args[0], float(options["p"]), int(options["seed"]), layer, workers=workers)
+
+
+def _ties(args: list[Rows], options: Options, layer: str, workers: int) -> torch.Tensor:
+    return ties(args, float(options["density"]), str(options["sign"]), workers=workers)
+
+
+KERNELS: dict[str, Callable[[list[Rows], Options, str, int], torch.Tensor]] = {
+    "prune": _prune, "dare": _dare, "ties": _ties}
