@@ -364,9 +364,10 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(stem: str, text: str) -> Path:
+def write_results(stem: str, text: str, device: str = "cpu") -> Path:
+    """benchmarks/results/STEM.md (STEM-cuda.md for a GPU run, so it does not replace the CPU's)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{stem}.md"
+    path = RESULTS / f"{stem}{'' if device == 'cpu' else '-' + device.replace(':', '')}.md"
     path.write_text(text.rstrip() + "\n")
     return path
 

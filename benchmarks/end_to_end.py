@@ -312,7 +312,7 @@ def main() -> None:
         "of the exact ΔW):",
         acc,
     ] if x)
-    md = common.write_results(f"end_to_end-{args.size}", text)
+    md = common.write_results(f"end_to_end-{args.size}", text, args.device)
     plot(results, args.size, md.with_suffix(".png"))
     print()
     print(text)

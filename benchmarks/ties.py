@@ -124,7 +124,7 @@ def main() -> None:
         "Error of the written rank-R adapter against the exact rank-R truncation of each tool's own merge, "
         "as a multiple of the optimum (1.0000 = optimal):",
         common.markdown_table(["module", "pemlang / optimum", "PEFT / optimum", "optimum (relative)"], rows)])
-    path = common.write_results(f"ties-{shape.name}", text)
+    path = common.write_results(f"ties-{shape.name}", text, args.device)
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.barh(["pemlang svd(ties)", "PEFT ties_svd (scaled)"], [ours["wall"], theirs["wall"]], color=["C0", "C1"])

@@ -149,3 +149,23 @@ def test_truncated_svd_stays_within_one_percent_on_hard_spectra(spectrum: str) -
     optimal = float(singular[16:].norm() / singular.norm())
     error = float((matrix.double() - b.double() @ a.double()).norm() / matrix.double().norm())
     assert error <= optimal * 1.01, (error, optimal)
+
+
+def test_results_written_into_reused_memory_are_the_fresh_ones() -> None:
+    """The backend hands a layer's dense results back for the next layer's: every entry is
+    written, nothing of the previous contents survives."""
+    pool = dense.Pool()
+    fresh = {
+        "ties": ties([low_rank(20), low_rank(21)], 0.3, "frequency"),
+        "prune": prune(low_rank(22), 0.1),
+        "dare": dare(low_rank(23), 0.4, 1, "layer"),
+    }
+    stale = torch.full(SHAPE, float("nan"))
+    pool.give([stale])
+    memory = pool.take(SHAPE, CPU)
+    assert memory is stale and pool.take(SHAPE, CPU) is not stale
+    assert torch.equal(ties([low_rank(20), low_rank(21)], 0.3, "frequency", out=memory), fresh["ties"])
+    assert torch.equal(prune(low_rank(22), 0.1, out=memory.fill_(float("nan"))), fresh["prune"])
+    assert torch.equal(dare(low_rank(23), 0.4, 1, "layer", out=memory.fill_(float("inf"))), fresh["dare"])
+    with pytest.raises(ValueError, match="out must be"):
+        prune(low_rank(22), 0.1, out=torch.empty(10, 10))

@@ -18,7 +18,7 @@ import hashlib
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 BLOCK = 1 << 18  # entries of an element-wise block on the CPU (1 MB in fp32: several fit a core's L2 and L3 share)
 PRODUCT_BLOCK = 1 << 20  # entries of a block of the range finder's products (larger: BLAS likes long panels)
-SAMPLED = 1 << 20  # from this many entries, a sample brackets prune's threshold
+SAMPLED = 1 << 18  # from this many entries, a sample brackets prune's threshold
 
 
 @contextlib.contextmanager
@@ -70,7 +70,16 @@ def parallel_map(work: Callable[[T], object], items: Sequence[T], workers: int) 
             _pool_size = workers
         pool = _pool
     with threads(1):
-        return list(pool.map(work, items))
+        return list(pool.map(lambda item: _one_thread(work, item), items))
+
+
+def _one_thread(work: Callable[[T], object], item: T) -> object:
+    """work(item) on a pool thread, with torch (OpenMP and MKL, whose counts are per thread) on one
+    thread there: a product split across threads rounds differently (seen on a 16-core machine)."""
+    if not getattr(_local, "one_thread", False):  # once per pool thread (the main one is in `threads(1)` now)
+        torch.set_num_threads(1)
+        _local.one_thread = True
+    return work(item)
 
 
 def each_block(work: Callable[[tuple[int, int]], T], spans: Sequence[tuple[int, int]], workers: int) -> list[T]:
@@ -155,17 +164,28 @@ class Rows:
             out.add_(value[start:stop], alpha=beta)
         return out
 
-    def at(self, flat: torch.Tensor) -> torch.Tensor:
-        """The entries at some flat (row-major) indices: for sampling; may round differently from
-        `block` in the last bit."""
-        rows, cols = flat // self.shape[1], flat % self.shape[1]
-        out = torch.zeros(len(flat), dtype=torch.float32, device=self.device)
+    def sample(self, count: int) -> torch.Tensor:
+        """About `count` entries spread over the whole matrix, for estimating its quantiles: every
+        row (every k-th when there are more rows than `count`) with its share of the columns, at
+        offsets that differ from row group to row group. The rows of a group of 8 share their
+        columns, so the low-rank part is a batched product of small blocks, not a gather per entry.
+        May round differently from `block` in the last bit."""
+        rows, cols = self.shape
+        row_index = torch.arange(0, rows, max(1, rows // count), device=self.device)
+        group = min(8, len(row_index))
+        groups = len(row_index) // group
+        row_index = row_index[:groups * group].view(groups, group)
+        per_row = max(1, min(cols, count // (groups * group)))
+        offsets = (torch.arange(groups, device=self.device) * 7919) % cols
+        spread = (torch.arange(per_row, device=self.device) * cols) // per_row
+        col_index = (offsets[:, None] + spread[None, :]) % cols  # groups × per_row
+        out = torch.zeros((groups, group, per_row), dtype=torch.float32, device=self.device)
         if self.low is not None:
             b, a = self.low
-            out += (b[rows] * a.T.contiguous()[cols]).sum(dim=1)
+            out += torch.bmm(b[row_index], a[:, col_index].permute(1, 0, 2))
         for beta, value in self.dense:
-            out += beta * value[rows, cols]
-        return out
+            out += beta * value[row_index[:, :, None], col_index[:, None, :]]
+        return out.view(-1)
 
     def whole(self, workers: int) -> torch.Tensor:
         """The whole matrix. A lone dense part of weight 1 is returned as is (not a copy)."""
@@ -178,6 +198,35 @@ class Rows:
 
         each_block(fill, blocks(self.shape, self.device), workers)
         return out
+
+
+def _result(shape: tuple[int, int], device: torch.device, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 {shape} tensor on {device}")
+    return out
+
+
+class Pool:
+    """Memory for dense results, handed back when a layer is done and reused by the next: a fresh
+    tensor of a layer's size costs a page fault per 4 kB the first time it is written (the
+    element-wise passes then spend a third of their time in the kernel). On a GPU torch's own
+    caching allocator does this."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.free: list[torch.Tensor] = []
+
+    def take(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        for index, tensor in enumerate(self.free):
+            if tuple(tensor.shape) == shape and tensor.device == device:
+                return self.free.pop(index)
+        return torch.empty(shape, dtype=torch.float32, device=device)
+
+    def give(self, tensors: Iterable[torch.Tensor]) -> None:
+        self.free = [t for t in tensors if t.device.type == "cpu"][:self.keep] + self.free
+        del self.free[self.keep:]
 
 
 # -- prune ---------------------------------------------------------------------------------------
@@ -222,11 +271,10 @@ def cuts(xs: Sequence[Rows], keep: int, workers: int) -> list[Cut]:
     spans = blocks(xs[0].shape, xs[0].device)
 
     def bracket(x: Rows) -> tuple[float, float]:
-        step = numel // (1 << 16)
-        sample = x.at(torch.arange(0, numel, step, device=x.device)).abs_()
+        sample = x.sample(1 << 16).abs_()
         size = len(sample)
         rank = size * keep / numel  # where the keep-th largest falls in the sample, from the top
-        margin = 8 * math.sqrt(rank + 1) + 16
+        margin = 6 * math.sqrt(rank + 1) + 16  # 6σ of the sample's count above it, and some
         low = float(torch.kthvalue(sample, max(1, size - int(rank + margin))).values)
         if rank <= margin:
             return low, math.inf
@@ -240,7 +288,7 @@ def cuts(xs: Sequence[Rows], keep: int, workers: int) -> list[Cut]:
         clamped = torch.clamp(magnitude, low, high, out=scratch("clamped", magnitude.shape, x.device))
         return over, magnitude[clamped == magnitude]  # low ≤ |x| ≤ high (never NaN)
 
-    bands: list[tuple[int, torch.Tensor] | None] = [None] * len(xs)
+    bands: list[tuple[int, list[torch.Tensor]] | None] = [None] * len(xs)  # (count above, band per block)
     if numel >= SAMPLED:
         brackets = parallel_map(bracket, xs, workers)
         # one task per (x, run of blocks): every thread busy however many xs there are
@@ -252,27 +300,37 @@ def cuts(xs: Sequence[Rows], keep: int, workers: int) -> list[Cut]:
                              tasks, workers)
         for i in range(len(xs)):
             mine = [part for task, found in zip(tasks, parts, strict=True) if task[0] == i for part in found]
-            above, band = sum(p[0] for p in mine), torch.cat([p[1] for p in mine])
-            if above < keep <= above + len(band):
-                bands[i] = (above, band)
+            above, pieces = sum(p[0] for p in mine), [p[1] for p in mine]
+            if above < keep <= above + sum(len(p) for p in pieces):
+                bands[i] = (above, pieces)
 
     def select(i: int) -> Cut:
         x = xs[i]
-        above, band = bands[i] or (0, torch.cat([x.block(*span).abs_().view(-1) for span in spans]))
+        above, pieces = bands[i] or (0, [x.block(*span).abs_().view(-1) for span in spans])
+        band = torch.cat(pieces)
         wanted = keep - above  # the wanted-th largest of the band
         threshold = torch.kthvalue(band, len(band) - wanted + 1).values
         excess = above + int(torch.count_nonzero(band >= threshold)) - keep  # equal to it, one too many
         drop = torch.zeros(0, dtype=torch.int64, device=x.device)
-        if excess > 0:  # equal magnitudes at the threshold: the last ones by position go
-            positions = torch.cat([torch.nonzero(x.block(*span).abs_().view(-1) == threshold, as_tuple=True)[0]
-                                   + span[0] * cols for span in spans])
+        if excess > 0:
+            # Equal magnitudes at the threshold: the last `excess` by position go. Only the last
+            # blocks holding such entries (the band says which) are formed again to find them.
+            found: list[torch.Tensor] = []
+            for span, piece in zip(reversed(spans), reversed(pieces), strict=True):
+                if sum(len(f) for f in found) >= excess:
+                    break
+                if bool((piece == threshold).any()):
+                    magnitude = x.block(*span).abs_().view(-1)
+                    found.insert(0, torch.nonzero(magnitude == threshold, as_tuple=True)[0] + span[0] * cols)
+            positions = torch.cat(found)
             drop = positions[len(positions) - excess:]
         return Cut(float(threshold), drop)
 
     return parallel_map(select, range(len(xs)), workers)
 
 
-def prune(x: torch.Tensor | Rows, density: float, *, workers: int | None = None) -> torch.Tensor:
+def prune(x: torch.Tensor | Rows, density: float, *, workers: int | None = None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the ⌈d·n⌉ entries largest in magnitude, zero the rest; among equal magnitudes at the
     threshold, the first by flat index are kept."""
     workers = workers or default_workers()
@@ -281,7 +339,7 @@ def prune(x: torch.Tensor | Rows, density: float, *, workers: int | None = None)
     if keep >= rows.numel:
         return rows.whole(workers).clone()
     (where,) = cuts([rows], keep, workers)
-    out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    out = _result(rows.shape, rows.device, out)
 
     def fill(span: tuple[int, int]) -> None:
         out[span[0]:span[1]] = where.apply(rows.block(*span), span[0] * rows.shape[1])
@@ -302,7 +360,8 @@ def layer_generator(seed: int, layer: str) -> torch.Generator:
     return generator
 
 
-def dare(x: torch.Tensor | Rows, p: float, seed: int, layer: str, *, workers: int | None = None) -> torch.Tensor:
+def dare(x: torch.Tensor | Rows, p: float, seed: int, layer: str, *, workers: int | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """Drop each entry with probability p (a mask drawn on the CPU from (seed, layer)) and scale the
     kept ones by 1/(1−p)."""
     workers = workers or default_workers()
@@ -310,7 +369,7 @@ def dare(x: torch.Tensor | Rows, p: float, seed: int, layer: str, *, workers: in
     if p == 0:
         return rows.whole(workers).clone()
     kept = (torch.rand(rows.shape, generator=layer_generator(seed, layer)) >= p).to(rows.device)
-    out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    out = _result(rows.shape, rows.device, out)
 
     def fill(span: tuple[int, int]) -> None:
         block = rows.block(*span).mul_(1 / (1 - p))
@@ -323,8 +382,8 @@ def dare(x: torch.Tensor | Rows, p: float, seed: int, layer: str, *, workers: in
 # -- ties ----------------------------------------------------------------------------------------
 
 
-def ties(xs: Sequence[torch.Tensor | Rows], density: float, sign: str, *, workers: int | None = None
-         ) -> torch.Tensor:
+def ties(xs: Sequence[torch.Tensor | Rows], density: float, sign: str, *, workers: int | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """TIES: trim each to density d; elect a sign per entry (of the sum, "total", or of the sum of
     signs, "frequency"); the mean of the trimmed values that are non-zero and agree with it. Block
     by block: each argument's block is computed, trimmed, voted on and averaged while in the cache."""
@@ -333,7 +392,7 @@ def ties(xs: Sequence[torch.Tensor | Rows], density: float, sign: str, *, worker
     shape, device = args[0].shape, args[0].device
     keep = keep_count(density, args[0].numel)
     trims: list[Cut | None] = list(cuts(args, keep, workers)) if keep < args[0].numel else [None] * len(args)
-    out = torch.empty(shape, dtype=torch.float32, device=device)
+    out = _result(shape, device, out)
 
     def fill(span: tuple[int, int]) -> None:
         size = (span[1] - span[0], shape[1])
@@ -351,13 +410,16 @@ def ties(xs: Sequence[torch.Tensor | Rows], density: float, sign: str, *, worker
                 votes.add_(vote)
         elected = votes.sign_()  # 0 where the vote ties: no value agrees with it
         total = out[span[0]:span[1]]
-        total.zero_()
-        count = scratch("count", size, device).zero_()
+        count = scratch("count", size, device)
         agree = scratch("agree", size, device)
-        for block in trimmed:
+        for number, block in enumerate(trimmed):
             torch.mul(block, elected, out=agree).gt_(0)  # 1.0 where non-zero and of the elected sign
-            total.addcmul_(block, agree)
-            count.add_(agree)
+            if number == 0:
+                torch.mul(block, agree, out=total)
+                count.copy_(agree)
+            else:
+                total.addcmul_(block, agree)
+                count.add_(agree)
         total.div_(count.clamp_(min=1))
 
     each_block(fill, blocks(shape, device), workers)
@@ -449,17 +511,18 @@ def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int
 Options = dict[str, float | str]
 
 
-def _prune(args: list[Rows], options: Options, layer: str, workers: int) -> torch.Tensor:
-    return prune(args[0], float(options["density"]), workers=workers)
+def _prune(args: list[Rows], options: Options, layer: str, workers: int, out: torch.Tensor) -> torch.Tensor:
+    return prune(args[0], float(options["density"]), workers=workers, out=out)
 
 
-def _dare(args: list[Rows], options: Options, layer: str, workers: int) -> torch.Tensor:
-    return dare(args[0], float(options["p"]), int(options["seed"]), layer, workers=workers)
+def _dare(args: list[Rows], options: Options, layer: str, workers: int, out: torch.Tensor) -> torch.Tensor:
+    return dare(args[0], float(options["p"]), int(options["seed"]), layer, workers=workers, out=out)
 
 
-def _ties(args: list[Rows], options: Options, layer: str, workers: int) -> torch.Tensor:
-    return ties(args, float(options["density"]), str(options["sign"]), workers=workers)
+def _ties(args: list[Rows], options: Options, layer: str, workers: int, out: torch.Tensor) -> torch.Tensor:
+    return ties(args, float(options["density"]), str(options["sign"]), workers=workers, out=out)
 
 
-KERNELS: dict[str, Callable[[list[Rows], Options, str, int], torch.Tensor]] = {
+# (arguments, options, layer key, threads, memory for the result) → the result, in that memory
+KERNELS: dict[str, Callable[[list[Rows], Options, str, int, torch.Tensor], torch.Tensor]] = {
     "prune": _prune, "dare": _dare, "ties": _ties}

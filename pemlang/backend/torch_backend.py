@@ -23,7 +23,7 @@ import torch
 
 from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, recursion_room, tensor_key
 from ..writer import sha256_file
-from .dense import KERNELS, Rows, magnitude, signed_factors, threads, truncated_svd
+from .dense import KERNELS, Pool, Rows, magnitude, signed_factors, threads, truncated_svd
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -302,6 +302,7 @@ class TorchBackend:
         self.device = torch.device(device)
         self.cache = cache
         self.threads = torch.get_num_threads()
+        self.pool = Pool()
 
     def run(self, plan: Plan, *, on_layer: Callable[[], None] | None = None, sink: Sink | None = None,
             hash_inputs: bool = False) -> tuple[list[dict[str, torch.Tensor]], RunReport]:
@@ -342,6 +343,7 @@ class TorchBackend:
                         if on_layer is not None and not isinstance(item, HeadStep):
                             on_layer()
                     inputs.next_layer()
+                    self.pool.give(v for v in svd_cache.values() if isinstance(v, torch.Tensor))  # dense results
                 if hash_inputs:
                     report.sha256 = inputs.digests()
             except _Stop:
@@ -454,7 +456,8 @@ class TorchBackend:
             # Not checked finite here: NaN and ±inf pass through the kernels into the result, which
             # svd checks before factorising it (one check, not one per argument).
             args = [self._rows(plan, arg, layer, shape, inputs, cache, index) for arg in call.args]
-            cache[(call.id, layer)] = KERNELS[call.op](args, call.options, layer, self.threads)
+            cache[(call.id, layer)] = KERNELS[call.op](args, call.options, layer, self.threads,
+                                                       self.pool.take(shape, self.device))
         return cache[(call.id, layer)]  # type: ignore[no-any-return]
 
     def _stack(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, inputs: _Inputs,
