@@ -377,15 +377,9 @@ def environment_line(device: str) -> str:
 
     import torch
 
-    try:
-        from importlib.metadata import version
-
-        pem_version = version("pemlang")
-    except Exception:  # noqa: BLE001
-        pem_version = "?"
     import pemlang
 
-    return (f"pemlang {pem_version} from `{Path(pemlang.__file__).parent}`, torch {torch.__version__}, "
+    return (f"pemlang {pemlang.__version__} from `{Path(pemlang.__file__).parent}`, torch {torch.__version__}, "
             f"Python {platform.python_version()}, {os.cpu_count()} CPUs, device {device}, "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
 

@@ -200,10 +200,21 @@ class Rows:
         return out
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: `cuda` is the current CUDA device (`cuda:0` when that is 0)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def _result(shape: tuple[int, int], device: torch.device, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty(shape, dtype=torch.float32, device=device)
-    if tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != device or not out.is_contiguous():
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or not same_device(out.device, device) \
+            or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp32 {shape} tensor on {device}")
     return out
 
@@ -220,7 +231,7 @@ class Pool:
 
     def take(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
         for index, tensor in enumerate(self.free):
-            if tuple(tensor.shape) == shape and tensor.device == device:
+            if tuple(tensor.shape) == shape and same_device(tensor.device, device):
                 return self.free.pop(index)
         return torch.empty(shape, dtype=torch.float32, device=device)
 
