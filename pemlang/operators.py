@@ -3,7 +3,7 @@
 An entry says everything about its function in one place: its signature and argument rules (what
 the checker enforces, with the diagnostics' wording), its type rule (low-rank in → low-rank out
 for `svd`; dense per layer for the element-wise merges), how it shows in the plan, and the name of
-the backend kernel that evaluates it per layer (`TorchBackend._kernel_<name>`). Adding a function
+the backend kernel that evaluates it per layer (`KERNELS` in backend/dense.py). Adding a function
 is adding an entry here and its kernel. All act on each layer's weight update ΔW = s·B·A, in
 exact mode, on LoRA modules ("Functions" in the README).
 """
