@@ -209,8 +209,8 @@ def _call_line(plan: Plan, call: CallStep) -> str:
                "thin QR of the stacked factors and an SVD of the small core")
         return f"per layer, {how}, truncated to rank {call.rank}"
     options = ", ".join(f"{k}={v}" for k, v in sorted(call.options.items()))
-    return (f"dense ΔW per layer ({options}); {_bytes(largest)} for the largest layer, "
-            f"{_bytes(largest * (len(call.args) + 1))} with its arguments' ΔW")
+    return (f"dense ΔW per layer ({options}); {_bytes(largest)} for the largest layer (arguments made of "
+            f"inputs are formed a block of rows at a time, never whole)")
 
 
 def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-def]

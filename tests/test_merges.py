@@ -251,3 +251,22 @@ def test_readme_ties_snippet_runs_as_printed(example_root: Path) -> None:
     assert status == 0, err.getvalue()
     for name in ("ties", "dare_ties", "pruned"):
         assert (example_root / "examples" / "out" / name / "adapter_model.safetensors").exists()
+
+
+def test_plan_shows_each_dense_node_and_its_memory_per_layer(adapters: Path, tmp_path: Path) -> None:
+    """`pemlang plan` (header-only) names each function node and the memory of its result at the
+    largest layer: fp32 out × in."""
+    text = "mode exact\n" + "".join(f'input {n} = "{adapters / d}"\n' for n, d in INPUTS.items()) + \
+        'output svd(ties(0.5*a, prune(b, density=0.5), density=0.2), rank=4) -> "out"\n'
+    path = tmp_path / "p.pem"
+    path.write_text(text, encoding="utf-8")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["plan", str(path)]) == 0
+    shapes = load_file(str(adapters / INPUTS["a"] / "adapter_model.safetensors"))
+    largest = max(shapes[k].shape[0] * shapes[k.replace("lora_B", "lora_A")].shape[1] * 4
+                  for k in shapes if k.endswith("lora_B.weight"))
+    text = " ".join(out.getvalue().split())
+    assert "prune#1 = prune(b, density=0.5): dense ΔW per layer (density=0.5)" in text, text
+    assert "ties#2 = ties(" in text and "sign=total" in text
+    assert text.count(f"{largest / 1024:.1f} KiB for the largest layer") == 2, text
