@@ -169,3 +169,36 @@ def test_results_written_into_reused_memory_are_the_fresh_ones() -> None:
     assert torch.equal(dare(low_rank(23), 0.4, 1, "layer", out=memory.fill_(float("inf"))), fresh["dare"])
     with pytest.raises(ValueError, match="out must be"):
         prune(low_rank(22), 0.1, out=torch.empty(10, 10))
+
+
+def test_the_mean_of_huge_agreeing_values_does_not_overflow() -> None:
+    """TIES' mean of values near fp32's largest is finite although their sum is not."""
+    x = low_rank(24).whole(1)
+    x = x * (2e38 / float(x.abs().max()))
+    assert torch.equal(ties([x, x], 0.3, "total"), prune(x, 0.3))
+    assert torch.isfinite(ties([x, 0.5 * x, x], 0.3, "frequency")).all()
+
+
+def test_svd_converges_whatever_the_scale() -> None:
+    """‖ΔW‖² is summed in fp64: for entries of 1e19 (squares beyond fp32) the range finder still
+    sees convergence and keeps iterating, the error stays the unit-scale one."""
+    generator = torch.Generator().manual_seed(25)
+    u, _ = torch.linalg.qr(torch.randn(700, 700, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(900, 700, generator=generator, dtype=torch.float64))
+    s = torch.where(torch.arange(700) < 170, 1.0, 0.9).double()
+    matrix = ((u * s) @ v.T).float()
+    singular = torch.linalg.svdvals(matrix.double())
+    optimal = float(singular[170:].norm() / singular.norm())
+    ratios = []
+    for scale in (1.0, 1e19):
+        a, b = truncated_svd(matrix * scale, 170, "layer")
+        error = float((matrix.double() * scale - b.double() @ a.double()).norm() / (matrix.double() * scale).norm())
+        ratios.append(error / optimal)
+    assert ratios[1] <= 1.01 and abs(ratios[1] - ratios[0]) < 1e-3, ratios
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_kernels_take_any_float_dtype(dtype: torch.dtype) -> None:
+    x = low_rank(26).whole(1).to(dtype)
+    assert torch.equal(prune(x, 0.2), prune(x.float(), 0.2))
+    assert torch.equal(ties([x, x], 0.2, "total"), ties([x.float(), x.float()], 0.2, "total"))

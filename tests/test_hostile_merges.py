@@ -151,3 +151,12 @@ def test_svd_factors_share_the_singular_values(adapters: Path, tmp_path: Path) -
     for key in [k for k in tensors if k.endswith("lora_A.weight")]:
         a, b = tensors[key].double(), tensors[key.replace("lora_A", "lora_B")].double()
         assert torch.allclose(a.norm(dim=1), b.norm(dim=0), rtol=1e-4), key
+
+
+def test_a_non_finite_input_that_dare_would_drop_is_still_reported(adapters: Path, tmp_path: Path) -> None:
+    """dare can drop every entry a NaN reaches; the input is still not finite: E014, nothing written."""
+    path = program(tmp_path / "p.pem", f'mode exact\ninput n = "{adapters}/llama_nan"\n'
+                                       'output svd(dare(n, p=0.99999, seed=2), rank=8) -> "o"\n')
+    status, _, err = cli("run", str(path), "--device", "cpu")
+    assert status == 1 and "error[E014]" in err and "v_proj" in err, err
+    assert not (tmp_path / "o").exists()

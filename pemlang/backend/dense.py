@@ -142,7 +142,7 @@ class Rows:
             return value
         if value.dim() != 2:
             raise ValueError(f"a weight update is a matrix, not shape {tuple(value.shape)}")
-        return cls((value.shape[0], value.shape[1]), value.device, dense=[(1.0, value)])
+        return cls((value.shape[0], value.shape[1]), value.device, dense=[(1.0, value.float())])
 
     @property
     def numel(self) -> int:
@@ -431,7 +431,14 @@ def ties(xs: Sequence[torch.Tensor | Rows], density: float, sign: str, *, worker
             else:
                 total.addcmul_(block, agree)
                 count.add_(agree)
-        total.div_(count.clamp_(min=1))
+        count.clamp_(min=1)
+        if math.isfinite(float(total.sum())):
+            total.div_(count)
+        else:  # the sum overflowed fp32 (or an argument is not finite): the mean, from an fp64 sum
+            exact = torch.zeros(size, dtype=torch.float64, device=device)
+            for block in trimmed:
+                exact.addcmul_(block.double(), torch.mul(block, elected).gt_(0).double())
+            total.copy_(exact.div_(count))
 
     each_block(fill, blocks(shape, device), workers)
     return out
@@ -503,8 +510,10 @@ def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int
         delta = delta / scale
     else:
         scale = 1.0
-    total = float(torch.linalg.vector_norm(delta)) ** 2
     spans = blocks((rows, cols), delta.device, PRODUCT_BLOCK)
+    # ‖ΔW‖² in fp64 (in fp32 the squares of entries above ~1e16 overflow and convergence would never be seen)
+    total = sum(each_block(lambda span: float(torch.linalg.vector_norm(delta[span[0]:span[1]], dtype=torch.float64)) ** 2,
+                           spans, workers))
     omega = torch.randn((cols, width), generator=layer_generator(0, layer), dtype=torch.float32).to(delta.device)
     basis, _ = torch.linalg.qr(_times(delta, omega, spans, workers).double())
     captured = -math.inf

@@ -444,6 +444,8 @@ class TorchBackend:
         factors = None
         if low:
             a, b = self._stack(plan, tuple(low), layer, inputs, cache, index)
+            # A function can hide a non-finite input (dare may drop the very entry): E014 here, not a finite result
+            inputs.stop_unless_finite([a, b], index, layer, "F32")
             factors = (b, a)
         return Rows(shape, self.device, factors, dense)
 
