@@ -3,8 +3,8 @@
     python benchmarks/ties.py [--size tinyllama|7b|70b-slice] [--device cpu|cuda] [--svd-sample-layers 1]
 
 The same three PEFT-format inputs as end_to_end.py. pemlang: `pemlang eval --mode exact --
-"svd(ties(0.5*a, 0.3*b, 0.2*c, density=0.2), rank=R)"` (no base model; per layer the dense ΔW of each
-input, the TIES merge, a randomised range finder). PEFT: load the base, the three adapters,
+"svd(ties(0.5*a, 0.3*b, 0.2*c, density=0.2), rank=R)"` (no base model; per layer the TIES merge,
+computed by blocks of rows from the inputs' factors, and a randomised range finder). PEFT: load the base, the three adapters,
 `add_weighted_adapter(combination_type="ties_svd", density=0.2, svd_rank=R)`, save. PEFT's route takes
 a full dense SVD per layer, so it runs for a sample of layers and its SVD time is scaled to all
 layers (as in end_to_end.py); its peak RSS is measured.

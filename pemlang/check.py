@@ -951,8 +951,11 @@ class Checker:
                 shown = self.source.snippet(raw.span)
                 if not isinstance(value, str) and value is not None and shown != _fmt(value):
                     shown += f" = {_fmt(value)}"  # a param, perhaps set by --set or a sweep
+                hints = usage
+                if option.kind == "choice" and not isinstance(raw, ast.Text) and shown in option.choices:
+                    hints = [f'a word is written in quotes: {option.name}="{shown}"', *usage]
                 self._error("E020", f"{op.name}() `{option.name}` must be {option.rule}", raw.span,
-                            notes=[f"it is {shown}"] if raw.span.end > raw.span.start else [], hints=usage)
+                            notes=[f"it is {shown}"] if raw.span.end > raw.span.start else [], hints=hints)
                 failed = True
                 continue
             options[option.name] = int(value) if option.kind in ("seed", "rank") and not isinstance(value, str) \

@@ -251,6 +251,13 @@ def test_readme_ties_snippet_runs_as_printed(example_root: Path) -> None:
     assert status == 0, err.getvalue()
     for name in ("ties", "dare_ties", "pruned"):
         assert (example_root / "examples" / "out" / name / "adapter_model.safetensors").exists()
+    # the README then says to run examples/ties_merge.pem: it writes elsewhere (no E018 without --force)
+    import re
+
+    example = (Path(__file__).resolve().parent.parent / "examples" / "ties_merge.pem").read_text(encoding="utf-8")
+    theirs = {os.path.normpath(f"examples/{d}") for d in re.findall(r'-> "([^"]+)"', example)}
+    ours = {os.path.normpath(d) for d in re.findall(r'-> "([^"]+)"', block)}
+    assert theirs and ours and not theirs & ours, theirs & ours
 
 
 def test_plan_shows_each_dense_node_and_its_memory_per_layer(adapters: Path, tmp_path: Path) -> None:
