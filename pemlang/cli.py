@@ -790,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "name for it; a warning says so)")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="the output adapter directory")
     evaluate.add_argument("--mode", choices=["paper", "exact"], default="paper",
-                          help="paper (the default: the paper's operators on the parameters A and B) or exact (on each layer's ΔW = B·A; svd, prune, dare and ties need it)")
+                          help="paper (the default: the paper's operators on the parameters A and B) or exact "
+                               "(on each layer's ΔW = B·A; svd, prune, dare and ties need it)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing output directory")
     evaluate.add_argument("--allow-pickle", action="store_true")
     evaluate.add_argument("--heads", type=_heads, default=None, metavar="drop|from NAME",
