@@ -202,3 +202,13 @@ def test_kernels_take_any_float_dtype(dtype: torch.dtype) -> None:
     x = low_rank(26).whole(1).to(dtype)
     assert torch.equal(prune(x, 0.2), prune(x.float(), 0.2))
     assert torch.equal(ties([x, x], 0.2, "total"), ties([x.float(), x.float()], 0.2, "total"))
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (3, 7), (1, 300_000)])
+def test_dare_is_the_mask_of_one_draw_of_the_whole_shape(shape: tuple[int, int]) -> None:
+    """The mask is drawn a block of rows at a time; it is the mask of one draw of the whole layer
+    from the (seed, layer) generator, as written out here (and as earlier versions drew it)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(27))
+    generator = dense.layer_generator(9, "model.layers.3.mlp.up_proj")
+    expected = torch.where(torch.rand(shape, generator=generator) >= 0.6, x * (1 / (1 - 0.6)), torch.zeros(()))
+    assert torch.equal(dare(x, 0.6, 9, "model.layers.3.mlp.up_proj"), expected)

@@ -379,7 +379,13 @@ def dare(x: torch.Tensor | Rows, p: float, seed: int, layer: str, *, workers: in
     rows = Rows.of(x)
     if p == 0:
         return rows.whole(workers).clone()
-    kept = (torch.rand(rows.shape, generator=layer_generator(seed, layer)) >= p).to(rows.device)
+    # The mask: uniform numbers drawn in row order from one generator, a block of rows at a time (the
+    # same numbers as one draw of the whole shape, without holding them all as floats at once).
+    generator = layer_generator(seed, layer)
+    kept = torch.empty(rows.shape, dtype=torch.bool)
+    for start, stop in blocks(rows.shape, torch.device("cpu")):
+        kept[start:stop] = torch.rand((stop - start, rows.shape[1]), generator=generator) >= p
+    kept = kept.to(rows.device)
     out = _result(rows.shape, rows.device, out)
 
     def fill(span: tuple[int, int]) -> None:
