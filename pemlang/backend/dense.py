@@ -82,14 +82,18 @@ def _one_thread(work: Callable[[T], object], item: T) -> object:
     return work(item)
 
 
+def runs_of(spans: Sequence[tuple[int, int]], count: int) -> list[Sequence[tuple[int, int]]]:
+    """The blocks cut into `count` contiguous runs of (nearly) equal length, in order."""
+    count = max(1, min(count, len(spans)))
+    bounds = [len(spans) * i // count for i in range(count + 1)]
+    return [spans[bounds[i]:bounds[i + 1]] for i in range(count)]
+
+
 def each_block(work: Callable[[tuple[int, int]], T], spans: Sequence[tuple[int, int]], workers: int) -> list[T]:
     """work(span) for every block, in order: each thread takes a contiguous run of blocks (a
     handful of hand-offs between threads per pass, not one per block)."""
-    runs = min(workers, len(spans))
-    bounds = [len(spans) * i // runs for i in range(runs + 1)]
-    groups = [spans[bounds[i]:bounds[i + 1]] for i in range(runs)]
-    return [r for group in parallel_map(lambda group: [work(span) for span in group], groups, workers)
-            for r in group]
+    return [r for run in parallel_map(lambda run: [work(span) for span in run], runs_of(spans, workers), workers)
+            for r in run]
 
 
 _local = threading.local()
@@ -303,9 +307,8 @@ def cuts(xs: Sequence[Rows], keep: int, workers: int) -> list[Cut]:
     if numel >= SAMPLED:
         brackets = parallel_map(bracket, xs, workers)
         # one task per (x, run of blocks): every thread busy however many xs there are
-        runs = max(1, workers // len(xs) + (workers % len(xs) > 0))
-        bounds = [len(spans) * i // runs for i in range(runs + 1)]
-        tasks = [(i, spans[bounds[r]:bounds[r + 1]]) for i in range(len(xs)) for r in range(runs)]
+        runs = runs_of(spans, -(-workers // len(xs)))
+        tasks = [(i, run) for i in range(len(xs)) for run in runs]
         parts = parallel_map(lambda task: [gather(xs[task[0]], brackets[task[0]][0], brackets[task[0]][1], span)
                                           for span in task[1]],
                              tasks, workers)
@@ -487,13 +490,22 @@ def magnitude(delta: torch.Tensor) -> float:
     return float(torch.maximum(-low, high))
 
 
+def _squared_norm(block: torch.Tensor) -> float:
+    """‖block‖², summed in fp32 (a tenth of fp64's time), or in fp64 where fp32's squares would
+    overflow (entries above ~1e16: convergence would never be seen) or lose the small ones."""
+    norm = float(torch.linalg.vector_norm(block))
+    if not 1e-10 < norm < 1e15:
+        norm = float(torch.linalg.vector_norm(block, dtype=torch.float64))
+    return norm * norm
+
+
 EXACT = 128  # a layer with a side this short is factorised exactly (a dense SVD costs little there)
 MIN_POWER, MAX_POWER = 2, 8  # power iterations of the range finder
 CONVERGED = 1e-3  # stop once an iteration adds less than this share of the remaining error² to the captured energy
 
 
 def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int = 10,
-                  workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  workers: int | None = None, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with B·A the best rank-`rank` approximation of a dense ΔW (within a small fraction of
     the optimal error): a randomised range finder (Halko, Martinsson & Tropp 2011) with power
     iterations, re-orthonormalised each time, then an exact SVD of the small projection. It
@@ -501,10 +513,10 @@ def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int
     (at least MIN_POWER, at most MAX_POWER times): each iteration's projection QᵀΔ is the product
     the next one starts from, so watching it costs one small SVD. Small layers are factorised
     exactly. The test matrix comes from (layer) on the CPU, so the result does not depend on the
-    device's random numbers. `delta` is not changed."""
+    device's random numbers. `delta` is not changed; `scale` is its `magnitude` when the caller has it."""
     workers = workers or default_workers()
     rows, cols = delta.shape
-    scale = magnitude(delta)
+    scale = magnitude(delta) if scale is None else scale
     if scale == 0:
         return torch.zeros((rank, cols), device=delta.device), torch.zeros((rows, rank), device=delta.device)
     width = min(rows, cols, rank + max(rank, oversample))
@@ -517,9 +529,7 @@ def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int
     else:
         scale = 1.0
     spans = blocks((rows, cols), delta.device, PRODUCT_BLOCK)
-    # ‖ΔW‖² in fp64 (in fp32 the squares of entries above ~1e16 overflow and convergence would never be seen)
-    total = sum(each_block(lambda span: float(torch.linalg.vector_norm(delta[span[0]:span[1]], dtype=torch.float64)) ** 2,
-                           spans, workers))
+    total = sum(each_block(lambda span: _squared_norm(delta[span[0]:span[1]]), spans, workers))  # ‖ΔW‖²
     omega = torch.randn((cols, width), generator=layer_generator(0, layer), dtype=torch.float32).to(delta.device)
     basis, _ = torch.linalg.qr(_times(delta, omega, spans, workers).double())
     captured = -math.inf

@@ -455,8 +455,8 @@ class TorchBackend:
         arguments' ΔW (operators.OPERATORS; kernels in dense.py)."""
         if (call.id, layer) not in cache:
             shape = call.layer_shapes[layer]
-            # Not checked finite here: NaN and ±inf pass through the kernels into the result, which
-            # svd checks before factorising it (one check, not one per argument).
+            # The inputs' factors are checked finite as `_rows` stacks them; the kernels' dense
+            # results are checked once, by svd, before it factorises them.
             args = [self._rows(plan, arg, layer, shape, inputs, cache, index) for arg in call.args]
             cache[(call.id, layer)] = KERNELS[call.op](args, call.options, layer, self.threads,
                                                        self.pool.take(shape, self.device))
@@ -512,9 +512,10 @@ class TorchBackend:
             raise AssertionError("lowering gives svd sources only to layers they contribute to")
         if any(t.source in plan.calls and plan.calls[t.source].dense for t in terms):
             delta = self._rows(plan, terms, layer, svd.layer_shapes[layer], inputs, cache, index).whole(self.threads)
-            if not math.isfinite(magnitude(delta)):
+            scale = magnitude(delta)  # NaN or inf unless every entry is finite
+            if not math.isfinite(scale):
                 inputs.stop_unless_finite([delta], index, layer, "F32")
-            return truncated_svd(delta, rank, layer, workers=self.threads)
+            return truncated_svd(delta, rank, layer, workers=self.threads, scale=scale)
         a, b = self._stack(plan, terms, layer, inputs, cache, index)
         inputs.stop_unless_finite([a, b], index, layer, "F32")  # a factorisation of NaN would only crash
         # In float64 (on the CPU with one thread, see `run`), then rounded to fp32; signs are fixed
