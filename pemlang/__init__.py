@@ -3,10 +3,9 @@
 Importing the package is cheap: torch is imported only by the backend, when tensors are read.
 """
 
-__version__ = "0.1.0"
+from .about import __version__ as __version__
 
-
-_API = {"compile": "api", "load": "api", "Program": "api", "CompileError": "api", "Evaluation": "api",
+_API = {"compile": "api", "load": "api", "Program": "api", "CompileError": "diagnostics", "Evaluation": "api",
         "from_config": "api", "PemConfig": "config",
         "PemError": "diagnostics", "Diagnostic": "diagnostics"}
 

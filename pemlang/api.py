@@ -25,11 +25,13 @@ from typing import Any
 
 from . import ast
 from .adapters import Adapter, read_adapter
-from .check import CheckedProgram, Checker, Mode, Override, check_parsed, default_base_dir, is_name
-from .diagnostics import Diagnostic, PemError, render
+from .check import Checker, check_parsed, default_base_dir, is_name
+from .checked import CheckedProgram, Mode, Override
+from .diagnostics import CompileError, Diagnostic, PemError
 from .parser import parse_expression, parse_program
 from .plan import Plan, dtype_name
-from .source import Source, Span, read_source, source_from_text
+from .source import Source, Span, source_from_text
+from .sourcefiles import read_source
 
 
 class AdapterCache:
@@ -58,17 +60,6 @@ class AdapterCache:
             except OSError:
                 stamp += [0, -1]
         return tuple(stamp)
-
-
-def format_diagnostics(diagnostics: Iterable[Diagnostic]) -> str:
-    return "\n\n".join(render(d) for d in diagnostics)
-
-
-class CompileError(PemError):
-    """A program with errors: `str(error)` is the rendered diagnostics."""
-
-    def __str__(self) -> str:
-        return format_diagnostics(self.diagnostics)
 
 
 Frontend = Callable[[Sequence[Override], AdapterCache], CheckedProgram]

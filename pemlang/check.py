@@ -2,6 +2,7 @@
 
 Every module-valued expression is typed as a linear form over its sources (the inputs, and the
 results of `svd(...)`): per source the coefficients alpha and beta of SPEC §2. Scalars fold here.
+The values it builds, and the CheckedProgram it returns, are defined in checked.py.
 The checker reads adapter signatures only (config + safetensors header), never tensor data.
 """
 
@@ -11,25 +12,41 @@ import difflib
 import errno
 import functools
 import heapq
-import itertools
 import json
 import math
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 from . import ast
 from .adapters import Adapter, AdapterError, config_owner, read_adapter, task_of
+from .checked import (
+    MODES,
+    POISON,
+    CallRef,
+    CheckedOutput,
+    CheckedProgram,
+    Entry,
+    InputRef,
+    Mode,
+    ModuleValue,
+    Override,
+    Poison,
+    ScalarValue,
+    Spelling,
+    Term,
+    Value,
+    spell_heads,
+    spell_mode,
+)
 from .diagnostics import Diagnostic, display_path, error, warning
 from .operators import FUNCTIONS, OPERATORS, Operator
-from .source import Source, Span, read_source
+from .source import Source, Span
+from .sourcefiles import read_source
 from .types import BaseModelRef, Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
 
-Mode = Literal["paper", "exact"]
-MODES: tuple[Mode, ...] = ("paper", "exact")
 KEYWORDS = ("input", "param", "output", "mode", "heads")
 NAME_PATTERN = r"[^\W\d]\w*"  # the grammar's NAME
 
@@ -39,189 +56,6 @@ def is_name(text: object) -> bool:
     not a keyword or function."""
     return (isinstance(text, str) and re.fullmatch(NAME_PATTERN, text) is not None
             and text not in KEYWORDS and text not in FUNCTIONS)
-_call_ids = itertools.count(1)
-
-
-# -- values -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class InputRef:
-    """A term's source: one input adapter, by name."""
-
-    name: str
-
-    def describe(self) -> str:
-        return self.name
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class CallRef:
-    """A term's source: a function's result (`svd`, `prune`, `dare`, `ties`; see operators.py)
-    over module arguments, with its options (`rank`, `density`…).
-
-    Compared by identity: each call is its own source."""
-
-    op: str
-    args: tuple[ModuleValue, ...]
-    options: tuple[tuple[str, float | str], ...]
-    id: int = field(default_factory=lambda: next(_call_ids))
-    text: str = field(default="f(...)", compare=False)
-
-    def describe(self) -> str:
-        return self.text
-
-    def option(self, name: str) -> float | str:
-        return dict(self.options)[name]
-
-    @property
-    def dense(self) -> bool:
-        """Whether the result is a dense ΔW per layer (the element-wise merges)."""
-        return OPERATORS[self.op].dense
-
-
-TermSource = InputRef | CallRef
-
-
-@dataclass(frozen=True, slots=True)
-class Term:
-    """`alpha` scales A (paper mode); `beta` scales B, (IA)3 offsets and heads (SPEC §2)."""
-
-    source: TermSource
-    alpha: float
-    beta: float
-
-
-@dataclass(frozen=True)
-class ScalarValue:
-    value: float
-
-
-@dataclass(frozen=True)
-class ModuleValue:
-    """A linear form Σ (alpha_i, beta_i) · source_i, and its module type."""
-
-    terms: tuple[Term, ...]
-    type: ModuleType
-
-    @property
-    def label(self) -> str:
-        """A name to speak of this value by in notes: its first source."""
-        return self.terms[0].source.describe() if self.terms else "0"
-
-    def scaled(self, factor: float) -> ModuleValue:
-        """λ·(A, B) = (λA, λB) (SPEC §2.1)."""
-        return ModuleValue(tuple(Term(t.source, t.alpha * factor, t.beta * factor) for t in self.terms),
-                           self.type)
-
-    def negated(self) -> ModuleValue:
-        """⊖(A, B) = (A, −B): alpha is kept, beta changes sign (SPEC §2.1)."""
-        return ModuleValue(tuple(Term(t.source, t.alpha, -t.beta) for t in self.terms), self.type)
-
-    def plus(self, other: ModuleValue, combined: ModuleType) -> ModuleValue:
-        """(A1, B1) ⊕ (A2, B2): coefficients add; a source that occurs twice is one term."""
-        merged: dict[TermSource, Term] = {}
-        for term in self.terms + other.terms:
-            if term.source in merged:
-                old = merged[term.source]
-                merged[term.source] = Term(term.source, old.alpha + term.alpha, old.beta + term.beta)
-            else:
-                merged[term.source] = term
-        return ModuleValue(tuple(merged.values()), combined)
-
-    def input_betas(self) -> dict[str, float]:
-        """beta per input, with function results expanded into the inputs they came from (a
-        function of several modules counts as their sum)."""
-        betas: dict[str, float] = {}
-        for term in self.terms:
-            if isinstance(term.source, InputRef):
-                betas[term.source.name] = betas.get(term.source.name, 0.0) + term.beta
-            else:
-                for arg in term.source.args:
-                    for name, inner in arg.input_betas().items():
-                        betas[name] = betas.get(name, 0.0) + term.beta * inner
-        return betas
-
-    @property
-    def dense(self) -> bool:
-        """Whether this value holds a dense ΔW per layer (a merge not yet reduced by `svd`)."""
-        return any(isinstance(t.source, CallRef) and t.source.dense for t in self.terms)  # whatever its coefficient
-
-
-class Poison:
-    """The value of an expression whose error was already reported (stops cascades)."""
-
-
-POISON = Poison()
-Value = ScalarValue | ModuleValue | Poison
-
-
-@dataclass
-class Entry:
-    """A name in scope."""
-
-    kind: Literal["input", "param", "binding"]
-    value: Value
-    span: Span
-    used: bool = False
-    source: Source | None = None  # where the name was defined, when not the program (eval's --input)
-
-
-@dataclass(frozen=True)
-class Override:
-    """A `--set NAME=VALUE` from the command line, with its own source for diagnostics."""
-
-    name: str
-    value: float
-    source: Source
-    what: str = "--set"  # how the user gave it, for messages: `--set`, `params`
-
-
-# Where the program came from, for hints that name a setting: a .pem file or config ("program"),
-# `pemlang eval`'s options ("cli"), or `pemlang.compile(expression)`'s arguments ("api").
-Spelling = Literal["program", "cli", "api"]
-_SPELLINGS = {"program": ("`mode {}`", "`heads {}`"), "cli": ("`--mode {}`", "`--heads \"{}\"`"),
-              "api": ("`mode=\"{}\"`", "`heads=\"{}\"`")}
-
-
-def spell_mode(spelling: Spelling, value: str = "exact") -> str:
-    """`mode exact` as the user would write it where the program came from."""
-    return _SPELLINGS[spelling][0].format(value)
-
-
-def spell_heads(spelling: Spelling, value: str) -> str:
-    """`heads from NAME` / `heads drop` as the user would write it where the program came from."""
-    return _SPELLINGS[spelling][1].format(value)
-
-
-@dataclass(frozen=True)
-class CheckedOutput:
-    name: str | None
-    expression: str
-    path: Path | None  # None: evaluated to tensors only (the Python API)
-    value: ModuleValue
-    span: Span
-    expr_span: Span | None = None
-
-
-@dataclass(frozen=True)
-class CheckedProgram:
-    """The typed program: what lowering needs, and every diagnostic found."""
-
-    source: Source
-    mode: Mode
-    inputs: dict[str, Adapter]
-    params: dict[str, float]
-    outputs: tuple[CheckedOutput, ...]
-    heads: ast.HeadsStmt | None
-    diagnostics: tuple[Diagnostic, ...]
-    input_written: dict[str, str] = field(default_factory=dict)  # paths as the program wrote them
-    input_spans: dict[str, tuple[Source, Span]] = field(default_factory=dict)
-    spelling: Spelling = "program"
-
-    @property
-    def ok(self) -> bool:
-        return not any(d.is_error for d in self.diagnostics)
 
 
 # difflib compares a name with every candidate; over more than this many candidates, a cheap

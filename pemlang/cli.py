@@ -24,13 +24,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .about import ISSUES_URL, __version__
 from .backend import DEVICE_FORMS, DEVICE_PATTERN  # light: torch is imported only to run
 from .diagnostics import Diagnostic, PemError, emit, error, summary
-from .source import CONFIG_SUFFIXES, Source, Span, read_source
+from .display import LayerProgress, TrialTable, print_tune_result
+from .source import CONFIG_SUFFIXES, Source, Span
+from .sourcefiles import read_source
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
-ISSUES_URL = "https://github.com/pemlang/pemlang/issues"
 
 
 class UsageError(Exception):
@@ -39,7 +40,7 @@ class UsageError(Exception):
 
 def parse_set(text: str):  # type: ignore[no-untyped-def]
     """`NAME=VALUE` from `--set` → an Override, or a diagnostic pointing into the argument."""
-    from .check import Override
+    from .checked import Override
 
     source = Source(text, "--set")
     name, sep, value = text.partition("=")
@@ -221,7 +222,7 @@ def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignor
     plan = lower(checked, dtype=args.dtype)
     total = sum(len(out.layers) for out in plan.outputs)
     try:
-        with _progress(total) as advance:
+        with LayerProgress(total) as advance:
             result = stream(checked, device=args.device or "auto", dtype=args.dtype, force=args.force,
                             on_layer=advance, plan=plan)
     except ValueError as exc:  # an unusable --device
@@ -236,29 +237,6 @@ def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignor
     device = result.device_note.removeprefix("device: ").split(" ")[0]
     print(f"{len(plan.outputs)} output{'s' if len(plan.outputs) != 1 else ''} in {result.seconds:.2f} s on {device}")
     return EXIT_OK
-
-
-class _progress:
-    """A rich progress bar on stderr when it is a terminal and the run is long enough to watch."""
-
-    def __init__(self, total: int):
-        self.total = total
-        self.bar = None
-
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        if sys.stderr.isatty() and self.total >= 16:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                transient=True, console=__import__("rich.console").console.Console(stderr=True))
-            self.bar.start()
-            task = self.bar.add_task("layers", total=self.total)
-            return lambda: self.bar.advance(task)  # type: ignore[union-attr]
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 DEFAULT_MAX_POINTS = 1000
@@ -382,7 +360,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         _report(program.warnings)
         written = 0
         # Every point is checked, and every directory guarded, before anything is computed.
-        with _progress(len(points)) as advance:
+        with LayerProgress(len(points)) as advance:
             for _ in program.sweep(grid, save=True, force=args.force):
                 written += len(program.checked.outputs)
                 if advance is not None:
@@ -398,93 +376,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     names = ", ".join(f"{k} = {v[0]:g}…{v[-1]:g} ({len(v)} values)" for k, v in grid.items())
     print(f"wrote {written} adapters ({len(points)} points: {names}) in {time.perf_counter() - start:.2f} s")
     return EXIT_OK
-
-
-class _TrialTable:
-    """Trials as they finish: a live rich table on a terminal, else one line per trial."""
-
-    def __init__(self, names: Sequence[str], objective: str, *, live: bool = True, quiet_errors: bool = False):
-        self.names = list(names)
-        self.quiet_errors = quiet_errors  # --fail-fast: the error diagnostic says it once
-        from .tune import objective_label
-
-        self.label = objective_label(objective)
-        self.rows: list[dict[str, Any]] = []
-        self.live: Any = None
-        if not live:
-            return
-        if sys.stdout.isatty():
-            from rich.live import Live
-
-            self.live = Live(self._table(), refresh_per_second=4, transient=False)
-            self.live.start()
-        else:
-            print(self._line(["trial", *self.names, self.label, "seconds"]), flush=True)
-
-    def _table(self, rows: Sequence[dict[str, Any]] | None = None, best: int | None = None) -> Any:
-        from rich.table import Table
-
-        table = Table(box=None, header_style="bold")
-        for column in ["trial", *self.names, self.label, "seconds"]:
-            table.add_column(column, justify="right")
-        for row in (self.rows[-30:] if rows is None else rows):
-            table.add_row(*self._cells(row), style="bold green" if row["number"] == best else None)
-        return table
-
-    def _cells(self, row: dict[str, Any]) -> list[str]:
-        value = f"{row['value']:.6g}" if row["value"] is not None else row["state"]
-        seconds = f"{row['seconds']:.2f}" if row.get("seconds") is not None else "-"
-        return [str(row["number"]), *(f"{row['params'].get(n, float('nan')):.6g}" for n in self.names), value, seconds]
-
-    @staticmethod
-    def _line(cells: Sequence[str]) -> str:
-        return "".join(cell.rjust(6 if i == 0 else 12) for i, cell in enumerate(cells))
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if self.live is not None:
-            self.live.update(self._table())
-        else:
-            print(self._line(self._cells(row)), flush=True)
-        if row.get("error") and not self.quiet_errors:
-            from .tune import format_params
-
-            print(f"  trial {row['number']} failed at {format_params(row['params'])}: {row['error']}", file=sys.stderr,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.stop()
-            self.live = None
-
-    def show(self, rows: Sequence[dict[str, Any]], best: int | None) -> None:
-        """Every trial at once (`--show`)."""
-        from rich.console import Console
-
-        Console(highlight=False).print(self._table(rows, best))
-
-
-def _print_result(result: Any, names: Sequence[str]) -> None:
-    from .tune import format_params
-
-    complete = sum(t["state"] == "complete" for t in result.trials)
-    failed = sum(t["state"] == "fail" for t in result.trials)
-    line = f"{complete} trial{'s' if complete != 1 else ''} complete" + (f", {failed} failed" if failed else "")
-    print(line)
-    if result.best_params is None:
-        return
-    from .tune import objective_label
-
-    label = objective_label(result.objective)
-    print(f"best: {format_params(result.best_params)}  {label} = {result.best_value:.6g}  (trial {result.best_number}, "
-          f"{result.direction}d)")
-    if result.plot is not None:
-        print(f"plot: {result.plot}")
-    elif getattr(result, "plot_note", None):
-        print(result.plot_note, file=sys.stderr)
-    if result.study is not None:
-        print(f"study: {result.study}  (`pemlang tune --show {result.study}` prints it again; the same command "
-              "resumes it)")
 
 
 def cmd_tune_show(args: argparse.Namespace) -> int:
@@ -504,10 +395,10 @@ def cmd_tune_show(args: argparse.Namespace) -> int:
     settings = study.user_attrs.get("pemlang", {})
     names = [s.partition("=")[0] for s in settings.get("space", [])] or sorted({k for t in result.trials for k in t["params"]})
     print(f"{path}: {result.objective}, {result.direction}d over {', '.join(settings.get('space', names))}")
-    _TrialTable(names, result.objective, live=False).show(result.trials, result.best_number)
+    TrialTable(names, result.objective, live=False).show(result.trials, result.best_number)
     if result.trials:
         result.plot, result.plot_note = plot_beside(result, path, names)
-    _print_result(result, names)
+    print_tune_result(result, names)
     return EXIT_OK
 
 
@@ -550,7 +441,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if use_ray and ray_address is None:
         ray_address = os.environ.get("RAY_ADDRESS") or None
     study = Path(args.study) if args.study else Path(args.file).with_suffix(".tune.db")
-    table: _TrialTable | None = None
+    table: TrialTable | None = None
     try:
         if is_config:
             program = from_config(args.file, key=args.key, params=fixed, device=args.device,
@@ -580,7 +471,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         def row(trial: dict[str, Any]) -> None:
             nonlocal table
             if table is None:
-                table = _TrialTable(names, labels[-1] if labels else "value", quiet_errors=args.fail_fast)
+                table = TrialTable(names, labels[-1] if labels else "value", quiet_errors=args.fail_fast)
             table.add(trial)
 
         result = tune(program, options, on_trial=row, on_start=started)
@@ -594,7 +485,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     finally:
         if table is not None:
             table.close()
-    _print_result(result, names)
+    print_tune_result(result, names)
     for path in result.saved:
         print(f"wrote {path} (the best point; how it was chosen is in its provenance: pemlang inspect {path})")
     if result.best_params is None:

@@ -33,7 +33,8 @@ from pydantic_core import PydanticCustomError
 from .backend import DEVICE_FORMS, DEVICE_PATTERN
 from .check import KEYWORDS, NAME_PATTERN
 from .diagnostics import Diagnostic, PemError, error
-from .source import CONFIG_SUFFIXES, Source, Span, read_source
+from .source import CONFIG_SUFFIXES, Source, Span
+from .sourcefiles import read_source
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
 
@@ -603,7 +604,8 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
                  require_output: bool = True, writes: bool = True) -> Any:
     """Type-check a config block: a CheckedProgram whose diagnostics point into the config file."""
     from . import ast
-    from .check import Checker, Override
+    from .check import Checker
+    from .checked import Override
     from .parser import parse_expression, parse_program
 
     config, host = located.config, located.host

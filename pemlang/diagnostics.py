@@ -182,6 +182,19 @@ def render(diag: Diagnostic) -> str:
     return "\n".join("".join(text for text, _ in line).rstrip() for line in _segments(diag))
 
 
+def format_diagnostics(diagnostics: Iterable[Diagnostic]) -> str:
+    """Diagnostics rendered as on the command line, a blank line between them."""
+    return "\n\n".join(render(d) for d in diagnostics)
+
+
+class CompileError(PemError):
+    """A program with errors (raised by the API, caught by the tuner and the CLI): `str(error)` is
+    the rendered diagnostics."""
+
+    def __str__(self) -> str:
+        return format_diagnostics(self.diagnostics)
+
+
 def summary(diagnostics: Iterable[Diagnostic]) -> str | None:
     """`2 errors, 1 warning` — or None when there is nothing to report."""
     diags = list(diagnostics)

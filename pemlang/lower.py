@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from .adapters import config_owner
-from .check import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
+from .checked import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
 from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key, recursion_room
 from .types import Ia3Layer, LoraLayer
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .adapters import Adapter
+from .formatting import compact_indices, human_bytes
 
 LayerOp = Literal["paper", "concat", "ia3"]
 PEFT_PREFIX = "base_model.model."
@@ -192,8 +193,6 @@ def _number(x: float) -> str:
 
 
 def _bytes(n: int) -> str:
-    from .inspection import human_bytes
-
     return human_bytes(n)
 
 
@@ -221,7 +220,6 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
     from rich.markup import escape
     from rich.table import Table
 
-    from .inspection import compact_indices
 
     console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     console.print(f"[bold]plan[/bold] for {escape(plan.filename)}: mode {plan.mode}"

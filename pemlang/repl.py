@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import ast
+from .about import ISSUES_URL, __version__
 from .api import AdapterCache
-from .check import POISON, CheckedProgram, Checker, ModuleValue, Override, ScalarValue, Value, did_you_mean
+from .check import Checker, did_you_mean
+from .checked import POISON, CheckedProgram, ModuleValue, Override, ScalarValue, Value
 from .diagnostics import Diagnostic, PemError, emit, error
 from .operators import FUNCTIONS
 from .parser import parse_expression, parse_program
-from .source import Source, Span, read_source
+from .source import Source, Span
+from .sourcefiles import read_source
 
 PROMPT, CONTINUATION = "pem> ", "...  "
 KEYWORDS = ("input", "param", "output", "mode", "heads", "from", "drop", "paper", "exact")
@@ -125,9 +128,6 @@ class Session:
         try:
             return self._handle(text)
         except Exception as exc:
-            from . import __version__
-            from .cli import ISSUES_URL
-
             self.failed = True
             self.say(f"internal error: {type(exc).__name__}: {exc}\n"
                      f"This is a bug in pemlang {__version__}, not in your input. Please report it at {ISSUES_URL} "

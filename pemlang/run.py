@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .check import CheckedProgram, spell_mode
+from .checked import CheckedProgram, spell_mode
 from .diagnostics import Diagnostic, PemError, display_path, error, warning
+from .formatting import human_bytes
+from .hashing import sha256_file
 from .lower import lower
 from .plan import OutputPlan, Plan
 
@@ -170,7 +172,7 @@ def write_outputs(result: RunResult, *, force: bool = False) -> list[Path]:
     Every destination passes the writer's guard before any is written (raises WriteError, a
     PemError with E018 diagnostics). Each output is atomic by itself; a kill between two outputs
     can leave the earlier ones complete and the later ones absent (or as they were)."""
-    from .writer import guard, metadata, sha256_file, write_adapter
+    from .writer import guard, metadata, write_adapter
 
     outputs = [(out, tensors) for out, tensors in zip(result.plan.outputs, result.tensors, strict=True)
                if out.path is not None]
@@ -188,8 +190,6 @@ def write_outputs(result: RunResult, *, force: bool = False) -> list[Path]:
 
 def summary_line(out: OutputPlan) -> str:
     """`out/yelp_cls: LoRA r=8, 8 layers, 28.5 KiB F32` — one output, for the run summary."""
-    from .inspection import human_bytes
-
     ranks = sorted({step.rank for step in out.layers})
     kind = ("LoRA r=" + ("/".join(map(str, ranks)) if len(ranks) <= 3 else f"{ranks[0]}…{ranks[-1]}")
             if out.kind == "lora" else "(IA)3")

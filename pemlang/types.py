@@ -19,6 +19,9 @@ Kind = Literal["lora", "ia3"]
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# The float dtypes by their torch names: the backend's table of torch dtypes, and the writer's way
+# back from a tensor to its safetensors name, both come from this one (neither imports the other).
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 # A snapshot directory of the Hugging Face cache: …/models--org--name/snapshots/<commit sha>[/…]

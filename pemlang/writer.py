@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import math
 import os
@@ -33,10 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, interrupts
+from . import interrupts
+from .about import __version__
 from .adapters import CONFIG_NAME, WEIGHTS_NAME
 from .diagnostics import Diagnostic, PemError, display_path, error
+from .formatting import human_bytes
 from .plan import DTYPE_BYTES, OutputPlan, Plan, output_inputs
+from .types import TORCH_DTYPE_NAMES
 
 # What a writer leaves beside the destination while it works: `.NAME.PID-RANDOM.pemlang-tmp`
 # (staging) and `.NAME.PID-RANDOM.pemlang-old` (an old directory on its way out).
@@ -62,15 +64,6 @@ class OutputExists(PemError):
 
 class WriteError(PemError):
     """A destination that cannot be written (E018): refused by the guard, or an OS error while writing."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """The sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 CARD_NAME = "README.md"
@@ -210,10 +203,9 @@ def tensor_bytes(tensor: Any) -> memoryview:
 
 
 def tensor_dtype(tensor: Any) -> str:
-    """A tensor's safetensors dtype name (`F32`…): the backend's table, read backwards."""
-    from .backend.torch_backend import TORCH_DTYPES
-
-    return next(name for name, dtype in TORCH_DTYPES.items() if dtype == tensor.dtype)
+    """A tensor's safetensors dtype name (`F32`…): the table of torch names, read backwards."""
+    torch_name = str(tensor.dtype).removeprefix("torch.")
+    return next(name for name, candidate in TORCH_DTYPE_NAMES.items() if candidate == torch_name)
 
 
 # -- the guard: every write is checked here first ---------------------------------------------------
@@ -324,8 +316,6 @@ def check_free_space(destinations: Sequence[Path], total_bytes: int) -> Diagnost
     """E018 when `total_bytes` exceed the free space where the first destination would go."""
     if not destinations:
         return None
-    from .inspection import human_bytes
-
     where = _nearest_existing(Path(os.path.abspath(destinations[0])).parent)
     try:
         free = shutil.disk_usage(where).free

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pemlang.check import InputRef, ModuleValue, check_source
+from pemlang.check import check_source
+from pemlang.checked import InputRef, ModuleValue
 from pemlang.source import Source
 
 
@@ -121,7 +122,7 @@ def test_non_finite_or_float32_overflowing_numbers_are_E026(adapters: Path, tmp_
 
 
 def test_a_set_value_overflowing_float32_is_E026_at_the_expression(adapters: Path, tmp_path: Path) -> None:
-    from pemlang.check import Override
+    from pemlang.checked import Override
 
     text = two_inputs(adapters) + 'param λ = 0.5\noutput λ*a + (1 - λ)*b -> "o"\n'
     result = check_source(Source(text, "p.pem"), base_dir=tmp_path,

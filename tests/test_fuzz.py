@@ -30,7 +30,8 @@ from pemlang.diagnostics import Diagnostic, PemError, render
 from pemlang.lower import lower
 from pemlang.parser import parse_program
 from pemlang.plan import format_plan
-from pemlang.source import Source, decode_source
+from pemlang.source import Source
+from pemlang.sourcefiles import decode_source
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_TEXTS = sorted(p.read_text(encoding="utf-8") for p in EXAMPLES.glob("*.pem"))

@@ -101,7 +101,7 @@ def test_a_file_that_is_not_regular_is_named(adapters: Path, tmp_path: Path, nam
 
 
 def oversized(tmp_path: Path, name: str) -> Path:
-    from pemlang.source import MAX_SOURCE_BYTES
+    from pemlang.sourcefiles import MAX_SOURCE_BYTES
 
     path = tmp_path / name
     with path.open("wb") as f:  # a sparse file: MAX_SOURCE_BYTES + 1 zero bytes
@@ -111,7 +111,7 @@ def oversized(tmp_path: Path, name: str) -> Path:
 
 def test_read_source_stops_at_the_cap(tmp_path: Path) -> None:
     from pemlang.diagnostics import PemError, render
-    from pemlang.source import MAX_SOURCE_BYTES, read_source
+    from pemlang.sourcefiles import MAX_SOURCE_BYTES, read_source
 
     path = tmp_path / "at_cap.pem"
     path.write_bytes(b"# " + b"x" * (MAX_SOURCE_BYTES - 3) + b"\n")  # exactly the cap: read
@@ -129,7 +129,7 @@ def test_invalid_utf8_in_a_large_file_is_found_quickly(tmp_path: Path) -> None:
     import time
 
     from pemlang.diagnostics import PemError
-    from pemlang.source import MAX_SOURCE_BYTES, read_source
+    from pemlang.sourcefiles import MAX_SOURCE_BYTES, read_source
 
     path = tmp_path / "binary.pem"
     path.write_bytes(b"x = 1\n" * (MAX_SOURCE_BYTES // 6 - 1) + b"\xff" + b"\xfe" * 9)  # 16 MiB in all

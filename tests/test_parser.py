@@ -199,7 +199,7 @@ def test_numbers_that_do_not_fit_a_float_print_and_reparse() -> None:
 
 
 def test_read_source_accepts_a_bom_and_any_newline(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from pemlang.source import read_source
+    from pemlang.sourcefiles import read_source
 
     path = tmp_path / "p.pem"
     path.write_bytes(b"\xef\xbb\xbfx = 1\r\ny = 2\rz = 3\n")
@@ -211,7 +211,7 @@ def test_read_source_accepts_a_bom_and_any_newline(tmp_path) -> None:  # type: i
 
 def test_read_source_reports_invalid_utf8_at_the_first_bad_byte(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from pemlang.diagnostics import PemError, render
-    from pemlang.source import read_source
+    from pemlang.sourcefiles import read_source
 
     path = tmp_path / "bad.pem"
     path.write_bytes(b"x = 1\ny = \xce\xbb + \xff\xfe b\n")  # line 2: `y = λ + ` then a bad byte

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from ..hashing import sha256_file
 from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, recursion_room, tensor_key
-from ..writer import sha256_file
+from ..types import TORCH_DTYPE_NAMES
 from .dense import KERNELS, Pool, Rows, magnitude, signed_factors, threads, truncated_svd
 
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPE_NAMES.items()}
 
 
 @dataclass

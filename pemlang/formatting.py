@@ -1,0 +1,30 @@
+"""Numbers as people read them in tables and messages: byte sizes and runs of block indices."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def human_bytes(n: int) -> str:
+    """1536 → '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def compact_indices(indices: Iterable[int]) -> str:
+    """[0, 1, 2, 3, 7] → '0-3,7'."""
+    values = sorted(set(indices))
+    runs: list[str] = []
+    start = prev = values[0]
+    for v in values[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ",".join(runs)

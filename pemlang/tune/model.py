@@ -1,0 +1,215 @@
+"""One worker: the base model (and tokenizer) loaded once, wrapped in a PeftModel whose adapter each
+trial overwrites in place, and the objective called on it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..diagnostics import CompileError, error, first_line
+from ..source import Source, Span
+from .errors import TuneError
+from .objectives import DataObjective, TrialFailed, as_value
+from .scoring import DataScorer
+
+ADAPTER_NAME = "pemlang"
+
+
+def base_error(base: str, message: str, *, hints: Sequence[str] = ()) -> TuneError:
+    return TuneError([error("E032", message, Source(base, "--base"), Span(0, max(1, len(base))),
+                            hints=hints or ["--base names the model the adapters were trained on: a directory "
+                                            "written by save_pretrained, or a Hub id already in the cache"])])
+
+
+def load_base(base: Any, *, classifier: bool, device: Any) -> Any:
+    """The base model (a transformers model instance is used as it is)."""
+    if not isinstance(base, str | Path):
+        return base.to(device).eval()
+    import warnings
+
+    try:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise base_error(str(base), "tuning needs transformers to load the base model",
+                         hints=["pip install 'pemlang[tune]'"]) from None
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_pretrained(str(base))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's --base
+        raise base_error(str(base), _load_failure(base, exc)) from None
+    return model.to(device).eval()
+
+
+def absolute(name: Any) -> Any:
+    """A local path made absolute (Ray workers run elsewhere); a Hub id or object as it is."""
+    if isinstance(name, str | Path) and Path(name).exists():
+        return str(Path(name).resolve())
+    return name
+
+
+def check_base(base: Any, *, load: bool = True) -> None:
+    """E032 when `base` (a path or Hub id) is not a model: a local path must be a model directory
+    (not an adapter, not a file); with `load`, its config must load (without weights)."""
+    if not isinstance(base, str | Path):
+        return
+    local = Path(base)
+    if local.exists():
+        if not local.is_dir():
+            raise base_error(str(base), f"{base} is a file; --base is a model directory or Hub id")
+        if (local / "adapter_config.json").exists() and not (local / "config.json").exists():
+            raise base_error(str(base), f"{base} is a PEFT adapter, not a base model",
+                             hints=["--base is the model the adapters were trained on (its config.json and weights)"])
+        if not (local / "config.json").exists():
+            raise base_error(str(base), f"{base} has no config.json: it is not a saved model")
+    elif (message := _load_failure(base, FileNotFoundError())).startswith("no such directory"):
+        raise base_error(str(base), message)
+    if not load:
+        return
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(str(base))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise base_error(str(base), _load_failure(base, exc)) from None
+
+
+def _load_failure(base: Any, exc: BaseException) -> str:
+    text = str(base)
+    parts = Path(text).parts
+    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or (len(parts) > 1 and Path(parts[0]).is_dir())
+    if not Path(text).exists() and local:
+        return f"no such directory: {text}"
+    return f"cannot load the base model {text!r}: {first_line(exc)}"
+
+
+def load_tokenizer(name: str) -> Any:
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise TuneError([error("E032", f"cannot load a tokenizer from {name!r}: {first_line(exc)}",
+                               Source(name, "--tokenizer"), Span(0, max(1, len(name))),
+                               hints=["--data needs the base model's tokenizer: save it beside the model, "
+                                      "or name one with --tokenizer"])]) from None
+    return tokenizer
+
+
+def is_classifier(config: Mapping[str, Any]) -> bool:
+    return config.get("task_type") == "SEQ_CLS"
+
+
+class Worker:
+    """What each worker holds: the compiled program, the base model (loaded once) wrapped in a
+    PeftModel whose adapter each trial overwrites in place, and the prepared objective."""
+
+    def __init__(self, program: Any, output: str, base: Any, objective: Any, *, tokenizer: str | None = None,
+                 device: str | None = None):
+        from ..backend import resolve_device
+
+        self.program = program
+        self.output = output
+        self.index = program.outputs.index(output)
+        config = program.plan().outputs[self.index].config
+        self.classifier = is_classifier(config)
+        self.device, self.device_note = resolve_device(device or program.device)
+        self.source = base
+        self.base = load_base(base, classifier=self.classifier, device=self.device)
+        self.model: Any = None
+        self.anchor: tuple[Any, str, Any] | None = None
+        self.name = ADAPTER_NAME
+        self.config: dict[str, Any] | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.objective: Callable[[Any, dict[str, float]], Any]
+        if isinstance(objective, DataObjective):
+            tokenizer_name = tokenizer or (str(base) if isinstance(base, str | Path) else
+                                           getattr(self.base, "name_or_path", ""))
+            self.objective = DataScorer(objective, load_tokenizer(str(tokenizer_name)), self.base,
+                                         self.classifier, self.device)
+        else:
+            self.objective = objective
+
+    def install(self, params: Mapping[str, float]) -> Any:
+        """Evaluate the program at `params` and put the result into the model, in place."""
+        try:
+            evaluation = self.program._evaluate(dict(params), None)
+        except CompileError as exc:
+            raise TrialFailed("; ".join(d.message for d in exc.diagnostics)) from None
+        tensors = evaluation.tensors[self.output]
+        config = evaluation.plan.outputs[self.index].config
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        if self.model is not None and (config != self.config or shapes != self.shapes):
+            # A different rank or layout at this point (a head kept at some params and not at
+            # others): PEFT cannot swap that in place, so the base is loaded afresh (rare).
+            if not isinstance(self.source, str | Path):
+                raise TrialFailed("the adapter's layout (rank or heads) differs at this point from the trial "
+                                  "before; pass the base model as a path so that it can be reloaded")
+            self.model, self.anchor = None, None
+            self.base = load_base(self.source, classifier=self.classifier, device=self.device)
+        if self.model is None:
+            try:
+                self.model = self.program._install(self.base, evaluation, self.output, self.name)
+            except (ValueError, RuntimeError, KeyError) as exc:
+                raise TuneError([error("E032", f"the adapter does not fit the base model: {str(exc)[:300]}",
+                                       hints=["--base must be the model the inputs were trained on"])]) from None
+        else:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, tensors, adapter_name=self.name)
+        self.config, self.shapes = config, shapes
+        if self.anchor is None:
+            self.anchor = _tuner_layer(self.model)
+        self.model.eval()
+        return self.model
+
+    def _layer_in_place(self) -> bool:
+        """Whether the first adapter layer is still where it was put (an objective that unloads the
+        adapter takes it out)."""
+        if self.anchor is None:
+            return True
+        parent, name, layer = self.anchor
+        return getattr(parent, name, None) is layer
+
+    def __call__(self, params: Mapping[str, float]) -> float:
+        model = self.install(params)
+        import torch
+
+        with torch.no_grad():
+            try:
+                result = self.objective(model, dict(params))
+                value = as_value(result)
+            except (TrialFailed, TuneError, KeyboardInterrupt):
+                raise
+            except SystemExit as exc:
+                raise TrialFailed(f"the objective called sys.exit({exc.code!r})") from None
+            except Exception as exc:  # noqa: BLE001 - the user's objective: reported with the trial
+                raise TrialFailed(f"the objective raised {type(exc).__name__}: {exc}") from None
+        if self.name not in (getattr(model, "peft_config", None) or {}) or \
+                getattr(model, "active_adapter", self.name) != self.name or not self._layer_in_place():
+            raise TuneError([error("E031", "the objective removed or switched the adapter being tuned",
+                                   hints=["an objective scores the model it is given; it must not change it "
+                                          "(no unload, delete_adapter or set_adapter)"])])
+        return value
+
+
+def _tuner_layer(model: Any) -> tuple[Any, str, Any] | None:
+    """(parent, attribute, layer) of the model's first PEFT adapter layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, BaseTunerLayer):
+                return parent, name, child
+    return None
