@@ -5,8 +5,12 @@ Adapters are synthetic (seeded random factors) but in PEFT's format: PEFT's key 
 (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`, ...), fp32 safetensors with
 `{"format": "pt"}` metadata, and an adapter_config.json written by PEFT's own `LoraConfig.save_pretrained`
 (with `inference_mode` true, as `PeftModel.save_pretrained` leaves it). Everything generated is cached under
-benchmarks/.cache/ (gitignored), keyed by size and layer count; a directory counts only once its
-`.complete` marker is written.
+CACHE, keyed by size and layer count; a directory counts only once its `.complete` marker is written.
+
+Where things go, never inside the repository unless asked: results (tables, plots) in
+$PEMLANG_BENCH_RESULTS, fixtures in $PEMLANG_BENCH_CACHE, by default `results/` and `cache/` under
+$PEMLANG_BENCH_DIR (default: pemlang-bench in the system's temporary directory). run_all.py sets them
+from its --out and --cache options.
 
 The benchmarks drive pemlang only through its CLI (`python -m pemlang.cli`) and its public API, so they
 measure whatever pemlang is importable (set PYTHONPATH to measure a checkout).
@@ -19,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,8 +31,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched: PEFT's config writer must not try the hub
 
 HERE = Path(__file__).resolve().parent
-CACHE = HERE / ".cache"
-RESULTS = HERE / "results"
+WORKDIR = Path(os.environ.get("PEMLANG_BENCH_DIR") or Path(tempfile.gettempdir()) / "pemlang-bench")
+CACHE = Path(os.environ.get("PEMLANG_BENCH_CACHE") or WORKDIR / "cache").absolute()
+RESULTS = Path(os.environ.get("PEMLANG_BENCH_RESULTS") or WORKDIR / "results").absolute()
+COMMITTED = HERE / "results"  # the results the README links: written only when RESULTS names it
 BASE_NAME = "bench/llama"  # base_model_name_or_path recorded in every adapter
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPRESSION = "0.5*a + 0.3*b - 0.2*c"
@@ -365,7 +372,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def write_results(stem: str, text: str, device: str = "cpu") -> Path:
-    """benchmarks/results/STEM.md (STEM-cuda.md for a GPU run, so it does not replace the CPU's)."""
+    """RESULTS/STEM.md (STEM-cuda.md for a GPU run, so it does not replace the CPU's)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{stem}{'' if device == 'cpu' else '-' + device.replace(':', '')}.md"
     path.write_text(text.rstrip() + "\n")

@@ -12,7 +12,7 @@ every layer) are combined as 0.5*a + 0.3*b - 0.2*c, three ways, each way by both
 Every route runs in its own child process (Python start-up and imports included), so wall time and
 peak RSS (the kernel's high-water mark, from wait4) are per route. The PEFT route is what a PEFT user
 does: load the base model (a random bf16 LlamaForCausalLM of the size's shape, saved once to
-benchmarks/.cache/ as safetensors, so that loading it is what is timed), PeftModel.from_pretrained +
+the fixture cache as safetensors, so that loading it is what is timed), PeftModel.from_pretrained +
 load_adapter for the three adapters, add_weighted_adapter, save_pretrained. pemlang needs no base model.
 
 PEFT's "svd" forms every layer's dense ΔW and takes a full SVD of it (minutes per model on a CPU), so
@@ -22,7 +22,8 @@ measured, not scaled (one layer's SVD at a time). The table marks scaled numbers
 
 Accuracy of `svd`: on a few layers, the relative Frobenius error of pemlang's ΔW against an fp64 dense
 truncated SVD of the exact ΔW (and of PEFT's, for comparison), plus the exact output against the
-exact ΔW. Results: benchmarks/results/end_to_end-SIZE.md and .png.
+exact ΔW. Results: end_to_end-SIZE.md and .png in
+$PEMLANG_BENCH_RESULTS (see common.py).
 """
 
 from __future__ import annotations

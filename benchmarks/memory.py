@@ -16,7 +16,8 @@ Per point it reports the check
 where "largest layer" is the largest LoRA layer (one module's lora_A + lora_B, as pemlang counts layers)
 summed over the inputs: the bytes one output layer is computed from. 2× that is what a writer that
 streams layer by layer holds at once (one layer's inputs and its output). PASS/FAIL is a report, not an
-assertion. Results: benchmarks/results/memory-SIZE.md and .png.
+assertion. Results: memory-SIZE.md and .png in
+$PEMLANG_BENCH_RESULTS (see common.py).
 """
 
 from __future__ import annotations

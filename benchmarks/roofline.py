@@ -16,7 +16,8 @@ factors concatenated and scaled, so its size is the inputs' size):
 and prints pemlang/copy throughput (copy time / pemlang time: 1.0 means pemlang runs at the speed of
 a copy): cold vs copy, warm vs write. Each is the best of --repeat runs. The inputs are in the page
 cache for both (they were just generated or read); the output's file is written on the same file
-system (benchmarks/.cache/). Results: benchmarks/results/roofline-SIZE.md and .png.
+system (the fixture cache). Results: roofline-SIZE.md and .png in
+$PEMLANG_BENCH_RESULTS (see common.py).
 """
 
 from __future__ import annotations

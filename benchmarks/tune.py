@@ -13,7 +13,7 @@ makes them when they are missing) and the built-in objective over `examples/tune
 
 Both are timed whole-process (Python start-up and imports included), and the losses of A are
 checked equal to B's trial values. Prints trials per minute for each and the ratio B/A; writes
-benchmarks/results/tune.md.
+tune.md in $PEMLANG_BENCH_RESULTS (see common.py).
 """
 
 from __future__ import annotations

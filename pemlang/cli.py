@@ -360,7 +360,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         _report(program.warnings)
         written = 0
         # Every point is checked, and every directory guarded, before anything is computed.
-        with LayerProgress(len(points)) as advance:
+        with LayerProgress(len(points), "points") as advance:
             for _ in program.sweep(grid, save=True, force=args.force):
                 written += len(program.checked.outputs)
                 if advance is not None:

@@ -3,32 +3,80 @@ tuning as they finish (a live table on a terminal, a line each otherwise), and w
 
 from __future__ import annotations
 
+import math
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+PROGRESS_SECONDS = 5.0  # between plain progress lines when stderr is not a terminal (CI, logs)
+
+
+def progress_seconds() -> float:
+    """PEMLANG_PROGRESS_SECONDS, the interval between plain progress lines (0: a line per step);
+    the default when unset or not a finite number of seconds >= 0."""
+    text = os.environ.get("PEMLANG_PROGRESS_SECONDS", "")
+    try:
+        value = float(text)
+    except ValueError:
+        return PROGRESS_SECONDS
+    return value if math.isfinite(value) and value >= 0 else PROGRESS_SECONDS
 
 
 class LayerProgress:
-    """A rich progress bar on stderr when it is a terminal and the run is long enough to watch."""
+    """Progress of a long run on stderr: a rich bar on a terminal (for runs long enough to watch);
+    otherwise, piped to a log, a plain line every few seconds (`layers 40/154 (26%), 10 s`) and one at
+    the end, so that a log shows a run is alive. The callable it yields advances it by one `unit`."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, unit: str = "layers", *, stream: TextIO | None = None,
+                 interval: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.total = total
-        self.bar = None
+        self.unit = unit
+        self.stream = stream
+        self.interval = progress_seconds() if interval is None else interval
+        self.clock = clock
+        self.bar: Any = None
+        self.done = 0
+        self.shown = 0  # steps done at the last plain line
+        self.start = 0.0
+        self.last = 0.0
 
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        if sys.stderr.isatty() and self.total >= 16:
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stderr
+
+    def __enter__(self) -> Callable[[], None] | None:
+        if self._out().isatty():
+            if self.total < 16:
+                return None
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                transient=True, console=__import__("rich.console").console.Console(stderr=True))
+            self.bar = Progress(TextColumn(self.unit), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                transient=True, console=Console(file=self._out()))
             self.bar.start()
-            task = self.bar.add_task("layers", total=self.total)
-            return lambda: self.bar.advance(task)  # type: ignore[union-attr]
-        return None
+            task = self.bar.add_task(self.unit, total=self.total)
+            return lambda: self.bar.advance(task)
+        self.start = self.last = self.clock()
+        return self._step
+
+    def _step(self) -> None:
+        self.done += 1
+        now = self.clock()
+        if now - self.last >= self.interval and self.done < self.total:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        self.shown = self.done
+        share = f" ({100 * self.done // self.total}%)" if self.total else ""
+        print(f"{self.unit} {self.done}/{self.total}{share}, {now - self.start:.0f} s", file=self._out(), flush=True)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+        elif self.shown and self.done > self.shown:  # a log that showed progress shows where it ended
+            self._line(self.clock())
 
 
 class TrialTable:

@@ -497,6 +497,8 @@ class StagedAdapter:
         if ready is not None and self.background is None:
             ready()
             ready = None
+        if self.background is not None:
+            self.background.layer()  # the last layer is on disk before this one queues
         for key, tensor in tensors.items():
             begin, end = self.layout.offsets[key]
             if (tensor_dtype(tensor), tuple(tensor.shape)) != (self.entries[key][0], tuple(self.entries[key][1])):
@@ -554,20 +556,23 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, ready: Callable[[], None
 
 
 class _Background:
-    """One thread that writes while the caller computes; at most `depth` writes in flight, so
-    memory holds a few layers at most. An error in the thread is raised in the caller."""
+    """One thread that writes while the caller computes, a layer at a time: when the next layer
+    is handed over (`layer()`), the writes of the one before have finished, so memory holds the layer
+    being written and the one being computed, whatever the number of layers. An error in the
+    thread is raised in the caller."""
 
-    def __init__(self, depth: int = 4):
+    def __init__(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pemlang-writer")
         self.pending: list[Any] = []
-        self.depth = depth
 
     def submit(self, function: Any, *args: Any) -> None:
         self.pending.append(self.pool.submit(function, *args))
-        while len(self.pending) > self.depth:
-            self.pending.pop(0).result()
+
+    def layer(self) -> None:
+        """A new layer is handed over: the last one's writes finish first."""
+        self.drain()
 
     def drain(self) -> None:
         while self.pending:

@@ -296,10 +296,36 @@ def _layer_groups(plan: Plan) -> list[list[tuple[int, LayerStep | HeadStep]]]:
     return list(groups.values())
 
 
+MMAP_THRESHOLD = 4 << 20  # bytes: a layer's tensors are this large; the dense kernels' blocks are smaller
+_malloc_settled = False
+
+
+def settle_malloc() -> None:
+    """With glibc, allocations of MMAP_THRESHOLD bytes or more are mapped on their own and given
+    back to the system when freed. glibc's default raises that threshold to the size of each large
+    block freed, after which a layer's tensors come from heaps (one per thread: the reader's, the
+    writer's, the caller's) that keep the memory of earlier layers: peak RSS then crept up by tens of
+    MiB over the first layers of a large model. Process-wide, set once; small allocations are
+    unaffected. Elsewhere (macOS, musl) nothing is changed."""
+    global _malloc_settled
+    if _malloc_settled:
+        return
+    _malloc_settled = True
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        m_mmap_threshold = -3  # <malloc.h>
+        ctypes.CDLL(None).mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+
+
 class TorchBackend:
     """Runs plans on one device."""
 
     def __init__(self, device: torch.device | str = "cpu", cache: TensorCache | None = None):
+        settle_malloc()
         self.device = torch.device(device)
         self.cache = cache
         self.threads = torch.get_num_threads()
@@ -483,14 +509,22 @@ class TorchBackend:
                     torch.zeros((out_features, 1), device=self.device))
         if self.cache is None and all(self._a_as_stored(plan, t.source, step, inputs) for t in step.terms):
             # Every A is copied as is and already in the output dtype: no round trip through fp32.
+            # Each scaled B is written straight into its columns of the result (no scaled copy of
+            # each B before they are joined: at 70B shapes that was a second layer's worth of memory).
             a_parts, b_parts = [], []
             for term in step.terms:
                 adapter = plan.inputs[term.source].adapter
                 keys = adapter.layer_keys[step.key]
                 a_parts.append(inputs.tensor(term.source, keys["A"], raw=True))
                 scaling = adapter.type.layers[step.key].scaling  # type: ignore[union-attr]
-                b_parts.append((term.beta * scaling) * inputs.tensor(term.source, keys["B"]))
-            return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+                b_parts.append((term.beta * scaling, inputs.tensor(term.source, keys["B"])))
+            b_out = torch.empty((out_features, sum(b.shape[1] for _, b in b_parts)), dtype=b_parts[0][1].dtype,
+                                device=self.device)
+            column = 0
+            for coefficient, b in b_parts:
+                torch.mul(b, coefficient, out=b_out[:, column:column + b.shape[1]])
+                column += b.shape[1]
+            return torch.cat(a_parts, dim=0), b_out
         return self._stack(plan, step.terms, step.key, inputs, cache, index)
 
     @staticmethod
