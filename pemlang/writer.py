@@ -549,7 +549,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, ready: Callable[[], None
             count = os.pwrite(fd, data, offset)
             data, offset = data[count:], offset + count
     except OSError as exc:
-        exc.destination = destination  # type: ignore[attr-defined]  # which output failed (E018 names it)
+        if destination is not None:  # which output failed (E018 names it); else `staged` knows
+            exc.destination = destination  # type: ignore[attr-defined]
         raise
 
 
@@ -651,7 +652,7 @@ def staged(destinations: Sequence[Path], *, force: bool = False, background: boo
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         if isinstance(exc, OSError):
-            raise _os_error(exc, getattr(exc, "destination", current)) from None
+            raise _os_error(exc, getattr(exc, "destination", None) or current) from None
         raise
     finally:
         if writer is not None:
@@ -683,7 +684,7 @@ def write_adapter(destination: Path, tensors: dict[str, Any], config: dict[str, 
     (E018) naming the destination; nothing partial is left."""
     with staged([destination], force=force, background=False, protect=protect) as (stagings, _):
         entries = {key: (tensor_dtype(t), tuple(t.shape)) for key, t in tensors.items()}
-        adapter = StagedAdapter(stagings[0], entries, meta)
+        adapter = StagedAdapter(stagings[0], entries, meta, destination=Path(os.path.abspath(destination)))
         try:
             adapter.put(tensors)
             adapter.finish(config, meta)
