@@ -166,16 +166,18 @@ class Session:
             mode = self._mode(statements.pop(0), source)  # type: ignore[arg-type]
         checker = self.checker(source, mode=mode)
         checker.base_dir = base_dir
+        # A loaded file's outputs are checked as `pemlang check` checks them (an existing directory
+        # is no error: nothing is written) and then set aside.
         values: list[tuple[ast.Expr, Value]] = []
-        outputs = 0
         for stmt in statements:
-            if isinstance(stmt, ast.OutputStmt) and loading:
-                outputs += 1
-                continue
+            checker.writes = not (loading and isinstance(stmt, ast.OutputStmt))
             value = checker.statement(stmt)
+            checker.writes = True
             if isinstance(stmt, ast.ExprStmt) and value is not None:
                 values.append((stmt.value, value))
-        diagnostics = sorted(checker.diagnostics, key=lambda d: d.span.start if d.span else 0)
+        outputs = len(checker.outputs) if loading else 0
+        diagnostics = sorted((d for d in checker.diagnostics if not (loading and d.code == "W005")),
+                             key=lambda d: d.span.start if d.span else 0)
         if any(d.is_error for d in diagnostics):
             raise PemError(diagnostics)
         self.report(diagnostics)
@@ -190,7 +192,8 @@ class Session:
         if checker.outputs and not loading:
             self.write(checker.result(), force=False)
         if loading:
-            self.say(f"loaded {source.filename}: {len(self.names())} names in scope"
+            names = len(self.names())
+            self.say(f"loaded {source.filename}: {names} name{'s' if names != 1 else ''} in scope"
                      + (f"; {outputs} output{'s' if outputs != 1 else ''} not written (use :save)" if outputs else ""))
 
     def _mode(self, stmt: ast.ModeStmt, source: Source) -> str:
@@ -373,8 +376,15 @@ class Session:
 
     def cmd_save(self, source: Source, rest: str, span: Span) -> None:
         self._needs(source, rest, "an expression and a directory", ":save EXPR DIR [--force]")
-        force = rest.endswith(" --force")
-        body = rest.removesuffix(" --force").rstrip() if force else rest
+        body, force = rest, False
+        while (flag := re.search(r"\s(--[^\s\"]*)$", body)) is not None:  # options after DIR
+            if flag.group(1) != "--force":
+                at = span.start + flag.start(1)
+                raise PemError([error("E020", f"unknown option `{flag.group(1)}` of :save", source,
+                                      Span(at, at + len(flag.group(1))),
+                                      hints=did_you_mean(flag.group(1), ["--force"])
+                                      or ["usage: :save EXPR DIR [--force]"])])
+            body, force = body[: flag.start()].rstrip(), True
         match = re.fullmatch(r'(.*?)\s+("[^"]*"|\S+)', body, flags=re.S)
         if match is None or not match.group(1).strip():
             raise PemError([error("E020", ":save needs an expression and a directory", source, span,
@@ -552,6 +562,14 @@ def default_history() -> Path:
 def run(file: str | None = None, *, device: str = "auto", allow_pickle: bool = False,
         history: Path | None = None, input: Any = None, output: Any = None) -> int:  # noqa: A002
     """The REPL loop. `input`/`output` are prompt_toolkit Input/Output (tests pass pipe and dummy)."""
+    if device not in ("auto", "cpu"):  # a device that is not there is misuse: said before the first entry
+        from .backend import resolve_device
+
+        try:
+            resolve_device(device)
+        except ValueError as exc:
+            print(f"pemlang: error: {exc}", file=sys.stderr)
+            return 2
     session = Session(device=device, allow_pickle=allow_pickle)
     if file is not None:  # a file that cannot be loaded ends the session before it starts
         try:
