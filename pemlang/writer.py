@@ -221,6 +221,45 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def _real_inputs(inputs: Mapping[str, Path]) -> list[tuple[str, Path]]:
+    """Every input resolved, with what its files link to: an input's files may be symbolic links
+    elsewhere (the Hugging Face cache links snapshots to blobs), which are as much the input."""
+    real_inputs = []
+    for name, path in inputs.items():
+        try:
+            real_inputs.append((name, Path(path).resolve()))
+        except (OSError, RuntimeError):  # a symbolic link loop: the path as written is still guarded
+            real_inputs.append((name, Path(os.path.abspath(path))))
+    for name, path in list(real_inputs):
+        for file_name in (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin"):
+            with contextlib.suppress(OSError, RuntimeError):
+                if (path / file_name).is_symlink():
+                    real_inputs.append((name, (path / file_name).resolve()))
+    return real_inputs
+
+
+def file_clash(path: Path, inputs: Mapping[str, Path]) -> str | None:
+    """Which of `inputs` (adapter directories or single files, by name) writing the file `path`
+    would touch: `path` is one, is inside one, or is one of their files by another name (a link);
+    None when it touches none. The guard for a file that a session appends to (the REPL's history)."""
+    try:
+        real = Path(os.path.abspath(path)).resolve()
+    except (OSError, RuntimeError):
+        return None
+    real_inputs = _real_inputs(inputs)
+    for name, location in real_inputs:
+        if real == location or real.is_relative_to(location):
+            return name
+    for name, location in real_inputs:  # a hard link to an input's file
+        candidates = [location] if location.is_file() else [location / n for n in (WEIGHTS_NAME, CONFIG_NAME,
+                                                                                     "adapter_model.bin")]
+        for candidate in candidates:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(real, candidate):
+                    return name
+    return None
+
+
 def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path], *, force: bool
                          ) -> list[Diagnostic]:
     """Why any of `destinations` cannot be written (empty when all can): the one guard in front of
@@ -233,14 +272,7 @@ def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path
     problems: list[Diagnostic] = []
     existing: list[Path] = []
     seen: dict[Path, Path] = {}
-    # An input's files may be symbolic links elsewhere (the Hugging Face cache links snapshots to
-    # blobs): what they point to is as much the input as its directory.
-    real_inputs = [(name, Path(path).resolve()) for name, path in inputs.items()]
-    for name, path in list(real_inputs):
-        for file_name in (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin"):
-            with contextlib.suppress(OSError, RuntimeError):
-                if (path / file_name).is_symlink():
-                    real_inputs.append((name, (path / file_name).resolve()))
+    real_inputs = _real_inputs(inputs)
     for destination in destinations:
         destination = Path(os.path.abspath(destination))
         shown = display_path(destination)

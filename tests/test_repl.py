@@ -263,3 +263,48 @@ def test_a_misspelt_save_flag_is_named(adapters: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     result = piped(f'input a = "{adapters}/llama_r8"\n:save 2*a "o u t" --force\n', cwd=tmp_path)
     assert result.returncode == 0 and (tmp_path / "o u t" / "adapter_model.safetensors").exists(), result.stdout
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+HISTORY_WARNING = "pemlang: warning: history is kept in memory for this session: "
+
+
+def test_the_history_file_is_never_a_file_of_an_input(adapters: Path, tmp_path: Path) -> None:
+    """`--history` (or $PEMLANG_HISTORY) naming an input's file, a file inside an input's directory
+    (an input declared during the session included) or the program file: nothing is written there,
+    the session says so once and keeps its history in memory."""
+    import shutil
+
+    shutil.copytree(adapters / "llama_r8", tmp_path / "a")
+    before = files_of(tmp_path / "a")
+    typed = f'input a = "{tmp_path}/a"\r0.25*a\r2*a\r'
+    for history in (tmp_path / "a" / "adapter_config.json", tmp_path / "a" / "history"):
+        out = drive(typed, history)
+        assert files_of(tmp_path / "a") == before, history
+        assert out.count(HISTORY_WARNING) == 1 and str(history) in out, out
+        assert "2*a : LoRA module" in out
+    program = tmp_path / "empty.pem"  # a history file as far as its contents go (none)
+    program.write_bytes(b"")
+    out = drive(typed, program, file=str(program))
+    assert program.read_bytes() == b"" and files_of(tmp_path / "a") == before
+    assert f"{HISTORY_WARNING}{program} is the program file {program} or inside it" in out, out
+
+
+def test_a_file_that_is_not_a_history_file_is_never_appended_to(adapters: Path, tmp_path: Path) -> None:
+    import shutil
+
+    config = tmp_path / "train.json"
+    config.write_text('{"lr": 0.001}\n', encoding="utf-8")
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(adapters / "llama_r8" / "adapter_model.safetensors", weights)
+    up = "\x1b[A"
+    for history in (config, weights):
+        before = history.read_bytes()
+        out = drive([f'input a = "{adapters}/llama_r8"\r0.25*a\r', up + "\r"], history)
+        assert history.read_bytes() == before
+        assert out.count(HISTORY_WARNING) == 1, out
+        assert f"{HISTORY_WARNING}{history} is not a history file\n  hint: give another file with --history FILE" in out
+        assert out.count("0.25*a : LoRA module") == 2, out  # kept in memory: Up recalls the entry
