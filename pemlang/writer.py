@@ -36,7 +36,7 @@ from . import interrupts
 from .about import __version__
 from .adapters import CONFIG_NAME, WEIGHTS_NAME
 from .diagnostics import Diagnostic, PemError, display_path, error
-from .formatting import human_bytes
+from .formatting import human_bytes, visible
 from .plan import DTYPE_BYTES, OutputPlan, Plan, output_inputs
 from .types import TORCH_DTYPE_NAMES
 
@@ -73,15 +73,37 @@ def _heading(meta: Mapping[str, str]) -> str:
     """The card's title: the output's name, else its expression on one line (comments dropped)."""
     name = meta.get("pemlang.output") or ""
     if name:
-        return name
+        return _text(name)
     lines = [line.split("#")[0].strip() for line in meta.get("pemlang.expression", "").splitlines()]
     text = " ".join(line for line in lines if line)
-    return (text[:120] + "…" if len(text) > 120 else text).replace("`", "'") or "pemlang adapter"
+    return _text(text[:120] + "…" if len(text) > 120 else text) or "pemlang adapter"
 
 
-def _cell(value: Any) -> str:
-    """Text for a Markdown table cell: pipes escaped, on one line."""
-    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+# Markdown's punctuation that could start emphasis, code, a link or an image, or end a table cell.
+_MARKDOWN = re.compile(r"([\\`*_\[\]|~!])")
+
+
+def _text(value: Any) -> str:
+    """What the card quotes (a path, a name), as Markdown that renders as that text on one line:
+    control characters (a CR, an escape) shown as escapes, HTML's `& < >` as entities, Markdown's
+    punctuation backslash-escaped (a `|` cannot end a table cell)."""
+    text = visible(str(value))
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
+_cell = _text  # a Markdown table cell: the same rules keep it one cell
+
+
+def _digest(value: Any) -> str:
+    """A sha256 as code; anything else (a header pemlang did not write) as text."""
+    return f"`{value}`" if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else _text(value)
+
+
+def _fenced_text(text: str) -> str:
+    """Text for a fenced block (where Markdown and HTML are literal): lines as they are, other
+    control characters shown as escapes."""
+    return visible(text.replace("\r\n", "\n"), keep="\n\t")
 
 
 def provenance_field(meta: Mapping[str, str], key: str, default: Any = None) -> Any:
@@ -102,7 +124,7 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
     def fenced(text: str, language: str = "") -> list[str]:  # a fence longer than any backtick run inside
         longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
         fence = "`" * max(3, longest + 1)
-        return [fence + language, text, fence]
+        return [fence + language, _fenced_text(text), fence]
 
     base = config.get("base_model_name_or_path")
     kind = "lora" if config.get("peft_type") == "LORA" else "ia3"
@@ -121,12 +143,13 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
         lines += ["Params: " + ", ".join(f"`{k} = {v}`" for k, v in params.items()) + ".", ""]
     tuned = provenance_field(meta, "pemlang.tune")
     if isinstance(tuned, dict):
-        lines += [f"The params were chosen by `pemlang tune`: {tuned.get('direction')} {tuned.get('objective')}, "
-                  f"best value {tuned.get('value')} at trial {tuned.get('trial')} of {tuned.get('trials')}.", ""]
+        lines += [f"The params were chosen by `pemlang tune`: {_text(tuned.get('direction'))} "
+                  f"{_text(tuned.get('objective'))}, best value {_text(tuned.get('value'))} at trial "
+                  f"{_text(tuned.get('trial'))} of {_text(tuned.get('trials'))}.", ""]
     inputs = provenance_field(meta, "pemlang.inputs", [])
     if inputs:
         lines += ["| input | adapter | sha256 |", "|---|---|---|"]
-        lines += [f"| {i.get('name')} | {_cell(i.get('path'))} | `{i.get('sha256')}` |" for i in inputs
+        lines += [f"| {_cell(i.get('name'))} | {_cell(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
                   if isinstance(i, dict)]
         lines += [""]
     program = meta.get("pemlang.program", "")
