@@ -308,3 +308,20 @@ def test_a_file_that_is_not_a_history_file_is_never_appended_to(adapters: Path, 
         assert out.count(HISTORY_WARNING) == 1, out
         assert f"{HISTORY_WARNING}{history} is not a history file\n  hint: give another file with --history FILE" in out
         assert out.count("0.25*a : LoRA module") == 2, out  # kept in memory: Up recalls the entry
+
+
+def test_a_full_disk_under_save_is_e018_naming_the_directory(adapters: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = io.StringIO()
+    session = repl.Session(device="cpu", out=out)
+    session.handle(f'input a = "{adapters}/llama_r8"')
+    monkeypatch.setattr(os, "pwrite", full)
+    session.handle(f":save 2*a {tmp_path}/x")
+    text = out.getvalue()
+    assert f"error[E018]: cannot write output {tmp_path}/x: {os.strerror(errno.ENOSPC)}" in text, text
+    assert "internal error" not in text and session.failed and list(tmp_path.iterdir()) == []
