@@ -162,7 +162,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _report([error(exc.code, exc.message, notes=exc.notes, hints=exc.hints)])
         return EXIT_ERRORS
     if pinned is not None:
-        print(f"{pinned}  (cached at {adapter.path})")
+        from .formatting import visible
+
+        print(visible(f"{pinned}  (cached at {adapter.path})"))
     render_adapter(adapter)
     if adapter.truncated:
         _report([error("E013", f"{adapter.weights_file.name} is truncated", notes=[str(adapter.weights_file)],

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
+from .formatting import visible
 from .source import Source, Span
 
 Severity = Literal["error", "warning"]
@@ -141,9 +142,15 @@ SHOWN_LINE = 160  # longer source lines are shown as a window around the span
 SHOWN_CONTEXT = 40
 
 
+def _shown(text: str) -> str:
+    """A message, note or hint as printed: what it quotes (a path, a name) may hold control
+    characters, which are shown as escapes, never sent to the terminal raw."""
+    return visible(text, keep="\n\t")
+
+
 def _segments(diag: Diagnostic) -> Iterator[list[_Segment]]:
     head_style = "bold red" if diag.is_error else "bold yellow"
-    yield [(f"{diag.severity}[{diag.code}]", head_style), (f": {diag.message}", "bold")]
+    yield [(f"{diag.severity}[{diag.code}]", head_style), (f": {_shown(diag.message)}", "bold")]
     gutter = 1
     line = col = end_col = 0
     text = ""
@@ -157,7 +164,7 @@ def _segments(diag: Diagnostic) -> Iterator[list[_Segment]]:
     pad = " " * gutter
     location = diag.location()
     if location is not None:
-        yield [(f"{pad}--> ", "bold blue"), (location, "")]
+        yield [(f"{pad}--> ", "bold blue"), (_shown(location), "")]
     if diag.source is not None and diag.span is not None:
         width = max(1, end_col - col)
         if len(text) > SHOWN_LINE:  # a very long line: a window around the span, marked with …
@@ -172,9 +179,9 @@ def _segments(diag: Diagnostic) -> Iterator[list[_Segment]]:
         yield [(f"{line} | ", "bold blue"), (text, "")]
         yield [(f"{pad} | ", "bold blue"), (lead, ""), ("^" * width, head_style)]
     for note in diag.notes:
-        yield [(f"{pad} = ", "bold blue"), ("note", "bold"), (f": {note}", "")]
+        yield [(f"{pad} = ", "bold blue"), ("note", "bold"), (f": {_shown(note)}", "")]
     for hint in diag.hints:
-        yield [(f"{pad} = ", "bold blue"), ("hint", "bold cyan"), (f": {hint}", "")]
+        yield [(f"{pad} = ", "bold blue"), ("hint", "bold cyan"), (f": {_shown(hint)}", "")]
 
 
 def render(diag: Diagnostic) -> str:

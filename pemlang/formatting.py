@@ -1,4 +1,5 @@
-"""Numbers as people read them in tables and messages: byte sizes and runs of block indices."""
+"""Numbers and text as people read them in tables and messages: byte sizes, runs of block indices,
+control characters made visible."""
 
 from __future__ import annotations
 
@@ -28,3 +29,15 @@ def compact_indices(indices: Iterable[int]) -> str:
         if v is not None:
             start = prev = v
     return ",".join(runs)
+
+
+def visible(text: str, *, keep: str = "") -> str:
+    """`text` safe to print on a terminal as it is: control characters (C0, DEL, C1, the line and
+    paragraph separators; all but those in `keep`) shown as Python writes them (`\\x1b`, `\\r`,
+    `\\u2028`), never sent raw."""
+    return "".join(repr(c)[1:-1] if _is_control(c) and c not in keep else c for c in text)
+
+
+def _is_control(c: str) -> bool:
+    code = ord(c)
+    return code < 32 or 127 <= code < 160 or c in "\u2028\u2029"

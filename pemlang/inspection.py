@@ -9,8 +9,16 @@ from __future__ import annotations
 import re
 
 from .adapters import Adapter
-from .formatting import compact_indices, human_bytes
+from .formatting import compact_indices, human_bytes, visible
 from .types import LoraLayer, describe_heads
+
+
+def _text(value: object, style: str = ""):  # type: ignore[no-untyped-def]
+    """What an adapter says (a path, a name, a key), to print as it is: never read as Rich
+    markup, control characters made visible."""
+    from rich.text import Text
+
+    return Text(visible(str(value)), style=style)
 
 
 def _format_number(x: float) -> str:
@@ -47,8 +55,6 @@ def provenance_rows(metadata: dict[str, str]) -> list[tuple[str, str]]:
     field that does not parse is shown as it is."""
     if "pemlang.expression" not in metadata:
         return []
-    from rich.markup import escape
-
     from .writer import provenance_field as parsed
 
     rows = [("version", metadata.get("pemlang.version", "?")), ("mode", metadata.get("pemlang.mode", "?")),
@@ -66,7 +72,7 @@ def provenance_rows(metadata: dict[str, str]) -> list[tuple[str, str]]:
         rows.append(("tuned", f"{tuned.get('direction')} {tuned.get('objective')}: {tuned.get('value')} "
                      f"at trial {tuned.get('trial')} of {tuned.get('trials')} over {', '.join(tuned.get('space') or [])}"
                      + (f" (study {tuned.get('study')})" if tuned.get("study") else "")))
-    return [(label, escape(str(value))) for label, value in rows]
+    return [(label, str(value)) for label, value in rows]
 
 
 def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-untyped-def]
@@ -83,10 +89,10 @@ def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-u
     if t.kind == "lora" and cfg.get("use_rslora"):
         kind += " (rsLoRA)"
     total = sum(layer.nbytes for layer in t.layers.values()) + sum(h.nbytes for h in t.heads.values())
-    console.print(f"[bold]{adapter.path}[/bold]")
+    console.print(_text(adapter.path, "bold"))
     facts = [
         ("kind", kind),
-        ("base model", t.base.name or "[yellow]not recorded[/yellow]"),
+        ("base model", t.base.name or _text("not recorded", "yellow")),
         ("revision", t.base.revision or "-"),
         ("architecture", t.architecture or "-"),
         ("task type", cfg.get("task_type") or "-"),
@@ -101,7 +107,7 @@ def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-u
                          + ("  (alpha_pattern)" if cfg.get("alpha_pattern") else "")))
     summary = Table.grid(padding=(0, 2))
     for label, value in facts:
-        summary.add_row(f"[dim]{label}[/dim]", value)
+        summary.add_row(_text(label, "dim"), _text(value) if isinstance(value, str) else value)
     console.print(summary)
 
     table = Table(show_edge=False, header_style="bold")
@@ -115,8 +121,8 @@ def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-u
     table.add_column("size", justify="right")
     for row in layer_rows(adapter):
         name, shape, rank, alpha, scaling, dtype, size = row
-        table.add_row(*((name, shape, rank, alpha, scaling, dtype, size) if t.kind == "lora"
-                        else (name, shape, dtype, size)))
+        table.add_row(*map(_text, (name, shape, rank, alpha, scaling, dtype, size) if t.kind == "lora"
+                           else (name, shape, dtype, size)))
     console.print(table)
     if t.heads:
         heads = Table(show_edge=False, header_style="bold", title="heads (modules_to_save)", title_justify="left")
@@ -128,18 +134,18 @@ def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-u
         for module, keys in t.head_modules.items():
             for index, key in enumerate(keys):
                 head = t.heads[key]
-                heads.add_row(module if index == 0 else "", key, "×".join(map(str, head.shape)), head.dtype,
-                              human_bytes(head.nbytes))
+                heads.add_row(*map(_text, (module if index == 0 else "", key, "×".join(map(str, head.shape)),
+                                           head.dtype, human_bytes(head.nbytes))))
         console.print(heads)
     made = provenance_rows(adapter.metadata)
     if made:
         grid = Table.grid(padding=(0, 2))
         for label, value in made:
-            grid.add_row(f"[dim]{label}[/dim]", value)
+            grid.add_row(_text(label, "dim"), _text(value))
         console.print("[bold]made by pemlang[/bold]")
         console.print(grid)
     if adapter.unsupported:
-        console.print("[bold red]not composable by pemlang:[/bold red] " + "; ".join(adapter.unsupported))
+        console.print(_text("not composable by pemlang:", "bold red") + " " + _text("; ".join(adapter.unsupported)))
     if adapter.truncated:
         console.print(f"[bold red]truncated:[/bold red] the header promises "
                       f"{adapter.data_start + adapter.data_bytes_expected} bytes, the file has {adapter.file_size}")

@@ -29,7 +29,7 @@ from .about import ISSUES_URL, __version__
 from .api import AdapterCache
 from .check import Checker, did_you_mean
 from .checked import POISON, CheckedProgram, ModuleValue, Override, ScalarValue, Value
-from .diagnostics import Diagnostic, PemError, emit, error
+from .diagnostics import Diagnostic, PemError, display_path, emit, error
 from .operators import FUNCTIONS
 from .parser import parse_expression, parse_program
 from .source import Source, Span
@@ -55,6 +55,19 @@ A bare expression prints its type. Commands:
 """ + "\n".join(f"  {text}" for text in COMMANDS.values())
 
 
+class _SessionAdapters(AdapterCache):
+    """The session's adapter cache, which also remembers every directory read (the history file
+    is never one of their files)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: dict[Path, None] = {}
+
+    def __call__(self, path: Path, *, allow_pickle: bool = False):  # type: ignore[no-untyped-def]
+        self.paths.setdefault(Path(path), None)
+        return super().__call__(path, allow_pickle=allow_pickle)
+
+
 @dataclass
 class _Entry:
     """An accepted statement, replayed into a fresh checker for each new entry."""
@@ -74,7 +87,8 @@ class Session:
         self.entries: list[_Entry] = []
         self.mode = "paper"
         self.overrides: dict[str, Override] = {}
-        self.adapters = AdapterCache()
+        self.adapters = _SessionAdapters()
+        self.loaded: dict[Path, None] = {}  # program files read by the session (FILE, :load)
         self.tensors: Any = None
         self.scope: dict[str, str] = {}  # names in scope and their kinds, as of the last accepted entry
         self.failed = False  # whether an entry had an error (a piped script then exits 1)
@@ -117,6 +131,11 @@ class Session:
         checker.source, checker.base_dir = source, Path.cwd()
         return checker
 
+    def read_files(self) -> dict[str, Path]:
+        """What the session has read, by description: every adapter directory, every program file."""
+        return {**{f"the input adapter {display_path(p)}": p for p in self.adapters.paths},
+                **{f"the program file {display_path(p)}": p for p in self.loaded}}
+
     def names(self) -> dict[str, str]:
         """Names in scope and their kinds (for :names, completion and highlighting, on every key)."""
         return dict(self.scope)
@@ -154,6 +173,7 @@ class Session:
     def load(self, path: Path) -> None:
         """Run a program file's statements in the session (its outputs are not written). Raises
         OSError when it cannot be read, PemError when it is not UTF-8 or has errors."""
+        self.loaded.setdefault(Path(path), None)
         self.statements(read_source(path), path.resolve().parent, loading=True)
 
     def statements(self, source: Source, base_dir: Path, *, loading: bool = False) -> None:
@@ -166,16 +186,18 @@ class Session:
             mode = self._mode(statements.pop(0), source)  # type: ignore[arg-type]
         checker = self.checker(source, mode=mode)
         checker.base_dir = base_dir
+        # A loaded file's outputs are checked as `pemlang check` checks them (an existing directory
+        # is no error: nothing is written) and then set aside.
         values: list[tuple[ast.Expr, Value]] = []
-        outputs = 0
         for stmt in statements:
-            if isinstance(stmt, ast.OutputStmt) and loading:
-                outputs += 1
-                continue
+            checker.writes = not (loading and isinstance(stmt, ast.OutputStmt))
             value = checker.statement(stmt)
+            checker.writes = True
             if isinstance(stmt, ast.ExprStmt) and value is not None:
                 values.append((stmt.value, value))
-        diagnostics = sorted(checker.diagnostics, key=lambda d: d.span.start if d.span else 0)
+        outputs = len(checker.outputs) if loading else 0
+        diagnostics = sorted((d for d in checker.diagnostics if not (loading and d.code == "W005")),
+                             key=lambda d: d.span.start if d.span else 0)
         if any(d.is_error for d in diagnostics):
             raise PemError(diagnostics)
         self.report(diagnostics)
@@ -190,7 +212,8 @@ class Session:
         if checker.outputs and not loading:
             self.write(checker.result(), force=False)
         if loading:
-            self.say(f"loaded {source.filename}: {len(self.names())} names in scope"
+            names = len(self.names())
+            self.say(f"loaded {source.filename}: {names} name{'s' if names != 1 else ''} in scope"
                      + (f"; {outputs} output{'s' if outputs != 1 else ''} not written (use :save)" if outputs else ""))
 
     def _mode(self, stmt: ast.ModeStmt, source: Source) -> str:
@@ -373,8 +396,15 @@ class Session:
 
     def cmd_save(self, source: Source, rest: str, span: Span) -> None:
         self._needs(source, rest, "an expression and a directory", ":save EXPR DIR [--force]")
-        force = rest.endswith(" --force")
-        body = rest.removesuffix(" --force").rstrip() if force else rest
+        body, force = rest, False
+        while (flag := re.search(r"\s(--[^\s\"]*)$", body)) is not None:  # options after DIR
+            if flag.group(1) != "--force":
+                at = span.start + flag.start(1)
+                raise PemError([error("E020", f"unknown option `{flag.group(1)}` of :save", source,
+                                      Span(at, at + len(flag.group(1))),
+                                      hints=did_you_mean(flag.group(1), ["--force"])
+                                      or ["usage: :save EXPR DIR [--force]"])])
+            body, force = body[: flag.start()].rstrip(), True
         match = re.fullmatch(r'(.*?)\s+("[^"]*"|\S+)', body, flags=re.S)
         if match is None or not match.group(1).strip():
             raise PemError([error("E020", ":save needs an expression and a directory", source, span,
@@ -496,10 +526,98 @@ def tokens(line: str, names: dict[str, str]) -> list[tuple[str, str]]:
     return out
 
 
+HISTORY_HINT = "give another file with --history FILE (or $PEMLANG_HISTORY)"
+
+
+def is_history_file(path: Path) -> bool:
+    """Whether the regular file `path` holds what prompt_toolkit's FileHistory writes: UTF-8 lines
+    that are blank, `# time` stamps or `+entry` lines. Read line by line, stopping at the first that
+    is not (a JSON config or a safetensors file is refused at its first byte)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            at_line_start = True
+            while chunk := f.readline(1 << 16):
+                if at_line_start and chunk[:1] not in (b"\n", b"#", b"+"):
+                    return False
+                decoder.decode(chunk)
+                at_line_start = chunk.endswith(b"\n")
+            decoder.decode(b"", final=True)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def history_problem(path: Path, read: dict[str, Path], *, contents: bool) -> str | None:
+    """Why the session must not append to the history file `path` (None when it may): it is, or is
+    inside, something the session read (`read`, by description); with `contents`, it exists and is
+    not a prompt_toolkit history file."""
+    from .writer import file_clash
+
+    clash = file_clash(path, read)
+    if clash is not None:
+        return f"{display_path(path)} is {clash} or inside it (inputs are never written)"
+    if contents and os.path.lexists(path):
+        import stat
+
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError as exc:
+            return f"{display_path(path)} cannot be read: {exc.strerror or exc}"
+        if not regular or not is_history_file(path):
+            return f"{display_path(path)} is not a history file"
+    return None
+
+
+def _history(session: Session, path: Path):  # type: ignore[no-untyped-def]
+    """prompt_toolkit's FileHistory for `path`, guarded: an entry is appended only after it was
+    handled (an `input` it declares is then known) and only while `history_problem` finds nothing;
+    else the session says so once and keeps its history in memory."""
+    from prompt_toolkit.history import FileHistory
+
+    class SessionHistory(FileHistory):
+        def __init__(self) -> None:
+            super().__init__(str(path))
+            self.pending: list[str] = []
+            self.refused = False
+            self._refuse(history_problem(path, session.read_files(), contents=True))
+
+        def _refuse(self, problem: str | None) -> None:
+            if problem is not None and not self.refused:
+                self.refused = True
+                session.say(f"pemlang: warning: history is kept in memory for this session: {problem}\n"
+                            f"  hint: {HISTORY_HINT}")
+            if self.refused:
+                self.pending.clear()
+
+        def load_history_strings(self) -> Iterable[str]:
+            return [] if self.refused else super().load_history_strings()
+
+        def store_string(self, string: str) -> None:
+            if not self.refused:
+                self.pending.append(string)
+
+        def flush(self) -> None:
+            """Append the entries handled since the last flush, if the file is still safe to append to."""
+            if self.pending:
+                self._refuse(history_problem(path, session.read_files(), contents=False))
+            for string in self.pending:
+                try:
+                    super().store_string(string)
+                except OSError as exc:
+                    self._refuse(f"{display_path(path)} cannot be written: {exc.strerror or exc}")
+                    break
+            self.pending.clear()
+
+    return SessionHistory()
+
+
 def _prompt_session(session: Session, history: Path | None, **io: Any):  # type: ignore[no-untyped-def]
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import Completer, Completion
-    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.history import InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
     from prompt_toolkit.lexers import Lexer
     from prompt_toolkit.styles import Style
@@ -540,7 +658,7 @@ def _prompt_session(session: Session, history: Path | None, **io: Any):  # type:
                              "pem.command": "bold #af5f00", "pem.keyword": "bold #875f87",
                              "pem.function": "#0087af", "pem.name.input": "bold", "pem.name.param": "#af8700",
                              "pem.name.binding": "underline", "pem.op": "#808080"})
-    return PromptSession(history=FileHistory(str(history)) if history else InMemoryHistory(),
+    return PromptSession(history=_history(session, history) if history else InMemoryHistory(),
                          completer=PemCompleter(), complete_while_typing=False, lexer=PemLexer(), style=style,
                          multiline=True, key_bindings=keys, prompt_continuation=CONTINUATION, **io)
 
@@ -552,6 +670,14 @@ def default_history() -> Path:
 def run(file: str | None = None, *, device: str = "auto", allow_pickle: bool = False,
         history: Path | None = None, input: Any = None, output: Any = None) -> int:  # noqa: A002
     """The REPL loop. `input`/`output` are prompt_toolkit Input/Output (tests pass pipe and dummy)."""
+    if device not in ("auto", "cpu"):  # a device that is not there is misuse: said before the first entry
+        from .backend import resolve_device
+
+        try:
+            resolve_device(device)
+        except ValueError as exc:
+            print(f"pemlang: error: {exc}", file=sys.stderr)
+            return 2
     session = Session(device=device, allow_pickle=allow_pickle)
     if file is not None:  # a file that cannot be loaded ends the session before it starts
         try:
@@ -576,7 +702,10 @@ def run(file: str | None = None, *, device: str = "auto", allow_pickle: bool = F
             continue
         except EOFError:
             return 0
-        if not session.handle(text):
+        going_on = session.handle(text)
+        if hasattr(prompt.history, "flush"):
+            prompt.history.flush()  # after the entry: an input it declared is guarded too
+        if not going_on:
             return 0
 
 

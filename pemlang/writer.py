@@ -36,7 +36,7 @@ from . import interrupts
 from .about import __version__
 from .adapters import CONFIG_NAME, WEIGHTS_NAME
 from .diagnostics import Diagnostic, PemError, display_path, error
-from .formatting import human_bytes
+from .formatting import human_bytes, visible
 from .plan import DTYPE_BYTES, OutputPlan, Plan, output_inputs
 from .types import TORCH_DTYPE_NAMES
 
@@ -73,15 +73,37 @@ def _heading(meta: Mapping[str, str]) -> str:
     """The card's title: the output's name, else its expression on one line (comments dropped)."""
     name = meta.get("pemlang.output") or ""
     if name:
-        return name
+        return _text(name)
     lines = [line.split("#")[0].strip() for line in meta.get("pemlang.expression", "").splitlines()]
     text = " ".join(line for line in lines if line)
-    return (text[:120] + "…" if len(text) > 120 else text).replace("`", "'") or "pemlang adapter"
+    return _text(text[:120] + "…" if len(text) > 120 else text) or "pemlang adapter"
 
 
-def _cell(value: Any) -> str:
-    """Text for a Markdown table cell: pipes escaped, on one line."""
-    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+# Markdown's punctuation that could start emphasis, code, a link or an image, or end a table cell.
+_MARKDOWN = re.compile(r"([\\`*_\[\]|~!])")
+
+
+def _text(value: Any) -> str:
+    """What the card quotes (a path, a name), as Markdown that renders as that text on one line:
+    control characters (a CR, an escape) shown as escapes, HTML's `& < >` as entities, Markdown's
+    punctuation backslash-escaped (a `|` cannot end a table cell)."""
+    text = visible(str(value))
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
+_cell = _text  # a Markdown table cell: the same rules keep it one cell
+
+
+def _digest(value: Any) -> str:
+    """A sha256 as code; anything else (a header pemlang did not write) as text."""
+    return f"`{value}`" if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else _text(value)
+
+
+def _fenced_text(text: str) -> str:
+    """Text for a fenced block (where Markdown and HTML are literal): lines as they are, other
+    control characters shown as escapes."""
+    return visible(text.replace("\r\n", "\n"), keep="\n\t")
 
 
 def provenance_field(meta: Mapping[str, str], key: str, default: Any = None) -> Any:
@@ -102,7 +124,7 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
     def fenced(text: str, language: str = "") -> list[str]:  # a fence longer than any backtick run inside
         longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
         fence = "`" * max(3, longest + 1)
-        return [fence + language, text, fence]
+        return [fence + language, _fenced_text(text), fence]
 
     base = config.get("base_model_name_or_path")
     kind = "lora" if config.get("peft_type") == "LORA" else "ia3"
@@ -121,12 +143,13 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
         lines += ["Params: " + ", ".join(f"`{k} = {v}`" for k, v in params.items()) + ".", ""]
     tuned = provenance_field(meta, "pemlang.tune")
     if isinstance(tuned, dict):
-        lines += [f"The params were chosen by `pemlang tune`: {tuned.get('direction')} {tuned.get('objective')}, "
-                  f"best value {tuned.get('value')} at trial {tuned.get('trial')} of {tuned.get('trials')}.", ""]
+        lines += [f"The params were chosen by `pemlang tune`: {_text(tuned.get('direction'))} "
+                  f"{_text(tuned.get('objective'))}, best value {_text(tuned.get('value'))} at trial "
+                  f"{_text(tuned.get('trial'))} of {_text(tuned.get('trials'))}.", ""]
     inputs = provenance_field(meta, "pemlang.inputs", [])
     if inputs:
         lines += ["| input | adapter | sha256 |", "|---|---|---|"]
-        lines += [f"| {i.get('name')} | {_cell(i.get('path'))} | `{i.get('sha256')}` |" for i in inputs
+        lines += [f"| {_cell(i.get('name'))} | {_cell(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
                   if isinstance(i, dict)]
         lines += [""]
     program = meta.get("pemlang.program", "")
@@ -221,6 +244,45 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def _real_inputs(inputs: Mapping[str, Path]) -> list[tuple[str, Path]]:
+    """Every input resolved, with what its files link to: an input's files may be symbolic links
+    elsewhere (the Hugging Face cache links snapshots to blobs), which are as much the input."""
+    real_inputs = []
+    for name, path in inputs.items():
+        try:
+            real_inputs.append((name, Path(path).resolve()))
+        except (OSError, RuntimeError):  # a symbolic link loop: the path as written is still guarded
+            real_inputs.append((name, Path(os.path.abspath(path))))
+    for name, path in list(real_inputs):
+        for file_name in (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin"):
+            with contextlib.suppress(OSError, RuntimeError):
+                if (path / file_name).is_symlink():
+                    real_inputs.append((name, (path / file_name).resolve()))
+    return real_inputs
+
+
+def file_clash(path: Path, inputs: Mapping[str, Path]) -> str | None:
+    """Which of `inputs` (adapter directories or single files, by name) writing the file `path`
+    would touch: `path` is one, is inside one, or is one of their files by another name (a link);
+    None when it touches none. The guard for a file that a session appends to (the REPL's history)."""
+    try:
+        real = Path(os.path.abspath(path)).resolve()
+    except (OSError, RuntimeError):
+        return None
+    real_inputs = _real_inputs(inputs)
+    for name, location in real_inputs:
+        if real == location or real.is_relative_to(location):
+            return name
+    for name, location in real_inputs:  # a hard link to an input's file
+        candidates = [location] if location.is_file() else [location / n for n in (WEIGHTS_NAME, CONFIG_NAME,
+                                                                                     "adapter_model.bin")]
+        for candidate in candidates:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(real, candidate):
+                    return name
+    return None
+
+
 def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path], *, force: bool
                          ) -> list[Diagnostic]:
     """Why any of `destinations` cannot be written (empty when all can): the one guard in front of
@@ -233,14 +295,7 @@ def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path
     problems: list[Diagnostic] = []
     existing: list[Path] = []
     seen: dict[Path, Path] = {}
-    # An input's files may be symbolic links elsewhere (the Hugging Face cache links snapshots to
-    # blobs): what they point to is as much the input as its directory.
-    real_inputs = [(name, Path(path).resolve()) for name, path in inputs.items()]
-    for name, path in list(real_inputs):
-        for file_name in (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin"):
-            with contextlib.suppress(OSError, RuntimeError):
-                if (path / file_name).is_symlink():
-                    real_inputs.append((name, (path / file_name).resolve()))
+    real_inputs = _real_inputs(inputs)
     for destination in destinations:
         destination = Path(os.path.abspath(destination))
         shown = display_path(destination)
@@ -551,7 +606,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, ready: Callable[[], None
             count = os.pwrite(fd, data, offset)
             data, offset = data[count:], offset + count
     except OSError as exc:
-        exc.destination = destination  # type: ignore[attr-defined]  # which output failed (E018 names it)
+        if destination is not None:  # which output failed (E018 names it); else `staged` knows
+            exc.destination = destination  # type: ignore[attr-defined]
         raise
 
 
@@ -656,7 +712,7 @@ def staged(destinations: Sequence[Path], *, force: bool = False, background: boo
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         if isinstance(exc, OSError):
-            raise _os_error(exc, getattr(exc, "destination", current)) from None
+            raise _os_error(exc, getattr(exc, "destination", None) or current) from None
         raise
     finally:
         if writer is not None:
@@ -688,7 +744,7 @@ def write_adapter(destination: Path, tensors: dict[str, Any], config: dict[str, 
     (E018) naming the destination; nothing partial is left."""
     with staged([destination], force=force, background=False, protect=protect) as (stagings, _):
         entries = {key: (tensor_dtype(t), tuple(t.shape)) for key, t in tensors.items()}
-        adapter = StagedAdapter(stagings[0], entries, meta)
+        adapter = StagedAdapter(stagings[0], entries, meta, destination=Path(os.path.abspath(destination)))
         try:
             adapter.put(tensors)
             adapter.finish(config, meta)

@@ -163,3 +163,35 @@ def test_every_reader_refuses_an_oversized_file_with_e001(tmp_path: Path, capsys
         with pytest.raises(PemError) as caught:
             read()
         assert caught.value.diagnostics[0].code == "E001"
+
+
+MARKUP = "[/][link=mailto:x@evil.example]click[/link][bold red]"
+
+
+def test_inspect_prints_paths_and_recorded_text_as_text(adapters: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Rich markup in a path or a recorded base is printed as it is written (no MarkupError, no
+    hyperlink, no style), and control characters in a path are shown as escapes, never sent raw."""
+    import pemlang
+    from pemlang.cli import main
+
+    directory = tmp_path / f"evil{MARKUP}\x1b[31mred\x07"
+    shutil.copytree(adapters / "llama_r8", directory)
+    config = json.loads((directory / CONFIG).read_text())
+    config["base_model_name_or_path"] = f"org/{MARKUP}"
+    (directory / CONFIG).write_text(json.dumps(config))
+    assert main(["inspect", str(directory)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "\x1b" not in out and "\x07" not in out
+    assert f"evil{MARKUP}\\x1b[31mred\\x07" in out  # the path, each control character made visible
+    assert f"org/{MARKUP}" in out
+    # A pemlang output records its inputs' paths (shown under "made by pemlang"): also as text.
+    [written] = pemlang.compile("2*a", inputs={"a": directory}, device="cpu").save(tmp_path / "out")
+    assert main(["inspect", str(written)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "\x1b" not in out and f"evil{MARKUP}\\x1b[31mred\\x07" in out, out
+    # A diagnostic quoting the path shows the control characters as escapes too.
+    assert main(["inspect", f"{directory}-missing"]) == 1
+    out, err = capsys.readouterr()
+    assert f"no such directory: {directory}-missing".replace("\x1b", "\\x1b").replace("\x07", "\\x07") in err
+    assert "\x1b" not in err and "\x07" not in err

@@ -52,3 +52,28 @@ def test_no_base_no_base_model_field(adapters: Path, tmp_path: Path, recorded: N
     [out] = pemlang.compile("a", inputs={"a": adapters / "llama_no_base"}).save(tmp_path / "o")
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model is recorded and "BASE_MODEL" in card.text
+
+
+def test_the_card_quotes_paths_as_text(adapters: Path, tmp_path: Path) -> None:
+    """What the card quotes (here an input path holding a CR, HTML, Markdown and an escape) stays
+    one table cell and renders as the text it is: checked on the HTML of a CommonMark renderer
+    with tables and raw HTML on, as the Hub renders cards."""
+    import html
+    import re
+    import shutil
+
+    from markdown_it import MarkdownIt
+
+    name = "in\r<b>bold</b>|pipe `tick` *star* [link](javascript:alert(1)) &amp; \\ \x1b[31m"
+    shutil.copytree(adapters / "llama_r8", tmp_path / name)
+    [out] = pemlang.compile("2*a", inputs={"a": tmp_path / name}).save(tmp_path / "out")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "\r" not in card and "\x1b" not in card
+    rendered = MarkdownIt("commonmark").enable("table").render(card)
+    [table] = re.findall(r"<table>.*?</table>", rendered, flags=re.S)
+    rows = re.findall(r"<tr>(.*?)</tr>", table, flags=re.S)
+    assert len(rows) == 2  # the header and the one input
+    cells = re.findall(r"<td>(.*?)</td>", rows[1], flags=re.S)
+    assert len(cells) == 3 and cells[0] == "a"
+    assert "<" not in cells[1]  # no element: no bold, link, emphasis or code made of the path
+    assert html.unescape(cells[1]) == str(tmp_path / name).replace("\r", "\\r").replace("\x1b", "\\x1b")

@@ -219,11 +219,109 @@ def test_an_internal_error_ends_one_entry_not_the_session(inputs: str, monkeypat
     assert "2*a : LoRA module" in text  # the session went on
 
 
-def test_an_unavailable_device_is_a_usage_message_and_the_session_goes_on(adapters: Path, tmp_path: Path) -> None:
+def test_an_unavailable_device_is_misuse_at_the_start(adapters: Path, tmp_path: Path) -> None:
+    """`--device cuda` without CUDA ends the REPL before its first entry (exit 2), not at the first :save."""
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    script = f'input a = "{adapters}/llama_r8"\n:save 2*a {tmp_path}/x\n3*a\n'
+    script = f'input a = "{adapters}/llama_r8"\n3*a\n:save 2*a {tmp_path}/x\n'
     result = piped(script, "--device", "cuda", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == ("pemlang: error: --device cuda: no CUDA device is available "
+                             "(use --device cpu or auto)\n")
+    assert result.stdout == "" and not (tmp_path / "x").exists()
+
+
+def test_a_file_whose_output_statements_have_errors_exits_1(adapters: Path, tmp_path: Path) -> None:
+    """An `output` statement is checked when its file is loaded (only not written): errors in it
+    end `pemlang repl FILE` with exit 1, as the README promises, and `:load` reports them."""
+    program = tmp_path / "bad.pem"
+    program.write_text(f'input a = "{adapters}/llama_r8"\noutput a + bb -> "out"\n', encoding="utf-8")
+    result = piped(":names\n", str(program), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"--> {program}:2:12" in result.stderr and "unknown name `bb`" in result.stderr
+    assert "not written" not in result.stdout + result.stderr
+    result = piped(f":load {program}\n:names\n", cwd=tmp_path)
+    assert result.returncode == 1 and "error[E002]: unknown name `bb`" in result.stdout, result.stdout
+    assert "inputs:" not in result.stdout  # the file changed nothing
+    (tmp_path / "out").mkdir()  # an existing output is not an error: the file's outputs are not written
+    program.write_text(f'input a = "{adapters}/llama_r8"\noutput 2 * a -> "out"\n', encoding="utf-8")
+    result = piped(":names\n", str(program), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == (f"loaded {program}: 1 name in scope; 1 output not written (use :save)\n"
+                             "inputs: a\n")
+
+
+def test_a_misspelt_save_flag_is_named(adapters: Path, tmp_path: Path) -> None:
+    result = piped(f'input a = "{adapters}/llama_r8"\n:save 2*a out --forc\n', cwd=tmp_path)
     assert result.returncode == 1
-    assert "no CUDA device" in result.stdout and "internal error" not in result.stdout
-    assert "3*a : LoRA module" in result.stdout and not (tmp_path / "x").exists()
+    assert result.stdout == ("error[E020]: unknown option `--forc` of :save\n"
+                             " --> <repl>:1:15\n"
+                             "  |\n"
+                             "1 | :save 2*a out --forc\n"
+                             "  |               ^^^^^^\n"
+                             "  = hint: did you mean `--force`?\n\n"), result.stdout
+    assert not (tmp_path / "out").exists()
+    result = piped(f'input a = "{adapters}/llama_r8"\n:save 2*a "o u t" --force\n', cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "o u t" / "adapter_model.safetensors").exists(), result.stdout
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+HISTORY_WARNING = "pemlang: warning: history is kept in memory for this session: "
+
+
+def test_the_history_file_is_never_a_file_of_an_input(adapters: Path, tmp_path: Path) -> None:
+    """`--history` (or $PEMLANG_HISTORY) naming an input's file, a file inside an input's directory
+    (an input declared during the session included) or the program file: nothing is written there,
+    the session says so once and keeps its history in memory."""
+    import shutil
+
+    shutil.copytree(adapters / "llama_r8", tmp_path / "a")
+    before = files_of(tmp_path / "a")
+    typed = f'input a = "{tmp_path}/a"\r0.25*a\r2*a\r'
+    for history in (tmp_path / "a" / "adapter_config.json", tmp_path / "a" / "history"):
+        out = drive(typed, history)
+        assert files_of(tmp_path / "a") == before, history
+        assert out.count(HISTORY_WARNING) == 1 and str(history) in out, out
+        assert "2*a : LoRA module" in out
+    program = tmp_path / "empty.pem"  # a history file as far as its contents go (none)
+    program.write_bytes(b"")
+    out = drive(typed, program, file=str(program))
+    assert program.read_bytes() == b"" and files_of(tmp_path / "a") == before
+    assert f"{HISTORY_WARNING}{program} is the program file {program} or inside it" in out, out
+
+
+def test_a_file_that_is_not_a_history_file_is_never_appended_to(adapters: Path, tmp_path: Path) -> None:
+    import shutil
+
+    config = tmp_path / "train.json"
+    config.write_text('{"lr": 0.001}\n', encoding="utf-8")
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(adapters / "llama_r8" / "adapter_model.safetensors", weights)
+    up = "\x1b[A"
+    for history in (config, weights):
+        before = history.read_bytes()
+        out = drive([f'input a = "{adapters}/llama_r8"\r0.25*a\r', up + "\r"], history)
+        assert history.read_bytes() == before
+        assert out.count(HISTORY_WARNING) == 1, out
+        assert f"{HISTORY_WARNING}{history} is not a history file\n  hint: give another file with --history FILE" in out
+        assert out.count("0.25*a : LoRA module") == 2, out  # kept in memory: Up recalls the entry
+
+
+def test_a_full_disk_under_save_is_e018_naming_the_directory(adapters: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = io.StringIO()
+    session = repl.Session(device="cpu", out=out)
+    session.handle(f'input a = "{adapters}/llama_r8"')
+    monkeypatch.setattr(os, "pwrite", full)
+    session.handle(f":save 2*a {tmp_path}/x")
+    text = out.getvalue()
+    assert f"error[E018]: cannot write output {tmp_path}/x: {os.strerror(errno.ENOSPC)}" in text, text
+    assert "internal error" not in text and session.failed and list(tmp_path.iterdir()) == []

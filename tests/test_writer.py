@@ -112,6 +112,30 @@ def test_os_errors_while_writing_are_diagnostics_naming_the_path(adapters: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pem"]
 
 
+def test_a_full_disk_under_the_in_memory_writer_names_the_destination(adapters: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer of an adapter held in memory (the API's save, the REPL's :save, sweeps) turns a
+    full disk into E018 naming the destination, as the streaming writer does (it was a TypeError)."""
+    from pemlang.writer import WriteError, write_adapter
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    tensors = {"base_model.model.x.lora_A.weight": torch.ones(2, 3)}
+    with pytest.raises(WriteError) as caught:
+        write_adapter(tmp_path / "out", tensors, {"peft_type": "LORA"}, {"format": "pt"})
+    [diagnostic] = caught.value.diagnostics
+    assert (diagnostic.code, diagnostic.message) == ("E018", f"cannot write output {tmp_path / 'out'}: "
+                                                             f"{os.strerror(errno.ENOSPC)}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    mix = pemlang.compile("2*a", inputs={"a": adapters / "llama_r8"}, device="cpu")
+    with pytest.raises(pemlang.CompileError, match="E018") as failed:
+        mix.save(tmp_path / "saved")
+    assert f"cannot write output {tmp_path / 'saved'}: {os.strerror(errno.ENOSPC)}" in str(failed.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_an_unwritable_second_output_writes_nothing(adapters: Path, tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file")
     path = program(tmp_path, f'input a = "{adapters}/llama_r8"\noutput 2*a -> "first"\n'
