@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from . import ast
+from . import ast, hub
 from .adapters import Adapter, AdapterError, config_owner, read_adapter, task_of
 from .checked import (
     MODES,
@@ -153,6 +153,7 @@ class Checker:
         self.broken_names: frozenset[str] = frozenset()
         self._statements_seen = 0
         self._current_span = Span(0, 0)  # the output statement being checked
+        self.hub_found: dict[str, hub.Resolved | hub.HubError] = {}  # hf:// ids resolved ahead (prefetch)
 
     # reporting
     def _error(self, code: str, message: str, span: Span | None, *, source: Source | None = None,
@@ -166,9 +167,14 @@ class Checker:
 
     # -- statements ----------------------------------------------------------------------------
 
+    def prefetch(self, written: Iterable[str]) -> None:
+        """Resolve the Hub ids among the inputs `written` before they are added, concurrently."""
+        self.hub_found.update(hub.locate_all(written, allow_pickle=self.allow_pickle, headers_only=not self.writes))
+
     def program(self, program: ast.Program) -> CheckedProgram:
         """Check a whole program and report unused names and missing overrides."""
         self.broken_names = program.broken_names
+        self.prefetch(stmt.path for stmt in program.statements if isinstance(stmt, ast.InputStmt))
         for stmt in program.statements:
             if isinstance(stmt, ast.ExprStmt):
                 self.expr(stmt.value)  # still checked, so its errors are reported too
@@ -306,11 +312,12 @@ class Checker:
             return
         pinned = None
         if written.startswith("hf://"):  # an adapter on the Hugging Face Hub: its snapshot in the cache
-            from . import hub
-
             try:
                 # `check` and `plan` need headers only: uncached weights are not downloaded for them
-                resolved = hub.locate(written, allow_pickle=self.allow_pickle, headers_only=not self.writes)
+                resolved = self.hub_found.get(written) or hub.locate(written, allow_pickle=self.allow_pickle,
+                                                                     headers_only=not self.writes)
+                if isinstance(resolved, hub.HubError):
+                    raise resolved
             except hub.HubError as exc:
                 self.env[name.id] = Entry("input", POISON, name.span, source=source)
                 self._error("E012", f"input `{name.id}`: {exc.message}", path_span, source=source, hints=exc.hints)

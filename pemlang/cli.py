@@ -542,6 +542,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     named = {text.partition("=")[0].strip() for text in args.input}
     if unknown := sorted(set(bases) - named):
         raise UsageError(f"--input-base {unknown[0]}: there is no --input {unknown[0]}=...")
+    checker.prefetch(text.partition("=")[2] for text in args.input)
     for text in args.input:
         name, sep, path = text.partition("=")
         if not sep or not name.strip() or not path:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import hub
 from ..diagnostics import CompileError, error, first_line
 from ..source import Source, Span
 from .errors import TuneError
@@ -37,6 +38,7 @@ def load_base(base: Any, *, classifier: bool, device: Any) -> Any:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    _reach(base)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -73,6 +75,7 @@ def check_base(base: Any, *, load: bool = True) -> None:
         raise base_error(str(base), message)
     if not load:
         return
+    _reach(base)
     try:
         from transformers import AutoConfig
 
@@ -83,10 +86,24 @@ def check_base(base: Any, *, load: bool = True) -> None:
         raise base_error(str(base), _load_failure(base, exc)) from None
 
 
+def _reach(base: str | Path) -> None:
+    """For a Hub id not in the cache, one short attempt to reach the Hub (offline, huggingface_hub
+    itself would retry for a minute before transformers gives up)."""
+    if Path(base).exists() or not hub.is_repo_id(str(base)):
+        return
+    try:
+        hub.reach(str(base), "config.json")
+    except hub.Unreachable as exc:
+        raise base_error(str(base), f"{base} could not be downloaded ({exc}) and is not in the cache",
+                         hints=hub.UNREACHABLE_HINTS) from None
+    except Exception as exc:  # noqa: BLE001 - the Hub's answer (not found, gated, …)
+        raise base_error(str(base), _load_failure(base, exc)) from None
+
+
 def _load_failure(base: Any, exc: BaseException) -> str:
     text = str(base)
     parts = Path(text).parts
-    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or (len(parts) > 1 and Path(parts[0]).is_dir())
+    local = text.startswith((".", "/", "~")) or not hub.is_repo_id(text) or (len(parts) > 1 and Path(parts[0]).is_dir())
     if not Path(text).exists() and local:
         return f"no such directory: {text}"
     return f"cannot load the base model {text!r}: {first_line(exc)}"
