@@ -23,10 +23,16 @@ def base_error(base: str, message: str, *, hints: Sequence[str] = ()) -> TuneErr
                                             "written by save_pretrained, or a Hub id already in the cache"])])
 
 
+def expanded(base: Any) -> Any:
+    """A path written with `~` expanded (a Hub id or model object as it is)."""
+    return Path(base).expanduser() if isinstance(base, str | Path) and str(base).startswith("~") else base
+
+
 def load_base(base: Any, *, classifier: bool, device: Any) -> Any:
     """The base model (a transformers model instance is used as it is)."""
     if not isinstance(base, str | Path):
         return base.to(device).eval()
+    base = expanded(base)
     import warnings
 
     try:
@@ -52,6 +58,7 @@ def load_base(base: Any, *, classifier: bool, device: Any) -> Any:
 
 def absolute(name: Any) -> Any:
     """A local path made absolute (Ray workers run elsewhere); a Hub id or object as it is."""
+    name = expanded(name)
     if isinstance(name, str | Path) and Path(name).exists():
         return str(Path(name).resolve())
     return name
@@ -62,6 +69,7 @@ def check_base(base: Any, *, load: bool = True) -> None:
     (not an adapter, not a file); with `load`, its config must load (without weights)."""
     if not isinstance(base, str | Path):
         return
+    base = expanded(base)
     local = Path(base)
     if local.exists():
         if not local.is_dir():
@@ -142,6 +150,7 @@ class Worker:
         config = program.plan().outputs[self.index].config
         self.classifier = is_classifier(config)
         self.device, self.device_note = resolve_device(device or program.device)
+        base = expanded(base)
         self.source = base
         self.base = load_base(base, classifier=self.classifier, device=self.device)
         self.model: Any = None
