@@ -332,3 +332,34 @@ def test_a_path_relative_to_the_working_directory_gets_a_hint(home: Path, tmp_pa
     os.chdir(tmp_path)  # from here the path leads nowhere either: no hint
     assert main(["check", str(program)]) == 1
     assert "working directory" not in capsys.readouterr().err
+
+
+def _subcommands() -> dict[str, object]:
+    import argparse
+
+    from pemlang.cli import build_parser
+
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def test_every_option_and_argument_has_help() -> None:
+    missing = [f"{name} {action.dest}" for name, parser in _subcommands().items()
+               for action in parser._actions if not action.help]  # type: ignore[attr-defined]
+    assert missing == []
+
+
+def test_help_says_what_options_do_where_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    def helps(command: str) -> dict[str, str]:
+        parser = _subcommands()[command]
+        return {action.option_strings[-1] if action.option_strings else action.dest: action.help
+                for action in parser._actions}  # type: ignore[attr-defined]
+
+    for command in ("check", "plan"):  # they write nothing: --force replaces nothing there
+        assert "replace" not in helps(command)["--force"].split(":")[0] and "writes nothing" in helps(command)["--force"]
+    assert "replace" in helps("run")["--force"]
+    assert "hf://" in _subcommands()["inspect"].format_usage() and "Hub" in helps("inspect")["adapter"]  # type: ignore[attr-defined]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "points in all" in helps("tune")["--max-points"] and "1,000 points in all" in readme
+    assert "per param" not in helps("tune")["--max-points"]
+    assert "so that pip takes the CPU build" not in readme and "download.pytorch.org/whl/cpu" in readme
