@@ -481,7 +481,7 @@ def _misfits(model: Any, tensors: Mapping[str, Any], adapter_name: str, base: st
                       notes=tuple(f"also {k.removeprefix('base_model.model.')}: {dims(o)} in the output, {dims(t)} "
                                   "in the model" for k, o, t in wrong[1:4])
                       + ((f"and {len(wrong) - 4} more",) if len(wrong) > 4 else ()),
-                      hints=("load it into the base model the inputs were trained on"
+                      hints=("use the base model the inputs were trained on"
                              + (f" (they record {base})" if base else ""),))
 
 

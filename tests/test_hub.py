@@ -448,3 +448,19 @@ def test_tune_base_fails_fast_without_a_connection(tmp_path: Path, adapters: Pat
     assert done.returncode == 1 and "error[E032]" in done.stderr and message in done.stderr, done.stderr
     assert "Retrying" not in done.stderr and "Traceback" not in done.stderr
     assert elapsed < 20, f"{elapsed:.1f} s"
+
+
+def test_load_into_a_hub_id_fails_fast_without_a_connection(tmp_path: Path, adapters: Path) -> None:
+    import time
+
+    script = ("import pemlang\n"
+              f"program = pemlang.compile('a', inputs={{'a': {str(adapters / 'llama_r8')!r}}}, device='cpu')\n"
+              "try:\n    program.load_into('org/model')\n"
+              "except pemlang.CompileError as exc:\n    print(exc.diagnostics[0].code, exc.diagnostics[0].message)\n"
+              "    print(*exc.diagnostics[0].hints)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], text=True, capture_output=True, env=_offline_env(tmp_path),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("E032 org/model could not be downloaded") and "HF_HUB_OFFLINE=1" in done.stdout
+    assert time.monotonic() - started < 20
