@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import ast
+from . import ast, hub
 from .adapters import Adapter, read_adapter
 from .check import Checker, check_parsed, default_base_dir, is_name
 from .checked import CheckedProgram, Mode, Override
@@ -425,8 +425,6 @@ def _load_model(name: str | Path, config: Mapping[str, Any]) -> Any:
     """The base model at a path (or a Hub id), loaded with transformers as `tune` loads its base:
     with a classification head when the output has one. FileNotFoundError when there is none."""
     import warnings
-
-    from . import hub
 
     text = str(name)
     local = Path(text).expanduser()
