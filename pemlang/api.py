@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import ast
+from . import ast, hub
 from .adapters import Adapter, read_adapter
 from .check import Checker, check_parsed, default_base_dir, is_name
 from .checked import CheckedProgram, Mode, Override
-from .diagnostics import CompileError, Diagnostic, PemError
+from .diagnostics import CompileError, Diagnostic, PemError, first_line
 from .parser import parse_expression, parse_program
 from .plan import Plan, dtype_name
 from .source import Source, Span, source_from_text
@@ -152,19 +152,26 @@ class Program:
             raise CompileError(errors)
         return checked
 
-    def plan(self, params: Mapping[str, float] | None = None, **kw: float) -> Plan:
+    def _dtype(self, dtype: str | None) -> str | None:
+        """The dtype of one call: its own `dtype=`, else the program's (ValueError for an unknown one)."""
+        return dtype_name(dtype) if dtype is not None else self.dtype
+
+    def plan(self, params: Mapping[str, float] | None = None, *, dtype: str | None = None, **kw: float) -> Plan:
         """The lowered evaluation plan for these parameter values."""
         from .lower import lower
 
-        return lower(self._check({**(params or {}), **kw}), dtype=self.dtype)
+        dtype = self._dtype(dtype)
+        return lower(self._check({**(params or {}), **kw}), dtype=dtype)
 
     def evaluate(self, params: Mapping[str, float] | None = None, *, device: str | None = None,
-                 **kw: float) -> dict[str, dict[str, Any]]:
-        """Tensors of every output, by output name: {PEFT state-dict key: CPU tensor}."""
-        return self._evaluate({**(params or {}), **kw}, device).tensors
+                 dtype: str | None = None, **kw: float) -> dict[str, dict[str, Any]]:
+        """Tensors of every output, by output name: {PEFT state-dict key: CPU tensor}. `dtype`
+        (`float16`, …) overrides the program's for this call."""
+        dtype = self._dtype(dtype)
+        return self._evaluate({**(params or {}), **kw}, device, dtype=dtype).tensors
 
     def _evaluate(self, params: Mapping[str, float], device: str | None,
-                  checked: CheckedProgram | None = None) -> Evaluation:
+                  checked: CheckedProgram | None = None, *, dtype: str | None = None) -> Evaluation:
         from .backend.torch_backend import TensorCache
         from .run import execute
 
@@ -172,7 +179,8 @@ class Program:
         if self._tensor_cache is None:
             self._tensor_cache = TensorCache()
         try:
-            result = execute(checked, device=device or self.device, dtype=self.dtype, cache=self._tensor_cache)
+            result = execute(checked, device=device or self.device, dtype=dtype or self.dtype,
+                             cache=self._tensor_cache)
         except CompileError:
             raise
         except PemError as exc:  # a non-finite input or result (E014, E027)
@@ -182,25 +190,27 @@ class Program:
                           result.diagnostics)
 
     def save(self, directory: str | Path | None = None, params: Mapping[str, float] | None = None, *,
-             device: str | None = None, force: bool = False, provenance: Mapping[str, str] | None = None,
-             **kw: float) -> list[Path]:
+             device: str | None = None, dtype: str | None = None, force: bool = False,
+             provenance: Mapping[str, str] | None = None, **kw: float) -> list[Path]:
         """Write the outputs as PEFT adapter directories, streaming: each layer goes to disk as it
         is computed, so memory does not grow with the output.
 
         A program whose outputs have directories writes there; `directory` gives the directory of
-        a single-output program compiled without one (an expression). `provenance` adds entries
-        (`pemlang.…` keys) to the metadata recorded in the written header."""
+        a single-output program compiled without one (an expression). `dtype` (`float16`, …)
+        overrides the program's for this call. `provenance` adds entries (`pemlang.…` keys) to the
+        metadata recorded in the written header."""
         from dataclasses import replace
 
         from .lower import lower
         from .run import stream
 
+        dtype = self._dtype(dtype)
         checked = self._check({**(params or {}), **kw})
-        plan = self._placed(lower(checked, dtype=self.dtype), directory=directory)
+        plan = self._placed(lower(checked, dtype=dtype), directory=directory)
         if provenance:
             plan = replace(plan, provenance=tuple(sorted(provenance.items())))
         try:
-            stream(checked, device=device or self.device, dtype=self.dtype, force=force, plan=plan)
+            stream(checked, device=device or self.device, dtype=dtype, force=force, plan=plan)
         except CompileError:
             raise
         except PemError as exc:  # the writer's guard, an OS error while writing (E018), E014, E027
@@ -236,16 +246,16 @@ class Program:
         except PemError as exc:  # the writer's guard, or an OS error while writing (E018)
             raise CompileError(exc.diagnostics) from None
 
-    def sweep(self, grid: Mapping[str, Iterable[float]] | None = None, *, device: str | None = None,
-              callback: Callable[[Evaluation], None] | None = None, save: bool = False, force: bool = False,
-              **axes: Iterable[float]) -> Iterator[Evaluation]:
+    def sweep(self, grid: Mapping[str, Iterable[float] | float] | None = None, *, device: str | None = None,
+              dtype: str | None = None, callback: Callable[[Evaluation], None] | None = None, save: bool = False,
+              force: bool = False, **axes: Iterable[float] | float) -> Iterator[Evaluation]:
         """Evaluate over the product of parameter values, inputs read once; yields (and passes to
         `callback`) one Evaluation per point. Every point is type-checked before any is computed.
         With `save`, each point's outputs are written to `DIR.NAME=VALUE` beside each output DIR (one
         number format per axis, `sweep_suffix`); every directory is checked, and the bytes to write
-        against the free disk space, before any point is computed."""
-        lists: dict[str, list[float]] = {name: [float(v) for v in values]
-                                         for name, values in {**(grid or {}), **axes}.items()}
+        against the free disk space, before any point is computed. A single number is one point."""
+        dtype = self._dtype(dtype)
+        lists = {name: _axis(name, values) for name, values in {**(grid or {}), **axes}.items()}
         names = list(lists)
         points = [dict(zip(names, values, strict=True)) for values in itertools.product(*lists.values())]
         unknown = [name for name in names if name not in self.params]
@@ -268,10 +278,10 @@ class Program:
             raise CompileError([_at_points(d, where) for d, where in problems.values()])
         suffixes = [sweep_suffix(point, decimals) for point in points]
         if save and checked:
-            self._guard_sweep(checked, suffixes, force=force)
+            self._guard_sweep(checked, suffixes, force=force, dtype=dtype)
         for number, (point, program, suffix) in enumerate(zip(points, checked, suffixes, strict=True)):
             try:
-                evaluation = self._evaluate(point, device, program)
+                evaluation = self._evaluate(point, device, program, dtype=dtype)
             except PemError as exc:  # a non-finite input or result (E014, E027): name the point
                 diagnostics = [_at_points(d, [point]) for d in exc.diagnostics]
                 if save and number:  # the points before this one were written, each whole
@@ -291,7 +301,8 @@ class Program:
                 callback(evaluation)
             yield evaluation
 
-    def _guard_sweep(self, checked: Sequence[CheckedProgram], suffixes: Sequence[str], *, force: bool) -> None:
+    def _guard_sweep(self, checked: Sequence[CheckedProgram], suffixes: Sequence[str], *, force: bool,
+                     dtype: str | None) -> None:
         """Before computing any point: every directory of every point passes the writer's guard
         (inputs, existing directories, two points on one directory), and the bytes to write fit
         the free disk space."""
@@ -304,7 +315,7 @@ class Program:
                         for program, suffix in zip(checked, suffixes, strict=True) for o in program.outputs]
         inputs = {name: adapter.path for name, adapter in checked[0].inputs.items()}
         problems = destination_problems(destinations, inputs, force=force)
-        plan = lower(checked[0], dtype=self.dtype)
+        plan = lower(checked[0], dtype=dtype)
         space = check_free_space(destinations, len(checked) * sum(o.bytes_written for o in plan.outputs))
         if space is not None:
             problems.append(space)
@@ -314,12 +325,17 @@ class Program:
     def load_into(self, model: Any, params: Mapping[str, float] | None = None, *, output: str | None = None,
                   adapter_name: str = "pemlang", device: str | None = None, **kw: float) -> Any:
         """Load an output into a model in memory: a PeftModel gains adapter `adapter_name` (made
-        active); a transformers model is wrapped into a PeftModel. Returns the PeftModel."""
+        active); a transformers model is wrapped into a PeftModel; a path (or Hub id) of a base
+        model is loaded with transformers first, as `tune` loads its base. Returns the PeftModel.
+        CompileError (E009) when the model's layers have other shapes than the output's."""
         evaluation = self._evaluate({**(params or {}), **kw}, device)
         names = list(evaluation.tensors)
         if output is None and len(names) != 1:
             raise ValueError(f"the program has {len(names)} outputs: name one with output=")
-        return self._install(model, evaluation, output or names[0], adapter_name)
+        name = output or names[0]
+        if isinstance(model, str | Path):
+            model = _load_model(model, evaluation.plan.outputs[names.index(name)].config)
+        return self._install(model, evaluation, name, adapter_name)
 
     @staticmethod
     def _install(model: Any, evaluation: Evaluation, name: str, adapter_name: str) -> Any:
@@ -331,7 +347,8 @@ class Program:
         index = list(evaluation.tensors).index(name)
         config = PeftConfig.from_peft_type(**evaluation.plan.outputs[index].config)
         config.inference_mode = True
-        if isinstance(model, PeftModel):
+        given_peft = isinstance(model, PeftModel)
+        if given_peft:
             model.add_adapter(adapter_name, config)
         else:
             # get_peft_model records the model it wraps as the base (and warns that it "renamed" the
@@ -341,6 +358,14 @@ class Program:
                 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                         category=FutureWarning)
                 model = get_peft_model(model, config, adapter_name=adapter_name)
+        misfits = _misfits(model, evaluation.tensors[name], adapter_name,
+                           evaluation.plan.outputs[index].config.get("base_model_name_or_path"))
+        if misfits is not None:  # the model is left as it was given
+            if given_peft:
+                model.delete_adapter(adapter_name)
+            else:
+                model.unload()  # the layers get_peft_model put into it, taken out again
+            raise CompileError([misfits])
         result = set_peft_model_state_dict(model, evaluation.tensors[name], adapter_name=adapter_name)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -394,6 +419,89 @@ class Program:
             raise
         except PemError as exc:
             raise CompileError(exc.diagnostics) from None
+
+
+def _load_model(name: str | Path, config: Mapping[str, Any]) -> Any:
+    """The base model at a path (or a Hub id), loaded with transformers as `tune` loads its base:
+    with a classification head when the output has one. FileNotFoundError when there is none."""
+    import warnings
+
+    text = str(name)
+    local = Path(text).expanduser()
+    if not local.exists() and not hub.is_repo_id(text):
+        raise FileNotFoundError(f"no such directory: {text}")
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{text} is not a saved model (it has no config.json)")
+
+    def failure(message: str, hints: Sequence[str] = ()) -> CompileError:
+        return CompileError([Diagnostic("E032", message, Source(text, "model"), Span(0, max(1, len(text))),
+                                        hints=tuple(hints) or ("pass the base model the inputs were trained on: a "
+                                                               "directory written by save_pretrained, or a Hub id",))])
+
+    if not local.exists():
+        try:
+            hub.reach(text, "config.json")
+        except hub.Unreachable as exc:
+            raise failure(f"{text} could not be downloaded ({exc}) and is not in the cache",
+                          hub.UNREACHABLE_HINTS) from None
+        except Exception as exc:  # noqa: BLE001 - the Hub's answer (not found, gated, …)
+            raise failure(f"cannot load the model {text!r}: {first_line(exc)}") from None
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if config.get("task_type") == "SEQ_CLS" else AutoModelForCausalLM
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_pretrained(str(local) if local.exists() else text).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise failure(f"cannot load the model {text!r}: {first_line(exc)}") from None
+
+
+def _misfits(model: Any, tensors: Mapping[str, Any], adapter_name: str, base: str | None) -> Diagnostic | None:
+    """E009 naming the layers whose tensors do not have the shapes of `model`'s adapter (a model of
+    another width or architecture than the inputs were trained on), with both shapes."""
+    from peft import get_peft_model_state_dict
+
+    expected = {key: tuple(value.shape) for key, value in  # (no embedding layers: PEFT would ask the Hub)
+                get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False).items()}
+    wrong = [(key, tuple(tensors[key].shape), expected[key]) for key in sorted(tensors)
+             if key in expected and tuple(tensors[key].shape) != expected[key]]
+    if not wrong:
+        return None
+
+    def dims(shape: tuple[int, ...]) -> str:
+        return "×".join(map(str, shape))
+
+    key, ours, theirs = wrong[0]
+    layer = key.removeprefix("base_model.model.")
+    return Diagnostic("E009", f"the model does not fit this output: {layer} is {dims(ours)} in the output, "
+                      f"{dims(theirs)} in the model",
+                      notes=tuple(f"also {k.removeprefix('base_model.model.')}: {dims(o)} in the output, {dims(t)} "
+                                  "in the model" for k, o, t in wrong[1:4])
+                      + ((f"and {len(wrong) - 4} more",) if len(wrong) > 4 else ()),
+                      hints=("use the base model the inputs were trained on"
+                             + (f" (they record {base})" if base else ""),))
+
+
+def _axis(name: str, values: Any) -> list[float]:
+    """A sweep's values for param `name`: an iterable of numbers, or one number (one point);
+    CompileError (E017) for a value that is not a number."""
+    import numbers
+
+    if isinstance(values, str | bytes):
+        items = [values]
+    else:
+        try:
+            items = list(values)
+        except TypeError:  # a scalar: one point
+            items = [values]
+    for value in items:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            source = Source(f"{name}={value!r}", "sweep")
+            raise CompileError([Diagnostic("E017", f"sweep gives `{name}` the value {value!r}, which is not a number",
+                                           source, Span(len(name) + 1, len(source.text)),
+                                           hints=(f"pass a number or a list of numbers, e.g. {name}=[0.0, 0.5, 1.0]",))])
+    return [float(value) for value in items]
 
 
 def _range_text(bounds: Any) -> str:
@@ -498,6 +606,7 @@ def _expression_frontend(expression: str, inputs: Mapping[str, str | Path], *, m
     def check(overrides: Sequence[Override], cache: AdapterCache) -> CheckedProgram:
         checker = Checker(source, mode=mode, base_dir=base_dir or Path.cwd(), overrides=overrides,
                           allow_pickle=allow_pickle, read=cache, spelling="api")
+        checker.prefetch(str(path) for path in inputs.values())
         for name, path in inputs.items():
             text = f"{name}={path}"
             checker.add_input(ast.Name(name, Span(0, len(name))), str(path), Span(len(name) + 1, len(text)),

@@ -9,7 +9,6 @@ The checker reads adapter signatures only (config + safetensors header), never t
 from __future__ import annotations
 
 import difflib
-import errno
 import functools
 import heapq
 import json
@@ -20,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from . import ast
+from . import ast, hub
 from .adapters import Adapter, AdapterError, config_owner, read_adapter, task_of
 from .checked import (
     MODES,
@@ -43,6 +42,7 @@ from .checked import (
 )
 from .diagnostics import Diagnostic, display_path, error, warning
 from .operators import FUNCTIONS, OPERATORS, Operator
+from .paths import resolve_written, shorten, unusable, unwritable
 from .source import Source, Span
 from .sourcefiles import read_source
 from .types import BaseModelRef, Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
@@ -153,6 +153,7 @@ class Checker:
         self.broken_names: frozenset[str] = frozenset()
         self._statements_seen = 0
         self._current_span = Span(0, 0)  # the output statement being checked
+        self.hub_found: dict[str, hub.Resolved | hub.HubError] = {}  # hf:// ids resolved ahead (prefetch)
 
     # reporting
     def _error(self, code: str, message: str, span: Span | None, *, source: Source | None = None,
@@ -166,9 +167,14 @@ class Checker:
 
     # -- statements ----------------------------------------------------------------------------
 
+    def prefetch(self, written: Iterable[str]) -> None:
+        """Resolve the Hub ids among the inputs `written` before they are added, concurrently."""
+        self.hub_found.update(hub.locate_all(written, allow_pickle=self.allow_pickle, headers_only=not self.writes))
+
     def program(self, program: ast.Program) -> CheckedProgram:
         """Check a whole program and report unused names and missing overrides."""
         self.broken_names = program.broken_names
+        self.prefetch(stmt.path for stmt in program.statements if isinstance(stmt, ast.InputStmt))
         for stmt in program.statements:
             if isinstance(stmt, ast.ExprStmt):
                 self.expr(stmt.value)  # still checked, so its errors are reported too
@@ -306,11 +312,12 @@ class Checker:
             return
         pinned = None
         if written.startswith("hf://"):  # an adapter on the Hugging Face Hub: its snapshot in the cache
-            from . import hub
-
             try:
                 # `check` and `plan` need headers only: uncached weights are not downloaded for them
-                resolved = hub.locate(written, allow_pickle=self.allow_pickle, headers_only=not self.writes)
+                resolved = self.hub_found.get(written) or hub.locate(written, allow_pickle=self.allow_pickle,
+                                                                     headers_only=not self.writes)
+                if isinstance(resolved, hub.HubError):
+                    raise resolved
             except hub.HubError as exc:
                 self.env[name.id] = Entry("input", POISON, name.span, source=source)
                 self._error("E012", f"input `{name.id}`: {exc.message}", path_span, source=source, hints=exc.hints)
@@ -318,19 +325,19 @@ class Checker:
             path = resolved.directory
             pinned = resolved.pinned
         else:
-            path = Path(os.path.abspath(self.base_dir / written))
-        problem = _unusable(path)
+            path = resolve_written(self.base_dir, written)
+        problem = unusable(path)
         if problem is not None:
             self.env[name.id] = Entry("input", POISON, name.span, source=source)
             self._error("E012", f"input `{name.id}`: {problem}", path_span, source=source,
-                        notes=[_shorten(display_path(path))])
+                        notes=[shorten(display_path(path))])
             return
         try:
             adapter = self.read(path, allow_pickle=self.allow_pickle)
         except AdapterError as exc:
             self.env[name.id] = Entry("input", POISON, name.span, source=source)
             self._error(exc.code, f"input `{name.id}`: {exc.message}", path_span, source=source,
-                        notes=exc.notes, hints=exc.hints)
+                        notes=exc.notes, hints=[*exc.hints, *self._elsewhere(written, path)])
             return
         self.input_paths[name.id] = path
         self.input_reals[name.id] = path.resolve()
@@ -365,6 +372,14 @@ class Checker:
         value = ModuleValue((Term(InputRef(name.id), 1.0, 1.0),), adapter.type)
         self.env[name.id] = Entry("input", value, name.span, source=source)
 
+    def _elsewhere(self, written: str, path: Path) -> list[str]:
+        """A hint when a missing relative path exists from the working directory, not the file's."""
+        here = resolve_written(Path.cwd(), written)
+        if path.exists() or here == path or not here.exists():
+            return []
+        return [f"paths in a file are relative to the file's directory ({shorten(str(self.base_dir))}), not to "
+                f"the working directory, where {written} exists: write {shorten(os.path.relpath(here, self.base_dir))}"]
+
     def add_output(self, expr: ast.Expr, written: str | None, path_span: Span, span: Span,
                    path_source: Source | None = None) -> None:
         """Declare an output: `expr` must be a module; its directory must not clobber anything.
@@ -373,7 +388,7 @@ class Checker:
         if isinstance(value, ScalarValue):
             self._error("E019", "an output must be a module, but this is a number", expr.span,
                         notes=[f"it evaluates to {_fmt(value.value)}"])
-        path = None if written is None else Path(os.path.abspath(self.base_dir / written))
+        path = None if written is None else resolve_written(self.base_dir, written)
         if path is not None:
             self._current_span = span
             self._check_output_path(path, path_span, path_source)
@@ -398,9 +413,9 @@ class Checker:
         def fail(message: str, *notes: str, hints: Iterable[str] = ()) -> None:
             self._error("E018", message, path_span, source=path_source, notes=notes, hints=hints)
 
-        problem = _unusable(path)
+        problem = unusable(path)
         if problem is not None:
-            return fail(f"output path cannot be used: {problem}", _shorten(display_path(path)))
+            return fail(f"output path cannot be used: {problem}", shorten(display_path(path)))
         real = path.resolve()
         bad_path = False
         for name, input_real in self.input_reals.items():
@@ -419,9 +434,9 @@ class Checker:
             self.output_reals[real] = self._current_span
         if bad_path:
             return None
-        unwritable = _unwritable(path, real)
-        if unwritable is not None:
-            return fail("cannot write the output here", unwritable,
+        reason = unwritable(path, real)
+        if reason is not None:
+            return fail("cannot write the output here", reason,
                         hints=["choose a directory you can write to"])
         if path.exists() and not path.is_dir():
             return fail("output path is a file", display_path(path),
@@ -795,48 +810,6 @@ class Checker:
             options[option.name] = int(value) if option.kind in ("seed", "rank") and not isinstance(value, str) \
                 else value
         return None if failed else options
-
-
-def _unusable(path: Path) -> str | None:
-    """Why the operating system cannot take `path` at all (a NUL, a name too long), if it cannot."""
-    if "\0" in str(path):
-        return "the path contains a NUL character"
-    try:
-        os.lstat(path)
-        path.resolve()  # a loop of symbolic links raises here (RuntimeError before Python 3.13)
-    except (FileNotFoundError, NotADirectoryError):
-        return None  # not there (yet): that is for the caller to judge
-    except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:
-            return "the path is too long for the file system"
-        if exc.errno == errno.ELOOP:
-            return "the path goes round a loop of symbolic links"
-        return f"the path cannot be used ({exc.strerror or exc})"
-    except RuntimeError:
-        return "the path goes round a loop of symbolic links"
-    except ValueError as exc:  # a name the file system's encoding cannot hold
-        return f"the path cannot be used ({exc})"
-    return None
-
-
-def _unwritable(path: Path, real: Path) -> str | None:
-    """Why a directory could not be created (or replaced) at `path`, as far as can be seen now."""
-    if path.is_symlink() and not path.exists():
-        return f"{display_path(path)} is a symbolic link to {os.readlink(path)}, which does not exist"
-    if len(real.parts) > 1 and real.parts[1] in ("proc", "sys", "dev"):
-        return f"{display_path(path)} is inside /{real.parts[1]}, which holds no ordinary files"
-    ancestor = real.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return f"{display_path(ancestor)} is a file, not a directory"
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"{display_path(ancestor)} is not writable"
-    return None
-
-
-def _shorten(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else f"{text[: limit // 2]}…{text[-limit // 2 :]} ({len(text)} characters)"
 
 
 def _shape_of(layer: LoraLayer | Ia3Layer) -> str:

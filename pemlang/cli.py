@@ -544,6 +544,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     named = {text.partition("=")[0].strip() for text in args.input}
     if unknown := sorted(set(bases) - named):
         raise UsageError(f"--input-base {unknown[0]}: there is no --input {unknown[0]}=...")
+    checker.prefetch(text.partition("=")[2] for text in args.input)
     for text in args.input:
         name, sep, path = text.partition("=")
         if not sep or not name.strip() or not path:
@@ -636,24 +637,30 @@ class _Parser(argparse.ArgumentParser):
         return [*options, "--", *words] if words else options
 
 
+ALLOW_PICKLE = ("accept adapter_model.bin (pickled) adapters where there is no safetensors file; "
+                "they are loaded with torch's weights_only=True")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pemlang", description="Compose PEFT adapters (LoRA, (IA)3) by arithmetic.")
     parser.add_argument("--version", action="version", version=f"pemlang {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    def program_options(p: argparse.ArgumentParser) -> None:
+    def program_options(p: argparse.ArgumentParser, *, writes: bool) -> None:
         p.add_argument("file", metavar="FILE", help="the program: FILE.pem, or a config FILE.{yaml,json,toml}")
         p.add_argument("--key", metavar="DOTTED.PATH", default=None,
                        help="in a config file, where the pemlang block is (e.g. train.merge); default: the top level")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="override a `param` (repeatable)")
-        p.add_argument("--force", action="store_true", help="replace existing output directories")
-        p.add_argument("--allow-pickle", action="store_true",
-                       help="accept adapter_model.bin inputs (loaded with weights_only=True)")
+        p.add_argument("--force", action="store_true",
+                       help="replace existing output directories" if writes else
+                       "writes nothing here: an output directory that exists is not reported (a warning "
+                       "without it), as `run --force` would replace it")
+        p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE)
 
     check = commands.add_parser("check", help="parse and type-check a program; reads headers only")
-    program_options(check)
+    program_options(check, writes=False)
     check.set_defaults(handler=cmd_check)
 
     def run_options(p: argparse.ArgumentParser) -> None:
@@ -663,17 +670,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype to write (float32, float16, bfloat16); default: the inputs' dtype")
 
     run = commands.add_parser("run", help="evaluate a program and write its outputs")
-    program_options(run)
+    program_options(run, writes=True)
     run_options(run)
     run.add_argument("--sweep", action="append", default=[], metavar="NAME=START:STOP:STEP",
                      help="write one adapter per value (or list V1,V2,...) of a param; inputs are read once")
     run.add_argument("--max-points", type=_positive_int, default=DEFAULT_MAX_POINTS, metavar="N",
-                     help=f"refuse a sweep of more than N points (default {DEFAULT_MAX_POINTS})")
+                     help=f"refuse a sweep of more than N points in all (default {DEFAULT_MAX_POINTS})")
     run.set_defaults(handler=cmd_run)
 
     plan = commands.add_parser("plan", help="print the lowered evaluation plan")
-    program_options(plan)
-    plan.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE")
+    program_options(plan, writes=False)
+    plan.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
+                      help="plan for this output dtype (float32, float16, bfloat16); default: the inputs' dtype")
     plan.set_defaults(handler=cmd_plan)
 
     evaluate = commands.add_parser("eval", help="evaluate one expression over adapters named on the command line")
@@ -686,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="paper (the default: the paper's operators on the parameters A and B) or exact "
                                "(on each layer's ΔW = B·A; svd, prune, dare and ties need it)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing output directory")
-    evaluate.add_argument("--allow-pickle", action="store_true")
+    evaluate.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE)
     evaluate.add_argument("--heads", type=_heads, default=None, metavar="drop|from NAME",
                           help="modules_to_save: `drop` writes none, `from NAME` takes input NAME's unchanged")
     run_options(evaluate)
@@ -699,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     repl.add_argument("file", nargs="?", metavar="FILE.pem", help="a program to load first")
     repl.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda|cuda:N",
                       help="where :save and output statements compute (auto: CUDA when available, else the CPU)")
-    repl.add_argument("--allow-pickle", action="store_true")
+    repl.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE)
     repl.add_argument("--history", default=None, metavar="FILE",
                       help="history file (default $PEMLANG_HISTORY or ~/.pemlang_history)")
     repl.set_defaults(handler=cmd_repl)
@@ -740,16 +748,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to write the best point (default: the program's output directory)")
     tune.add_argument("--no-save", action="store_true", help="write no adapter")
     tune.add_argument("--force", action="store_true", help="replace an existing output directory")
-    tune.add_argument("--allow-pickle", action="store_true")
-    tune.add_argument("--device", type=_device, default=None, metavar="auto|cpu|cuda|cuda:N")
+    tune.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE)
+    tune.add_argument("--device", type=_device, default=None, metavar="auto|cpu|cuda|cuda:N",
+                      help="where the base model and each trial run (auto: CUDA when available, else the CPU)")
     tune.add_argument("--max-points", type=_positive_int, default=DEFAULT_MAX_POINTS, metavar="N",
-                      help=f"refuse a grid of more than N points per param (default {DEFAULT_MAX_POINTS})")
+                      help=f"refuse a grid of more than N points in all (default {DEFAULT_MAX_POINTS})")
     tune.add_argument("--show", metavar="STUDY", default=None, help="print a study's trials, best point and plot")
     tune.set_defaults(handler=cmd_tune)
 
     inspect = commands.add_parser("inspect", help="print an adapter's type signature")
-    inspect.add_argument("adapter", metavar="ADAPTER_DIR")
-    inspect.add_argument("--allow-pickle", action="store_true")
+    inspect.add_argument("adapter", metavar="ADAPTER_DIR|hf://ORG/NAME[@REV]",
+                         help="a PEFT adapter directory, or an adapter on the Hugging Face Hub")
+    inspect.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE)
     inspect.set_defaults(handler=cmd_inspect)
     return parser
 

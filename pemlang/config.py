@@ -637,6 +637,7 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
     checker = Checker(main_source.source if main_source else Source("", host.filename),
                       overrides=[*params.values(), *overrides], **options)
     checker.diagnostics.extend(syntax)
+    checker.prefetch(config.inputs.values())
     for name, written in config.inputs.items():
         key, path_span = located.key_span(("inputs", name)), located.value_span(("inputs", name))
         if key is not None and host.snippet(key) in (f'"{name}"', f"'{name}'"):  # a quoted key

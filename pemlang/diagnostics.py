@@ -59,7 +59,7 @@ CODES: dict[str, str] = {
     "E029": "tune: a param that is not the program's, or a range that is not valid",
     "E030": "tune: invalid --data file (JSONL records)",
     "E031": "tune: the objective cannot be loaded or failed, or Optuna/Ray is missing",
-    "E032": "tune: the base model (or its tokenizer) cannot be loaded or does not fit",
+    "E032": "tune, load_into: the base model (or its tokenizer) cannot be loaded or does not fit",
     "E033": "tune: the study file belongs to another tuning or is not a study",
     "W001": "base model not recorded in an input",
     "W002": "paper mode over LoRA inputs whose A matrices differ",

@@ -10,6 +10,7 @@ sha pins exactly what was read (`hf://org/name@<sha>` goes into the output's pro
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,11 @@ class HubRef:
 
 def is_hub(text: str) -> bool:
     return isinstance(text, str) and text.startswith(PREFIX)
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether `text` has the form of a Hub repository id, `org/name` (what `--base` may name)."""
+    return re.fullmatch(f"{_REPO_PART}/{_REPO_PART}", text) is not None
 
 
 def parse(text: str) -> HubRef:
@@ -90,7 +96,9 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False, headers_only: bool = Fal
     where = f"{ref.repo}" + (f"/{ref.subfolder}" if ref.subfolder else "") + (f"@{ref.revision}" if ref.revision else "")
 
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(ref.repo, filename, subfolder=ref.subfolder, revision=ref.revision))
+        reach(ref.repo, f"{ref.subfolder}/{filename}" if ref.subfolder else filename, ref.revision)
+        return Path(hf_hub_download(ref.repo, filename, subfolder=ref.subfolder, revision=ref.revision,
+                                    etag_timeout=_timeout()))
 
     try:
         config = fetch("adapter_config.json")
@@ -113,10 +121,14 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False, headers_only: bool = Fal
         raise HubError(f"{ref.repo} has no revision {ref.revision!r}", ("give a branch, tag or commit of the repository",)
                        ) from None
     except hub_errors.LocalEntryNotFoundError:
-        raise HubError(f"{where} is not in the Hugging Face cache, and downloading is off (HF_HUB_OFFLINE)"
-                       if _offline() else f"{where} could not be downloaded (no connection?) and is not in the cache",
-                       ("unset HF_HUB_OFFLINE to download it, or fetch it once where there is a connection",)
-                       if _offline() else ("check the connection, or set HF_HUB_CACHE to a cache that holds it",)
+        if _offline():
+            raise HubError(f"{where} is not in the Hugging Face cache, and downloading is off (HF_HUB_OFFLINE)",
+                           ("unset HF_HUB_OFFLINE to download it, or fetch it once where there is a connection",)
+                           ) from None
+        raise HubError(f"{where} could not be downloaded (no connection?) and is not in the cache",
+                       UNREACHABLE_HINTS) from None
+    except Unreachable as exc:
+        raise HubError(f"{where} could not be downloaded ({exc}) and is not in the cache", UNREACHABLE_HINTS
                        ) from None
     except hub_errors.EntryNotFoundError:
         raise HubError(f"{where} holds no adapter (adapter_config.json and adapter_model.safetensors)",
@@ -126,6 +138,65 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False, headers_only: bool = Fal
 
         raise HubError(f"cannot fetch {where}: {first_line(exc)}") from None
     return Resolved(ref, config.parent, _commit_of(config, ref))
+
+
+UNREACHABLE_HINTS = ("check the connection (and HF_ENDPOINT, if set); to work from the cache alone, without "
+                     "trying the network, set HF_HUB_OFFLINE=1",
+                     "or set HF_HUB_CACHE to a cache that holds it")
+DEFAULT_TIMEOUT = 5.0  # seconds for the one attempt to reach the Hub (HF_HUB_ETAG_TIMEOUT, when set, instead)
+
+
+class Unreachable(Exception):
+    """The Hub could not be reached (refused, timed out, no such host): what the HTTP client said."""
+
+
+def _timeout() -> float:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_ETAG_TIMEOUT != constants.DEFAULT_ETAG_TIMEOUT:
+        return float(constants.HF_HUB_ETAG_TIMEOUT)  # the user's own setting
+    return DEFAULT_TIMEOUT
+
+
+def reach(repo: str, filename: str, revision: str | None = None) -> None:
+    """One short attempt to reach the Hub for a file that is not in the cache: Unreachable at once
+    when there is no connection. (huggingface_hub itself, finding neither the network nor the file
+    in the cache, retries for ~23 s with backoff before it gives up.) Answers of the Hub (not
+    found, gated, …) are raised as huggingface_hub raises them; nothing is done offline or for a
+    file already cached (huggingface_hub then falls back to the cache without retrying)."""
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if _offline() or isinstance(try_to_load_from_cache(repo, filename, revision=revision), str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=_timeout())
+    except hub_errors.HfHubHTTPError:
+        raise  # the Hub answered
+    except Exception as exc:  # noqa: BLE001 - refused, timed out, no such host: whatever the HTTP client raises
+        from .diagnostics import first_line
+
+        raise Unreachable(first_line(exc) or type(exc).__name__) from None
+
+
+def locate_all(texts: Iterable[str], *, allow_pickle: bool = False, headers_only: bool = False,
+               ) -> dict[str, Resolved | HubError]:
+    """Each distinct `hf://…` of `texts` located (see `locate`) or its HubError, the ids resolved
+    concurrently: each is a few network round trips, and a program may have many."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = list(dict.fromkeys(text for text in texts if is_hub(text)))
+
+    def one(text: str) -> Resolved | HubError:
+        try:
+            return locate(text, allow_pickle=allow_pickle, headers_only=headers_only)
+        except HubError as exc:
+            return exc
+
+    if len(wanted) < 2:
+        return {text: one(text) for text in wanted}
+    with ThreadPoolExecutor(max_workers=min(8, len(wanted)), thread_name_prefix="pemlang-hub") as pool:
+        return dict(zip(wanted, pool.map(one, wanted), strict=True))
 
 
 def _commit_of(config: Path, ref: HubRef) -> str:

@@ -287,3 +287,39 @@ def test_readme_sweep_commands_run_in_order(example_root: Path, tmp_path: Path, 
         assert status == 0, (command, err)
         for name in re.findall(r"\.λ=[0-9.]+", command.split("#", 1)[1]):
             assert (tmp_path / "examples" / "out" / f"detoxified{name}").is_dir(), name
+
+
+def test_a_scalar_in_a_sweep_is_one_point(adapters: Path) -> None:
+    program = pemlang.compile("k*a", inputs={"a": adapters / "llama_r8"}, params={"k": 1.0}, device="cpu")
+    [point] = list(program.sweep(k=0.5))
+    assert point.params == {"k": 0.5}
+    expected = program.evaluate(k=0.5)["k*a"]
+    assert all(torch.equal(point.tensors["k*a"][key], expected[key]) for key in expected)
+    [again] = list(program.sweep({"k": 2}))
+    assert again.params == {"k": 2.0}
+    for bad in ("0.5", [0.5, "x"], None, True):
+        with pytest.raises(pemlang.CompileError) as caught:
+            list(program.sweep(k=bad))
+        [diagnostic] = caught.value.diagnostics
+        assert diagnostic.code == "E017" and "which is not a number" in diagnostic.message, diagnostic.message
+
+
+def test_dtype_is_an_option_of_save_and_evaluate_not_a_param(adapters: Path, tmp_path: Path) -> None:
+    """`save(dtype=…)` writes that dtype, as `compile(…, dtype=…)` does; it is not read as a param."""
+    inputs = {"a": adapters / "llama_r8", "b": adapters / "llama_r8_b"}
+    program = pemlang.compile("0.3*a + 0.7*b", inputs=inputs, device="cpu")
+    half = pemlang.compile("0.3*a + 0.7*b", inputs=inputs, device="cpu", dtype="float16")
+    [written] = program.save(tmp_path / "h", dtype="float16")
+    [oracle] = half.save(tmp_path / "oracle")
+    got, expected = lora(written), lora(oracle)
+    full = program.evaluate()["0.3*a + 0.7*b"]
+    assert got.keys() == expected.keys() == full.keys()
+    for key in got:
+        assert got[key].dtype == torch.float16 and torch.equal(got[key], expected[key])
+        assert torch.equal(got[key], full[key].to(torch.float16))
+    evaluated = program.evaluate(dtype="bfloat16")["0.3*a + 0.7*b"]
+    assert {t.dtype for t in evaluated.values()} == {torch.bfloat16}
+    assert {t.dtype for t in program.evaluate()["0.3*a + 0.7*b"].values()} == {torch.float32}  # only that call
+    assert {step.dtype for step in program.plan(dtype="float16").outputs[0].layers} == {"F16"}
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        program.save(tmp_path / "x", dtype="float8")

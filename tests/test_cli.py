@@ -258,3 +258,108 @@ def test_user_facing_text_cites_the_readme_not_the_spec(capsys: pytest.CaptureFi
     cited_by_examples = [c for p in (REPO / "examples").glob("*.pem")
                          for c in re.findall(r"see '([^']+)' in the README", p.read_text(encoding="utf-8"))]
     assert len(cited_by_examples) >= 6  # each example says where its operators are described
+
+
+# -- paths as written: `~`, and relative to the file -------------------------------------------------
+
+
+@pytest.fixture
+def home(adapters: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home directory holding two adapters; the working directory elsewhere."""
+    import shutil
+
+    home = tmp_path / "home"
+    for name in ("llama_r8", "llama_r8_b"):
+        shutil.copytree(adapters / name, home / "adapters" / name)
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    return home
+
+
+def test_tilde_is_the_home_directory_in_programs_configs_and_options(home: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    program = tmp_path / "p.pem"
+    program.write_text('input a = "~/adapters/llama_r8"\ninput b = "~/adapters/llama_r8_b"\n'
+                       'output 0.5*a + 0.5*b -> "~/out/p"\n')
+    assert main(["run", str(program), "--device", "cpu"]) == 0, capsys.readouterr().err
+    config = tmp_path / "c.yaml"
+    config.write_text("inputs:\n  a: ~/adapters/llama_r8\n  b: ~/adapters/llama_r8_b\n"
+                      "expression: 0.5*a + 0.5*b\noutput: ~/out/c\n")
+    assert main(["run", str(config), "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert main(["eval", "--input", "a=~/adapters/llama_r8", "--input", "b=~/adapters/llama_r8_b",
+                 "--out", "~/out/e", "--device", "cpu", "0.5*a + 0.5*b"]) == 0, capsys.readouterr().err
+    written = [load_file(home / "out" / name / "adapter_model.safetensors") for name in ("p", "c", "e")]
+    assert all(w.keys() == written[0].keys() and all(torch_equal(w[k], written[0][k]) for k in w) for w in written)
+    assert not (tmp_path / "work" / "~").exists() and not (tmp_path / "~").exists()
+
+
+def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_tune_base_with_a_tilde(home: Path) -> None:
+    from peft_factory import base_model
+
+    from pemlang.tune.model import check_base
+
+    base_model().save_pretrained(home / "base")
+    check_base("~/base", load=True)  # found, and its config loads
+    with pytest.raises(Exception, match=f"no such directory: {home}/nothing"):
+        check_base("~/nothing")
+
+
+def test_a_path_relative_to_the_working_directory_gets_a_hint(home: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Paths in a file are relative to the file: a path that exists only from the working directory
+    is still an error, with a hint saying the rule and the path that would work."""
+    import os
+
+    os.chdir(home)
+    (tmp_path / "programs").mkdir()
+    program = tmp_path / "programs" / "p.pem"
+    program.write_text('input a = "adapters/llama_r8"\noutput a -> "out/a"\n')
+    assert main(["check", str(program)]) == 1
+    err = capsys.readouterr().err
+    assert "error[E012]" in err and "adapter directory not found" in err
+    assert ("hint: paths in a file are relative to the file's directory "
+            f"({tmp_path / 'programs'}), not to the working directory, where adapters/llama_r8 exists: "
+            "write ../home/adapters/llama_r8") in err
+    os.chdir(tmp_path)  # from here the path leads nowhere either: no hint
+    assert main(["check", str(program)]) == 1
+    assert "working directory" not in capsys.readouterr().err
+
+
+def _subcommands() -> dict[str, object]:
+    import argparse
+
+    from pemlang.cli import build_parser
+
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def test_every_option_and_argument_has_help() -> None:
+    missing = [f"{name} {action.dest}" for name, parser in _subcommands().items()
+               for action in parser._actions if not action.help]  # type: ignore[attr-defined]
+    assert missing == []
+
+
+def test_help_says_what_options_do_where_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    def helps(command: str) -> dict[str, str]:
+        parser = _subcommands()[command]
+        return {action.option_strings[-1] if action.option_strings else action.dest: action.help
+                for action in parser._actions}  # type: ignore[attr-defined]
+
+    for command in ("check", "plan"):  # they write nothing: --force replaces nothing there
+        assert "replace" not in helps(command)["--force"].split(":")[0] and "writes nothing" in helps(command)["--force"]
+    assert "replace" in helps("run")["--force"]
+    assert "hf://" in _subcommands()["inspect"].format_usage() and "Hub" in helps("inspect")["adapter"]  # type: ignore[attr-defined]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "points in all" in helps("tune")["--max-points"] and "1,000 points in all" in readme
+    assert "per param" not in helps("tune")["--max-points"]
+    assert "so that pip takes the CPU build" not in readme and "download.pytorch.org/whl/cpu" in readme

@@ -139,13 +139,16 @@ class _FakeHub:
     (HEAD and GET, X-Repo-Commit, ETag, Range requests), counting the bytes sent per path."""
 
     def __init__(self, files: dict[tuple[str, str], bytes], commit: str,
-                 errors: dict[str, tuple[int, str]] | None = None):
+                 errors: dict[str, tuple[int, str]] | None = None, delay: float = 0.0):
         import http.server
         import threading
+        import time
 
         hub = self
         self.files, self.commit, self.sent = files, commit, {}
         self.errors = errors or {}  # repo → (HTTP status, X-Error-Code) as the Hub answers
+        self.in_flight = self.most_in_flight = 0  # requests being answered at once (each takes `delay` s)
+        lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
@@ -160,6 +163,17 @@ class _FakeHub:
                 return (path, data) if data is not None else None
 
             def _answer(self, body: bool) -> None:
+                with lock:
+                    hub.in_flight += 1
+                    hub.most_in_flight = max(hub.most_in_flight, hub.in_flight)
+                try:
+                    time.sleep(delay)
+                    self._reply(body)
+                finally:
+                    with lock:
+                        hub.in_flight -= 1
+
+            def _reply(self, body: bool) -> None:
                 repo = "/".join(self.path.strip("/").split("/")[:2])
                 if repo in hub.errors:
                     status, code = hub.errors[repo]
@@ -348,3 +362,123 @@ def test_names_that_are_not_repositories(cache: Path, written: str) -> None:
     with pytest.raises(pemlang.CompileError) as caught:
         pemlang.compile("x", inputs={"x": written})
     assert "is not a Hub id" in caught.value.diagnostics[0].message
+
+
+# -- no connection: one short attempt per id, all ids at once ------------------------------------------
+
+
+def _offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No HF_HUB_OFFLINE, and a Hub endpoint where nothing listens (port 9, discard): every
+    connection is refused, as on a machine without network."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(PYTHONPATH=str(REPO), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "cache"),
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", **extra)
+    return env
+
+
+def test_no_connection_fails_fast_and_names_hf_hub_offline(tmp_path: Path) -> None:
+    """huggingface_hub alone retries ~23 s per id (five backoffs) before giving up; pemlang makes one
+    attempt per id and says how to work from the cache."""
+    import time
+
+    program = tmp_path / "p.pem"
+    program.write_text('input a = "hf://org/a"\ninput b = "hf://org/b@v1"\ninput c = "hf://org/c/sub"\n'
+                       'output a + b + c -> "out/abc"\n')
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "check", str(program)], text=True,
+                          capture_output=True, env=_offline_env(tmp_path), timeout=300)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1 and done.stderr.count("error[E012]") == 3, done.stderr
+    assert "org/a could not be downloaded" in done.stderr and "is not in the cache" in done.stderr
+    assert "set HF_HUB_OFFLINE=1" in done.stderr
+    assert "Retrying" not in done.stderr  # huggingface_hub's backoff never started
+    assert elapsed < 15, f"{elapsed:.1f} s"
+
+
+def test_no_connection_inspect_fails_fast(tmp_path: Path) -> None:
+    import time
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "inspect", "hf://org/a"], text=True,
+                          capture_output=True, env=_offline_env(tmp_path), timeout=300)
+    assert done.returncode == 1 and "error[E012]" in done.stderr and "HF_HUB_OFFLINE=1" in done.stderr, done.stderr
+    assert time.monotonic() - started < 15
+
+
+def test_hub_inputs_are_resolved_together(tmp_path: Path) -> None:
+    """Three ids of one program: their requests to a Hub that takes 0.3 s per answer overlap."""
+    adapter = _big_adapter(tmp_path / "big", hidden=64, rank=4)
+    files = {}
+    for repo in ("org/one", "org/two", "org/three"):
+        files.update({(repo, name): (adapter / name).read_bytes()
+                      for name in ("adapter_config.json", "adapter_model.safetensors")})
+    hub = _FakeHub(files, SHA_A, delay=0.3)
+    try:
+        program = tmp_path / "p.pem"
+        program.write_text('input a = "hf://org/one"\ninput b = "hf://org/two"\ninput c = "hf://org/three"\n'
+                           'output a + b - c -> "out/d"\n')
+        env = {**_offline_env(tmp_path), "HF_ENDPOINT": hub.url}
+        done = subprocess.run([sys.executable, "-m", "pemlang.cli", "check", str(program)], text=True,
+                              capture_output=True, env=env, timeout=300)
+    finally:
+        hub.close()
+    assert done.returncode == 0, done.stderr
+    assert hub.most_in_flight >= 2
+
+
+def _tune(tmp_path: Path, adapters: Path, base: str) -> subprocess.CompletedProcess[str]:
+    program = tmp_path / "mix.pem"
+    program.write_text(f'input a = "{adapters / "llama_r8"}"\ninput b = "{adapters / "llama_r8_b"}"\n'
+                       f'param lam = 0.5\noutput lam*a + (1 - lam)*b -> "{tmp_path / "out"}"\n')
+    return subprocess.run([sys.executable, "-m", "pemlang.cli", "tune", str(program), "--base", base, "--objective",
+                           "math:fabs", "--param", "lam=0:1:0.5", "--no-save", "--study", str(tmp_path / "s.db")],
+                          text=True, capture_output=True, env=_offline_env(tmp_path), cwd=tmp_path, timeout=300)
+
+
+@pytest.mark.parametrize("base, message", [
+    ("typo", "no such directory: typo"),  # not `org/name`: never taken for a Hub id
+    ("org/model", "org/model could not be downloaded"),  # a Hub id, with no connection
+])
+def test_tune_base_fails_fast_without_a_connection(tmp_path: Path, adapters: Path, base: str, message: str) -> None:
+    import time
+
+    started = time.monotonic()
+    done = _tune(tmp_path, adapters, base)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1 and "error[E032]" in done.stderr and message in done.stderr, done.stderr
+    assert "Retrying" not in done.stderr and "Traceback" not in done.stderr
+    assert elapsed < 30, f"{elapsed:.1f} s"
+
+
+def test_load_into_a_hub_id_fails_fast_without_a_connection(tmp_path: Path, adapters: Path) -> None:
+    import time
+
+    script = ("import pemlang\n"
+              f"program = pemlang.compile('a', inputs={{'a': {str(adapters / 'llama_r8')!r}}}, device='cpu')\n"
+              "try:\n    program.load_into('org/model')\n"
+              "except pemlang.CompileError as exc:\n    print(exc.diagnostics[0].code, exc.diagnostics[0].message)\n"
+              "    print(*exc.diagnostics[0].hints)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], text=True, capture_output=True, env=_offline_env(tmp_path),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("E032 org/model could not be downloaded") and "HF_HUB_OFFLINE=1" in done.stdout
+    assert time.monotonic() - started < 20
+
+
+def test_cached_ids_work_at_once_without_a_connection(cache: Path, tmp_path: Path) -> None:
+    """Without HF_HUB_OFFLINE and without a connection, what the cache holds is used (huggingface_hub
+    falls back to it after one refused attempt), and what it does not hold fails fast."""
+    import time
+
+    program = tmp_path / "p.pem"
+    program.write_text('input a = "hf://tiny-org/adapter-a"\ninput b = "hf://tiny-org/adapter-b@main"\n'
+                       'output 0.5*a + 0.5*b -> "out/merged"\n')
+    env = {**_offline_env(tmp_path), "HF_HUB_CACHE": str(cache)}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "run", str(program), "--device", "cpu"], text=True,
+                          capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert {i["path"] for i in _inputs(tmp_path / "out" / "merged")} == {f"hf://tiny-org/adapter-a@{SHA_A}",
+                                                                        f"hf://tiny-org/adapter-b@{SHA_B}"}
+    assert "Retrying" not in done.stderr and time.monotonic() - started < 30

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import hub
 from ..diagnostics import CompileError, error, first_line
 from ..source import Source, Span
 from .errors import TuneError
@@ -22,10 +23,16 @@ def base_error(base: str, message: str, *, hints: Sequence[str] = ()) -> TuneErr
                                             "written by save_pretrained, or a Hub id already in the cache"])])
 
 
+def expanded(base: Any) -> Any:
+    """A path written with `~` expanded (a Hub id or model object as it is)."""
+    return Path(base).expanduser() if isinstance(base, str | Path) and str(base).startswith("~") else base
+
+
 def load_base(base: Any, *, classifier: bool, device: Any) -> Any:
     """The base model (a transformers model instance is used as it is)."""
     if not isinstance(base, str | Path):
         return base.to(device).eval()
+    base = expanded(base)
     import warnings
 
     try:
@@ -37,6 +44,7 @@ def load_base(base: Any, *, classifier: bool, device: Any) -> Any:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    _reach(base)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -50,6 +58,7 @@ def load_base(base: Any, *, classifier: bool, device: Any) -> Any:
 
 def absolute(name: Any) -> Any:
     """A local path made absolute (Ray workers run elsewhere); a Hub id or object as it is."""
+    name = expanded(name)
     if isinstance(name, str | Path) and Path(name).exists():
         return str(Path(name).resolve())
     return name
@@ -60,6 +69,7 @@ def check_base(base: Any, *, load: bool = True) -> None:
     (not an adapter, not a file); with `load`, its config must load (without weights)."""
     if not isinstance(base, str | Path):
         return
+    base = expanded(base)
     local = Path(base)
     if local.exists():
         if not local.is_dir():
@@ -73,6 +83,7 @@ def check_base(base: Any, *, load: bool = True) -> None:
         raise base_error(str(base), message)
     if not load:
         return
+    _reach(base)
     try:
         from transformers import AutoConfig
 
@@ -83,10 +94,24 @@ def check_base(base: Any, *, load: bool = True) -> None:
         raise base_error(str(base), _load_failure(base, exc)) from None
 
 
+def _reach(base: str | Path) -> None:
+    """For a Hub id not in the cache, one short attempt to reach the Hub (offline, huggingface_hub
+    itself would retry for a minute before transformers gives up)."""
+    if Path(base).exists() or not hub.is_repo_id(str(base)):
+        return
+    try:
+        hub.reach(str(base), "config.json")
+    except hub.Unreachable as exc:
+        raise base_error(str(base), f"{base} could not be downloaded ({exc}) and is not in the cache",
+                         hints=hub.UNREACHABLE_HINTS) from None
+    except Exception as exc:  # noqa: BLE001 - the Hub's answer (not found, gated, …)
+        raise base_error(str(base), _load_failure(base, exc)) from None
+
+
 def _load_failure(base: Any, exc: BaseException) -> str:
     text = str(base)
     parts = Path(text).parts
-    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or (len(parts) > 1 and Path(parts[0]).is_dir())
+    local = text.startswith((".", "/", "~")) or not hub.is_repo_id(text) or (len(parts) > 1 and Path(parts[0]).is_dir())
     if not Path(text).exists() and local:
         return f"no such directory: {text}"
     return f"cannot load the base model {text!r}: {first_line(exc)}"
@@ -125,6 +150,7 @@ class Worker:
         config = program.plan().outputs[self.index].config
         self.classifier = is_classifier(config)
         self.device, self.device_note = resolve_device(device or program.device)
+        base = expanded(base)
         self.source = base
         self.base = load_base(base, classifier=self.classifier, device=self.device)
         self.model: Any = None
