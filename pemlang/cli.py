@@ -357,6 +357,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             _report(unknown)
             return EXIT_ERRORS
         points = list(itertools.product(*grid.values()))
+        program.paper_warnings()  # W002, once, before the points
         _report(program.warnings)
         written = 0
         # Every point is checked, and every directory guarded, before anything is computed.
@@ -449,6 +450,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         else:
             program = compile_program(source=source, params=fixed or None, device=args.device or "auto",
                                       allow_pickle=args.allow_pickle)
+        program.paper_warnings()  # W002, once, before the trials
         _report(program.warnings)
         objective: Any = DataObjective.read(args.data, batch_size=args.batch_size) if args.data else args.objective
         options = TuneOptions(space=space, objective=objective, base=args.base, output=args.output, trials=args.trials,
