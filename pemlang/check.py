@@ -479,7 +479,8 @@ class Checker:
             self._error("E022", "heads (modules_to_save) mix only as a convex combination", span,
                         notes=["coefficients: " + ", ".join(f"{n} {_fmt(b)}" for n, b in betas.items())
                                + f" (sum {_fmt(total)}); full tensors combine only when every coefficient "
-                               "is ≥ 0 and they sum to 1"],
+                               "is ≥ 0 and they sum to 1",
+                               *[f"{m} is the mean of its arguments: so are their heads" for m in value.means[:1]]],
                         hints=hints)
 
     def _check_tasks(self, value: ModuleValue, span: Span) -> None:
