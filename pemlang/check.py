@@ -591,12 +591,20 @@ class Checker:
                                "they have no common arithmetic"])
             return None
         if not lt.base.same_as(rt.base):
+            # Stating a base helps only where the models could be one: not when layer shapes differ.
+            differ = next((k for k in sorted(lt.layers.keys() & rt.layers.keys())
+                           if _shape_of(lt.layers[k]) != _shape_of(rt.layers[k])), None)
+            shapes = ([] if differ is None else
+                      [f"the layer shapes differ too ({differ}: {ln} {_shape_of(lt.layers[differ])}, {rn} "
+                       f"{_shape_of(rt.layers[differ])}): these are different models, not one model recorded "
+                       "under two names"])
             self._error("E006", "cannot add modules trained on different base models", span,
-                        notes=[f"{ln}: base {lt.base.describe()}; {rn}: base {rt.base.describe()}"],
-                        hints=["if they are the same model recorded differently, say so where the input is "
-                               f"declared: input NAME = \"DIR\" base {ast.format_string(lt.base.name or '')} "
-                               f"(in a config: bases: {{NAME: {json.dumps(lt.base.name)}}}; for eval: "
-                               f"--input-base NAME={lt.base.name})"])
+                        notes=[f"{ln}: base {lt.base.describe()}; {rn}: base {rt.base.describe()}", *shapes],
+                        hints=[] if shapes else
+                        ["if they are the same model recorded differently, say so where the input is "
+                         f"declared: input NAME = \"DIR\" base {ast.format_string(lt.base.name or '')} "
+                         f"(in a config: bases: {{NAME: {json.dumps(lt.base.name)}}}; for eval: "
+                         f"--input-base NAME={lt.base.name})"])
             return None
         only_left = lt.layers.keys() - rt.layers.keys()
         only_right = rt.layers.keys() - lt.layers.keys()
