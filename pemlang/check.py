@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import ast
-from .adapters import Adapter, AdapterError, config_owner, read_adapter, task_of
+from .adapters import EMBEDDING_LORA, Adapter, AdapterError, config_owner, read_adapter, task_of
 from .checked import (
     MODES,
     POISON,
@@ -297,9 +297,11 @@ class Checker:
         if adapter.unsupported:
             features = adapter.unsupported
             self.env[name.id] = Entry("input", POISON, name.span, source=source)
-            self._error("E011", f"input `{name.id}` uses {features[0]}, which pemlang does not support",
+            embeddings = features[0].startswith(EMBEDDING_LORA)
+            self._error("E011", f"input `{name.id}`: {EMBEDDING_LORA} is not supported" if embeddings else
+                        f"input `{name.id}` uses {features[0]}, which pemlang does not support",
                         path_span, source=source,
-                        notes=[f"also: {f}" for f in features[1:]] + [display_path(path)],
+                        notes=[features[0]] * embeddings + [f"also: {f}" for f in features[1:]] + [display_path(path)],
                         hints=["pemlang composes plain LoRA and (IA)3 exactly and refuses anything it "
                                "cannot compose exactly; merge this adapter into its base model instead"])
             return
