@@ -582,7 +582,8 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         if not allow_pickle:
             raise AdapterError("E023", f"the adapter's weights are pickled ({PICKLE_NAME})",
                                notes=[f"{display_path(weights_file)}: loading a pickle can run arbitrary code"],
-                               hints=["re-save it as safetensors, or pass --allow-pickle if you trust it "
+                               hints=["re-save it as safetensors, or pass --allow-pickle (allow_pickle=True in the API) "
+                                      "if you trust it "
                                       "(then it is loaded with torch.load(weights_only=True))"])
         tensors, pickled_state = _read_pickle(weights_file)
         data_start, file_size = 0, weights_file.stat().st_size

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import ast
 from .adapters import Adapter, read_adapter
+from .backend import DeviceError
 from .check import Checker, check_parsed, default_base_dir, is_name
 from .checked import CheckedProgram, Mode, Override
 from .diagnostics import CompileError, Diagnostic, PemError
@@ -154,8 +155,11 @@ class Program:
 
             if self._tensor_cache is None:
                 self._tensor_cache = TensorCache()
-            self._note(measure_paper(self.checked, device=device or self.device, dtype=self.dtype,
-                                     cache=self._tensor_cache))
+            try:
+                self._note(measure_paper(self.checked, device=device or self.device, dtype=self.dtype,
+                                         cache=self._tensor_cache))
+            except DeviceError as exc:
+                raise exc.as_api() from None
         return [d for d in self.warnings if d.code == "W002"]
 
     def _note(self, diagnostics: Iterable[Diagnostic]) -> None:
@@ -199,6 +203,8 @@ class Program:
             raise
         except PemError as exc:  # a non-finite input or result (E014, E027)
             raise CompileError(exc.diagnostics) from None
+        except DeviceError as exc:  # said as the API spells it: device="cuda"
+            raise exc.as_api() from None
         self._note(result.diagnostics)
         names = [o.name or o.expression for o in checked.outputs]
         return Evaluation({**checked.params}, result.plan, dict(zip(names, result.tensors, strict=True)),
@@ -227,6 +233,8 @@ class Program:
                               plan=plan).diagnostics)
         except CompileError:
             raise
+        except DeviceError as exc:
+            raise exc.as_api() from None
         except PemError as exc:  # the writer's guard, an OS error while writing (E018), E014, E027
             raise CompileError(exc.diagnostics) from None
         return [o.path for o in plan.outputs if o.path is not None]
@@ -419,6 +427,8 @@ class Program:
             return tune(self, options, on_trial=on_trial)
         except CompileError:
             raise
+        except DeviceError as exc:
+            raise exc.as_api() from None
         except PemError as exc:
             raise CompileError(exc.diagnostics) from None
 

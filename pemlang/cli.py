@@ -207,6 +207,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _spelled(exc: ValueError) -> str:
+    """A ValueError from the API, as the command line says it (`--device cuda`, not `device="cuda"`)."""
+    from .backend import DeviceError
+
+    return exc.spelled(api=False) if isinstance(exc, DeviceError) else str(exc)
+
+
 def _check_program(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """Read and check the FILE of run/plan, showing its diagnostics: (checked, failed)."""
     checked, diagnostics = _load_checked(args, force=getattr(args, "force", False))
@@ -373,7 +380,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         _report(exc.diagnostics)
         return EXIT_ERRORS
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_spelled(exc)) from None
     names = ", ".join(f"{k} = {v[0]:g}…{v[-1]:g} ({len(v)} values)" for k, v in grid.items())
     print(f"wrote {written} adapters ({len(points)} points: {names}) in {time.perf_counter() - start:.2f} s")
     return EXIT_OK
@@ -483,7 +490,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         _report(exc.diagnostics)
         return EXIT_ERRORS
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_spelled(exc)) from None
     finally:
         if table is not None:
             table.close()
