@@ -275,3 +275,18 @@ def test_heads_under_ties_with_weights_that_do_not_average_to_one(adapters: Path
     assert "error[E022]: heads (modules_to_save) mix only as a convex combination" in err
     assert "coefficients: a 0.25, b 0.25 (sum 0.5)" in err
     assert "ties(0.5*a, 0.5*b, density=0.2) is the mean of its arguments: so are their heads" in err
+
+
+def test_heads_mix_states_the_default_and_is_documented(adapters: Path, tmp_path: Path) -> None:
+    """The grammar error for `heads` lists 'mix': it is the default convex mix, said explicitly,
+    and the README says so."""
+    body = 'input a = "ADAPTERS/roberta_cls"\ninput b = "ADAPTERS/roberta_cls_b"\n{}output 0.3*a + 0.7*b -> "out"\n'
+    (tmp_path / "stated").mkdir()
+    (tmp_path / "default").mkdir()
+    stated = run_program(tmp_path / "stated", adapters, body.format("heads mix\n"))
+    default = run_program(tmp_path / "default", adapters, body.format(""))
+    assert load_file(str(stated / "adapter_model.safetensors")).keys() == \
+        load_file(str(default / "adapter_model.safetensors")).keys()
+    assert all(torch.equal(x, y) for x, y in zip(tensors(stated).values(), tensors(default).values(), strict=True))
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "`heads mix` states the default" in readme
