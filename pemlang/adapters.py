@@ -35,6 +35,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# E011's feature for LoRA on embedding layers (`lora_embedding_A/B`); its headline names it.
+EMBEDDING_LORA = "LoRA on embeddings"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # adapter_config.json is read at most this far
 
@@ -580,7 +582,8 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         if not allow_pickle:
             raise AdapterError("E023", f"the adapter's weights are pickled ({PICKLE_NAME})",
                                notes=[f"{display_path(weights_file)}: loading a pickle can run arbitrary code"],
-                               hints=["re-save it as safetensors, or pass --allow-pickle if you trust it "
+                               hints=["re-save it as safetensors, or pass --allow-pickle (allow_pickle=True in the API) "
+                                      "if you trust it "
                                       "(then it is loaded with torch.load(weights_only=True))"])
         tensors, pickled_state = _read_pickle(weights_file)
         data_start, file_size = 0, weights_file.stat().st_size
@@ -601,6 +604,13 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     heads_names = config.get("modules_to_save") or []
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
+    # Modules with LoRA on an embedding: every tensor under them (lora_embedding_A/B, and the
+    # embedding itself that PEFT may save beside them) is that one feature.
+    embeddings = sorted({short.partition(".lora_embedding_")[0] for short in map(_strip, tensors)
+                         if ".lora_embedding_" in short})
+    if embeddings:
+        unsupported.insert(0, f"{EMBEDDING_LORA} (lora_embedding_A/B on {', '.join(embeddings[:3])}"
+                              f"{' …' if len(embeddings) > 3 else ''})")
     layer_keys: dict[str, dict[str, str]] = {}
     head_keys: dict[str, str] = {}
     head_owner: dict[str, str] = {}
@@ -620,8 +630,8 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
             _note(unsupported, "DoRA (use_dora)")
         elif re.fullmatch(r".+\.lora_B\.bias", short):
             _note(unsupported, "LoRA bias (lora_bias)")
-        elif ".lora_embedding_" in short:
-            _note(unsupported, "LoRA on embedding layers (lora_embedding_A/B)")
+        elif any(short.startswith(module + ".") for module in embeddings):
+            pass  # LoRA on embeddings, noted above
         elif "trainable_tokens" in short:
             _note(unsupported, "trainable tokens")
         elif (module := head_module(short, heads_names)) is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import ast, hub
 from .adapters import Adapter, read_adapter
+from .backend import DeviceError
 from .check import Checker, check_parsed, default_base_dir, is_name
 from .checked import CheckedProgram, Mode, Override
 from .diagnostics import CompileError, Diagnostic, PemError, first_line
@@ -125,7 +126,10 @@ class Program:
         # How to compile this program again (a Ray worker does, in its own process): (function, kwargs).
         self._recipe: tuple[Callable[..., Program], dict[str, Any]] | None = None
         self.checked = self._check({})  # raises CompileError with every diagnostic
+        # The checker's warnings; W002 joins them once an evaluation (or a sweep or tune, before
+        # its first point) has measured the inputs' A matrices: once per program.
         self.warnings = [d for d in self.checked.diagnostics if not d.is_error]
+        self._measured = False
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -141,6 +145,28 @@ class Program:
     @property
     def mode(self) -> Mode:
         return self.checked.mode
+
+    def paper_warnings(self, device: str | None = None) -> list[Diagnostic]:
+        """W002 (paper mode over LoRA inputs whose A matrices differ), measured once per program by
+        reading the inputs' A matrices, and added to `warnings`; [] when there is nothing to say."""
+        if not self._measured:
+            from .backend.torch_backend import TensorCache
+            from .run import measure_paper
+
+            if self._tensor_cache is None:
+                self._tensor_cache = TensorCache()
+            try:
+                self._note(measure_paper(self.checked, device=device or self.device, dtype=self.dtype,
+                                         cache=self._tensor_cache))
+            except DeviceError as exc:
+                raise exc.as_api() from None
+        return [d for d in self.warnings if d.code == "W002"]
+
+    def _note(self, diagnostics: Iterable[Diagnostic]) -> None:
+        """W002 measured while evaluating joins `warnings`, once per program."""
+        self._measured = True
+        if not any(d.code == "W002" for d in self.warnings):
+            self.warnings.extend(d for d in diagnostics if d.code == "W002")
 
     # -- stages --------------------------------------------------------------------------------
     def _check(self, params: Mapping[str, float]) -> CheckedProgram:
@@ -185,6 +211,9 @@ class Program:
             raise
         except PemError as exc:  # a non-finite input or result (E014, E027)
             raise CompileError(exc.diagnostics) from None
+        except DeviceError as exc:  # said as the API spells it: device="cuda"
+            raise exc.as_api() from None
+        self._note(result.diagnostics)
         names = [o.name or o.expression for o in checked.outputs]
         return Evaluation({**checked.params}, result.plan, dict(zip(names, result.tensors, strict=True)),
                           result.diagnostics)
@@ -210,9 +239,12 @@ class Program:
         if provenance:
             plan = replace(plan, provenance=tuple(sorted(provenance.items())))
         try:
-            stream(checked, device=device or self.device, dtype=dtype, force=force, plan=plan)
+            self._note(stream(checked, device=device or self.device, dtype=dtype, force=force,
+                              plan=plan).diagnostics)
         except CompileError:
             raise
+        except DeviceError as exc:
+            raise exc.as_api() from None
         except PemError as exc:  # the writer's guard, an OS error while writing (E018), E014, E027
             raise CompileError(exc.diagnostics) from None
         return [o.path for o in plan.outputs if o.path is not None]
@@ -279,6 +311,8 @@ class Program:
         suffixes = [sweep_suffix(point, decimals) for point in points]
         if save and checked:
             self._guard_sweep(checked, suffixes, force=force, dtype=dtype)
+        if checked:
+            self.paper_warnings(device)  # in `warnings` before the first point
         for number, (point, program, suffix) in enumerate(zip(points, checked, suffixes, strict=True)):
             try:
                 evaluation = self._evaluate(point, device, program, dtype=dtype)
@@ -414,9 +448,12 @@ class Program:
             objective=None)
         try:
             options.objective = DataObjective.read(data, batch_size=batch_size) if data is not None else objective
+            self.paper_warnings()  # in `warnings` before the first trial
             return tune(self, options, on_trial=on_trial)
         except CompileError:
             raise
+        except DeviceError as exc:
+            raise exc.as_api() from None
         except PemError as exc:
             raise CompileError(exc.diagnostics) from None
 

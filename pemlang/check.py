@@ -8,9 +8,7 @@ The checker reads adapter signatures only (config + safetensors header), never t
 
 from __future__ import annotations
 
-import difflib
-import functools
-import heapq
+import itertools
 import json
 import math
 import os
@@ -20,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import ast, hub
-from .adapters import Adapter, AdapterError, config_owner, read_adapter, task_of
+from .adapters import EMBEDDING_LORA, Adapter, AdapterError, config_owner, read_adapter, task_of
 from .checked import (
     MODES,
     POISON,
@@ -45,6 +43,7 @@ from .operators import FUNCTIONS, OPERATORS, Operator
 from .paths import resolve_written, shorten, unusable, unwritable
 from .source import Source, Span
 from .sourcefiles import read_source
+from .suggest import NameIndex, closest_name, did_you_mean
 from .types import BaseModelRef, Ia3Layer, Layer, LoraLayer, ModuleType, architecture_families
 
 KEYWORDS = ("input", "param", "output", "mode", "heads")
@@ -56,47 +55,6 @@ def is_name(text: object) -> bool:
     not a keyword or function."""
     return (isinstance(text, str) and re.fullmatch(NAME_PATTERN, text) is not None
             and text not in KEYWORDS and text not in FUNCTIONS)
-
-
-# difflib compares a name with every candidate; over more than this many candidates, a cheap
-# score (shared two-character pieces) picks this many for difflib to rank.
-_DIFFLIB_POOL = 500
-
-
-def closest_name(name: str, candidates: Iterable[str]) -> str | None:
-    """The candidate closest to `name` (difflib's ratio ≥ 0.6), if any."""
-    pool = list(candidates)
-    if len(pool) > _DIFFLIB_POOL:
-        pool = _likely(name, pool)
-    close = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def did_you_mean(name: str, candidates: Iterable[str]) -> list[str]:
-    """A hint naming the closest candidate, if one is close."""
-    close = closest_name(name, candidates)
-    return [f"did you mean `{close}`?"] if close else []
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _bigrams(name: str) -> frozenset[tuple[str, int]]:
-    """The two-character pieces of a name, each numbered by its occurrence (a multiset as a set)."""
-    seen: dict[str, int] = {}
-    pieces = set()
-    for i in range(len(name) - 1):
-        piece = name[i : i + 2]
-        seen[piece] = seen.get(piece, 0) + 1
-        pieces.add((piece, seen[piece]))
-    return frozenset(pieces)
-
-
-def _likely(name: str, pool: list[str]) -> list[str]:
-    """The candidates sharing the most two-character pieces with `name`, among those whose length
-    lets difflib's ratio reach 0.6 (2·min(n, m) ≥ 0.6·(n + m))."""
-    grams = _bigrams(name)
-    n = len(name)
-    scored = [(len(grams & _bigrams(c)), c) for c in pool if 2 * min(n, len(c)) >= 0.6 * (n + len(c))]
-    return [c for _, c in heapq.nlargest(_DIFFLIB_POOL, scored)]
 
 
 def _fmt(x: float) -> str:
@@ -138,6 +96,8 @@ class Checker:
         self.allow_pickle = allow_pickle
         self.read = read
         self.env: dict[str, Entry] = {}
+        self._names = NameIndex(FUNCTIONS)  # the names in scope, for "did you mean" (see _scope)
+        self._indexed = 0
         self.inputs: dict[str, Adapter] = {}
         self.input_paths: dict[str, Path] = {}
         self.input_reals: dict[str, Path] = {}  # resolved once: every output is compared with them
@@ -344,9 +304,11 @@ class Checker:
         if adapter.unsupported:
             features = adapter.unsupported
             self.env[name.id] = Entry("input", POISON, name.span, source=source)
-            self._error("E011", f"input `{name.id}` uses {features[0]}, which pemlang does not support",
+            embeddings = features[0].startswith(EMBEDDING_LORA)
+            self._error("E011", f"input `{name.id}`: {EMBEDDING_LORA} is not supported" if embeddings else
+                        f"input `{name.id}` uses {features[0]}, which pemlang does not support",
                         path_span, source=source,
-                        notes=[f"also: {f}" for f in features[1:]] + [display_path(path)],
+                        notes=[features[0]] * embeddings + [f"also: {f}" for f in features[1:]] + [display_path(path)],
                         hints=["pemlang composes plain LoRA and (IA)3 exactly and refuses anything it "
                                "cannot compose exactly; merge this adapter into its base model instead"])
             return
@@ -494,7 +456,8 @@ class Checker:
             self._error("E022", "heads (modules_to_save) mix only as a convex combination", span,
                         notes=["coefficients: " + ", ".join(f"{n} {_fmt(b)}" for n, b in betas.items())
                                + f" (sum {_fmt(total)}); full tensors combine only when every coefficient "
-                               "is ≥ 0 and they sum to 1"],
+                               "is ≥ 0 and they sum to 1",
+                               *[f"{m} is the mean of its arguments: so are their heads" for m in value.means[:1]]],
                         hints=hints)
 
     def _check_tasks(self, value: ModuleValue, span: Span) -> None:
@@ -518,6 +481,14 @@ class Checker:
                    hints=[f"{spell_heads(self.spelling, 'from NAME')} states the input whose heads, task type and architecture "
                           "the output takes"])
 
+    def _scope(self) -> NameIndex:
+        """The names in scope and the functions, indexed once: names are only ever added to env, so
+        the newest len(env) − indexed are the ones not indexed yet."""
+        for name in itertools.islice(reversed(self.env), len(self.env) - self._indexed):
+            self._names.add(name)
+        self._indexed = len(self.env)
+        return self._names
+
     # -- expressions -----------------------------------------------------------------------------
 
     def _scalar(self, expr: ast.Expr, *, what: str) -> ScalarValue | Poison:
@@ -539,7 +510,7 @@ class Checker:
                 if entry is None and name in self.broken_names:
                     return POISON  # its definition's syntax error is already reported
                 if entry is None:
-                    meant = closest_name(name, list(self.env) + list(FUNCTIONS))
+                    meant = closest_name(name, self._scope())
                     if meant is not None:
                         self.suggested.add(meant)
                     return self._error("E002", f"unknown name `{name}`", expr.span,
@@ -637,12 +608,20 @@ class Checker:
                                "they have no common arithmetic"])
             return None
         if not lt.base.same_as(rt.base):
+            # Stating a base helps only where the models could be one: not when layer shapes differ.
+            differ = next((k for k in sorted(lt.layers.keys() & rt.layers.keys())
+                           if _shape_of(lt.layers[k]) != _shape_of(rt.layers[k])), None)
+            shapes = ([] if differ is None else
+                      [f"the layer shapes differ too ({differ}: {ln} {_shape_of(lt.layers[differ])}, {rn} "
+                       f"{_shape_of(rt.layers[differ])}): these are different models, not one model recorded "
+                       "under two names"])
             self._error("E006", "cannot add modules trained on different base models", span,
-                        notes=[f"{ln}: base {lt.base.describe()}; {rn}: base {rt.base.describe()}"],
-                        hints=["if they are the same model recorded differently, say so where the input is "
-                               f"declared: input NAME = \"DIR\" base {ast.format_string(lt.base.name or '')} "
-                               f"(in a config: bases: {{NAME: {json.dumps(lt.base.name)}}}; for eval: "
-                               f"--input-base NAME={lt.base.name})"])
+                        notes=[f"{ln}: base {lt.base.describe()}; {rn}: base {rt.base.describe()}", *shapes],
+                        hints=[] if shapes else
+                        ["if they are the same model recorded differently, say so where the input is "
+                         f"declared: input NAME = \"DIR\" base {ast.format_string(lt.base.name or '')} "
+                         f"(in a config: bases: {{NAME: {json.dumps(lt.base.name)}}}; for eval: "
+                         f"--input-base NAME={lt.base.name})"])
             return None
         only_left = lt.layers.keys() - rt.layers.keys()
         only_right = rt.layers.keys() - lt.layers.keys()

@@ -107,17 +107,26 @@ class ModuleValue:
         return ModuleValue(tuple(merged.values()), combined)
 
     def input_betas(self) -> dict[str, float]:
-        """beta per input, with function results expanded into the inputs they came from (a
-        function of several modules counts as their sum)."""
+        """beta per input, with function results expanded into the inputs they came from as the
+        function combines them: `ties` is the mean of its arguments, the others pass their one
+        argument on (what heads, which no function acts on, follow)."""
         betas: dict[str, float] = {}
         for term in self.terms:
             if isinstance(term.source, InputRef):
                 betas[term.source.name] = betas.get(term.source.name, 0.0) + term.beta
             else:
+                share = 1 / len(term.source.args) if OPERATORS[term.source.op].mean else 1.0
                 for arg in term.source.args:
                     for name, inner in arg.input_betas().items():
-                        betas[name] = betas.get(name, 0.0) + term.beta * inner
+                        betas[name] = betas.get(name, 0.0) + term.beta * share * inner
         return betas
+
+    @property
+    def means(self) -> list[str]:
+        """The functions in this value that are a mean of their arguments (`ties(…)`), as written."""
+        return [found for t in self.terms if isinstance(t.source, CallRef)
+                for found in ([t.source.text] if OPERATORS[t.source.op].mean else [])
+                + [m for arg in t.source.args for m in arg.means]]
 
     @property
     def dense(self) -> bool:

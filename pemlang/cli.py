@@ -209,6 +209,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _spelled(exc: ValueError) -> str:
+    """A ValueError from the API, as the command line says it (`--device cuda`, not `device="cuda"`)."""
+    from .backend import DeviceError
+
+    return exc.spelled(api=False) if isinstance(exc, DeviceError) else str(exc)
+
+
 def _check_program(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """Read and check the FILE of run/plan, showing its diagnostics: (checked, failed)."""
     checked, diagnostics = _load_checked(args, force=getattr(args, "force", False))
@@ -359,6 +366,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             _report(unknown)
             return EXIT_ERRORS
         points = list(itertools.product(*grid.values()))
+        program.paper_warnings()  # W002, once, before the points
         _report(program.warnings)
         written = 0
         # Every point is checked, and every directory guarded, before anything is computed.
@@ -374,7 +382,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         _report(exc.diagnostics)
         return EXIT_ERRORS
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_spelled(exc)) from None
     names = ", ".join(f"{k} = {v[0]:g}…{v[-1]:g} ({len(v)} values)" for k, v in grid.items())
     print(f"wrote {written} adapters ({len(points)} points: {names}) in {time.perf_counter() - start:.2f} s")
     return EXIT_OK
@@ -451,6 +459,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         else:
             program = compile_program(source=source, params=fixed or None, device=args.device or "auto",
                                       allow_pickle=args.allow_pickle)
+        program.paper_warnings()  # W002, once, before the trials
         _report(program.warnings)
         objective: Any = DataObjective.read(args.data, batch_size=args.batch_size) if args.data else args.objective
         options = TuneOptions(space=space, objective=objective, base=args.base, output=args.output, trials=args.trials,
@@ -483,7 +492,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         _report(exc.diagnostics)
         return EXIT_ERRORS
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_spelled(exc)) from None
     finally:
         if table is not None:
             table.close()

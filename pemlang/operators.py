@@ -62,6 +62,11 @@ class Operator:
     many: bool  # takes several modules (ties) or exactly one
     options: tuple[Option, ...]
     dense: bool  # its result is a dense ΔW per layer (written only through svd)
+    # Whether the result is the mean of its arguments (ties: where they agree, the mean of the
+    # trimmed updates), so that their heads (modules_to_save, full tensors that none of these
+    # functions acts on) mix as their mean; otherwise a function passes its argument's heads on
+    # as they are (svd, prune and dare keep x, or on average x).
+    mean: bool = False
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -84,7 +89,7 @@ OPERATORS: dict[str, Operator] = {op.name: op for op in (
              "TIES: each weight update trimmed to density d, a sign elected per entry, and the mean of the "
              "trimmed values that agree with it", True,
              (Option("density", "density"), Option("sign", "choice", default="total", choices=("total", "frequency"))),
-             dense=True),
+             dense=True, mean=True),
 )}
 FUNCTIONS = tuple(OPERATORS)
 

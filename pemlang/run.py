@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -17,8 +18,16 @@ from .lower import lower
 from .plan import OutputPlan, Plan
 
 # Paper mode mixes A and B separately; when inputs' A differ (they drift in training, or started
-# apart), B·A gains cross terms B_i·A_j. Below this mean cosine the user is told (SPEC §4, W002).
+# apart), B·A gains cross terms B_i·A_j. Below this mean cosine the user is told (W002).
 A_COSINE_WARNING = 0.9
+# Two independently initialised r×k matrices have a cosine of mean 0 and standard deviation
+# 1/sqrt(r·k); the mean over L layers, sqrt(Σ 1/(r_l·k_l))/L. A mean cosine within this many of
+# those standard deviations of 0 is what separate initialisations give (chance exceeds it about
+# once in 16,000); inputs trained from one initialisation keep a cosine far above it (about 0.5
+# after long training). Where A is so small that chance alone reaches SEPARATE_CAP, no more than
+# SEPARATE_CAP is taken as "separate".
+SEPARATE_SIGMAS = 4.0
+SEPARATE_CAP = 0.25
 FINITE_MAX = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F32": 3.4028234663852886e38,
               "F64": 1.7976931348623157e308}
 
@@ -79,26 +88,83 @@ def _diagnose(program: CheckedProgram, plan: Plan, report: Any) -> list[Diagnost
             "overflows", program.source, checked.expr_span or checked.span,
             notes=[f"output `{name}`{where}; the inputs' values are finite, the coefficients make this layer "
                    f"exceed the largest {dtype_name} number ({FINITE_MAX[dtype_name]:.4g})"],
-            hints=["use smaller coefficients, or write a wider dtype (--dtype float32); nothing was written"])])
-    diagnostics = []
-    for index, cosines in report.a_cosines.items():
-        checked = program.outputs[index]
-        out = plan.outputs[index]
-        first = out.terms[0].source if out.terms else "?"
-        for name, values in cosines.items():
-            mean = statistics.fmean(values)
-            if mean < A_COSINE_WARNING:
-                diagnostics.append(warning(
-                    "W002", f"paper mode over LoRA inputs whose A matrices differ ({name} vs {first})",
-                    program.source, checked.expr_span or checked.span,
-                    notes=[f"measured: the cosine of {name}'s A matrices with {first}'s, over {len(values)} "
-                           f"layers: mean {mean:.3f}, min {min(values):.3f}",
-                           "paper mode adds A and B separately, so the product (ΣαA)(ΣβB) contains cross terms "
-                           "B_i·A_j (i ≠ j), which are small only while the A matrices stay close (cosine near 1); "
-                           "trained A matrices drift apart even from one initialisation"],
-                    hints=[f"{spell_mode(program.spelling)} adds the weight updates ΔW = s·B·A themselves, "
-                           "without cross terms"]))
-    return diagnostics
+            hints=["use smaller coefficients, or write a wider dtype (--dtype float32; dtype=\"float32\" in the API); "
+                   "nothing was written"])])
+    return paper_warnings(program, plan, report.a_cosines)
+
+
+def separate_bound(layers: dict[str, tuple[float, int]]) -> float:
+    """The largest mean cosine that independent initialisations of these layers' A matrices
+    plausibly give (see SEPARATE_SIGMAS); `layers`: layer → (cosine, entries of A)."""
+    spread = math.sqrt(sum(1 / max(1, numel) for _, numel in layers.values())) / max(1, len(layers))
+    return min(SEPARATE_SIGMAS * spread, SEPARATE_CAP)
+
+
+def paper_warnings(program: CheckedProgram, plan: Plan,
+                   a_cosines: dict[tuple[str, str], dict[str, tuple[float, int]]]) -> list[Diagnostic]:
+    """W002, once for the whole program: paper mode over LoRA inputs whose A matrices differ, told
+    apart as initialised separately (cosine ≈ 0: paper mode's result is not a merge of the
+    inputs) or drifted apart in training from one initialisation (cosine well above 0, below
+    A_COSINE_WARNING). `a_cosines`: per pair (input, first input), per layer (cosine, entries of A)."""
+    separate: list[str] = []
+    drifted: list[str] = []
+    flagged: list[tuple[str, str]] = []
+    for (name, first), layers in a_cosines.items():
+        if not layers:
+            continue
+        values = [cosine for cosine, _ in layers.values()]
+        mean = statistics.fmean(values)
+        if mean >= A_COSINE_WARNING:
+            continue
+        bound = separate_bound(layers)
+        measured = (f"{name} vs {first}: the cosine of their A matrices over {len(values)} layer"
+                    f"{'s' if len(values) != 1 else ''} is mean {mean:.3f}, min {min(values):.3f}")
+        if abs(mean) <= bound:
+            separate.append(f"{measured}; matrices this size initialised independently give |mean| up to "
+                            f"about {bound:.3f}: these were initialised separately")
+        else:
+            drifted.append(f"{measured}; well above the {bound:.3f} that independent initialisations give: "
+                           "one initialisation, drifted apart in training")
+        flagged.append((name, first))
+    if not flagged:
+        return []
+    pairs_at = {(t.source, step.terms[0].source): i for i, out in reversed(list(enumerate(plan.outputs)))
+                for step in out.layers if step.op == "paper" for t in step.terms[1:]}
+    index = min(pairs_at.get(pair, 0) for pair in flagged)  # the first output that mixes a flagged pair
+    checked = program.outputs[index]
+    pairs = ", ".join(f"{name} vs {first}" for name, first in flagged)
+    exact = spell_mode(program.spelling)
+    if separate:
+        message = f"paper mode over LoRA inputs that were initialised separately ({pairs})"
+        why = ("paper mode adds A and B separately, so the product (ΣαA)(ΣβB) contains cross terms B_i·A_j "
+               "(i ≠ j); with unrelated A matrices they are as large as the inputs' own terms, so the result is "
+               "not a merge of the inputs")
+        hint = (f"use {exact}: it adds the weight updates ΔW = s·B·A themselves, without cross terms "
+                "(paper mode is meaningful only for adapters trained from one initialisation)")
+    else:
+        message = f"paper mode over LoRA inputs whose A matrices drifted apart in training ({pairs})"
+        why = ("paper mode adds A and B separately, so the product (ΣαA)(ΣβB) contains cross terms B_i·A_j "
+               "(i ≠ j), which are small only while the A matrices stay close (cosine near 1)")
+        hint = f"{exact} adds the weight updates ΔW = s·B·A themselves, without cross terms"
+    return [warning("W002", message, program.source, checked.expr_span or checked.span,
+                    notes=[*separate, *drifted, why], hints=[hint])]
+
+
+def measure_paper(program: CheckedProgram, *, device: str = "auto", dtype: str | None = None,
+                  cache: Any = None) -> list[Diagnostic]:
+    """W002 for a program before anything is computed (a sweep, tune): reads the inputs' A
+    matrices of its paper-mode layers only. [] for a program without such layers."""
+    plan = lower(program, dtype=dtype)
+    if not any(step.op == "paper" and len(step.terms) > 1 for out in plan.outputs for step in out.layers):
+        return []
+    from . import interrupts
+
+    with interrupts.deferred():
+        from .backend import resolve_device
+        from .backend.torch_backend import TorchBackend
+
+    torch_device, _ = resolve_device(device)
+    return paper_warnings(program, plan, TorchBackend(torch_device, cache=cache).a_cosines(plan))
 
 
 def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None = None, force: bool = False,

@@ -92,6 +92,23 @@ def test_unsupported_features_are_named(adapters: Path, name: str, feature: str)
     assert any(feature in f for f in read_adapter(adapters / name).unsupported)
 
 
+def test_lora_on_embeddings_is_refused_under_its_own_name(tmp_path: Path) -> None:
+    """PEFT saves the embedding itself beside lora_embedding_A/B: that side tensor is part of the
+    one feature, not the headline."""
+    from peft_factory import lora
+
+    from pemlang.check import check_source
+    from pemlang.source import Source
+
+    directory = lora(tmp_path / "emb", 60, targets=("q_proj", "embed_tokens"))
+    assert read_adapter(directory).unsupported == ("LoRA on embeddings (lora_embedding_A/B on model.embed_tokens)",)
+    result = check_source(Source(f'input e = "{directory}"\noutput e -> "out"\n'), base_dir=tmp_path)
+    [error] = [d for d in result.diagnostics if d.is_error]
+    assert error.code == "E011" and error.message == "input `e`: LoRA on embeddings is not supported"
+    assert error.notes[0] == "LoRA on embeddings (lora_embedding_A/B on model.embed_tokens)"
+    assert not any("base_layer" in note for note in error.notes)
+
+
 def test_other_peft_types_are_refused_by_name(adapters: Path) -> None:
     with pytest.raises(AdapterError) as info:
         read_adapter(adapters / "llama_loha")

@@ -323,3 +323,28 @@ def test_dtype_is_an_option_of_save_and_evaluate_not_a_param(adapters: Path, tmp
     assert {step.dtype for step in program.plan(dtype="float16").outputs[0].layers} == {"F16"}
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         program.save(tmp_path / "x", dtype="float8")
+
+
+def test_api_errors_spell_the_api_and_the_cli_spells_the_cli(adapters: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """An unusable device is said as the caller gave it: `device="cuda"` to the API, `--device
+    cuda` on the command line (whose sweeps and tuning run through the API)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    said = 'device="cuda": no CUDA device is available (use device="cpu" or "auto")'
+    program = pemlang.compile("w*a + (1 - w)*b", inputs={"a": adapters / "llama_r8", "b": adapters / "llama_r8_b"},
+                              params={"w": 0.5}, device="cuda")
+    for attempt in (lambda: program.evaluate(), lambda: program.save(tmp_path / "o"),
+                    lambda: list(program.sweep(w=[0.0, 1.0])),
+                    lambda: pemlang.compile("a", inputs={"a": adapters / "llama_r8"}).evaluate(device="cuda")):
+        with pytest.raises(ValueError) as caught:
+            attempt()
+        assert str(caught.value) == said
+    assert not (tmp_path / "o").exists()
+    pem = tmp_path / "sweep.pem"
+    pem.write_text(f'input a = "{adapters / "llama_r8"}"\ninput b = "{adapters / "llama_r8_b"}"\nparam w = 0.5\n'
+                   f'output w*a + (1 - w)*b -> "{tmp_path / "out"}"\n', encoding="utf-8")
+    status = main(["run", str(pem), "--sweep", "w=0,1", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "--device cuda: no CUDA device is available (use --device cpu or auto)" in err and 'device="' not in err

@@ -76,6 +76,27 @@ def test_a_program_states_the_base_of_an_input(adapters: Path, tmp_path: Path) -
     assert error.code == "E006" and 'input NAME = "DIR" base "tiny-org/tiny-llama"' in error.hints[0]
 
 
+def test_no_base_statement_is_suggested_when_the_shapes_differ(adapters: Path, tmp_path: Path) -> None:
+    """Stating a base would only lead to E009: when the layer shapes differ too, E006 says so and
+    suggests nothing."""
+    from peft_factory import lora
+
+    # hidden 48, not 32: k_proj is (2 kv heads × 48/4) × 48 = 24×48 there, 16×32 here
+    wide = lora(tmp_path / "wide", 50, hidden=48, name="someone-else/llama-7b")
+    text = f'input a = "{adapters / "llama_r8"}"\ninput w = "{wide}"\noutput a + w -> "{tmp_path / "out"}"\n'
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile(text=text)
+    [error] = caught.value.diagnostics
+    assert error.code == "E006" and error.hints == ()
+    assert error.notes[1] == ("the layer shapes differ too (model.layers.0.self_attn.k_proj: a 16×32, w 24×48): "
+                              "these are different models, not one model recorded under two names")
+    # Stated anyway, the base is noted and the shapes are the error.
+    stated = text.replace(f'"{wide}"', f'"{wide}" base "tiny-org/tiny-llama"')
+    with pytest.raises(pemlang.CompileError) as caught:
+        pemlang.compile(text=stated)
+    assert [d.code for d in caught.value.diagnostics] == ["E009"]
+
+
 def test_a_stated_base_equal_to_the_recorded_one_is_quiet(adapters: Path) -> None:
     text = f'input a = "{adapters / "llama_r8"}" base "tiny-org/tiny-llama"\noutput a -> "o"\n'
     assert pemlang.compile(text=text).warnings == []

@@ -237,14 +237,65 @@ def test_did_you_mean_keeps_difflib_answers_on_small_scopes() -> None:
     import random
 
     from pemlang.check import did_you_mean
+    from pemlang.suggest import RANKED
 
     rng = random.Random(8)
     alphabet = "abcdeλ_1"
     for _ in range(300):
-        scope = ["".join(rng.choices(alphabet, k=rng.randint(1, 9))) for _ in range(rng.randint(1, 400))]
+        scope = ["".join(rng.choices(alphabet, k=rng.randint(1, 9))) for _ in range(rng.randint(1, RANKED))]
         name = "".join(rng.choices(alphabet, k=rng.randint(1, 9)))
         expected = difflib.get_close_matches(name, scope, n=1, cutoff=0.6)
         assert did_you_mean(name, scope) == ([f"did you mean `{expected[0]}`?"] if expected else [])
+
+
+def test_did_you_mean_finds_a_typo_as_close_as_difflib_in_large_scopes() -> None:
+    import difflib
+    import random
+    import string
+
+    from pemlang.check import closest_name
+
+    rng = random.Random(3)
+    for _ in range(100):
+        scope = list({"".join(rng.choices(string.ascii_lowercase + "_", k=rng.randint(4, 12))) for _ in range(2000)})
+        target = rng.choice(scope)
+        i = rng.randrange(len(target))
+        typo = target[:i] + rng.choice(string.ascii_lowercase.replace(target[i], "")) + target[i + 1:]
+        if typo in scope:
+            continue
+        best = difflib.get_close_matches(typo, scope, n=1, cutoff=0.6)[0]  # the whole scope, by brute force
+        got = closest_name(typo, scope)
+        assert got is not None
+        assert difflib.SequenceMatcher(None, typo, got).ratio() == difflib.SequenceMatcher(None, typo, best).ratio()
+
+
+def test_did_you_mean_does_bounded_work_per_unknown_name(adapters: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 unknown names in a scope of 10,000 names: difflib compares a bounded number of
+    candidates per unknown name (counted by difflib itself), not the scope."""
+    import difflib
+
+    compared = [0]
+    set_seq1 = difflib.SequenceMatcher.set_seq1
+
+    def counting(self: difflib.SequenceMatcher, a: str) -> None:  # type: ignore[type-arg]
+        compared[0] += 1
+        set_seq1(self, a)
+
+    monkeypatch.setattr(difflib.SequenceMatcher, "set_seq1", counting)
+
+    def work(count: int) -> int:
+        compared[0] = 0
+        lines = [two_inputs(adapters)] + [f"x{i} = y{i}\n" for i in range(count)]
+        result = check_source(Source("".join(lines)), base_dir=tmp_path)
+        assert [d.code for d in result.diagnostics if d.is_error] == ["E002"] * count
+        return compared[0]
+
+    from pemlang import suggest
+
+    scanned = suggest.WORK["scanned"]
+    assert work(10000) <= 100 * 10000  # at most 100 difflib comparisons per unknown name
+    assert suggest.WORK["scanned"] - scanned <= 2000 * 10000  # and a bounded look at the index
 
 
 def test_a_typo_does_not_also_warn_that_the_meant_input_is_unused(adapters: Path, tmp_path: Path) -> None:

@@ -237,3 +237,56 @@ def test_inputs_of_different_tasks_warn_w004(adapters: Path, tmp_path: Path) -> 
                     'output 0.5*a + 0.5*b -> "out2"\n', encoding="utf-8")
     status, _, err = cli("check", str(same))
     assert status == 0 and "W004" not in err
+
+
+# -- heads under the functions: they follow what each function computes ------------------------------
+
+
+def _heads_of(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors(adapter_dir).items() if ".lora_" not in k}
+
+
+@pytest.mark.parametrize(("expression", "weights"), [
+    ("svd(ties(a, b, density=0.2), rank=8)", {"a": 0.5, "b": 0.5}),  # ties is the mean of its arguments
+    ("svd(ties(0.6*a, 1.4*b, density=0.5, sign=\"frequency\"), rank=8)", {"a": 0.3, "b": 0.7}),
+    ("svd(0.5*ties(a, b, density=1) + 0.5*prune(b, density=0.3), rank=8)", {"a": 0.25, "b": 0.75}),
+    ("svd(prune(a, density=0.3), rank=8)", {"a": 1.0}),  # keeps x: its heads as they are
+    ("svd(dare(a, p=0.5, seed=3), rank=8)", {"a": 1.0}),  # x on average
+])
+def test_heads_under_functions_follow_what_they_compute(adapters: Path, tmp_path: Path, expression: str,
+                                                        weights: dict[str, float]) -> None:
+    paths = {"a": adapters / "llama_cls", "b": adapters / "llama_cls_b"}
+    out = run_program(tmp_path, adapters, 'mode exact\ninput a = "ADAPTERS/llama_cls"\n'
+                      'input b = "ADAPTERS/llama_cls_b"\n' + f'output {expression} -> "out"\n')
+    written = _heads_of(out)
+    inputs = {name: _heads_of(path) for name, path in paths.items()}
+    assert written.keys() == inputs["a"].keys() and written  # the score head, whole
+    for key, value in written.items():
+        expected = sum(w * inputs[name][key] for name, w in weights.items())
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_heads_under_ties_with_weights_that_do_not_average_to_one(adapters: Path, tmp_path: Path) -> None:
+    program = tmp_path / "program.pem"
+    program.write_text(f'mode exact\ninput a = "{adapters}/llama_cls"\ninput b = "{adapters}/llama_cls_b"\n'
+                       'output svd(ties(0.5*a, 0.5*b, density=0.2), rank=8) -> "out"\n', encoding="utf-8")
+    status, _, err = cli("check", str(program))
+    assert status == 1
+    assert "error[E022]: heads (modules_to_save) mix only as a convex combination" in err
+    assert "coefficients: a 0.25, b 0.25 (sum 0.5)" in err
+    assert "ties(0.5*a, 0.5*b, density=0.2) is the mean of its arguments: so are their heads" in err
+
+
+def test_heads_mix_states_the_default_and_is_documented(adapters: Path, tmp_path: Path) -> None:
+    """The grammar error for `heads` lists 'mix': it is the default convex mix, said explicitly,
+    and the README says so."""
+    body = 'input a = "ADAPTERS/roberta_cls"\ninput b = "ADAPTERS/roberta_cls_b"\n{}output 0.3*a + 0.7*b -> "out"\n'
+    (tmp_path / "stated").mkdir()
+    (tmp_path / "default").mkdir()
+    stated = run_program(tmp_path / "stated", adapters, body.format("heads mix\n"))
+    default = run_program(tmp_path / "default", adapters, body.format(""))
+    assert load_file(str(stated / "adapter_model.safetensors")).keys() == \
+        load_file(str(default / "adapter_model.safetensors")).keys()
+    assert all(torch.equal(x, y) for x, y in zip(tensors(stated).values(), tensors(default).values(), strict=True))
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "`heads mix` states the default" in readme

@@ -9,6 +9,25 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the CLI's --device, the confi
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N"
 
 
+class DeviceError(ValueError):
+    """A device that cannot be used, said as the user gave it: `--device cuda` on the command line,
+    `device="cuda"` in the API (`as_api`)."""
+
+    def __init__(self, spec: str, reason: str, alternatives: tuple[str, ...] = (), *, api: bool = False):
+        self.spec, self.reason, self.alternatives, self.api = spec, reason, alternatives, api
+        super().__init__(self.spelled(api=api))
+
+    def spelled(self, *, api: bool) -> str:
+        name = f'device="{self.spec}"' if api else f"--device {self.spec}"
+        if not self.alternatives:
+            return f"{name}: {self.reason}"
+        forms = (" or ".join(f'"{a}"' for a in self.alternatives) if api else " or ".join(self.alternatives))
+        return f"{name}: {self.reason} (use {'device=' if api else '--device '}{forms})"
+
+    def as_api(self) -> DeviceError:
+        return DeviceError(self.spec, self.reason, self.alternatives, api=True)
+
+
 def resolve_device(spec: str) -> tuple[Any, str]:
     """`auto|cpu|cuda|cuda:N` → (torch.device, a line saying which and why); ValueError otherwise."""
     if not isinstance(spec, str) or re.fullmatch(DEVICE_PATTERN, spec) is None:
@@ -22,9 +41,9 @@ def resolve_device(spec: str) -> tuple[Any, str]:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: no CUDA device is available (use --device cpu or auto)")
+            raise DeviceError(spec, "no CUDA device is available", ("cpu", "auto"))
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: there are only {torch.cuda.device_count()} CUDA devices")
+            raise DeviceError(spec, f"there are only {torch.cuda.device_count()} CUDA devices")
     elif device.type != "cpu":
-        raise ValueError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+        raise DeviceError(spec, "expected auto, cpu, cuda or cuda:N")
     return device, f"device: {device}"

@@ -36,8 +36,9 @@ class RunReport:
     non_finite: list[tuple[str, str]] = field(default_factory=list)  # (input, tensor key)
     # A result that is not finite in its output dtype: (output index, layer or head key, dtype).
     non_finite_result: tuple[int, str, str] | None = None
-    # Paper mode: per output, per input other than the first, cosines of its A with the first's A.
-    a_cosines: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    # Paper mode: per pair (input, the first input of a paper layer), per layer, the cosine of the
+    # input's A with the first's A and the number of entries of A (W002).
+    a_cosines: dict[tuple[str, str], dict[str, tuple[float, int]]] = field(default_factory=dict)
     # With `hash_inputs`: each input's sha256 (of its weights file), computed while reading it.
     sha256: dict[str, str] = field(default_factory=dict)
 
@@ -411,7 +412,7 @@ class TorchBackend:
         if step.op == "ia3":
             return {tensor_key(step.key, "ia3_l"): self._ia3(step, inputs)}
         if step.op == "paper":
-            a, b = self._paper(step, inputs, report.a_cosines.setdefault(index, {}))
+            a, b = self._paper(step, inputs, report.a_cosines)
         else:
             a, b = self._concat(plan, step, inputs, svd_cache, index)
         return {tensor_key(step.key, "lora_A.weight"): a, tensor_key(step.key, "lora_B.weight"): b}
@@ -424,23 +425,47 @@ class TorchBackend:
             result += term.beta * (vector - 1)
         return result
 
-    def _paper(self, step: LayerStep, inputs: _Inputs, cosines: dict[str, list[float]]
+    def _paper(self, step: LayerStep, inputs: _Inputs, cosines: dict[tuple[str, str], dict[str, tuple[float, int]]]
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """A = Σ alpha_i·A_i;  B = Σ beta_i·(s_i/s_out)·B_i  (SPEC §2.1)."""
         a_out = torch.zeros((step.rank, step.shape[1]), dtype=torch.float32, device=self.device)
         b_out = torch.zeros((step.shape[0], step.rank), dtype=torch.float32, device=self.device)
-        first_a = None
         for term in step.terms:
             a, b, scaling = inputs.lora(term.source, step.key)
             a_out += term.alpha * a
             b_out += (term.beta * scaling / step.scaling_out) * b
-            if first_a is None:
-                first_a = a
-            else:
-                # in float64: squared norms of large A entries overflow float32 (a cosine does not depend on scale)
-                cosine = torch.nn.functional.cosine_similarity(a.flatten().double(), first_a.flatten().double(), dim=0)
-                cosines.setdefault(term.source, []).append(float(cosine))
+        self._a_similarity(step, inputs, cosines)
         return a_out, b_out
+
+    def a_cosines(self, plan: Plan) -> dict[tuple[str, str], dict[str, tuple[float, int]]]:
+        """What paper mode's W002 measures, without computing any output: per pair of inputs
+        (an input, the first input of a paper-mode layer), per layer, the cosine of their A
+        matrices and the number of entries of A. Reads the A matrices only."""
+        report = RunReport()
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            inputs = _Inputs(plan, self.device, stack, report, self.cache)
+            for out in plan.outputs:
+                for step in out.layers:
+                    if step.op == "paper":
+                        self._a_similarity(step, inputs, report.a_cosines)
+                        inputs.next_layer()
+        return report.a_cosines
+
+    @staticmethod
+    def _a_similarity(step: LayerStep, inputs: _Inputs,
+                      cosines: dict[tuple[str, str], dict[str, tuple[float, int]]]) -> None:
+        """Record the cosine of each term's A with the first term's A at this layer (W002)."""
+        if len(step.terms) < 2:
+            return
+        first = step.terms[0].source
+        first_a = inputs.tensor(first, inputs.plan.inputs[first].adapter.layer_keys[step.key]["A"])
+        for term in step.terms[1:]:
+            if term.source == first or step.key in cosines.get((term.source, first), {}):
+                continue
+            a = inputs.tensor(term.source, inputs.plan.inputs[term.source].adapter.layer_keys[step.key]["A"])
+            # in float64: squared norms of large A entries overflow float32 (a cosine does not depend on scale)
+            cosine = torch.nn.functional.cosine_similarity(a.flatten().double(), first_a.flatten().double(), dim=0)
+            cosines.setdefault((term.source, first), {})[step.key] = (float(cosine), a.numel())
 
     def _factors(self, plan: Plan, source: str, layer: str, inputs: _Inputs,
                  cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
