@@ -91,6 +91,40 @@ def setup(adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         def deletes(model, params):
             model.delete_adapter("pemlang")
             return 1.0
+
+        def merges(model, params):
+            model.merge_adapter()  # every later trial would score these merged weights
+            return mse(model, params)
+
+        def merges_and_unmerges(model, params):
+            model.merge_adapter()
+            value = mse(model, params)
+            model.unmerge_adapter()  # the base weights back, to within rounding
+            return value
+
+        def merges_and_unloads(model, params):
+            value = mse(model, params)
+            model.merge_and_unload()
+            return value
+
+        def switches(model, params):
+            model.add_adapter("other", model.peft_config["pemlang"])
+            model.set_adapter("other")
+            return mse(model, params)
+
+        def disables(model, params):
+            model.base_model.disable_adapter_layers()
+            return mse(model, params)
+
+        def scales_the_base(model, params):
+            value = mse(model, params)
+            layer = next(m for m in model.modules() if hasattr(m, "base_layer"))
+            layer.get_base_layer().weight.data.mul_(1.01)
+            return value
+
+        def scores_without_the_adapter(model, params):
+            with model.disable_adapter():  # restored on leaving: nothing to undo
+                return mse(model, params)
         """))
     return {"root": root, "base": base, "program": program, "target": root / "target.pt", "out": root / "out" / "mix"}
 
@@ -651,15 +685,63 @@ def test_hostile_records(tmp_path: Path, line: str, message: str) -> None:
 
 @pytest.mark.parametrize("objective, status, message", [
     ("exits", 1, "the objective called sys.exit(3)"),
-    ("unloads", 1, "removed or switched the adapter"),
-    ("deletes", 1, "removed or switched the adapter"),
+    ("unloads", 1, "error[E031]: the objective unloaded the adapter being tuned"),
+    ("deletes", 1, "error[E031]: the objective deleted the adapter being tuned"),
+    ("merges", 1, "error[E031]: the objective merged the adapter into the base model's weights (merge_adapter)"),
+    ("merges_and_unloads", 1, "error[E031]: the objective merged the adapter into the base model's weights and "
+                              "unloaded it"),
+    ("switches", 1, "error[E031]: the objective made another adapter active ('other')"),
+    ("disables", 1, "error[E031]: the objective disabled the adapter layers"),
+    ("scales_the_base", 1, "error[E031]: the objective changed the base model's weights"),
 ])
 def test_objectives_that_misbehave(setup: dict[str, Path], tmp_path: Path, objective: str, status: int,
                                    message: str) -> None:
+    """Whatever the objective did to the model that the next trial's in-place update cannot undo
+    stops the tuning at that trial, named: no later trial scores a frozen or foreign model, and no
+    "best" point is reported or written."""
     done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", f"tune_objectives:{objective}",
-                "--param", "lam=0:1:0.5", "--study", str(tmp_path / "o.db"), "--no-save")
+                "--param", "lam=0:1:0.5", "--study", str(tmp_path / "o.db"), "--save-best", str(tmp_path / "best"))
     assert done.returncode == status and message in done.stderr, done.stderr
-    assert "internal error" not in done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert "best:" not in done.stdout and not (tmp_path / "best").exists()
+    if objective != "exits":
+        assert len(_rows(done.stdout)) == 0  # stopped at the trial that did it
+        assert "an objective scores the model it is given" in done.stderr
+
+
+def test_an_objective_that_merges_and_unmerges_is_fine(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """merge_adapter then unmerge_adapter leaves the base weights as they were (to within rounding):
+    the study goes on and finds λ*, as the plain objective does."""
+    monkeypatch.chdir(setup["root"])
+    monkeypatch.setenv("PEMLANG_TEST_TARGET", str(setup["target"]))
+    result = pemlang.load(setup["program"]).tune(setup["base"], {"lam": (0, 1, 0.1)},
+                                                  objective="tune_objectives:merges_and_unmerges", save=False)
+    assert sum(t["state"] == "complete" for t in result.trials) == 11
+    assert result.best_params == {"lam": LAMBDA_STAR} and result.tied == []
+
+
+def test_a_tied_best_value_is_said(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An objective that scores the model with the adapter disabled gives every trial the base
+    model's value: the best is a tie, and the result says with which trials."""
+    base = base_model("llama").eval()
+    saved = torch.load(setup["target"])
+    with torch.no_grad():
+        expected = torch.mean((base(input_ids=saved["inputs"]).logits - saved["target"]) ** 2).item()
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective",
+                "tune_objectives:scores_without_the_adapter", "--param", "lam=0:1:0.5", "--study",
+                str(tmp_path / "t.db"), "--no-save")
+    assert done.returncode == 0, done.stderr
+    assert [float(r[2]) for r in _rows(done.stdout)] == pytest.approx([expected] * 3, rel=1e-5)
+    assert "  value = " in done.stdout and "(trial 0, minimized)" in done.stdout  # the earliest of the tie
+    assert "tied: trials 1, 2 reach the same value as trial 0" in done.stdout
+    shown = _cli(setup, "--show", str(tmp_path / "t.db"))
+    assert shown.returncode == 0 and "tied: trials 1, 2 reach the same value as trial 0" in shown.stdout
+    monkeypatch.chdir(setup["root"])
+    monkeypatch.setenv("PEMLANG_TEST_TARGET", str(setup["target"]))
+    result = pemlang.load(setup["program"]).tune(setup["base"], {"lam": (0, 1, 0.5)},
+                                                  objective="tune_objectives:scores_without_the_adapter", save=False)
+    assert result.best_number == 0 and result.tied == [1, 2]
+    assert result.best_value == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_base_that_is_an_adapter(setup: dict[str, Path], adapters: Path, capsys: pytest.CaptureFixture[str]) -> None:

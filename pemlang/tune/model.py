@@ -10,6 +10,7 @@ from typing import Any
 from ..diagnostics import CompileError, error, first_line
 from ..source import Source, Span
 from .errors import TuneError
+from .guard import ModelGuard
 from .objectives import DataObjective, TrialFailed, as_value
 from .scoring import DataScorer
 
@@ -128,7 +129,7 @@ class Worker:
         self.source = base
         self.base = load_base(base, classifier=self.classifier, device=self.device)
         self.model: Any = None
-        self.anchor: tuple[Any, str, Any] | None = None
+        self.guard: ModelGuard | None = None  # what the objective must leave as it found it
         self.name = ADAPTER_NAME
         self.config: dict[str, Any] | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -156,7 +157,7 @@ class Worker:
             if not isinstance(self.source, str | Path):
                 raise TrialFailed("the adapter's layout (rank or heads) differs at this point from the trial "
                                   "before; pass the base model as a path so that it can be reloaded")
-            self.model, self.anchor = None, None
+            self.model, self.guard = None, None
             self.base = load_base(self.source, classifier=self.classifier, device=self.device)
         if self.model is None:
             try:
@@ -169,47 +170,30 @@ class Worker:
 
             set_peft_model_state_dict(self.model, tensors, adapter_name=self.name)
         self.config, self.shapes = config, shapes
-        if self.anchor is None:
-            self.anchor = _tuner_layer(self.model)
+        if self.guard is None:
+            self.guard = ModelGuard(self.model, self.name)
         self.model.eval()
         return self.model
-
-    def _layer_in_place(self) -> bool:
-        """Whether the first adapter layer is still where it was put (an objective that unloads the
-        adapter takes it out)."""
-        if self.anchor is None:
-            return True
-        parent, name, layer = self.anchor
-        return getattr(parent, name, None) is layer
 
     def __call__(self, params: Mapping[str, float]) -> float:
         model = self.install(params)
         import torch
 
+        failure: TrialFailed | None = None
         with torch.no_grad():
             try:
                 result = self.objective(model, dict(params))
                 value = as_value(result)
-            except (TrialFailed, TuneError, KeyboardInterrupt):
+            except (TuneError, KeyboardInterrupt):
                 raise
+            except TrialFailed as exc:  # what it returned is not a number
+                failure = exc
             except SystemExit as exc:
-                raise TrialFailed(f"the objective called sys.exit({exc.code!r})") from None
-            except Exception as exc:  # noqa: BLE001 - the user's objective: reported with the trial
-                raise TrialFailed(f"the objective raised {type(exc).__name__}: {exc}") from None
-        if self.name not in (getattr(model, "peft_config", None) or {}) or \
-                getattr(model, "active_adapter", self.name) != self.name or not self._layer_in_place():
-            raise TuneError([error("E031", "the objective removed or switched the adapter being tuned",
-                                   hints=["an objective scores the model it is given; it must not change it "
-                                          "(no unload, delete_adapter or set_adapter)"])])
+                failure = TrialFailed(f"the objective called sys.exit({exc.code!r})")
+            except BaseException as exc:  # noqa: BLE001 - the user's objective (any exception class): the trial's
+                failure = TrialFailed(f"the objective raised {type(exc).__name__}: {exc}")
+        if self.guard is not None:  # also after a failure: a model left merged would freeze every later trial
+            self.guard.check(model)
+        if failure is not None:
+            raise failure
         return value
-
-
-def _tuner_layer(model: Any) -> tuple[Any, str, Any] | None:
-    """(parent, attribute, layer) of the model's first PEFT adapter layer."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, BaseTunerLayer):
-                return parent, name, child
-    return None
