@@ -122,6 +122,14 @@ def setup(adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
             layer.get_base_layer().weight.data.mul_(1.01)
             return value
 
+        class Unusual(BaseException):
+            pass
+
+        def raises_a_base_exception(model, params):
+            if params["lam"] == 0.5:
+                raise Unusual("not an Exception")
+            return mse(model, params)
+
         def scores_without_the_adapter(model, params):
             with model.disable_adapter():  # restored on leaving: nothing to undo
                 return mse(model, params)
@@ -707,6 +715,15 @@ def test_objectives_that_misbehave(setup: dict[str, Path], tmp_path: Path, objec
     if objective != "exits":
         assert len(_rows(done.stdout)) == 0  # stopped at the trial that did it
         assert "an objective scores the model it is given" in done.stderr
+
+
+def test_an_objective_raising_a_base_exception_fails_its_trial(setup: dict[str, Path], tmp_path: Path) -> None:
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective",
+                "tune_objectives:raises_a_base_exception", "--param", "lam=0:1:0.5", "--study", str(tmp_path / "b.db"),
+                "--no-save")
+    assert done.returncode == 0, done.stderr
+    assert "trial" in done.stderr and "failed at lam=0.5: the objective raised Unusual: not an Exception" in done.stderr
+    assert "2 trials complete, 1 failed" in done.stdout and "Traceback" not in done.stderr
 
 
 def test_an_objective_that_merges_and_unmerges_is_fine(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
