@@ -8,6 +8,7 @@ The known optimum: the target is the logits of the base model plus the program's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -772,3 +773,71 @@ def test_an_unreachable_ray_address(setup: dict[str, Path]) -> None:
     done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:mse",
                 "--param", "lam=0:1:0.5", "--no-save", "--ray", "127.0.0.1:1", timeout=120)
     assert done.returncode == 1 and "cannot reach a Ray cluster at 127.0.0.1:1" in done.stderr
+
+
+# -- a study changed under the tuning: diagnostics naming the study (and the trial) ---------------
+
+
+@pytest.mark.parametrize("how", ["deleted", "locked"])
+def test_a_study_deleted_or_locked_mid_run(setup: dict[str, Path], tmp_path: Path, how: str) -> None:
+    """The study deleted by another process while trials run, or locked by one for longer than
+    SQLite waits (5 s): E033 saying which, not Optuna's StorageInternalError."""
+    import sqlite3
+
+    study = tmp_path / "s.db"
+    mse = _mse(setup)
+    held: list[sqlite3.Connection] = []
+
+    def objective(model, params):  # type: ignore[no-untyped-def]
+        if how == "deleted" and study.exists():
+            study.unlink()
+        if how == "locked" and not held:
+            held.append(sqlite3.connect(study, timeout=0, isolation_level=None))
+            held[0].execute("begin exclusive")  # held until the tuning has given up
+        return mse(model, params)
+
+    try:
+        with pytest.raises(pemlang.CompileError) as caught:
+            pemlang.load(setup["program"]).tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=objective, study=study,
+                                                save=False)
+    finally:
+        for db in held:
+            db.close()
+    diagnostic = caught.value.diagnostics[0]
+    expected = {"deleted": f"the study {study} was deleted or moved while the tuning ran",
+                "locked": f"the study {study} was locked by another process for more than 5 s"}[how]
+    assert diagnostic.code == "E033" and diagnostic.message == expected
+    assert diagnostic.hints and "rerun" in diagnostic.hints[0]
+
+
+@pytest.mark.parametrize("sql, damage", [
+    ("update trial_values set value = 'high' where trial_id = 2", "trial 1 has the value 'high', not a finite number"),
+    ("update trial_values set value = NULL where trial_id = 2", "trial 1 has the value NULL, not a finite number"),
+    ("update trial_values set value = 9e999 - 9e999 where trial_id = 2", "trial 1 has the value NULL, not a finite number"),
+    ("update trial_values set value = -9e999 where trial_id = 2", "trial 1 has the value -inf, not a finite number"),
+    ("update trial_values set value_type = 'INF_NEG' where trial_id = 2", "trial 1 has the value INF_NEG, not a finite"),
+    ("delete from trial_values where trial_id = 2", "trial 1 is complete but has no value"),
+    ("update trial_params set param_value = 'x' where trial_id = 2", "trial 1 has the param lam = 'x', not a finite"),
+    ("update trials set state = 'WEIRD' where trial_id = 2", "trial 1 has an unknown state 'WEIRD'"),
+])
+def test_tampered_study_values(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], sql: str,
+                               damage: str) -> None:
+    """Values Optuna and pemlang never write, put into the study file by hand: `--show` and a
+    resumed tuning name the study and the trial (no internal error, no Python text)."""
+    import shutil
+    import sqlite3
+
+    made = tmp_path / "made.db"
+    program = pemlang.load(setup["program"])
+    program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=made, save=False, trials=2)
+    study = tmp_path / "tampered.db"
+    shutil.copy(made, study)
+    with contextlib.closing(sqlite3.connect(study)) as db, db:
+        db.execute(sql)
+    assert main(["tune", "--show", str(study)]) == 1
+    err = capsys.readouterr().err
+    assert f"error[E033]: {study}: {damage}" in err and "the study was changed outside pemlang" in err, err
+    assert "internal error" not in err and "Error:" not in err
+    with pytest.raises(pemlang.CompileError) as caught:
+        program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=study, save=False)
+    assert caught.value.diagnostics[0].code == "E033" and damage in caught.value.diagnostics[0].message
