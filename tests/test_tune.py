@@ -841,3 +841,44 @@ def test_tampered_study_values(setup: dict[str, Path], tmp_path: Path, capsys: p
     with pytest.raises(pemlang.CompileError) as caught:
         program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=study, save=False)
     assert caught.value.diagnostics[0].code == "E033" and damage in caught.value.diagnostics[0].message
+
+
+# -- a base model that does not fit, a tokenizer that is missing: said whole, at the right option ----
+
+
+def test_a_base_of_another_width_names_the_layer_and_both_shapes(setup: dict[str, Path], adapters: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors import safe_open
+
+    wide = tmp_path / "wide"
+    base_model("llama", hidden=64).save_pretrained(wide)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    with safe_open(adapters / "llama_r8" / "adapter_model.safetensors", "pt") as f:
+        rank, width = f.get_slice(key).get_shape()
+    recorded = json.loads((adapters / "llama_r8" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    status = main(["tune", str(setup["program"]), "--base", str(wide), "--objective", "math:fabs", "--param",
+                   "lam=0:1:0.5", "--no-save", "--study", str(tmp_path / "w.db")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert (f"error[E032]: the adapter does not fit the base model: its lora_A of layer "
+            f"model.layers.0.self_attn.q_proj is {rank}×{width}, the base model's layer needs {rank}×64") in err, err
+    assert "--> --base:1:1" in err and f"note: the inputs record the base model {recorded!r}" in err
+    assert "Error(s) in loading" not in err and "torch.Size" not in err
+
+
+def test_a_missing_tokenizer_is_pointed_at_where_it_was_looked_for(setup: dict[str, Path], example_root: Path,
+                                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The base saved without its tokenizer: the message is whole and points at --base (no
+    --tokenizer was given); a --tokenizer directory without one is pointed at."""
+    data = example_root / "examples" / "tune_data.jsonl"
+    common = ["tune", str(setup["program"]), "--data", str(data), "--param", "lam=0:1:0.5", "--no-save"]
+    assert main([*common, "--base", str(setup["base"]), "--study", str(tmp_path / "a.db")]) == 1
+    err = capsys.readouterr().err
+    assert f"error[E032]: the base model directory {setup['base']} has no tokenizer (no tokenizer.json or " \
+           "tokenizer_config.json)\n --> --base:1:1" in err, err
+    assert "--tokenizer:" not in err
+    empty = tmp_path / "tok"
+    empty.mkdir()
+    assert main([*common, "--base", str(setup["base"]), "--tokenizer", str(empty), "--study", str(tmp_path / "b.db")]) == 1
+    err = capsys.readouterr().err
+    assert f"error[E032]: the tokenizer directory {empty} has no tokenizer" in err and " --> --tokenizer:1:1" in err
