@@ -882,3 +882,4 @@ def test_a_missing_tokenizer_is_pointed_at_where_it_was_looked_for(setup: dict[s
     assert main([*common, "--base", str(setup["base"]), "--tokenizer", str(empty), "--study", str(tmp_path / "b.db")]) == 1
     err = capsys.readouterr().err
     assert f"error[E032]: the tokenizer directory {empty} has no tokenizer" in err and " --> --tokenizer:1:1" in err
+

@@ -30,6 +30,7 @@ class ModelGuard:
             for attribute, child in parent.named_children():
                 if isinstance(child, BaseTunerLayer):
                     self.layers.append((f"{parent_name}.{attribute}".lstrip("."), parent, attribute, child))
+        self.flags = [_flags(layer) for _, _, _, layer in self.layers]  # as installed (a model may come merged)
         # (layer name, its base layer, the base weight, sampled indices, dtype, device)
         self.weights: list[tuple[str, Any, Any, Any, Any, Any]] = []
         samples, tolerances = [], []
@@ -84,14 +85,14 @@ class ModelGuard:
             if changed is not None and changed.startswith("changed"):
                 return "merged the adapter into the base model's weights and unloaded it (merge_and_unload)"
             return "unloaded the adapter being tuned (unload)"
-        for _, _, _, layer in self.layers:
-            active = list(getattr(layer, "active_adapters", [self.name]))
-            if active != [self.name]:
+        now = [_flags(layer) for _, _, _, layer in self.layers]
+        for (active, _, _), (before, _, _) in zip(now, self.flags, strict=True):
+            if active != before:
                 shown = ", ".join(repr(a) for a in active) or "none"
                 return f"made another adapter active ({shown}) (set_adapter)"
-        if any(getattr(layer, "merged", False) for _, _, _, layer in self.layers):
+        if any(merged != before for (_, merged, _), (_, before, _) in zip(now, self.flags, strict=True)):
             return "merged the adapter into the base model's weights (merge_adapter)"
-        if any(getattr(layer, "disable_adapters", False) for _, _, _, layer in self.layers):
+        if any(disabled != before for (_, _, disabled), (_, _, before) in zip(now, self.flags, strict=True)):
             return "disabled the adapter layers (disable_adapter_layers)"
         return self.changed_weights()
 
@@ -109,3 +110,9 @@ class ModelGuard:
 
 def _dtype(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _flags(layer: Any) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """A tuner layer's active adapters, merged adapters and whether its adapters are disabled."""
+    return (tuple(getattr(layer, "active_adapters", ())), tuple(getattr(layer, "merged_adapters", ())),
+            bool(getattr(layer, "disable_adapters", False)))
