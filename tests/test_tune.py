@@ -883,3 +883,15 @@ def test_a_missing_tokenizer_is_pointed_at_where_it_was_looked_for(setup: dict[s
     err = capsys.readouterr().err
     assert f"error[E032]: the tokenizer directory {empty} has no tokenizer" in err and " --> --tokenizer:1:1" in err
 
+
+
+def test_an_objective_that_merges_on_ray(setup: dict[str, Path], tmp_path: Path) -> None:
+    """On Ray too, the objective that merged the adapter stops the tuning with E031 naming it (not a
+    worker that "could not start")."""
+    pytest.importorskip("ray")
+    env = _env(setup, RAY_memory_monitor_refresh_ms="0")
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:merges",
+                "--param", "lam=0:1:0.5", "--study", str(tmp_path / "r.db"), "--no-save", "--ray", env=env, timeout=420)
+    assert done.returncode == 1, done.stderr + done.stdout
+    assert "error[E031]: the objective merged the adapter into the base model's weights (merge_adapter)" in done.stderr
+    assert "could not start" not in done.stderr and "best:" not in done.stdout
