@@ -895,3 +895,22 @@ def test_an_objective_that_merges_on_ray(setup: dict[str, Path], tmp_path: Path)
     assert done.returncode == 1, done.stderr + done.stdout
     assert "error[E031]: the objective merged the adapter into the base model's weights (merge_adapter)" in done.stderr
     assert "could not start" not in done.stderr and "best:" not in done.stdout
+
+
+def test_the_guard_samples_weights_of_any_size() -> None:
+    """A base weight of 16,777,220 elements (a 7B model's MLP weights are larger): sampled indices
+    computed in float32 would round past its end; the guard's stay inside and see a change."""
+    from peft import LoraConfig, get_peft_model
+
+    from pemlang.tune.guard import ModelGuard
+
+    class Wide(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4_194_305, 4, bias=False)  # 4 × 4,194,305 = 16,777,220 elements
+
+    model = get_peft_model(Wide(), LoraConfig(r=1, target_modules=["proj"]), adapter_name="pemlang")
+    guard = ModelGuard(model, "pemlang")
+    assert guard.problem(model) is None
+    model.base_model.model.proj.base_layer.weight.data[-1, -1] += 1.0  # the last element: sampled
+    assert guard.problem(model) == "changed the base model's weights (base_model.model.proj)"

@@ -17,8 +17,9 @@ ROUNDING = 16  # merge then unmerge restores a weight to within a few units of r
 
 
 class ModelGuard:
-    """The state of the adapter layers holding adapter `name` in `model`, and a fingerprint of the
-    base weights under them (a few sampled elements of each, with what rounding may move them by)."""
+    """The adapter layers of `model` (where they sit; which adapters are active, merged or disabled)
+    and a fingerprint of the base weights under them: a few sampled elements of each, with what
+    rounding may move them by. `name` is the adapter being tuned."""
 
     def __init__(self, model: Any, name: str):
         import torch
@@ -38,10 +39,10 @@ class ModelGuard:
             for qualified, _, _, layer in self.layers:
                 base = layer.get_base_layer()
                 weight = getattr(base, "weight", None)
-                if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
-                    continue
-                count = min(SAMPLES, weight.numel())
-                index = torch.linspace(0, weight.numel() - 1, count, device=weight.device).long()
+                if not isinstance(weight, torch.Tensor) or weight.numel() == 0 or weight.device.type == "meta":
+                    continue  # nothing to sample (an offloaded weight is not resident)
+                count = min(SAMPLES, weight.numel())  # evenly spread, in integers (exact for any size)
+                index = torch.arange(count, device=weight.device) * (weight.numel() - 1) // max(count - 1, 1)
                 sample = weight.detach().reshape(-1)[index].to(torch.float64).cpu()
                 self.weights.append((qualified, base, weight, index, weight.dtype, weight.device))
                 samples.append(sample)
