@@ -914,3 +914,24 @@ def test_the_guard_samples_weights_of_any_size() -> None:
     assert guard.problem(model) is None
     model.base_model.model.proj.base_layer.weight.data[-1, -1] += 1.0  # the last element: sampled
     assert guard.problem(model) == "changed the base model's weights (base_model.model.proj)"
+
+
+def test_a_tokenizer_that_cannot_load_is_said_whole(setup: dict[str, Path], example_root: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers' own reason, over several lines, is given whole on one line (it was cut at its
+    first line, "… from one of:")."""
+    from transformers import AutoTokenizer
+
+    broken = tmp_path / "tok"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(Exception) as raised:  # noqa: B017 - whatever transformers raises: its text is the oracle
+        AutoTokenizer.from_pretrained(str(broken))
+    reason = " ".join(str(raised.value).split())
+    assert len(reason) <= 400  # said whole, not clipped
+    status = main(["tune", str(setup["program"]), "--base", str(setup["base"]), "--tokenizer", str(broken), "--data",
+                   str(example_root / "examples" / "tune_data.jsonl"), "--param", "lam=0:1:0.5", "--no-save",
+                   "--study", str(tmp_path / "t.db")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.splitlines()[0] == f"error[E032]: cannot load a tokenizer from {str(broken)!r}: {reason}", err
