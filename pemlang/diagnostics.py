@@ -58,9 +58,10 @@ CODES: dict[str, str] = {
     "E028": "a dense merge (prune, dare, ties) is written only through svd",
     "E029": "tune: a param that is not the program's, or a range that is not valid",
     "E030": "tune: invalid --data file (JSONL records)",
-    "E031": "tune: the objective cannot be loaded or failed, or Optuna/Ray is missing",
+    "E031": "tune: the objective cannot be loaded, failed or changed the model it scores, or Optuna/Ray is missing",
     "E032": "tune, load_into: the base model (or its tokenizer) cannot be loaded or does not fit",
-    "E033": "tune: the study file belongs to another tuning or is not a study",
+    "E033": "tune: the study file belongs to another tuning, is not a study, was changed by hand, or was "
+            "deleted or locked while the tuning ran",
     "W001": "base model not recorded in an input",
     "W002": "paper mode over LoRA inputs whose A matrices differ",
     "W003": "unused input or binding",

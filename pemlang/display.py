@@ -144,7 +144,7 @@ class TrialTable:
 
 
 def print_tune_result(result: Any, names: Sequence[str]) -> None:
-    from .tune import format_params, objective_label
+    from .tune import format_params, format_tie, objective_label
 
     complete = sum(t["state"] == "complete" for t in result.trials)
     failed = sum(t["state"] == "fail" for t in result.trials)
@@ -155,6 +155,9 @@ def print_tune_result(result: Any, names: Sequence[str]) -> None:
     label = objective_label(result.objective)
     print(f"best: {format_params(result.best_params)}  {label} = {result.best_value:.6g}  (trial {result.best_number}, "
           f"{result.direction}d)")
+    tie = format_tie(result)
+    if tie is not None:
+        print(tie)
     if result.plot is not None:
         print(f"plot: {result.plot}")
     elif getattr(result, "plot_note", None):

@@ -110,3 +110,59 @@ def test_dense_kernels_on_a_whole_layer_match_the_cpu_blocks() -> None:
     a, b = truncated_svd(merged.cuda(), 16, "layer")
     a_cpu, b_cpu = truncated_svd(merged, 16, "layer")
     assert torch.allclose((b @ a).cpu(), b_cpu @ a_cpu, atol=1e-5, rtol=1e-3)
+
+
+def test_tune_on_cuda_finds_what_the_cpu_finds(adapters: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tune --device cuda`: the resident model is on the GPU, every trial's value equals the CPU's
+    at the same point, both find λ* and write the same best adapter."""
+    pytest.importorskip("optuna")
+    import json
+    import textwrap
+
+    import optuna
+
+    import pemlang
+    from tests.peft_factory import base_model
+
+    base = tmp_path / "base"
+    base_model("llama").save_pretrained(base)
+    program = tmp_path / "mix.pem"
+    program.write_text(f'input a = "{adapters / "llama_r8"}"\ninput b = "{adapters / "llama_r8_b"}"\n'
+                       f'param lam = 0.5\noutput lam*a + (1 - lam)*b -> "{tmp_path / "out"}"\n', encoding="utf-8")
+    inputs = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = pemlang.load(program).load_into(base_model("llama"), lam=0.3).eval()(input_ids=inputs).logits
+    torch.save({"inputs": inputs, "target": target}, tmp_path / "target.pt")
+    (tmp_path / "cuda_objectives.py").write_text(textwrap.dedent(f"""\
+        import json, torch
+
+        saved = torch.load({str(tmp_path / "target.pt")!r})
+
+        def mse(model, params):
+            device = next(model.parameters()).device
+            with open({str(tmp_path / "devices.jsonl")!r}, "a") as f:
+                f.write(json.dumps(device.type) + "\\n")
+            logits = model(input_ids=saved["inputs"].to(device)).logits
+            return torch.mean((logits.double().cpu() - saved["target"].double()) ** 2).item()
+        """), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    values, devices = {}, {}
+    for device in ("cpu", "cuda"):
+        (tmp_path / "devices.jsonl").write_text("")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            status = main(["tune", str(program), "--base", str(base), "--objective", "cuda_objectives:mse", "--param",
+                           "lam=0:1:0.1", "--device", device, "--study", f"{device}.db", "--save-best", f"best-{device}"])
+        assert status == 0, err.getvalue()
+        devices[device] = {json.loads(line) for line in (tmp_path / "devices.jsonl").read_text().splitlines()}
+        trials = optuna.load_study(study_name="pemlang", storage=f"sqlite:///{tmp_path / f'{device}.db'}").trials
+        values[device] = {round(t.params["lam"], 1): t.value for t in trials}
+    assert devices == {"cpu": {"cpu"}, "cuda": {"cuda"}}
+    assert values["cuda"].keys() == values["cpu"].keys() == {i / 10 for i in range(11)}
+    for lam, value in values["cpu"].items():
+        assert values["cuda"][lam] == pytest.approx(value, rel=1e-3, abs=1e-7), lam
+    assert min(values["cuda"], key=values["cuda"].__getitem__) == min(values["cpu"], key=values["cpu"].__getitem__) == 0.3
+    written = {d: delta(load_file(str(tmp_path / f"best-{d}" / "adapter_model.safetensors"))) for d in ("cpu", "cuda")}
+    assert written["cpu"].keys() == written["cuda"].keys()
+    for key, value in written["cpu"].items():
+        assert torch.allclose(written["cuda"][key], value, atol=1e-6, rtol=1e-4), key

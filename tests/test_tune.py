@@ -8,6 +8,7 @@ The known optimum: the target is the logits of the base model plus the program's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -91,6 +92,48 @@ def setup(adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         def deletes(model, params):
             model.delete_adapter("pemlang")
             return 1.0
+
+        def merges(model, params):
+            model.merge_adapter()  # every later trial would score these merged weights
+            return mse(model, params)
+
+        def merges_and_unmerges(model, params):
+            model.merge_adapter()
+            value = mse(model, params)
+            model.unmerge_adapter()  # the base weights back, to within rounding
+            return value
+
+        def merges_and_unloads(model, params):
+            value = mse(model, params)
+            model.merge_and_unload()
+            return value
+
+        def switches(model, params):
+            model.add_adapter("other", model.peft_config["pemlang"])
+            model.set_adapter("other")
+            return mse(model, params)
+
+        def disables(model, params):
+            model.base_model.disable_adapter_layers()
+            return mse(model, params)
+
+        def scales_the_base(model, params):
+            value = mse(model, params)
+            layer = next(m for m in model.modules() if hasattr(m, "base_layer"))
+            layer.get_base_layer().weight.data.mul_(1.01)
+            return value
+
+        class Unusual(BaseException):
+            pass
+
+        def raises_a_base_exception(model, params):
+            if params["lam"] == 0.5:
+                raise Unusual("not an Exception")
+            return mse(model, params)
+
+        def scores_without_the_adapter(model, params):
+            with model.disable_adapter():  # restored on leaving: nothing to undo
+                return mse(model, params)
         """))
     return {"root": root, "base": base, "program": program, "target": root / "target.pt", "out": root / "out" / "mix"}
 
@@ -651,15 +694,72 @@ def test_hostile_records(tmp_path: Path, line: str, message: str) -> None:
 
 @pytest.mark.parametrize("objective, status, message", [
     ("exits", 1, "the objective called sys.exit(3)"),
-    ("unloads", 1, "removed or switched the adapter"),
-    ("deletes", 1, "removed or switched the adapter"),
+    ("unloads", 1, "error[E031]: the objective unloaded the adapter being tuned"),
+    ("deletes", 1, "error[E031]: the objective deleted the adapter being tuned"),
+    ("merges", 1, "error[E031]: the objective merged the adapter into the base model's weights (merge_adapter)"),
+    ("merges_and_unloads", 1, "error[E031]: the objective merged the adapter into the base model's weights and "
+                              "unloaded it"),
+    ("switches", 1, "error[E031]: the objective made another adapter active ('other')"),
+    ("disables", 1, "error[E031]: the objective disabled the adapter layers"),
+    ("scales_the_base", 1, "error[E031]: the objective changed the base model's weights"),
 ])
 def test_objectives_that_misbehave(setup: dict[str, Path], tmp_path: Path, objective: str, status: int,
                                    message: str) -> None:
+    """Whatever the objective did to the model that the next trial's in-place update cannot undo
+    stops the tuning at that trial, named: no later trial scores a frozen or foreign model, and no
+    "best" point is reported or written."""
     done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", f"tune_objectives:{objective}",
-                "--param", "lam=0:1:0.5", "--study", str(tmp_path / "o.db"), "--no-save")
+                "--param", "lam=0:1:0.5", "--study", str(tmp_path / "o.db"), "--save-best", str(tmp_path / "best"))
     assert done.returncode == status and message in done.stderr, done.stderr
-    assert "internal error" not in done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert "best:" not in done.stdout and not (tmp_path / "best").exists()
+    if objective != "exits":
+        assert len(_rows(done.stdout)) == 0  # stopped at the trial that did it
+        assert "an objective scores the model it is given" in done.stderr
+
+
+def test_an_objective_raising_a_base_exception_fails_its_trial(setup: dict[str, Path], tmp_path: Path) -> None:
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective",
+                "tune_objectives:raises_a_base_exception", "--param", "lam=0:1:0.5", "--study", str(tmp_path / "b.db"),
+                "--no-save")
+    assert done.returncode == 0, done.stderr
+    assert "trial" in done.stderr and "failed at lam=0.5: the objective raised Unusual: not an Exception" in done.stderr
+    assert "2 trials complete, 1 failed" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_an_objective_that_merges_and_unmerges_is_fine(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """merge_adapter then unmerge_adapter leaves the base weights as they were (to within rounding):
+    the study goes on and finds λ*, as the plain objective does."""
+    monkeypatch.chdir(setup["root"])
+    monkeypatch.setenv("PEMLANG_TEST_TARGET", str(setup["target"]))
+    result = pemlang.load(setup["program"]).tune(setup["base"], {"lam": (0, 1, 0.1)},
+                                                  objective="tune_objectives:merges_and_unmerges", save=False)
+    assert sum(t["state"] == "complete" for t in result.trials) == 11
+    assert result.best_params == {"lam": LAMBDA_STAR} and result.tied == []
+
+
+def test_a_tied_best_value_is_said(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An objective that scores the model with the adapter disabled gives every trial the base
+    model's value: the best is a tie, and the result says with which trials."""
+    base = base_model("llama").eval()
+    saved = torch.load(setup["target"])
+    with torch.no_grad():
+        expected = torch.mean((base(input_ids=saved["inputs"]).logits - saved["target"]) ** 2).item()
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective",
+                "tune_objectives:scores_without_the_adapter", "--param", "lam=0:1:0.5", "--study",
+                str(tmp_path / "t.db"), "--no-save")
+    assert done.returncode == 0, done.stderr
+    assert [float(r[2]) for r in _rows(done.stdout)] == pytest.approx([expected] * 3, rel=1e-5)
+    assert "  value = " in done.stdout and "(trial 0, minimized)" in done.stdout  # the earliest of the tie
+    assert "tied: trials 1, 2 reach the same value as trial 0" in done.stdout
+    shown = _cli(setup, "--show", str(tmp_path / "t.db"))
+    assert shown.returncode == 0 and "tied: trials 1, 2 reach the same value as trial 0" in shown.stdout
+    monkeypatch.chdir(setup["root"])
+    monkeypatch.setenv("PEMLANG_TEST_TARGET", str(setup["target"]))
+    result = pemlang.load(setup["program"]).tune(setup["base"], {"lam": (0, 1, 0.5)},
+                                                  objective="tune_objectives:scores_without_the_adapter", save=False)
+    assert result.best_number == 0 and result.tied == [1, 2]
+    assert result.best_value == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_base_that_is_an_adapter(setup: dict[str, Path], adapters: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -673,3 +773,165 @@ def test_an_unreachable_ray_address(setup: dict[str, Path]) -> None:
     done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:mse",
                 "--param", "lam=0:1:0.5", "--no-save", "--ray", "127.0.0.1:1", timeout=120)
     assert done.returncode == 1 and "cannot reach a Ray cluster at 127.0.0.1:1" in done.stderr
+
+
+# -- a study changed under the tuning: diagnostics naming the study (and the trial) ---------------
+
+
+@pytest.mark.parametrize("how", ["deleted", "locked"])
+def test_a_study_deleted_or_locked_mid_run(setup: dict[str, Path], tmp_path: Path, how: str) -> None:
+    """The study deleted by another process while trials run, or locked by one for longer than
+    SQLite waits (5 s): E033 saying which, not Optuna's StorageInternalError."""
+    import sqlite3
+
+    study = tmp_path / "s.db"
+    mse = _mse(setup)
+    held: list[sqlite3.Connection] = []
+
+    def objective(model, params):  # type: ignore[no-untyped-def]
+        if how == "deleted" and study.exists():
+            study.unlink()
+        if how == "locked" and not held:
+            held.append(sqlite3.connect(study, timeout=0, isolation_level=None))
+            held[0].execute("begin exclusive")  # held until the tuning has given up
+        return mse(model, params)
+
+    try:
+        with pytest.raises(pemlang.CompileError) as caught:
+            pemlang.load(setup["program"]).tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=objective, study=study,
+                                                save=False)
+    finally:
+        for db in held:
+            db.close()
+    diagnostic = caught.value.diagnostics[0]
+    expected = {"deleted": f"the study {study} was deleted or moved while the tuning ran",
+                "locked": f"the study {study} was locked by another process for more than 5 s"}[how]
+    assert diagnostic.code == "E033" and diagnostic.message == expected
+    assert diagnostic.hints and "rerun" in diagnostic.hints[0]
+
+
+@pytest.mark.parametrize("sql, damage", [
+    ("update trial_values set value = 'high' where trial_id = 2", "trial 1 has the value 'high', not a finite number"),
+    ("update trial_values set value = NULL where trial_id = 2", "trial 1 has the value NULL, not a finite number"),
+    ("update trial_values set value = 9e999 - 9e999 where trial_id = 2", "trial 1 has the value NULL, not a finite number"),
+    ("update trial_values set value = -9e999 where trial_id = 2", "trial 1 has the value -inf, not a finite number"),
+    ("update trial_values set value_type = 'INF_NEG' where trial_id = 2", "trial 1 has the value INF_NEG, not a finite"),
+    ("delete from trial_values where trial_id = 2", "trial 1 is complete but has no value"),
+    ("update trial_params set param_value = 'x' where trial_id = 2", "trial 1 has the param lam = 'x', not a finite"),
+    ("update trials set state = 'WEIRD' where trial_id = 2", "trial 1 has an unknown state 'WEIRD'"),
+])
+def test_tampered_study_values(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], sql: str,
+                               damage: str) -> None:
+    """Values Optuna and pemlang never write, put into the study file by hand: `--show` and a
+    resumed tuning name the study and the trial (no internal error, no Python text)."""
+    import shutil
+    import sqlite3
+
+    made = tmp_path / "made.db"
+    program = pemlang.load(setup["program"])
+    program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=made, save=False, trials=2)
+    study = tmp_path / "tampered.db"
+    shutil.copy(made, study)
+    with contextlib.closing(sqlite3.connect(study)) as db, db:
+        db.execute(sql)
+    assert main(["tune", "--show", str(study)]) == 1
+    err = capsys.readouterr().err
+    assert f"error[E033]: {study}: {damage}" in err and "the study was changed outside pemlang" in err, err
+    assert "internal error" not in err and "Error:" not in err
+    with pytest.raises(pemlang.CompileError) as caught:
+        program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=study, save=False)
+    assert caught.value.diagnostics[0].code == "E033" and damage in caught.value.diagnostics[0].message
+
+
+# -- a base model that does not fit, a tokenizer that is missing: said whole, at the right option ----
+
+
+def test_a_base_of_another_width_names_the_layer_and_both_shapes(setup: dict[str, Path], adapters: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors import safe_open
+
+    wide = tmp_path / "wide"
+    base_model("llama", hidden=64).save_pretrained(wide)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    with safe_open(adapters / "llama_r8" / "adapter_model.safetensors", "pt") as f:
+        rank, width = f.get_slice(key).get_shape()
+    recorded = json.loads((adapters / "llama_r8" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    status = main(["tune", str(setup["program"]), "--base", str(wide), "--objective", "math:fabs", "--param",
+                   "lam=0:1:0.5", "--no-save", "--study", str(tmp_path / "w.db")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert (f"error[E032]: the adapter does not fit the base model: its lora_A of layer "
+            f"model.layers.0.self_attn.q_proj is {rank}×{width}, the base model's layer needs {rank}×64") in err, err
+    assert "--> --base:1:1" in err and f"note: the inputs record the base model {recorded!r}" in err
+    assert "Error(s) in loading" not in err and "torch.Size" not in err
+
+
+def test_a_missing_tokenizer_is_pointed_at_where_it_was_looked_for(setup: dict[str, Path], example_root: Path,
+                                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The base saved without its tokenizer: the message is whole and points at --base (no
+    --tokenizer was given); a --tokenizer directory without one is pointed at."""
+    data = example_root / "examples" / "tune_data.jsonl"
+    common = ["tune", str(setup["program"]), "--data", str(data), "--param", "lam=0:1:0.5", "--no-save"]
+    assert main([*common, "--base", str(setup["base"]), "--study", str(tmp_path / "a.db")]) == 1
+    err = capsys.readouterr().err
+    assert f"error[E032]: the base model directory {setup['base']} has no tokenizer (no tokenizer.json or " \
+           "tokenizer_config.json)\n --> --base:1:1" in err, err
+    assert "--tokenizer:" not in err
+    empty = tmp_path / "tok"
+    empty.mkdir()
+    assert main([*common, "--base", str(setup["base"]), "--tokenizer", str(empty), "--study", str(tmp_path / "b.db")]) == 1
+    err = capsys.readouterr().err
+    assert f"error[E032]: the tokenizer directory {empty} has no tokenizer" in err and " --> --tokenizer:1:1" in err
+
+
+
+def test_an_objective_that_merges_on_ray(setup: dict[str, Path], tmp_path: Path) -> None:
+    """On Ray too, the objective that merged the adapter stops the tuning with E031 naming it (not a
+    worker that "could not start")."""
+    pytest.importorskip("ray")
+    env = _env(setup, RAY_memory_monitor_refresh_ms="0")
+    done = _cli(setup, str(setup["program"]), "--base", str(setup["base"]), "--objective", "tune_objectives:merges",
+                "--param", "lam=0:1:0.5", "--study", str(tmp_path / "r.db"), "--no-save", "--ray", env=env, timeout=420)
+    assert done.returncode == 1, done.stderr + done.stdout
+    assert "error[E031]: the objective merged the adapter into the base model's weights (merge_adapter)" in done.stderr
+    assert "could not start" not in done.stderr and "best:" not in done.stdout
+
+
+def test_the_guard_samples_weights_of_any_size() -> None:
+    """A base weight of 16,777,220 elements (a 7B model's MLP weights are larger): sampled indices
+    computed in float32 would round past its end; the guard's stay inside and see a change."""
+    from peft import LoraConfig, get_peft_model
+
+    from pemlang.tune.guard import ModelGuard
+
+    class Wide(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4_194_305, 4, bias=False)  # 4 × 4,194,305 = 16,777,220 elements
+
+    model = get_peft_model(Wide(), LoraConfig(r=1, target_modules=["proj"]), adapter_name="pemlang")
+    guard = ModelGuard(model, "pemlang")
+    assert guard.problem(model) is None
+    model.base_model.model.proj.base_layer.weight.data[-1, -1] += 1.0  # the last element: sampled
+    assert guard.problem(model) == "changed the base model's weights (base_model.model.proj)"
+
+
+def test_a_tokenizer_that_cannot_load_is_said_whole(setup: dict[str, Path], example_root: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers' own reason, over several lines, is given whole on one line (it was cut at its
+    first line, "… from one of:")."""
+    from transformers import AutoTokenizer
+
+    broken = tmp_path / "tok"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(Exception) as raised:  # noqa: B017 - whatever transformers raises: its text is the oracle
+        AutoTokenizer.from_pretrained(str(broken))
+    reason = " ".join(str(raised.value).split())
+    assert len(reason) <= 400  # said whole, not clipped
+    status = main(["tune", str(setup["program"]), "--base", str(setup["base"]), "--tokenizer", str(broken), "--data",
+                   str(example_root / "examples" / "tune_data.jsonl"), "--param", "lam=0:1:0.5", "--no-save",
+                   "--study", str(tmp_path / "t.db")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.splitlines()[0] == f"error[E032]: cannot load a tokenizer from {str(broken)!r}: {reason}", err

@@ -28,6 +28,7 @@ The package's modules are the tuner's stages, each importing only from those lis
     plot.py        the objective against the params, beside the study
     study.py       Optuna's samplers; the SQLite study, its lock and the recovery of cut-off trials
     scoring.py     the built-in objective's loss or accuracy
+    guard.py       what an objective must leave as it found it (the adapter in place, the base unchanged)
     results.py     every trial and the best point, labelled and formatted
     objectives.py  the --data records and the user's module:function
     space.py       NAME=LO:HI[:STEP]
@@ -39,7 +40,7 @@ Only the names below are for use outside the package (the CLI, the API, tests).
 from .errors import TuneError
 from .objectives import DataObjective, Record, read_records
 from .plot import plot_beside
-from .results import TuneResult, format_params, objective_label, summarise
+from .results import TuneResult, format_params, format_tie, objective_label, summarise
 from .session import TuneOptions, tune
 from .space import ParamRange, parse_range
 from .study import SAMPLERS, open_study
@@ -53,6 +54,7 @@ __all__ = [
     "TuneOptions",
     "TuneResult",
     "format_params",
+    "format_tie",
     "objective_label",
     "open_study",
     "parse_range",

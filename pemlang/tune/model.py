@@ -3,6 +3,7 @@ trial overwrites in place, and the objective called on it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from .. import hub
 from ..diagnostics import CompileError, error, first_line
 from ..source import Source, Span
 from .errors import TuneError
+from .guard import ModelGuard
 from .objectives import DataObjective, TrialFailed, as_value
 from .scoring import DataScorer
 
@@ -117,7 +119,20 @@ def _load_failure(base: Any, exc: BaseException) -> str:
     return f"cannot load the base model {text!r}: {first_line(exc)}"
 
 
-def load_tokenizer(name: str) -> Any:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "tekken.json")
+
+
+def load_tokenizer(name: str, *, given: bool = True) -> Any:
+    """The tokenizer at `name`: the one --tokenizer gives (`given`), else the base model's own."""
+    option = "--tokenizer" if given else "--base"
+    located = (Source(name, option), Span(0, max(1, len(name)))) if name else (None, None)
+    hints = ["--data needs the base model's tokenizer: save it beside the model (tokenizer.save_pretrained), "
+             "or name one with --tokenizer"]
+    if Path(name).is_dir() and not any((Path(name) / f).exists() for f in TOKENIZER_FILES):
+        what = "the tokenizer directory" if given else "the base model directory"
+        raise TuneError([error("E032", f"{what} {name} has no tokenizer (no tokenizer.json or tokenizer_config.json)",
+                               *located, hints=hints)])
     try:
         from transformers import AutoTokenizer
 
@@ -125,11 +140,46 @@ def load_tokenizer(name: str) -> Any:
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise TuneError([error("E032", f"cannot load a tokenizer from {name!r}: {first_line(exc)}",
-                               Source(name, "--tokenizer"), Span(0, max(1, len(name))),
-                               hints=["--data needs the base model's tokenizer: save it beside the model, "
-                                      "or name one with --tokenizer"])]) from None
+        text = " ".join(str(exc).split()) or type(exc).__name__  # the whole message, on one line
+        raise TuneError([error("E032", f"cannot load a tokenizer from {name!r}: {_clip(text, 400)}", *located,
+                               hints=hints)]) from None
     return tokenizer
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut at a word boundary within `limit` characters, marked when cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " …"
+
+
+_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def fit_error(base: Any, exc: BaseException, config: Mapping[str, Any], adapter_name: str) -> TuneError:
+    """E032 for an adapter PEFT could not put into the base model: the first layer whose shapes
+    differ, both shapes, and the base model the inputs record."""
+    mismatches = _MISMATCH.findall(str(exc))
+    if mismatches:
+        key, theirs, needed = mismatches[0]
+        path = key.removeprefix("base_model.model.").replace(f".{adapter_name}.", ".")
+        layer, _, tensor = path.removesuffix(".weight").rpartition(".")
+        shape = lambda dims: "×".join(d.strip() for d in dims.split(",")) or "a scalar"  # noqa: E731
+        message = (f"the adapter does not fit the base model: its {tensor} of layer {layer} is {shape(theirs)}, "
+                   f"the base model's layer needs {shape(needed)}")
+        if len(mismatches) > 1:
+            message += f" ({len(mismatches) - 1} more tensor{'s' if len(mismatches) > 2 else ''} differ)"
+    else:
+        message = f"the adapter does not fit the base model: {_clip(' '.join(str(exc).split()), 300)}"
+    recorded = config.get("base_model_name_or_path")
+    notes = [f"the inputs record the base model {recorded!r}" if recorded else "the inputs do not record their base model"]
+    hints = ["--base must be the model the inputs were trained on"]
+    if isinstance(base, str | Path):
+        return TuneError([error("E032", message, Source(str(base), "--base"), Span(0, max(1, len(str(base)))),
+                                notes=notes, hints=hints)])
+    return TuneError([error("E032", message, notes=notes, hints=["the base model must be the one the inputs were "
+                                                                 "trained on"])])
 
 
 def is_classifier(config: Mapping[str, Any]) -> bool:
@@ -154,7 +204,7 @@ class Worker:
         self.source = base
         self.base = load_base(base, classifier=self.classifier, device=self.device)
         self.model: Any = None
-        self.anchor: tuple[Any, str, Any] | None = None
+        self.guard: ModelGuard | None = None  # what the objective must leave as it found it
         self.name = ADAPTER_NAME
         self.config: dict[str, Any] | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -162,8 +212,8 @@ class Worker:
         if isinstance(objective, DataObjective):
             tokenizer_name = tokenizer or (str(base) if isinstance(base, str | Path) else
                                            getattr(self.base, "name_or_path", ""))
-            self.objective = DataScorer(objective, load_tokenizer(str(tokenizer_name)), self.base,
-                                         self.classifier, self.device)
+            self.objective = DataScorer(objective, load_tokenizer(str(tokenizer_name), given=tokenizer is not None),
+                                         self.base, self.classifier, self.device)
         else:
             self.objective = objective
 
@@ -182,60 +232,42 @@ class Worker:
             if not isinstance(self.source, str | Path):
                 raise TrialFailed("the adapter's layout (rank or heads) differs at this point from the trial "
                                   "before; pass the base model as a path so that it can be reloaded")
-            self.model, self.anchor = None, None
+            self.model, self.guard = None, None
             self.base = load_base(self.source, classifier=self.classifier, device=self.device)
         if self.model is None:
             try:
                 self.model = self.program._install(self.base, evaluation, self.output, self.name)
             except (ValueError, RuntimeError, KeyError) as exc:
-                raise TuneError([error("E032", f"the adapter does not fit the base model: {str(exc)[:300]}",
-                                       hints=["--base must be the model the inputs were trained on"])]) from None
+                raise fit_error(self.source, exc, config, self.name) from None
         else:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, tensors, adapter_name=self.name)
         self.config, self.shapes = config, shapes
-        if self.anchor is None:
-            self.anchor = _tuner_layer(self.model)
+        if self.guard is None:
+            self.guard = ModelGuard(self.model, self.name)
         self.model.eval()
         return self.model
-
-    def _layer_in_place(self) -> bool:
-        """Whether the first adapter layer is still where it was put (an objective that unloads the
-        adapter takes it out)."""
-        if self.anchor is None:
-            return True
-        parent, name, layer = self.anchor
-        return getattr(parent, name, None) is layer
 
     def __call__(self, params: Mapping[str, float]) -> float:
         model = self.install(params)
         import torch
 
+        failure: TrialFailed | None = None
         with torch.no_grad():
             try:
                 result = self.objective(model, dict(params))
                 value = as_value(result)
-            except (TrialFailed, TuneError, KeyboardInterrupt):
+            except (TuneError, KeyboardInterrupt):
                 raise
+            except TrialFailed as exc:  # what it returned is not a number
+                failure = exc
             except SystemExit as exc:
-                raise TrialFailed(f"the objective called sys.exit({exc.code!r})") from None
-            except Exception as exc:  # noqa: BLE001 - the user's objective: reported with the trial
-                raise TrialFailed(f"the objective raised {type(exc).__name__}: {exc}") from None
-        if self.name not in (getattr(model, "peft_config", None) or {}) or \
-                getattr(model, "active_adapter", self.name) != self.name or not self._layer_in_place():
-            raise TuneError([error("E031", "the objective removed or switched the adapter being tuned",
-                                   hints=["an objective scores the model it is given; it must not change it "
-                                          "(no unload, delete_adapter or set_adapter)"])])
+                failure = TrialFailed(f"the objective called sys.exit({exc.code!r})")
+            except BaseException as exc:  # noqa: BLE001 - the user's objective (any exception class): the trial's
+                failure = TrialFailed(f"the objective raised {type(exc).__name__}: {exc}")
+        if self.guard is not None:  # also after a failure: a model left merged would freeze every later trial
+            self.guard.check(model)
+        if failure is not None:
+            raise failure
         return value
-
-
-def _tuner_layer(model: Any) -> tuple[Any, str, Any] | None:
-    """(parent, attribute, layer) of the model's first PEFT adapter layer."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, BaseTunerLayer):
-                return parent, name, child
-    return None

@@ -61,16 +61,18 @@ def _ray_trial(config: dict[str, Any], job: WorkerJob) -> None:
 
     start = time.perf_counter()
     params = {name: float(value) for name, value in config.items()}
-    fatal = ""
+    fatal, code = "", ""
     try:
         value = _job_worker(job)(params)
         problem = ""
     except TrialFailed as exc:
         value, problem = float("nan"), str(exc)
-    except TuneError as exc:  # the worker cannot start (base model, data, objective): every trial would fail
+    except TuneError as exc:  # the worker cannot start (base model, data, objective), or the objective
+        # changed the model (E031): every later trial would fail or score the wrong model
         value, problem = float("nan"), "; ".join(d.message for d in exc.diagnostics)
-        fatal = problem
-    tune.report({"value": value, "seconds": time.perf_counter() - start, "error": problem, "fatal": fatal})
+        fatal, code = problem, exc.diagnostics[0].code
+    tune.report({"value": value, "seconds": time.perf_counter() - start, "error": problem, "fatal": fatal,
+                 "fatal_code": code})
 
 
 def _reachable(address: str, timeout: float = 10.0) -> None:
@@ -127,7 +129,7 @@ def run_ray(job: WorkerJob, study: Any, dists: Mapping[str, Any], total: int, *,
                             else "max", sampler=study.sampler, study_name=study.study_name, storage=study._storage)
     slots = max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1) // max(gpus or cpus_per_trial, 1e-9)))
     failed: list[str] = []
-    fatal: list[str] = []
+    fatal: list[tuple[str, str]] = []  # (code, message)
     import logging
 
     logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)  # "nan is not acceptable"
@@ -145,7 +147,7 @@ def run_ray(job: WorkerJob, study: Any, dists: Mapping[str, Any], total: int, *,
                 ot.set_user_attr("error", result.get("error") or "no value")
                 failed.append(result.get("error") or "no value")
             if result.get("fatal"):
-                fatal.append(result["fatal"])
+                fatal.append((result.get("fatal_code") or "E032", result["fatal"]))
             if on_trial:
                 on_trial({"number": ot.number, "params": {k: float(v) for k, v in trial.config.items()},
                           "value": value if ok else None, "state": "complete" if ok else "fail",
@@ -175,7 +177,8 @@ def run_ray(job: WorkerJob, study: Any, dists: Mapping[str, Any], total: int, *,
             raise TuneError([error("E031", f"Ray could not run the trials: {first_line(exc, 400)}",
                                    hints=["the trials finished so far are in the study; rerunning resumes it"])]) from None
     if fatal:
-        raise TuneError([error("E032", f"a Ray worker could not start: {fatal[0]}")])
+        code, message = fatal[0]
+        raise TuneError([error(code, f"a Ray worker could not start: {message}" if code == "E032" else message)])
     if fail_fast and failed:
         raise TuneError([error("E031", f"a trial failed: {failed[0]}",
                                hints=["without --fail-fast the study goes on past failed trials"])])

@@ -35,6 +35,7 @@ from .study import (
     make_sampler,
     open_study,
     recover,
+    storage_errors,
     study_error,
 )
 
@@ -225,7 +226,7 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
             raise study_error(study_path, f"the study would be written over {clash}",
                               hints=["give --study a new file name"])
     optuna = load_optuna()
-    with StudyLock(study_path):
+    with StudyLock(study_path) as lock, storage_errors(study_path, lock):  # a study deleted or locked: E033
         probe = open_study(study_path, direction=direction, sampler=None, settings=settings) if study_path else None
         existing = len(probe.trials) if probe is not None else 0
         sampler = make_sampler(sampler_name, options.space, seed=options.seed, offset=existing)
@@ -255,7 +256,8 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
                 worker = Worker(program, output, options.base, objective_fn, tokenizer=options.tokenizer,
                                 device=options.device)
                 run_local(worker, study, dists, total, on_trial=on_trial, fail_fast=options.fail_fast)
-    result = summarise(study, study_path=study_path)
+    with storage_errors(study_path):
+        result = summarise(study, study_path=study_path)
     result.objective = description
     if study_path is not None:
         result.plot, result.plot_note = plot_beside(result, study_path, [r.name for r in options.space], protected)

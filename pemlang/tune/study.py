@@ -4,7 +4,7 @@ locked while trials run), and the recovery of trials a killed or interrupted run
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,14 @@ def _check_foreign(path: Path, option: str) -> None:
         with contextlib.closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)) as db:
             tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
             names = {row[0] for row in db.execute("select study_name from studies")} if "studies" in tables else set()
+            damage = _damage(db) if STUDY_NAME in names and {"trials", "trial_values", "trial_params"} <= tables \
+                else None
     except sqlite3.Error as exc:
         raise study_error(path, f"cannot read {path}: {exc}", option=option) from None
+    if damage is not None:
+        raise study_error(path, f"{path}: {damage}; the study was changed outside pemlang",
+                          hints=["give --study a new file name to start again (or delete the damaged trial "
+                                 "from the study)"], option=option)
     if not tables:
         return  # an empty database: a new study
     if "studies" not in tables or "trials" not in tables:
@@ -166,6 +172,80 @@ def _check_foreign(path: Path, option: str) -> None:
         raise study_error(path, f"{path} holds other Optuna studies ({', '.join(sorted(names))[:80]}), not a "
                           "pemlang one; pemlang will not add to it", hints=["give --study a new file name"],
                           option=option)
+
+
+TRIAL_STATES = ("RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING")
+
+
+def _damage(db: Any) -> str | None:
+    """What is wrong with the first trial of the pemlang study whose state, value or params Optuna
+    or pemlang never writes (a value that is NULL, text, not finite; an unknown state), or None.
+    Read from the tables as they are, before Optuna parses them."""
+    import math
+
+    def shown(value: Any, kind: str) -> str:
+        return "NULL" if value is None else repr(value)[:40] if kind in ("text", "blob") else f"{value!r}"
+
+    def number(value: Any, kind: str) -> bool:
+        return kind in ("real", "integer") and math.isfinite(float(value))
+
+    study = "(select study_id from studies where study_name = ?)"
+    trials = db.execute(f"select trial_id, number, state from trials where study_id = {study} order by number",
+                        (STUDY_NAME,)).fetchall()
+    values: dict[int, list[tuple[Any, str, Any]]] = {}
+    for trial_id, value, kind, value_type in db.execute(
+            "select trial_id, value, typeof(value), value_type from trial_values"):
+        values.setdefault(trial_id, []).append((value, kind, value_type))
+    params: dict[int, list[tuple[str, Any, str]]] = {}
+    for trial_id, name, value, kind in db.execute("select trial_id, param_name, param_value, typeof(param_value) "
+                                                  "from trial_params"):
+        params.setdefault(trial_id, []).append((name, value, kind))
+    for trial_id, trial_number, state in trials:
+        label = f"trial {trial_number}"
+        if state not in TRIAL_STATES:
+            return f"{label} has an unknown state {shown(state, 'text')}"
+        if state == "COMPLETE" and not values.get(trial_id):
+            return f"{label} is complete but has no value"
+        for value, kind, value_type in values.get(trial_id, []):
+            if value_type != "FINITE" or not number(value, kind):
+                return f"{label} has the value {shown(value, kind) if value_type == 'FINITE' else value_type}, " \
+                       "not a finite number"
+        for name, value, kind in params.get(trial_id, []):
+            if not number(value, kind):
+                return f"{label} has the param {name} = {shown(value, kind)}, not a finite number"
+    return None
+
+
+def storage_failure(path: Path | None, exc: BaseException, *, moved: bool = False) -> TuneError:
+    """E033 for a study file that could not be read or written while the tuning ran: deleted,
+    locked by another process for longer than SQLite waits (5 s), or otherwise unusable."""
+    cause = exc.__cause__ or exc.__context__ or exc
+    text = " ".join(str(getattr(cause, "orig", None) or cause).split())[:200]
+    if path is not None and (moved or not path.exists()):
+        return study_error(path, f"the study {path} was deleted or moved while the tuning ran",
+                           hints=["leave the study file in place while it is tuned; rerun to start it again"])
+    if "locked" in text.lower():
+        return study_error(path, f"the study {path} was locked by another process for more than 5 s",
+                           hints=["close what holds it (an sqlite3 shell or a program writing to it), then rerun: "
+                                  "the tuning resumes where it stopped"])
+    return study_error(path, f"cannot read or write the study {path}: {text}",
+                       hints=["check the file and its directory (permissions, free space), then rerun: the tuning "
+                              "resumes where it stopped"])
+
+
+@contextlib.contextmanager
+def storage_errors(path: Path | None, lock: StudyLock | None = None) -> Iterator[None]:
+    """Optuna's storage failures (StorageInternalError, SQLAlchemy's errors) as E033 diagnostics;
+    `lock` tells whether the file was deleted or replaced under it."""
+    optuna = load_optuna()
+    import sqlite3
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError, sqlite3.Error) as exc:
+        raise storage_failure(path, exc, moved=lock is not None and lock.moved()) from None
 
 
 class StudyLock:
@@ -194,6 +274,18 @@ class StudyLock:
             raise study_error(self.path, f"{self.path} is being tuned by another pemlang process",
                               hints=["wait for it to finish (or stop it), then rerun to resume"]) from None
         return self
+
+    def moved(self) -> bool:
+        """Whether the file at the path is no longer the one locked (deleted, moved or replaced)."""
+        if self.handle is None or self.path is None:
+            return False
+        import os
+
+        try:
+            now, held = self.path.stat(), os.fstat(self.handle.fileno())
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
 
     def __exit__(self, *exc: object) -> None:
         if self.handle is not None:
