@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .. import hub
-from ..diagnostics import CompileError, error, first_line
+from ..diagnostics import CompileError, Diagnostic, error, first_line
 from ..source import Source, Span
 from .errors import TuneError
 from .guard import ModelGuard
@@ -182,6 +183,14 @@ def fit_error(base: Any, exc: BaseException, config: Mapping[str, Any], adapter_
                                                                  "trained on"])])
 
 
+def at_base(diagnostic: Diagnostic, base: Any) -> Diagnostic:
+    """A diagnostic about the model, pointed at --base when it names no place of its own."""
+    if diagnostic.source is not None or not isinstance(base, str | Path):
+        return diagnostic
+    text = str(base)
+    return replace(diagnostic, source=Source(text, "--base"), span=Span(0, max(1, len(text))))
+
+
 def is_classifier(config: Mapping[str, Any]) -> bool:
     return config.get("task_type") == "SEQ_CLS"
 
@@ -237,6 +246,8 @@ class Worker:
         if self.model is None:
             try:
                 self.model = self.program._install(self.base, evaluation, self.output, self.name)
+            except CompileError as exc:  # E009 before loading: the layers that differ, both shapes, the base recorded
+                raise TuneError([at_base(d, self.source) for d in exc.diagnostics]) from None
             except (ValueError, RuntimeError, KeyError) as exc:
                 raise fit_error(self.source, exc, config, self.name) from None
         else:
