@@ -244,17 +244,32 @@ class Program:
         With `save`, each point's outputs are written to `DIR.NAME=VALUE` beside each output DIR (one
         number format per axis, `sweep_suffix`); every directory is checked, and the bytes to write
         against the free disk space, before any point is computed."""
-        lists: dict[str, list[float]] = {name: [float(v) for v in values]
-                                         for name, values in {**(grid or {}), **axes}.items()}
+        from .grids import GridValues
+
+        # A grid from the command line (GridValues) is counted, and its bytes checked against the
+        # free space, before any of its points is built.
+        lists: dict[str, Sequence[float]] = {
+            name: values if isinstance(values, GridValues) else [float(v) for v in values]
+            for name, values in {**(grid or {}), **axes}.items()}
         names = list(lists)
-        points = [dict(zip(names, values, strict=True)) for values in itertools.product(*lists.values())]
         unknown = [name for name in names if name not in self.params]
         if unknown:
             raise CompileError([Diagnostic("E017", f"sweep names `{name}`, which is not a param of the program",
                                            Source(name, "sweep"), Span(0, len(name)),
                                            notes=(f"the program's params: {', '.join(self.params) or 'none'}",))
                                 for name in unknown])
+        count = math.prod(len(values) for values in lists.values())
+        if save and count:
+            try:
+                first = self._check({name: values[0] for name, values in lists.items()})
+            except CompileError:
+                pass  # every point's diagnostics are reported below
+            else:
+                problem = self._sweep_space(first, count)
+                if problem is not None:
+                    raise CompileError([problem])
         decimals = sweep_decimals(lists)  # raises ValueError on a value listed twice
+        points = [dict(zip(names, values, strict=True)) for values in itertools.product(*lists.values())]
         problems: dict[tuple[object, ...], tuple[Diagnostic, list[Mapping[str, float]]]] = {}
         checked: list[CheckedProgram] = []
         for point in points:
@@ -295,21 +310,28 @@ class Program:
         """Before computing any point: every directory of every point passes the writer's guard
         (inputs, existing directories, two points on one directory), and the bytes to write fit
         the free disk space."""
-        from .lower import lower
-        from .writer import check_free_space, destination_problems
+        from .writer import destination_problems
 
-        if any(o.path is None for o in checked[0].outputs):
-            raise ValueError("this program's outputs have no directory: a sweep cannot save it")
         destinations = [o.path.with_name(f"{o.path.name}.{suffix}")  # type: ignore[union-attr]
                         for program, suffix in zip(checked, suffixes, strict=True) for o in program.outputs]
         inputs = {name: adapter.path for name, adapter in checked[0].inputs.items()}
         problems = destination_problems(destinations, inputs, force=force)
-        plan = lower(checked[0], dtype=self.dtype)
-        space = check_free_space(destinations, len(checked) * sum(o.bytes_written for o in plan.outputs))
+        space = self._sweep_space(checked[0], len(checked))
         if space is not None:
             problems.append(space)
         if problems:
             raise CompileError(problems)
+
+    def _sweep_space(self, checked: CheckedProgram, points: int) -> Diagnostic | None:
+        """E018 when `points` points, each writing what `checked` writes, exceed the free disk space."""
+        from .lower import lower
+        from .writer import check_free_space
+
+        if any(o.path is None for o in checked.outputs):
+            raise ValueError("this program's outputs have no directory: a sweep cannot save it")
+        plan = lower(checked, dtype=self.dtype)
+        return check_free_space([o.path for o in checked.outputs],  # type: ignore[misc]
+                                points * sum(o.bytes_written for o in plan.outputs))
 
     def load_into(self, model: Any, params: Mapping[str, float] | None = None, *, output: str | None = None,
                   adapter_name: str = "pemlang", device: str | None = None, **kw: float) -> Any:

@@ -116,7 +116,7 @@ def settle(program: Any, options: TuneOptions) -> tuple[str, bool, str, str, int
                                       else "minimize")
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', not {direction!r}")
-    grid_size = math.prod(len(r.grid) for r in options.space) if sampler == "grid" else None
+    grid_size = math.prod(r.count for r in options.space) if sampler == "grid" else None
     if grid_size is not None and grid_size > options.max_points:
         raise TuneError([error("E029", f"the grid has {grid_size:,} points, more than the limit of "
                                f"{options.max_points:,}", hints=["use larger steps, fewer params, --sampler tpe, "
