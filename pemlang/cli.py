@@ -719,6 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: Sequence[str] | None) -> str:
+    """`pemlang run ` (the command being run, for a message), or `command ` when it is not known."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    known = next((w for w in words if w in ("check", "run", "plan", "eval", "repl", "tune", "inspect")), None)
+    return f"`pemlang {known}` " if known else "command "
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pemlang` console script.
 
@@ -746,6 +753,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except MemoryError:  # what the command was given is too large for this machine: not a bug
+        print(f"pemlang: error: out of memory: what this {_command(argv)}reads or builds (inputs, data, a sweep or a "
+              "grid) does not fit in this machine's memory; nothing was written", file=sys.stderr)
+        return EXIT_ERRORS
     except Exception as exc:  # an internal bug: never a bare traceback for the user
         if interrupts.interrupted():  # a library turned the interruption into another exception
             interrupts.quiet()

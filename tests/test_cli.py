@@ -99,6 +99,21 @@ def test_internal_errors_say_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     assert "internal error" in err and "report" in err and "Traceback" not in err
 
 
+def test_out_of_memory_is_no_internal_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            program: Path) -> None:
+    """A MemoryError (an input too large for the machine) says so, exit 1: not 'internal error', exit 70."""
+    import pemlang.check
+
+    def too_large(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise MemoryError
+
+    monkeypatch.setattr(pemlang.check, "check_source", too_large)
+    assert main(["check", str(program)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pemlang: error: out of memory: what this `pemlang check` reads or builds"), err
+    assert "internal error" not in err and "Traceback" not in err
+
+
 def test_check_is_fast(program: Path) -> None:
     """Not a timing assertion (those live in benchmarks): a smoke test that check returns promptly."""
     start = time.perf_counter()
