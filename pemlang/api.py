@@ -113,12 +113,11 @@ class Program:
         self._frontend = frontend
         self._fixed = dict(params or {})  # param values given at compile time: under every evaluation
         self._adapters = AdapterCache()
-        import re
+        from .backend import device_problem
 
-        from .backend import DEVICE_FORMS, DEVICE_PATTERN
-
-        if not isinstance(device, str) or re.fullmatch(DEVICE_PATTERN, device) is None:
-            raise ValueError(f"unknown device {device!r} (expected {DEVICE_FORMS})")
+        problem = device_problem(device)
+        if problem is not None:
+            raise ValueError(problem)
         self.device = device
         self.dtype = dtype_name(dtype) if dtype is not None else None  # ValueError for an unknown dtype
         self._tensor_cache: Any = None

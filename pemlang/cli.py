@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .about import ISSUES_URL, __version__
-from .backend import DEVICE_FORMS, DEVICE_PATTERN  # light: torch is imported only to run
+from .backend import device_problem  # light: torch is imported only to run
 from .diagnostics import Diagnostic, PemError, emit, error, summary
 from .display import LayerProgress, TrialTable, print_tune_result
 from .source import CONFIG_SUFFIXES, Source, Span
@@ -181,11 +181,22 @@ def _dtype(text: str) -> str:
 
 def _device(text: str) -> str:
     """`--device`: one of auto, cpu, cuda, cuda:N (whether that CUDA device exists is known only at run time)."""
-    import re
-
-    if re.fullmatch(DEVICE_PATTERN, text) is None:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected {DEVICE_FORMS})")
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
+
+
+SEED_LIMIT = 2**32  # the samplers' (numpy's) seeds are below this
+
+
+def _seed(text: str) -> int:
+    """`--seed`: a whole number from 0 to 2**32 - 1 (read without converting thousands of digits)."""
+    digits = text.strip().lstrip("+")
+    if not digits.isdecimal() or not digits.isascii() or len(digits.lstrip("0")) > 10 or int(digits) >= SEED_LIMIT:
+        shown = text if len(text) <= 30 else text[:30] + "…"
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {SEED_LIMIT - 1}, got {shown!r}")
+    return int(digits)
 
 
 def _heads(text: str) -> str:
@@ -691,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: minimize (maximize for accuracy)")
     tune.add_argument("--study", metavar="FILE.db", default=None,
                       help="the SQLite study: rerunning resumes it (default FILE's name with .tune.db)")
-    tune.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    tune.add_argument("--seed", type=_seed, default=0, help="the sampler's seed, 0 to 2**32 - 1 (default 0)")
     tune.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                       help="run trials on Ray Tune (a new local instance, or the cluster at ADDRESS; RAY_ADDRESS too)")
     tune.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N", help="with --ray (default 1)")

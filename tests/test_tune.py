@@ -507,6 +507,30 @@ def test_usage_errors(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
     assert "no such study" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seed", ["1e309", "4294967296", "-1", "9" * 5000, "x"],
+                         ids=["1e309", "2**32", "-1", "5000-digits", "x"])
+def test_a_seed_the_samplers_cannot_take_is_misuse(setup: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                   seed: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["tune", str(setup["program"]), "--base", str(setup["base"]), "--objective", "math:fabs",
+              "--param", "lam=0:1:0.5", "--no-save", "--seed", seed])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "expected a whole number from 0 to 4294967295" in err, err
+    assert len(err) < 1000
+
+
+@pytest.mark.parametrize("seed, shown", [(1e309, "inf"), (10**5000, "an int of 16610 bits"), (-1, "-1"),
+                                         (2**32, "4294967296"), (0.5, "0.5"), (True, "True")],
+                         ids=["1e309", "5000-digits", "-1", "2**32", "0.5", "True"])
+def test_a_seed_the_samplers_cannot_take_in_the_api(setup: dict[str, Path], seed: object, shown: str) -> None:
+    """seed=1e309 raised OverflowError, more than 4,300 digits ValueError from int-to-text conversion:
+    now one message, before the base model is loaded."""
+    program = pemlang.load(setup["program"])
+    with pytest.raises(ValueError) as caught:
+        program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=lambda model, params: 0.0, seed=seed, save=False)
+    assert str(caught.value) == f"seed must be a whole number from 0 to 4294967295, not {shown}"
+
+
 def test_show_into_a_closed_pipe_is_quiet(setup: dict[str, Path]) -> None:
     program = pemlang.load(setup["program"])
     program.tune(setup["base"], {"lam": (0, 1, 0.1)}, objective=_mse(setup), study=setup["root"] / "pipe.db", save=False)
