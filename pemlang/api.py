@@ -114,12 +114,11 @@ class Program:
         self._frontend = frontend
         self._fixed = dict(params or {})  # param values given at compile time: under every evaluation
         self._adapters = AdapterCache()
-        import re
+        from .backend import device_problem
 
-        from .backend import DEVICE_FORMS, DEVICE_PATTERN
-
-        if not isinstance(device, str) or re.fullmatch(DEVICE_PATTERN, device) is None:
-            raise ValueError(f"unknown device {device!r} (expected {DEVICE_FORMS})")
+        problem = device_problem(device)
+        if problem is not None:
+            raise ValueError(problem)
         self.device = device
         self.dtype = dtype_name(dtype) if dtype is not None else None  # ValueError for an unknown dtype
         self._tensor_cache: Any = None
@@ -286,17 +285,33 @@ class Program:
         With `save`, each point's outputs are written to `DIR.NAME=VALUE` beside each output DIR (one
         number format per axis, `sweep_suffix`); every directory is checked, and the bytes to write
         against the free disk space, before any point is computed. A single number is one point."""
+        from .grids import GridValues
+
         dtype = self._dtype(dtype)
-        lists = {name: _axis(name, values) for name, values in {**(grid or {}), **axes}.items()}
+        # A grid from the command line (GridValues) is counted, and its bytes checked against the
+        # free space, before any of its points is built.
+        lists: dict[str, Sequence[float]] = {
+            name: values if isinstance(values, GridValues) else _axis(name, values)
+            for name, values in {**(grid or {}), **axes}.items()}
         names = list(lists)
-        points = [dict(zip(names, values, strict=True)) for values in itertools.product(*lists.values())]
         unknown = [name for name in names if name not in self.params]
         if unknown:
             raise CompileError([Diagnostic("E017", f"sweep names `{name}`, which is not a param of the program",
                                            Source(name, "sweep"), Span(0, len(name)),
                                            notes=(f"the program's params: {', '.join(self.params) or 'none'}",))
                                 for name in unknown])
+        count = math.prod(len(values) for values in lists.values())
+        if save and count:
+            try:
+                first = self._check({name: values[0] for name, values in lists.items()})
+            except CompileError:
+                pass  # every point's diagnostics are reported below
+            else:
+                problem = self._sweep_space(first, count, dtype=dtype)
+                if problem is not None:
+                    raise CompileError([problem])
         decimals = sweep_decimals(lists)  # raises ValueError on a value listed twice
+        points = [dict(zip(names, values, strict=True)) for values in itertools.product(*lists.values())]
         problems: dict[tuple[object, ...], tuple[Diagnostic, list[Mapping[str, float]]]] = {}
         checked: list[CheckedProgram] = []
         for point in points:
@@ -340,21 +355,28 @@ class Program:
         """Before computing any point: every directory of every point passes the writer's guard
         (inputs, existing directories, two points on one directory), and the bytes to write fit
         the free disk space."""
-        from .lower import lower
-        from .writer import check_free_space, destination_problems
+        from .writer import destination_problems
 
-        if any(o.path is None for o in checked[0].outputs):
-            raise ValueError("this program's outputs have no directory: a sweep cannot save it")
         destinations = [o.path.with_name(f"{o.path.name}.{suffix}")  # type: ignore[union-attr]
                         for program, suffix in zip(checked, suffixes, strict=True) for o in program.outputs]
         inputs = {name: adapter.path for name, adapter in checked[0].inputs.items()}
         problems = destination_problems(destinations, inputs, force=force)
-        plan = lower(checked[0], dtype=dtype)
-        space = check_free_space(destinations, len(checked) * sum(o.bytes_written for o in plan.outputs))
+        space = self._sweep_space(checked[0], len(checked), dtype=dtype)
         if space is not None:
             problems.append(space)
         if problems:
             raise CompileError(problems)
+
+    def _sweep_space(self, checked: CheckedProgram, points: int, *, dtype: str | None) -> Diagnostic | None:
+        """E018 when `points` points, each writing what `checked` writes, exceed the free disk space."""
+        from .lower import lower
+        from .writer import check_free_space
+
+        if any(o.path is None for o in checked.outputs):
+            raise ValueError("this program's outputs have no directory: a sweep cannot save it")
+        plan = lower(checked, dtype=dtype)
+        return check_free_space([o.path for o in checked.outputs],  # type: ignore[misc]
+                                points * sum(o.bytes_written for o in plan.outputs))
 
     def load_into(self, model: Any, params: Mapping[str, float] | None = None, *, output: str | None = None,
                   adapter_name: str = "pemlang", device: str | None = None, **kw: float) -> Any:

@@ -20,12 +20,11 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from .about import ISSUES_URL, __version__
-from .backend import DEVICE_FORMS, DEVICE_PATTERN  # light: torch is imported only to run
+from .backend import device_problem  # light: torch is imported only to run
 from .diagnostics import Diagnostic, PemError, emit, error, summary
 from .display import LayerProgress, TrialTable, print_tune_result
 from .source import CONFIG_SUFFIXES, Source, Span
@@ -184,11 +183,22 @@ def _dtype(text: str) -> str:
 
 def _device(text: str) -> str:
     """`--device`: one of auto, cpu, cuda, cuda:N (whether that CUDA device exists is known only at run time)."""
-    import re
-
-    if re.fullmatch(DEVICE_PATTERN, text) is None:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected {DEVICE_FORMS})")
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
+
+
+SEED_LIMIT = 2**32  # the samplers' (numpy's) seeds are below this
+
+
+def _seed(text: str) -> int:
+    """`--seed`: a whole number from 0 to 2**32 - 1 (read without converting thousands of digits)."""
+    digits = text.strip().lstrip("+")
+    if not digits.isdecimal() or not digits.isascii() or len(digits.lstrip("0")) > 10 or int(digits) >= SEED_LIMIT:
+        shown = text if len(text) <= 30 else text[:30] + "…"
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {SEED_LIMIT - 1}, got {shown!r}")
+    return int(digits)
 
 
 def _heads(text: str) -> str:
@@ -251,74 +261,40 @@ def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignor
 DEFAULT_MAX_POINTS = 1000
 
 
-def _sweep_error(text: str, start: int, end: int, message: str) -> PemError:
-    return PemError([error("E017", message, Source(text, "--sweep"), Span(start, max(end, start + 1)),
-                           hints=["sweep values are finite numbers: NAME=START:STOP:STEP or NAME=V1,V2,..."])])
+def parse_sweep(text: str, max_points: int = DEFAULT_MAX_POINTS) -> tuple[str, Sequence[float]]:
+    """`lam=0:1:0.1` (a grid, as `tune --param` reads one: both ends included, the step dividing the
+    range) or `lam=0,0.25,0.5` → (name, values).
 
+    A grid's values are computed when asked for: it is counted, and refused beyond `max_points`,
+    without being built. Every problem with a value is an E029 diagnostic pointing into the argument
+    (PemError); a list that names a value twice is misuse (UsageError)."""
+    from .grids import parse_grid, parse_number, range_error
 
-def _sweep_number(text: str, start: int, end: int) -> float:
-    try:
-        value = float(text[start:end])
-    except ValueError:
-        raise UsageError(f"--sweep {text!r}: {text[start:end].strip()!r} is not a number; expected "
-                         "START:STOP:STEP with STEP > 0 and STOP >= START, or a comma-separated list of numbers"
-                         ) from None
-    if not math.isfinite(value):
-        raise _sweep_error(text, start, end, f"--sweep {text.partition('=')[0].strip()}: "
-                           f"{text[start:end].strip()!r} is not finite")
-    return value
-
-
-def parse_sweep(text: str, max_points: int = DEFAULT_MAX_POINTS) -> tuple[str, list[float]]:
-    """`lam=0:1:0.1` (start:stop:step, stop included) or `lam=0,0.25,0.5` → (name, values).
-
-    Refuses a non-finite value (PemError, E017 pointing into the argument), a value listed twice,
-    and more than `max_points` values, counted before the list is built (UsageError)."""
     name, sep, spec = text.partition("=")
     name = name.strip()
     if not sep or not name or not spec.strip():
         raise UsageError(f"--sweep expects NAME=START:STOP:STEP or NAME=V1,V2,..., got {text!r}")
-    # Each field's span in `text`, for diagnostics.
-    fields: list[tuple[int, int]] = []
+    if ":" in spec:
+        parsed = parse_grid(text, label="--sweep", max_points=max_points, need_step=True)
+        return parsed.name, parsed.values
+    fields: list[tuple[int, int]] = []  # each value's span in `text`, for diagnostics
     position = len(text) - len(spec)
-    for part in spec.split(":" if ":" in spec else ","):
+    for part in spec.split(","):
         fields.append((position, position + len(part)))
         position += len(part) + 1
-    numbers = [_sweep_number(text, start, end) for start, end in fields]
-    if ":" in spec:
-        if len(numbers) != 3 or numbers[2] <= 0 or numbers[1] < numbers[0]:
-            raise UsageError(f"--sweep {text!r}: expected START:STOP:STEP with STEP > 0 and STOP >= START, "
-                             "or a comma-separated list of numbers")
-        start, stop, step = numbers
-        ratio = (stop - start) / step
-        if not math.isfinite(ratio) or ratio >= max_points:
-            shown = (f"{math.floor(ratio + 1e-9) + 1:,}" if math.isfinite(ratio) and ratio < 1e15 else
-                     f"about {ratio:.3g}" if math.isfinite(ratio) else "too many")
-            raise UsageError(f"--sweep {name}: {shown} points is more than the limit of {max_points} "
-                             "(--max-points N raises it)")
-        count = int(round(ratio)) + 1
-        if start + (count - 1) * step > stop + abs(step) * 1e-9:
-            count -= 1
-        # In decimal, from the numbers as written: 0:1:0.000005 gives 0.000005, 0.00001, … exactly
-        # (as floats, the nearest to those decimals), not the float sums' noise.
-        exact_start, exact_step = (Decimal(text[a:b].strip()) for a, b in (fields[0], fields[2]))
-        values = [float(exact_start + i * exact_step) for i in range(count)]
-    else:
-        values = numbers
-    if len(values) > max_points:
-        raise UsageError(f"--sweep {name}: {len(values)} points is more than the limit of {max_points} "
-                         "(--max-points N raises it)")
+    if len(fields) > max_points:
+        raise range_error(text, f"{name}: {len(fields):,} values is more than the limit of {max_points:,}",
+                          label="--sweep", hints=["--max-points N raises the limit"])
+    values = [float(parse_number(text, start, end, name, label="--sweep")) for start, end in fields]
     from .api import first_repeat
 
     repeated = first_repeat(values)
     if repeated is not None:
-        raise UsageError(f"--sweep {name}: the value {repeated!r} is listed twice (or two steps round to it); "
-                         "each point needs its own directory")
+        raise UsageError(f"--sweep {name}: the value {repeated!r} is listed twice; each point needs its own directory")
     return name, values
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import itertools
     import time
 
     from .api import CompileError, from_config
@@ -326,21 +302,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .check import did_you_mean
     from .diagnostics import PemError
 
-    grid: dict[str, list[float]] = {}
-    try:
-        for text in args.sweep:
+    grid: dict[str, Sequence[float]] = {}  # a grid's values are computed only when the sweep reaches them
+    problems: list[Diagnostic] = []
+    for text in args.sweep:
+        try:
             name, values = parse_sweep(text, args.max_points)
-            if name in grid:
-                raise UsageError(f"--sweep {name} is given twice; list every value in one --sweep "
-                                 f"({name}=V1,V2,...)")
-            grid[name] = values
-    except PemError as exc:
-        _report(exc.diagnostics)
+        except PemError as exc:
+            problems.extend(exc.diagnostics)
+            continue
+        if name in grid:
+            raise UsageError(f"--sweep {name} is given twice; list every value in one --sweep ({name}=V1,V2,...)")
+        grid[name] = values
+    total = math.prod(len(values) for values in grid.values())  # counted, never built
+    if not problems and total > args.max_points:
+        problems.append(error("E029", f"the sweep has {total:,} points, more than the limit of {args.max_points:,}",
+                              hints=["use larger steps, fewer values, or --max-points N"]))
+    if problems:
+        _report(problems)
         return EXIT_ERRORS
-    total = math.prod(len(values) for values in grid.values())
-    if total > args.max_points:
-        raise UsageError(f"the sweep has {total} points, more than the limit of {args.max_points} "
-                         "(--max-points N raises it)")
     overrides, bad_sets = _overrides(args.set)
     if bad_sets:
         _report(bad_sets)
@@ -365,12 +344,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if unknown:
             _report(unknown)
             return EXIT_ERRORS
-        points = list(itertools.product(*grid.values()))
         program.paper_warnings()  # W002, once, before the points
         _report(program.warnings)
         written = 0
         # Every point is checked, and every directory guarded, before anything is computed.
-        with LayerProgress(len(points), "points") as advance:
+        with LayerProgress(total, "points") as advance:
             for _ in program.sweep(grid, save=True, force=args.force):
                 written += len(program.checked.outputs)
                 if advance is not None:
@@ -384,7 +362,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(_spelled(exc)) from None
     names = ", ".join(f"{k} = {v[0]:g}…{v[-1]:g} ({len(v)} values)" for k, v in grid.items())
-    print(f"wrote {written} adapters ({len(points)} points: {names}) in {time.perf_counter() - start:.2f} s")
+    print(f"wrote {written} adapters ({total} points: {names}) in {time.perf_counter() - start:.2f} s")
     return EXIT_OK
 
 
@@ -743,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: minimize (maximize for accuracy)")
     tune.add_argument("--study", metavar="FILE.db", default=None,
                       help="the SQLite study: rerunning resumes it (default FILE's name with .tune.db)")
-    tune.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    tune.add_argument("--seed", type=_seed, default=0, help="the sampler's seed, 0 to 2**32 - 1 (default 0)")
     tune.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                       help="run trials on Ray Tune (a new local instance, or the cluster at ADDRESS; RAY_ADDRESS too)")
     tune.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N", help="with --ray (default 1)")
@@ -773,6 +751,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: Sequence[str] | None) -> str:
+    """`pemlang run ` (the command being run, for a message), or `command ` when it is not known."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    known = next((w for w in words if w in ("check", "run", "plan", "eval", "repl", "tune", "inspect")), None)
+    return f"`pemlang {known}` " if known else "command "
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pemlang` console script.
 
@@ -800,6 +785,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except MemoryError:  # what the command was given is too large for this machine: not a bug
+        print(f"pemlang: error: out of memory: what this {_command(argv)}reads or builds (inputs, data, a sweep or a "
+              "grid) does not fit in this machine's memory; nothing was written", file=sys.stderr)
+        return EXIT_ERRORS
     except Exception as exc:  # an internal bug: never a bare traceback for the user
         if interrupts.interrupted():  # a library turned the interruption into another exception
             interrupts.quiet()

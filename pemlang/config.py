@@ -27,10 +27,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError
 from pydantic_core import PydanticCustomError
 
-from .backend import DEVICE_FORMS, DEVICE_PATTERN
+from .backend import DEVICE_FORMS, DEVICE_PATTERN, device_problem
 from .check import KEYWORDS, NAME_PATTERN
 from .diagnostics import Diagnostic, PemError, error
 from .source import CONFIG_SUFFIXES, Source, Span
@@ -51,6 +51,14 @@ def _not_a_boolean(value: Any) -> Any:
 
 # A number in a config: finite, and never a boolean (`λ: yes` is not λ = 1).
 Number = Annotated[FiniteFloat, BeforeValidator(_not_a_boolean)]
+
+
+def _device_index(value: str | None) -> str | None:
+    """A `device:` of the pattern's form whose index no GPU can have (cuda:2147483648) is refused."""
+    problem = device_problem(value) if value is not None else None
+    if problem is not None:
+        raise PydanticCustomError("device_index", problem.replace("{", "{{").replace("}", "}}"))
+    return value
 
 
 class OutputSpec(BaseModel):
@@ -85,7 +93,8 @@ class PemConfig(BaseModel):
     output: str | None = Field(None, description="the directory `expression` is written to")
     outputs: list[OutputSpec] | None = Field(None, description="several outputs: [{expression, path}]")
     program: str | None = Field(None, description="the text of a .pem program")
-    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N (default auto)")
+    device: Annotated[str | None, AfterValidator(_device_index)] = Field(
+        None, pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N (default auto)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype to write; default: the inputs' dtype")
 
@@ -543,6 +552,9 @@ def _validation_diagnostic(located: Located, e: Mapping[str, Any]) -> Diagnostic
     if kind == "string_pattern_mismatch" and loc == ("device",):
         return _at(located.host, located.value_span(loc), f"`device` must be one of {DEVICE_FORMS}",
                    notes=[f"got {e.get('input')!r}"], hints=["`device: cpu`, or `device: cuda:1` for the second GPU"])
+    if kind == "device_index":
+        return _at(located.host, located.value_span(loc), f"`device`: {e['msg']}",
+                   hints=["`device: cpu`, or `device: cuda:1` for the second GPU"])
     if kind == "bool_not_number":
         yaml_words = located.host.filename.lower().endswith((".yaml", ".yml"))
         return _at(located.host, located.value_span(loc), f"`{where}`: expected a number, got a boolean",

@@ -146,6 +146,11 @@ class Session:
         internal error, and the session goes on."""
         try:
             return self._handle(text)
+        except MemoryError:  # what the entry reads or builds is too large for this machine: not a bug
+            self.failed = True
+            self.say("error: out of memory: what this entry reads or builds does not fit in this machine's memory; "
+                     "nothing was written, and the session goes on")
+            return True
         except Exception as exc:
             self.failed = True
             self.say(f"internal error: {type(exc).__name__}: {exc}\n"

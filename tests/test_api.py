@@ -163,7 +163,7 @@ def test_run_sweep_diagnostics(sweep_program: Path) -> None:
     assert status == 1
     assert "error[E017]: --sweep names `lma`" in err and "--> --sweep:1:1" in err and "lam" in err
     status, _, err = cli("run", str(sweep_program), "--sweep", "lam=1:0:0.5")
-    assert status == 2 and "STEP > 0" in err
+    assert status == 1 and "error[E029]: lam: the range 1:0 is empty (LO must be below HI)" in err, err
     assert not (sweep_program.parent / "out").exists()
 
 
@@ -239,7 +239,7 @@ def test_sweep_refuses_a_param_given_twice(sweep_program: Path) -> None:
 @pytest.mark.parametrize("spec", ["lam=0:inf:1", "lam=-inf:0:1", "lam=nan,1", "lam=0,1e400"])
 def test_sweep_refuses_non_finite_values(sweep_program: Path, spec: str) -> None:
     status, _, err = cli("run", str(sweep_program), "--sweep", spec, "--device", "cpu")
-    assert status == 1 and "error[E017]" in err and "finite" in err and "internal error" not in err, err
+    assert status == 1 and "error[E029]" in err and "finite" in err and "internal error" not in err, err
     assert "--> --sweep:1:" in err
 
 
@@ -248,13 +248,13 @@ def test_sweep_point_limit_is_checked_without_building_the_list(sweep_program: P
 
     start = time.perf_counter()
     status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1e12:1", "--device", "cpu")
-    assert status == 2 and "--max-points" in err, err
+    assert status == 1 and "error[E029]" in err and "--max-points" in err, err
     assert time.perf_counter() - start < 5
     status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.25", "--max-points", "4", "--device", "cpu")
-    assert status == 2 and "5 points" in err, err
+    assert status == 1 and "lam: 5 grid points is more than the limit of 4" in err, err
     status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0,1", "--sweep", "mu=1,2", "--device", "cpu",
                          "--max-points", "3")
-    assert status == 2 and "4 points" in err, err
+    assert status == 1 and "error[E029]: the sweep has 4 points, more than the limit of 3" in err, err
     assert not (sweep_program.parent / "out").exists()
     status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.25", "--max-points", "5", "--device", "cpu")
     assert status == 0, err
@@ -269,6 +269,53 @@ def test_sweep_refuses_more_bytes_than_free_space(sweep_program: Path, monkeypat
     status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.5", "--device", "cpu")
     assert status == 1 and "error[E018]" in err and "free" in err, err
     assert not (sweep_program.parent / "out").exists()
+
+
+def test_a_sweep_grid_is_checked_against_the_disk_before_it_is_built(sweep_program: Path) -> None:
+    """A billion points with --max-points raised is refused for the disk space at once, no point
+    built: under a 3 GiB memory cap (so that a regression fails here, not the machine), where
+    building the grid first ended in `internal error: MemoryError`."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    def capped() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "run", str(sweep_program), "--sweep",
+                           "lam=0:1:0.000000001", "--max-points", "2000000000", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, preexec_fn=capped,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 1 and "error[E018]: the outputs need" in done.stderr, done.stderr
+    assert not (sweep_program.parent / "out").exists()
+
+
+def test_sweep_and_tune_share_one_rule_for_grids(sweep_program: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A step that does not divide the range: `--sweep` once stopped silently at 0.9 while `tune
+    --param` refused; now both refuse it with the same diagnostic and hint."""
+    from pemlang.cli import parse_sweep
+    from pemlang.diagnostics import PemError, render
+    from pemlang.tune import parse_range
+
+    status, _, err = cli("run", str(sweep_program), "--sweep", "lam=0:1:0.3", "--device", "cpu")
+    assert status == 1 and not (sweep_program.parent / "out").exists(), err
+    expected = """error[E029]: lam: the step 0.3 does not divide 0:1 into whole steps
+ --> {label}:1:9
+  |
+1 | lam=0:1:0.3
+  |         ^^^
+  = hint: e.g. lam=0:0.9:0.3 (both ends are points of the grid)"""
+    assert expected.format(label="--sweep") in err, err
+    with pytest.raises(PemError) as swept:
+        parse_sweep("lam=0:1:0.3")
+    with pytest.raises(PemError) as tuned:
+        parse_range("lam=0:1:0.3")
+    assert render(swept.value.diagnostics[0]) == expected.format(label="--sweep")
+    assert render(tuned.value.diagnostics[0]) == expected.format(label="--param")
+    for spec in ("lam=0:1:0.2", "lam=-1:1:0.25", "lam=0:1e-300:1e-303"):  # where it divides, the same points
+        assert list(parse_sweep(spec, max_points=5000)[1]) == parse_range(spec, max_points=5000).grid
+    assert list(parse_sweep("lam=0:1:0.2")[1]) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
 def test_readme_sweep_commands_run_in_order(example_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,6 +99,21 @@ def test_internal_errors_say_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     assert "internal error" in err and "report" in err and "Traceback" not in err
 
 
+def test_out_of_memory_is_no_internal_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            program: Path) -> None:
+    """A MemoryError (an input too large for the machine) says so, exit 1: not 'internal error', exit 70."""
+    import pemlang.check
+
+    def too_large(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise MemoryError
+
+    monkeypatch.setattr(pemlang.check, "check_source", too_large)
+    assert main(["check", str(program)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pemlang: error: out of memory: what this `pemlang check` reads or builds"), err
+    assert "internal error" not in err and "Traceback" not in err
+
+
 def test_check_is_fast(program: Path) -> None:
     """Not a timing assertion (those live in benchmarks): a smoke test that check returns promptly."""
     start = time.perf_counter()
@@ -165,6 +180,44 @@ def test_bad_device_is_misuse_at_parse_time(command: str, device: str, program: 
     assert exited.value.code == 2, err
     assert "auto, cpu, cuda, cuda:N" in err and "internal error" not in err
     assert not (program.parent / "out").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda:128", "cuda:2147483648", "cuda:" + "9" * 5000])
+@pytest.mark.parametrize("command", ["run", "eval", "repl", "tune"])
+def test_a_cuda_index_no_gpu_can_have_is_misuse(command: str, device: str, program: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """torch keeps a device index in 8 bits: cuda:128 named another GPU, cuda:2147483648 raised
+    torch's own error as an internal error. Refused where the option is read."""
+    args = {"run": ["run", str(program)], "repl": ["repl", str(program)], "tune": ["tune", str(program)],
+            "eval": ["eval", "--input", f"a={program}", "--out", str(tmp_path / "o"), "a"]}[command]
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--device", device])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "N in cuda:N is a GPU's index, from 0 (the first GPU) to at most 127" in err, err
+    assert "internal error" not in err and len(err) < 1000
+
+
+def test_a_cuda_index_no_gpu_can_have_in_a_config_or_the_api(adapters: Path, tmp_path: Path) -> None:
+    import pemlang
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"inputs: {{a: {adapters}/llama_r8}}\nexpression: 2*a\noutput: out/o\n"
+                      "device: cuda:2147483648\n")
+    result = pemlang_cli_check(config)
+    assert result.returncode == 1 and "error[E025]: `device`: unknown device 'cuda:2147483648'" in result.stderr, \
+        result.stderr
+    assert "--> " in result.stderr and "device: cuda:2147483648" in result.stderr
+    with pytest.raises(ValueError, match="at most 127"):
+        pemlang.compile(text=f'input a = "{adapters}/llama_r8"\noutput 2*a -> "o"\n', base_dir=tmp_path,
+                        device="cuda:2147483648")
+    program = pemlang.compile(text=f'input a = "{adapters}/llama_r8"\noutput 2*a -> "o"\n', base_dir=tmp_path)
+    with pytest.raises(ValueError, match="at most 127"):
+        program.evaluate(device="cuda:2147483648")
+
+
+def pemlang_cli_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return pemlang("check", str(path))
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])

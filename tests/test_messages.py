@@ -94,7 +94,7 @@ def test_a_sweep_over_the_limit_says_how_many_points(adapters: Path, tmp_path: P
     program = tmp_path / "p.pem"
     program.write_text(f'input a = "{adapters}/llama_r8"\nparam l = 1\noutput l*a -> "o"\n', encoding="utf-8")
     status, _, err = cli("run", str(program), "--sweep", "l=0:100:0.05")
-    assert status == 2 and "2,001 points is more than the limit of 1000" in err, err
+    assert status == 1 and "error[E029]: l: 2,001 grid points is more than the limit of 1,000" in err, err
 
 
 def test_api_evaluate_and_save_of_a_non_finite_result_are_compile_errors(adapters: Path, tmp_path: Path) -> None:

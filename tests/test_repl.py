@@ -219,6 +219,21 @@ def test_an_internal_error_ends_one_entry_not_the_session(inputs: str, monkeypat
     assert "2*a : LoRA module" in text  # the session went on
 
 
+def test_out_of_memory_ends_one_entry_as_no_internal_error(monkeypatch: pytest.MonkeyPatch, adapters: Path) -> None:
+    def too_large(self, *args):  # type: ignore[no-untyped-def]
+        raise MemoryError
+
+    monkeypatch.setattr(repl.Session, "cmd_names", too_large)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f'input a = "{adapters}/llama_r8"\n:names\n2*a\n'))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = repl.run(None, device="cpu")
+    text = out.getvalue()
+    assert status == 1 and "error: out of memory" in text and "internal error" not in text, text
+    assert "2*a : LoRA module" in text  # the session went on
+
+
+
 def test_an_unavailable_device_is_misuse_at_the_start(adapters: Path, tmp_path: Path) -> None:
     """`--device cuda` without CUDA ends the REPL before its first entry (exit 2), not at the first :save."""
     if torch.cuda.is_available():

@@ -432,6 +432,59 @@ def test_data_file_not_utf8_or_missing(tmp_path: Path) -> None:
         assert message in caught.value.diagnostics[0].message
 
 
+def _capped() -> None:  # a memory cap for a child that must not read a stream whole
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+
+@pytest.mark.parametrize("kind", ["device", "sparse"])
+def test_data_is_read_as_a_stream_with_a_byte_limit(setup: dict[str, Path], tmp_path: Path, kind: str) -> None:
+    """`--data /dev/zero` was read whole (the kernel's OOM killer, or `internal error: MemoryError`
+    under a cap): a device is refused, and a regular file is read only up to the limit."""
+    if kind == "device":
+        data, message = "/dev/zero", "is not a regular file: it is a device"
+    else:
+        data, message = str(tmp_path / "huge.jsonl"), "is larger than 256 MiB"
+        with open(data, "wb") as f:
+            f.truncate(4 << 30)  # 4 GiB of zeros, sparse: more than the cap
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "tune", str(setup["program"]), "--base",
+                           str(setup["base"]), "--data", data, "--param", "lam=0:1:0.5", "--no-save"],
+                          cwd=setup["root"], text=True, capture_output=True, env=_env(setup), timeout=120,
+                          preexec_fn=_capped)
+    assert done.returncode == 1 and "error[E030]" in done.stderr and message in done.stderr, done.stderr
+
+
+def test_a_fifo_as_data_is_refused_without_waiting(tmp_path: Path) -> None:
+    """A FIFO is refused as it is opened (reading one waited for a writer forever), and so is a directory."""
+    fifo = tmp_path / "d.jsonl"
+    os.mkfifo(fifo)
+    probe = ("from pemlang.tune import TuneError, read_records\n"
+             "try:\n    read_records({!r})\nexcept TuneError as exc:\n    print(exc.diagnostics[0].message)\n")
+    for path, kind in ((fifo, "a pipe (FIFO)"), (tmp_path, "a directory")):
+        done = subprocess.run([sys.executable, "-c", probe.format(str(path))], text=True, capture_output=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+        assert done.stdout.strip() == f"the data file {path} is not a regular file: it is {kind}", done.stderr
+
+
+def test_data_records_and_digest_as_streamed(tmp_path: Path) -> None:
+    """Streaming reads the same records, and hashes the same bytes (a study made before still resumes)."""
+    import hashlib
+
+    from pemlang.tune import DataObjective
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"input": "a", "output": "b"}\n\n  \n{"input": "\xc3\xa9", "output": 3}\r\n'
+                     b'{"input": "c", "output": "d"}')
+    data = DataObjective.read(path)
+    assert data.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [(r.input, r.output, r.line) for r in data.records] == [("a", "b", 1), ("é", 3, 4), ("c", "d", 5)]
+    path.write_text('{"input": "a",\n "output": "b"}\n')
+    with pytest.raises(TuneError) as caught:
+        read_records(path)
+    assert "one JSON document, not JSON lines" in caught.value.diagnostics[0].message
+
+
 def test_bad_data_line_is_located(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: dict[str, Path]) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text('{"input": "a", "output": "b"}\n{"input": "a", "output": 3.5}\n')
@@ -496,6 +549,30 @@ def test_usage_errors(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
     capsys.readouterr()
     assert main(["tune", "--show", str(setup["root"] / "no.db")]) == 1
     assert "no such study" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["1e309", "4294967296", "-1", "9" * 5000, "x"],
+                         ids=["1e309", "2**32", "-1", "5000-digits", "x"])
+def test_a_seed_the_samplers_cannot_take_is_misuse(setup: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                   seed: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["tune", str(setup["program"]), "--base", str(setup["base"]), "--objective", "math:fabs",
+              "--param", "lam=0:1:0.5", "--no-save", "--seed", seed])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "expected a whole number from 0 to 4294967295" in err, err
+    assert len(err) < 1000
+
+
+@pytest.mark.parametrize("seed, shown", [(1e309, "inf"), (10**5000, "an int of 16610 bits"), (-1, "-1"),
+                                         (2**32, "4294967296"), (0.5, "0.5"), (True, "True")],
+                         ids=["1e309", "5000-digits", "-1", "2**32", "0.5", "True"])
+def test_a_seed_the_samplers_cannot_take_in_the_api(setup: dict[str, Path], seed: object, shown: str) -> None:
+    """seed=1e309 raised OverflowError, more than 4,300 digits ValueError from int-to-text conversion:
+    now one message, before the base model is loaded."""
+    program = pemlang.load(setup["program"])
+    with pytest.raises(ValueError) as caught:
+        program.tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=lambda model, params: 0.0, seed=seed, save=False)
+    assert str(caught.value) == f"seed must be a whole number from 0 to 4294967295, not {shown}"
 
 
 def test_show_into_a_closed_pipe_is_quiet(setup: dict[str, Path]) -> None:

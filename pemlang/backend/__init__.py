@@ -9,6 +9,25 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the CLI's --device, the confi
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N"
 
 
+# torch keeps a device index in 8 bits: `cuda:128` would name another device (`cuda:255` the current
+# one), and `cuda:2147483648` raises torch's own error. No machine has more GPUs than this.
+MAX_CUDA_INDEX = 127
+
+
+def device_problem(spec: object) -> str | None:
+    """Why `spec` is not a device (auto, cpu, cuda, cuda:N for N up to MAX_CUDA_INDEX), or None.
+    Read from the text alone: the CLI, configs and the API check a device without importing torch."""
+    if not isinstance(spec, str) or re.fullmatch(DEVICE_PATTERN, spec) is None:
+        shown = repr(spec[:40] + "…" if len(spec) > 40 else spec) if isinstance(spec, str) else type(spec).__name__
+        return f"unknown device {shown} (expected {DEVICE_FORMS})"
+    index = spec.partition(":")[2].lstrip("0")
+    if len(index) > 3 or index and int(index) > MAX_CUDA_INDEX:
+        shown = spec if len(spec) <= 40 else spec[:40] + "…"
+        return (f"unknown device {shown!r}: N in cuda:N is a GPU's index, from 0 (the first GPU) to at most "
+                f"{MAX_CUDA_INDEX}")
+    return None
+
+
 class DeviceError(ValueError):
     """A device that cannot be used, said as the user gave it: `--device cuda` on the command line,
     `device="cuda"` in the API (`as_api`)."""
@@ -30,8 +49,9 @@ class DeviceError(ValueError):
 
 def resolve_device(spec: str) -> tuple[Any, str]:
     """`auto|cpu|cuda|cuda:N` → (torch.device, a line saying which and why); ValueError otherwise."""
-    if not isinstance(spec, str) or re.fullmatch(DEVICE_PATTERN, spec) is None:
-        raise ValueError(f"unknown device {spec!r} (expected {DEVICE_FORMS})")
+    problem = device_problem(spec)
+    if problem is not None:
+        raise ValueError(problem)
     import torch
 
     if spec == "auto":

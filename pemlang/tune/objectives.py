@@ -9,11 +9,12 @@ import importlib.util
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..diagnostics import Diagnostic, error
 from ..source import Source, Span
@@ -29,42 +30,106 @@ class Record:
     line: int
 
 
+# Every trial scores every record: no validation set comes near this. A larger file (or a stream
+# given by mistake) is refused after reading this much, never read whole into memory.
+MAX_DATA_BYTES = 256 * 1024 * 1024
+DATA_HINT = '--data names a JSONL file of {"input": …, "output": …} records'
+
+
 def read_records(path: str | Path, *, limit: int = 1_000_000) -> list[Record]:
     """The records of a JSONL data file, every problem an E030 diagnostic at its line."""
-    return _parse_records(Path(path), _read_data(Path(path)), limit=limit)
+    return _read(Path(path), limit=limit)[0]
 
 
-def _read_data(path: Path) -> bytes:
+def _open_data(path: Path) -> BinaryIO:
+    """The data file, opened for reading: E030 for one that cannot be read or is not a regular file
+    (a FIFO, a device, a socket, a directory: opened without waiting for a writer, and refused)."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise TuneError([error("E030", f"cannot read the data file {path}: {exc.strerror or exc}",
-                               hints=["--data names a JSONL file of {\"input\": …, \"output\": …} records"])]) from None
+                               hints=[DATA_HINT])]) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a pipe (FIFO)" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise TuneError([error("E030", f"the data file {path} is not a regular file: it is {kind}",
+                               hints=[f"{DATA_HINT}: save the records to a file and give its path"])])
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
-def _parse_records(path: Path, raw: bytes, *, limit: int = 1_000_000) -> list[Record]:
+class _LineOfFile(Source):
+    """One line of a file as a Source, numbered as in the file (diagnostics say `data.jsonl:7:3`)."""
+
+    number: int
+
+    def __init__(self, text: str, filename: str, number: int):
+        super().__init__(text, filename)
+        object.__setattr__(self, "number", number)
+
+    def line_col(self, offset: int) -> tuple[int, int]:
+        return self.number, super().line_col(offset)[1]
+
+    def line_text(self, line: int) -> str:
+        return super().line_text(1)
+
+
+def _read(path: Path, *, limit: int = 1_000_000) -> tuple[list[Record], str]:
+    """The records of a data file and the sha256 of its bytes, read as a stream: each line is parsed
+    as it arrives, and at most MAX_DATA_BYTES are read."""
+    digest = hashlib.sha256()
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TuneError([error("E030", f"{path} is not UTF-8 text (byte {exc.start})",
-                               hints=["save the data file as UTF-8 JSON lines"])]) from None
-    source = Source(text, str(path))  # one for the file: it indexes every line once
+        with _open_data(path) as stream:
+            records = _parse_records(path, stream, digest, limit=limit)
+    except MemoryError:
+        raise TuneError([error("E030", f"the records of {path} do not fit in memory",
+                               hints=["tune on a smaller validation set"])]) from None
+    except OSError as exc:  # e.g. an I/O error part-way
+        raise TuneError([error("E030", f"cannot read the data file {path}: {exc.strerror or exc}",
+                               hints=[DATA_HINT])]) from None
+    return records, digest.hexdigest()
+
+
+def _too_large(path: Path) -> Diagnostic:
+    return error("E030", f"{path} is larger than {MAX_DATA_BYTES // (1024 * 1024)} MiB: not a data file pemlang "
+                 "can tune on", notes=[f"pemlang stopped reading after {MAX_DATA_BYTES:,} bytes"],
+                 hints=["every trial scores every record: a validation set of a few thousand records is plenty"])
+
+
+def _parse_records(path: Path, stream: BinaryIO, digest: Any, *, limit: int = 1_000_000) -> list[Record]:
     records: list[Record] = []
     problems: list[Diagnostic] = []
-    offset = 0
-    for number, line in enumerate(text.split("\n"), start=1):
-        here = offset
-        offset += len(line) + 1
+    consumed = number = 0
+    while True:
+        raw = stream.readline(MAX_DATA_BYTES - consumed + 1)
+        if not raw:
+            break
+        consumed += len(raw)
+        if consumed > MAX_DATA_BYTES:
+            problems.append(_too_large(path))
+            break
+        digest.update(raw)
+        number += 1
+        try:
+            line = raw.decode("utf-8").removesuffix("\n")
+        except UnicodeDecodeError as exc:
+            problems.append(error("E030", f"{path} is not UTF-8 text (byte {consumed - len(raw) + exc.start})",
+                                  hints=["save the data file as UTF-8 JSON lines"]))
+            break
         if not line.strip():
             continue
         if len(records) >= limit:
             problems.append(error("E030", f"{path} has more than {limit:,} records"))
             break
+        source = _LineOfFile(line, str(path), number)
 
         def bad(message: str, start: int = 0, end: int | None = None, hints: Sequence[str] = (),
-                _here: int = here, _line: str = line) -> Diagnostic:
-            stop = len(_line) if end is None else end
-            return error("E030", message, source, Span(_here + start, _here + max(stop, start + 1)),
+                _source: Source = source) -> Diagnostic:
+            stop = len(_source.text) if end is None else end
+            return error("E030", message, _source, Span(start, max(stop, start + 1)),
                          hints=hints or ['each line is one JSON object: {"input": "…", "output": "…"}'])
 
         try:
@@ -73,7 +138,7 @@ def _parse_records(path: Path, raw: bytes, *, limit: int = 1_000_000) -> list[Re
             if not isinstance(exc, json.JSONDecodeError):  # e.g. an integer of more than 4,300 digits
                 problems.append(bad(f"not a record: {str(exc)[:120]}"))
                 continue
-            if not records and not problems and _one_document(text):
+            if not records and not problems and _one_document(line, stream, MAX_DATA_BYTES - consumed):
                 problems.append(bad("this is one JSON document, not JSON lines (one record per line)",
                                     hints=['write each record on its own line: {"input": "…", "output": "…"}']))
                 break
@@ -116,9 +181,14 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _one_document(text: str) -> bool:
-    """Whether `text` is a single JSON document spread over lines (a JSON file, not JSON lines)."""
+def _one_document(first: str, stream: BinaryIO, budget: int) -> bool:
+    """Whether the file, from its first non-blank line `first` (the rest still in `stream`, at most
+    `budget` bytes of it read), is a single JSON document spread over lines (not JSON lines)."""
+    rest = stream.read(budget + 1)
+    if len(rest) > budget:
+        return False
     try:
+        text = first + "\n" + rest.decode("utf-8")
         json.loads(text)
     except (ValueError, RecursionError):
         return False
@@ -136,8 +206,8 @@ class DataObjective:
 
     @classmethod
     def read(cls, path: str | Path, *, batch_size: int = DEFAULT_BATCH) -> DataObjective:
-        raw = _read_data(Path(path))  # read once: parsed and hashed
-        return cls(str(path), tuple(_parse_records(Path(path), raw)), hashlib.sha256(raw).hexdigest(), batch_size)
+        records, digest = _read(Path(path))  # read once, as a stream: parsed and hashed
+        return cls(str(path), tuple(records), digest, batch_size)
 
     def describe(self, classifier: bool) -> str:
         what = "accuracy" if classifier else "loss"

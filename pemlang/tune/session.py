@@ -40,6 +40,7 @@ from .study import (
 )
 
 DEFAULT_TRIALS = 30  # for the samplers that are not a grid
+SEED_LIMIT = 2**32  # the samplers' (numpy's) seeds are below this
 
 
 @dataclass
@@ -101,6 +102,11 @@ def settle(program: Any, options: TuneOptions) -> tuple[str, bool, str, str, int
         raise TuneError([error("E029", f"the program has {len(program.outputs)} outputs: name the one to tune",
                                notes=[f"its outputs: {', '.join(program.outputs) or 'none'}"],
                                hints=["--output NAME (output= in the API)"])])
+    seed = options.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        shown = (f"an int of {seed.bit_length()} bits" if isinstance(seed, int) and seed.bit_length() > 64
+                 else repr(seed)[:40])  # never thousands of digits (nor the error converting them raises)
+        raise ValueError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, not {shown}")
     stepped = all(r.step is not None for r in options.space)
     sampler = options.sampler or ("grid" if stepped else "tpe")
     if sampler not in SAMPLERS:
@@ -117,7 +123,7 @@ def settle(program: Any, options: TuneOptions) -> tuple[str, bool, str, str, int
                                       else "minimize")
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', not {direction!r}")
-    grid_size = math.prod(len(r.grid) for r in options.space) if sampler == "grid" else None
+    grid_size = math.prod(r.count for r in options.space) if sampler == "grid" else None
     if grid_size is not None and grid_size > options.max_points:
         raise TuneError([error("E029", f"the grid has {grid_size:,} points, more than the limit of "
                                f"{options.max_points:,}", hints=["use larger steps, fewer params, --sampler tpe, "
