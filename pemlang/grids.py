@@ -143,6 +143,11 @@ def parse_grid(text: str, *, label: str = "--param", max_points: int = 1000, nee
     except ArithmeticError:  # more steps than even an exact context holds: a step far too small
         raise range_error(text, f"{stripped}: the step is far too small for the range", *fields[2], label=label,
                           hints=["use a larger step"]) from None
+    top = max(abs(float(low)), abs(float(high)))
+    if float(step) < 2 * math.ulp(top):  # neighbouring points could round to one float
+        raise range_error(text, f"{stripped}: the step {step} is below what a float can tell apart at {top:g}: "
+                          "points of the grid would repeat", *fields[2], label=label,
+                          hints=[f"use a step of at least {2 * math.ulp(top):.3g}"])
     if count > max_points:
         shown = f"{count:,}" if count < 10**15 else f"about {Decimal(count):.3g}"
         raise range_error(text, f"{stripped}: {shown} grid points is more than the limit of {max_points:,}",

@@ -92,6 +92,7 @@ class Session:
         self.tensors: Any = None
         self.scope: dict[str, str] = {}  # names in scope and their kinds, as of the last accepted entry
         self.failed = False  # whether an entry had an error (a piped script then exits 1)
+        self.history: Path | None = None  # the history file being appended to, if any
 
     # -- output ---------------------------------------------------------------------------------
     @property
@@ -447,7 +448,8 @@ class Session:
         result = execute(checked, device=self.device, cache=self.tensors)
         self.report(result.diagnostics)
         try:
-            write_outputs(result, force=force)
+            write_outputs(result, force=force,
+                          protect={"the session's history file": self.history} if self.history else None)
         except OutputExists as exc:
             raise PemError([error("E018", "output directory already exists", notes=[str(exc)],
                                   hints=["add --force to replace it"])]) from None
@@ -588,10 +590,13 @@ def _history(session: Session, path: Path):  # type: ignore[no-untyped-def]
             self.pending: list[str] = []
             self.refused = False
             self._refuse(history_problem(path, session.read_files(), contents=True))
+            if not self.refused:
+                session.history = path  # kept by :save and `output` too: never inside what they replace
 
         def _refuse(self, problem: str | None) -> None:
             if problem is not None and not self.refused:
                 self.refused = True
+                session.history = None
                 session.say(f"pemlang: warning: history is kept in memory for this session: {problem}\n"
                             f"  hint: {HISTORY_HINT}")
             if self.refused:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,18 +232,19 @@ def output_entries(out: OutputPlan) -> dict[str, tuple[str, tuple[int, ...]]]:
     return entries
 
 
-def write_outputs(result: RunResult, *, force: bool = False) -> list[Path]:
+def write_outputs(result: RunResult, *, force: bool = False, protect: Mapping[str, Path] | None = None) -> list[Path]:
     """Write every output of an executed plan (atomically; inputs hashed for provenance).
 
     Every destination passes the writer's guard before any is written (raises WriteError, a
     PemError with E018 diagnostics). Each output is atomic by itself; a kill between two outputs
-    can leave the earlier ones complete and the later ones absent (or as they were)."""
+    can leave the earlier ones complete and the later ones absent (or as they were). `protect`
+    names more files (the REPL's history) that no output may replace or contain."""
     from .writer import guard, metadata, write_adapter
 
     outputs = [(out, tensors) for out, tensors in zip(result.plan.outputs, result.tensors, strict=True)
                if out.path is not None]
     guard([out.path for out, _ in outputs if out.path is not None],
-          {name: item.path for name, item in result.plan.inputs.items()}, force=force)
+          {**{name: item.path for name, item in result.plan.inputs.items()}, **(protect or {})}, force=force)
     hashes = {name: sha256_file(item.adapter.weights_file) for name, item in result.plan.inputs.items()}
     written = []
     for out, tensors in outputs:

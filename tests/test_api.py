@@ -318,6 +318,22 @@ def test_sweep_and_tune_share_one_rule_for_grids(sweep_program: Path, capsys: py
     assert list(parse_sweep("lam=0:1:0.2")[1]) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
+@pytest.mark.parametrize("spec", ["w=1:1.00000000000000000001:1e-20", "w=1e16:1.0000000000000002e16:1"])
+def test_a_grid_whose_points_would_round_to_one_float_is_refused_by_both(spec: str) -> None:
+    """Points closer than a float can tell apart were one value listed twice: exit 2 after the
+    inputs were read (from an attack); now E029 at the step, from the one rule."""
+    from pemlang.cli import parse_sweep
+    from pemlang.diagnostics import PemError
+    from pemlang.tune import parse_range
+
+    for parse in (parse_sweep, parse_range):
+        with pytest.raises(PemError) as refused:
+            parse(spec)
+        diagnostic = refused.value.diagnostics[0]
+        assert diagnostic.code == "E029" and "points of the grid would repeat" in diagnostic.message
+        assert diagnostic.source is not None and diagnostic.source.snippet(diagnostic.span) == spec.rsplit(":", 1)[1]
+
+
 def test_readme_sweep_commands_run_in_order(example_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's sweep commands, run one after the other in a fresh copy of the examples."""
     import shlex

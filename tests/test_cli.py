@@ -198,6 +198,20 @@ def test_a_cuda_index_no_gpu_can_have_is_misuse(command: str, device: str, progr
     assert "internal error" not in err and len(err) < 1000
 
 
+@pytest.mark.parametrize("device", ["cuda:00", "cuda:01", "cuda:007"])
+def test_a_cuda_index_with_leading_zeros_is_misuse_not_torchs_error(device: str, program: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """torch refuses `cuda:01` with a RuntimeError of its own (an internal error, exit 70, before)."""
+    import pemlang
+
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(program), "--device", device])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"write cuda:{int(device[5:])}" in err and "internal error" not in err, err
+    with pytest.raises(ValueError, match="no leading zeros"):
+        pemlang.load(program).evaluate(device=device)
+
+
 def test_a_cuda_index_no_gpu_can_have_in_a_config_or_the_api(adapters: Path, tmp_path: Path) -> None:
     import pemlang
 

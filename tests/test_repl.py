@@ -308,6 +308,21 @@ def test_the_history_file_is_never_a_file_of_an_input(adapters: Path, tmp_path: 
     assert f"{HISTORY_WARNING}{program} is the program file {program} or inside it" in out, out
 
 
+def test_save_never_replaces_the_directory_that_holds_the_history(adapters: Path, tmp_path: Path) -> None:
+    """From an attack: `:save a DIR --force` onto the directory holding the history file deleted the
+    history and wrote the later entries into the new adapter. Now refused (E018), history intact."""
+    directory = tmp_path / "work"
+    directory.mkdir()
+    history = directory / "history"
+    history.write_text("\n# 2026-01-01 00:00:00.000000\n+old entry\n", encoding="utf-8")
+    out = drive([f'input a = "{adapters}/llama_r8"\r', f":save 2*a {directory} --force\r", f"output a -> \"{directory}\"\r",
+                 "0.5*a\r"], history)
+    assert "error[E018]: output would overwrite input `the session's history file`" in out, out
+    assert sorted(p.name for p in directory.iterdir()) == ["history"]
+    text = history.read_text(encoding="utf-8")
+    assert "+old entry" in text and "+0.5*a" in text
+
+
 def test_a_file_that_is_not_a_history_file_is_never_appended_to(adapters: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -479,6 +479,10 @@ def test_data_records_and_digest_as_streamed(tmp_path: Path) -> None:
     data = DataObjective.read(path)
     assert data.digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert [(r.input, r.output, r.line) for r in data.records] == [("a", "b", 1), ("é", 3, 4), ("c", "d", 5)]
+    path.write_bytes(b'\xef\xbb\xbf{"input": "a", "output": "b"}\n')  # a byte-order mark (Windows tools): read
+    data = DataObjective.read(path)
+    assert [(r.input, r.output) for r in data.records] == [("a", "b")]
+    assert data.digest == hashlib.sha256(path.read_bytes()).hexdigest()
     path.write_text('{"input": "a",\n "output": "b"}\n')
     with pytest.raises(TuneError) as caught:
         read_records(path)
@@ -761,7 +765,7 @@ def test_the_whole_grid_is_capped(setup: dict[str, Path], capsys: pytest.Capture
 
 @pytest.mark.parametrize("line, message", [
     ('{"input": "\\ud800", "output": "b"}', "not valid Unicode"),
-    ('{"input": "a", "output": ' + "9" * 5000 + "}", "not a record"),
+    ('{"input": "a", "output": ' + "9" * 5000 + "}", "not a record: a number has more than 4,300 digits"),
 ])
 def test_hostile_records(tmp_path: Path, line: str, message: str) -> None:
     (tmp_path / "d.jsonl").write_text(line + "\n")
@@ -897,6 +901,11 @@ def test_a_study_deleted_or_locked_mid_run(setup: dict[str, Path], tmp_path: Pat
     ("delete from trial_values where trial_id = 2", "trial 1 is complete but has no value"),
     ("update trial_params set param_value = 'x' where trial_id = 2", "trial 1 has the param lam = 'x', not a finite"),
     ("update trials set state = 'WEIRD' where trial_id = 2", "trial 1 has an unknown state 'WEIRD'"),
+    # a point never scored, put beside another point's value (from an attack: it was saved as the best)
+    ("update trial_params set param_value = 7.5 where trial_id = 2", "trial 1 has the param lam = 7.5, outside its "
+                                                                      "range 0:1"),
+    ("update trial_params set distribution_json = '{}' where trial_id = 2", "trial 1 has a param lam whose range is "
+                                                                           "not one Optuna wrote"),
 ])
 def test_tampered_study_values(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], sql: str,
                                damage: str) -> None:

@@ -20,11 +20,14 @@ def device_problem(spec: object) -> str | None:
     if not isinstance(spec, str) or re.fullmatch(DEVICE_PATTERN, spec) is None:
         shown = repr(spec[:40] + "…" if len(spec) > 40 else spec) if isinstance(spec, str) else type(spec).__name__
         return f"unknown device {shown} (expected {DEVICE_FORMS})"
-    index = spec.partition(":")[2].lstrip("0")
+    written = spec.partition(":")[2]
+    index = written.lstrip("0")
     if len(index) > 3 or index and int(index) > MAX_CUDA_INDEX:
         shown = spec if len(spec) <= 40 else spec[:40] + "…"
         return (f"unknown device {shown!r}: N in cuda:N is a GPU's index, from 0 (the first GPU) to at most "
                 f"{MAX_CUDA_INDEX}")
+    if len(written) > 1 and written.startswith("0"):  # torch refuses `cuda:01` with an error of its own
+        return f"unknown device {spec!r}: write cuda:{index or '0'} (an index has no leading zeros)"
     return None
 
 

@@ -115,6 +115,8 @@ def _parse_records(path: Path, stream: BinaryIO, digest: Any, *, limit: int = 1_
         number += 1
         try:
             line = raw.decode("utf-8").removesuffix("\n")
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as Windows tools write (not hashed away)
         except UnicodeDecodeError as exc:
             problems.append(error("E030", f"{path} is not UTF-8 text (byte {consumed - len(raw) + exc.start})",
                                   hints=["save the data file as UTF-8 JSON lines"]))
@@ -135,8 +137,9 @@ def _parse_records(path: Path, stream: BinaryIO, digest: Any, *, limit: int = 1_
         try:
             value = json.loads(line)
         except ValueError as exc:
-            if not isinstance(exc, json.JSONDecodeError):  # e.g. an integer of more than 4,300 digits
-                problems.append(bad(f"not a record: {str(exc)[:120]}"))
+            if not isinstance(exc, json.JSONDecodeError):  # an integer of more than 4,300 digits
+                problems.append(bad("not a record: a number has more than 4,300 digits",
+                                    hints=['"output" is text, or a label index of a few digits']))
                 continue
             if not records and not problems and _one_document(line, stream, MAX_DATA_BYTES - consumed):
                 problems.append(bad("this is one JSON document, not JSON lines (one record per line)",

@@ -196,10 +196,10 @@ def _damage(db: Any) -> str | None:
     for trial_id, value, kind, value_type in db.execute(
             "select trial_id, value, typeof(value), value_type from trial_values"):
         values.setdefault(trial_id, []).append((value, kind, value_type))
-    params: dict[int, list[tuple[str, Any, str]]] = {}
-    for trial_id, name, value, kind in db.execute("select trial_id, param_name, param_value, typeof(param_value) "
-                                                  "from trial_params"):
-        params.setdefault(trial_id, []).append((name, value, kind))
+    params: dict[int, list[tuple[str, Any, str, Any]]] = {}
+    for trial_id, name, value, kind, distribution in db.execute(
+            "select trial_id, param_name, param_value, typeof(param_value), distribution_json from trial_params"):
+        params.setdefault(trial_id, []).append((name, value, kind, distribution))
     for trial_id, trial_number, state in trials:
         label = f"trial {trial_number}"
         if state not in TRIAL_STATES:
@@ -210,10 +210,28 @@ def _damage(db: Any) -> str | None:
             if value_type != "FINITE" or not number(value, kind):
                 return f"{label} has the value {shown(value, kind) if value_type == 'FINITE' else value_type}, " \
                        "not a finite number"
-        for name, value, kind in params.get(trial_id, []):
+        for name, value, kind, distribution in params.get(trial_id, []):
             if not number(value, kind):
                 return f"{label} has the param {name} = {shown(value, kind)}, not a finite number"
+            bounds = _bounds(distribution)
+            if bounds is None:
+                return f"{label} has a param {name} whose range is not one Optuna wrote"
+            if not bounds[0] <= float(value) <= bounds[1]:
+                return f"{label} has the param {name} = {value!r}, outside its range {bounds[0]:g}:{bounds[1]:g}"
     return None
+
+
+def _bounds(distribution: Any) -> tuple[float, float] | None:
+    """(low, high) of a float distribution as Optuna stores it (JSON), or None when it is not one."""
+    import json
+    import math
+
+    try:
+        parsed = json.loads(distribution)
+        low, high = float(parsed["attributes"]["low"]), float(parsed["attributes"]["high"])
+    except (TypeError, ValueError, KeyError, RecursionError):
+        return None
+    return (low, high) if math.isfinite(low) and math.isfinite(high) and low <= high else None
 
 
 def storage_failure(path: Path | None, exc: BaseException, *, moved: bool = False) -> TuneError:
