@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -705,6 +706,7 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
                                          allow_pickle=allow_pickle, base_dir=root or Path.cwd()))
         return program
     if file is not None:
+        file = os.path.expanduser(file)  # `~/merge.pem`: the home directory, as in paths inside programs
         try:
             source = read_source(file)  # a missing file raises FileNotFoundError, as open() does
         except CompileError:
@@ -731,6 +733,7 @@ def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None
 
     try:
         if isinstance(config, str | Path):
+            config = os.path.expanduser(config)
             located: Located = read_config(config, key=key)
         else:
             located = from_mapping(config, base_dir=Path(base_dir) if base_dir is not None else Path.cwd())

@@ -86,6 +86,7 @@ class Checker:
                  spelling: Spelling = "program"):
         self.source = source
         self.spelling: Spelling = spelling  # how hints spell `mode exact`, `heads from NAME`
+        self.force_hint = "pass --force to replace it"  # the REPL's `output` statement says how it is done there
         self.mode: Mode = mode
         self.base_dir = base_dir if base_dir is not None else Path.cwd()
         self.overrides = {o.name: o for o in overrides}
@@ -405,8 +406,7 @@ class Checker:
                         hints=["an output is a directory: choose another path"])
         if path.exists() and not self.force:
             if self.writes:
-                return fail("output directory already exists", display_path(path),
-                            hints=["pass --force to replace it"])
+                return fail("output directory already exists", display_path(path), hints=[self.force_hint])
             self._warn("W005", "output directory already exists", path_span, source=path_source,
                        notes=[display_path(path)], hints=["`pemlang run` will need --force to replace it"])
         return None

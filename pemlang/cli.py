@@ -758,6 +758,18 @@ def _command(argv: Sequence[str] | None) -> str:
     return f"`pemlang {known}` " if known else "command "
 
 
+PATH_OPTIONS = ("file", "adapter", "out", "history", "data", "study", "tokenizer", "save_best", "show", "base")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    """A leading `~` in a path option means the home directory, also where the shell left it as it
+    is (`--save-best=~/x`, a quoted "~/x"): a directory named `~` is never made by mistake."""
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pemlang` console script.
 
@@ -770,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupts.release()
         parser = build_parser()
         args = parser.parse_args(argv)
+        _expand_home(args)
         return int(args.handler(args))
     except UsageError as exc:
         print(f"pemlang: error: {exc}", file=sys.stderr)

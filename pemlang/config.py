@@ -504,7 +504,13 @@ def read_config(path: str | Path, *, key: str | None = None, text: str | None = 
         located = Located(PemConfig(), host, path.parent, prefix, spans)
         diagnostics = [_validation_diagnostic(located, e) for e in exc.errors()]
         nested = [k for k, v in data.items() if isinstance(v, Mapping) and not set(v).isdisjoint(_BODY)]
-        if nested and set(data).isdisjoint(_BODY):  # the block is one level down: say where
+        if "peft_type" in data and set(data).isdisjoint(_BODY):  # an adapter's own adapter_config.json
+            where = path.parent if path.name == "adapter_config.json" else path
+            diagnostics = [_at(host, located.key_span(("peft_type",)), "this is a PEFT adapter's config, not a "
+                               "pemlang config", hints=[f"`pemlang inspect {where}` shows the adapter; a pemlang "
+                                                        "config names adapters under `inputs:` and says how to "
+                                                        "combine them (`expression:` or `program:`)"])]
+        elif nested and set(data).isdisjoint(_BODY):  # the block is one level down: say where
             block = ".".join(map(str, (*prefix, nested[0])))
             diagnostics = [_at(host, located.key_span((nested[0],)), f"the pemlang block is under `{block}`, not at "
                                f"{'`' + '.'.join(map(str, prefix)) + '`' if prefix else 'the top level'}",

@@ -32,7 +32,7 @@ from .checked import POISON, CheckedProgram, ModuleValue, Override, ScalarValue,
 from .diagnostics import Diagnostic, PemError, display_path, emit, error
 from .operators import FUNCTIONS
 from .parser import parse_expression, parse_program
-from .source import Source, Span
+from .source import CONFIG_SUFFIXES, Source, Span
 from .sourcefiles import read_source
 
 PROMPT, CONTINUATION = "pem> ", "...  "
@@ -120,6 +120,7 @@ class Session:
                           overrides=self.overrides.values(), force=force, allow_pickle=self.allow_pickle,
                           read=self.adapters)
         checker._statements_seen = 1  # a `mode` entry is handled by the session, not as a first statement
+        checker.force_hint = "replace it with `:save EXPR DIR --force` (an `output` statement never replaces)"
         for entry in self.entries:
             checker.source, checker.base_dir = entry.source, entry.base_dir
             checker.statement(entry.stmt)
@@ -350,7 +351,7 @@ class Session:
                 raise PemError([error("E002", f"no input named `{rest}`", source, span,
                                       hints=did_you_mean(rest, checker.inputs) or
                                       ["give an input's name or an adapter directory"])])
-            location = Path(rest).resolve()
+            location = Path(os.path.expanduser(rest)).resolve()
             if rest.startswith("hf://"):  # an adapter on the Hub: its snapshot in the cache
                 from . import hub
 
@@ -366,7 +367,7 @@ class Session:
 
     def cmd_load(self, source: Source, rest: str, span: Span) -> None:
         self._needs(source, rest, "a file", ":load FILE.pem")
-        path = Path(rest.strip("'\""))
+        path = Path(os.path.expanduser(rest.strip("'\"")))
         try:
             self.load(path)
         except OSError as exc:
@@ -689,6 +690,10 @@ def run(file: str | None = None, *, device: str = "auto", allow_pickle: bool = F
             print(f"pemlang: error: {exc}", file=sys.stderr)
             return 2
     session = Session(device=device, allow_pickle=allow_pickle)
+    if file is not None and Path(file).suffix.lower() in CONFIG_SUFFIXES:
+        print(f"pemlang: error: the REPL loads .pem programs; {file} is a config (`pemlang run {file}` runs it, "
+              f"`pemlang check {file}` checks it)", file=sys.stderr)
+        return 2
     if file is not None:  # a file that cannot be loaded ends the session before it starts
         try:
             session.load(Path(file))

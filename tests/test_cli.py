@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -361,6 +362,33 @@ def test_tilde_is_the_home_directory_in_programs_configs_and_options(home: Path,
     written = [load_file(home / "out" / name / "adapter_model.safetensors") for name in ("p", "c", "e")]
     assert all(w.keys() == written[0].keys() and all(torch_equal(w[k], written[0][k]) for k in w) for w in written)
     assert not (tmp_path / "work" / "~").exists() and not (tmp_path / "~").exists()
+
+
+def test_tilde_is_the_home_directory_in_every_path_option(home: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """From a new-user trial: `check ~/x.pem`, `inspect ~/DIR`, `pemlang.load("~/x.pem")`, the REPL's
+    :load and :inspect, and tune's --study/--data/--save-best (where the shell leaves `~` as it is,
+    `--save-best=~/x`) took `~` as a directory name: a `~/` folder appeared in the working directory."""
+    import io
+
+    import pemlang
+    from pemlang import repl
+
+    (home / "p.pem").write_text('input a = "~/adapters/llama_r8"\noutput 2*a -> "~/out/p"\n')
+    assert main(["check", "~/p.pem"]) == 0, capsys.readouterr().err
+    assert main(["inspect", "~/adapters/llama_r8"]) == 0, capsys.readouterr().err
+    assert pemlang.load("~/p.pem").params == {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        repl.Session(device="cpu").handle(":load ~/p.pem")
+        repl.Session(device="cpu").handle(":inspect ~/adapters/llama_r8")
+    assert "error" not in out.getvalue() and "loaded" in out.getvalue() and "LoRA" in out.getvalue(), out.getvalue()
+    assert main(["tune", "--show", "~/no.db"]) == 1
+    assert f"no such study: {home / 'no.db'}" in capsys.readouterr().err
+    assert main(["tune", "~/p.pem", "--base", "~/nowhere", "--objective", "math:fabs", "--param", "a=0:1",
+                 "--save-best=~/best", "--study=~/s.db"]) == 1
+    capsys.readouterr()
+    assert not (tmp_path / "work" / "~").exists()
 
 
 def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]

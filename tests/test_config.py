@@ -329,3 +329,11 @@ def test_yaml_merge_keys_may_be_overridden(adapters: Path, tmp_path: Path) -> No
     status, out, err = cli("check", str(_config(tmp_path, ".yaml", text)), "--key", "merge")
     assert status == 0, err
     assert "2 inputs" in out
+
+
+def test_an_adapters_own_config_is_named_as_such(adapters: Path) -> None:
+    """From a new-user trial: `pemlang check DIR/adapter_config.json` printed 41 `unknown field` errors."""
+    status, _, err = cli("check", str(adapters / "llama_r8" / "adapter_config.json"))
+    assert status == 1
+    assert err.count("error[") == 1 and "this is a PEFT adapter's config, not a pemlang config" in err, err
+    assert f"pemlang inspect {adapters / 'llama_r8'}" in err and "unknown field" not in err

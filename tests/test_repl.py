@@ -355,3 +355,22 @@ def test_a_full_disk_under_save_is_e018_naming_the_directory(adapters: Path, tmp
     text = out.getvalue()
     assert f"error[E018]: cannot write output {tmp_path}/x: {os.strerror(errno.ENOSPC)}" in text, text
     assert "internal error" not in text and session.failed and list(tmp_path.iterdir()) == []
+
+
+def test_a_config_is_not_loaded_as_a_program(tmp_path: Path) -> None:
+    """From a new-user trial: `pemlang repl train.yaml` printed eleven E001 errors about `:`."""
+    config = tmp_path / "train.yaml"
+    config.write_text("merge:\n  expression: a\n")
+    result = piped(":names\n", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"pemlang: error: the REPL loads .pem programs; {config} is a config (`pemlang run "
+                             f"{config}` runs it, `pemlang check {config}` checks it)\n")
+
+
+def test_an_output_statement_over_a_directory_says_how_to_replace_it(adapters: Path, tmp_path: Path) -> None:
+    """From a new-user trial: the hint said "pass --force", and `output … --force` is a syntax error."""
+    (tmp_path / "out").mkdir()
+    result = piped(f'input a = "{adapters}/llama_r8"\noutput a -> "out"\n', cwd=tmp_path)
+    assert result.returncode == 1
+    assert "error[E018]: output directory already exists" in result.stdout, result.stdout
+    assert "hint: replace it with `:save EXPR DIR --force` (an `output` statement never replaces)" in result.stdout

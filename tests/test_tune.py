@@ -1023,3 +1023,32 @@ def test_a_tokenizer_that_cannot_load_is_said_whole(setup: dict[str, Path], exam
     assert status == 1
     first_error = next(line for line in err.splitlines() if line.startswith("error"))  # after the paper-mode warning
     assert first_error == f"error[E032]: cannot load a tokenizer from {str(broken)!r}: {reason}", err
+
+
+def test_a_mistyped_base_is_said_before_the_study_is_compared(setup: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """From a new-user trial: a typo in --base on a resumed study was E033 "a study of a different
+    tuning (base differs)", whose hint suggested deleting the study; and a new study file was left
+    behind by a tuning that never started."""
+    study = tmp_path / "s.db"
+    pemlang.load(setup["program"]).tune(setup["base"], {"lam": (0, 1, 0.5)}, objective=_mse(setup), study=study,
+                                        save=False, trials=2)
+    assert study.is_file()
+    common = ["tune", str(setup["program"]), "--objective", "math:fabs", "--param", "lam=0:1:0.5", "--no-save",
+              "--study", str(study)]
+    typo = str(setup["base"]) + "_typo"
+    assert main([*common, "--base", typo]) == 1
+    err = capsys.readouterr().err
+    assert f"error[E032]: no such directory: {typo}" in err and "E033" not in err, err
+    fresh = tmp_path / "fresh.db"
+    assert main([*common[:-1], str(fresh), "--base", typo]) == 1
+    assert not fresh.exists()
+
+
+def test_show_of_a_file_that_is_not_a_study_reads_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes.md"
+    notes.write_text("# notes\n")
+    assert main(["tune", "--show", str(notes)]) == 1
+    err = capsys.readouterr().err
+    assert f"error[E033]: {notes} is not a study (not an SQLite file)\n" in err and "overwrite" not in err, err
+    assert "--show takes a study file a tuning wrote" in err and notes.read_text() == "# notes\n"

@@ -297,36 +297,34 @@ def _layer_groups(plan: Plan) -> list[list[tuple[int, LayerStep | HeadStep]]]:
     return list(groups.values())
 
 
-MMAP_THRESHOLD = 4 << 20  # bytes: a layer's tensors are this large; the dense kernels' blocks are smaller
-_malloc_settled = False
+_libc: Any = None
 
 
-def settle_malloc() -> None:
-    """With glibc, allocations of MMAP_THRESHOLD bytes or more are mapped on their own and given
-    back to the system when freed. glibc's default raises that threshold to the size of each large
-    block freed, after which a layer's tensors come from heaps (one per thread: the reader's, the
-    writer's, the caller's) that keep the memory of earlier layers: peak RSS then crept up by tens of
-    MiB over the first layers of a large model. Process-wide, set once; small allocations are
-    unaffected. Elsewhere (macOS, musl) nothing is changed."""
-    global _malloc_settled
-    if _malloc_settled:
-        return
-    _malloc_settled = True
-    import ctypes
-    import platform
+def release_freed_memory() -> None:
+    """Give the pages of freed memory back to the system (glibc's malloc_trim, over every thread's
+    heap), called when a layer is done. glibc otherwise keeps a freed layer's tensors in the heaps
+    they came from (the reader's thread, the writer's, the caller's) once its mmap threshold has
+    risen to their size, and peak RSS crept up with the number of layers (at 70B shapes, 348 to
+    389 MiB from 28 to 448 layers). Allocation is unchanged within a layer; elsewhere (macOS,
+    musl) nothing is done."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import platform
 
-    if platform.libc_ver()[0] != "glibc":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        m_mmap_threshold = -3  # <malloc.h>
-        ctypes.CDLL(None).mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+        _libc = False
+        if platform.libc_ver()[0] == "glibc":
+            with contextlib.suppress(OSError, AttributeError):
+                _libc = ctypes.CDLL(None)
+                _libc.malloc_trim  # noqa: B018 - present in every glibc
+    if _libc:
+        _libc.malloc_trim(0)
 
 
 class TorchBackend:
     """Runs plans on one device."""
 
     def __init__(self, device: torch.device | str = "cpu", cache: TensorCache | None = None):
-        settle_malloc()
         self.device = torch.device(device)
         self.cache = cache
         self.threads = torch.get_num_threads()
@@ -372,6 +370,7 @@ class TorchBackend:
                             on_layer()
                     inputs.next_layer()
                     self.pool.give(v for v in svd_cache.values() if isinstance(v, torch.Tensor))  # dense results
+                    release_freed_memory()
                 if hash_inputs:
                     report.sha256 = inputs.digests()
             except _Stop:

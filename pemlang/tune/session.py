@@ -231,6 +231,7 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
         if clash is not None:
             raise study_error(study_path, f"the study would be written over {clash}",
                               hints=["give --study a new file name"])
+    check_base(options.base, load=False)  # a mistyped --base is said as such, before a study is made or compared
     optuna = load_optuna()
     with StudyLock(study_path) as lock, storage_errors(study_path, lock):  # a study deleted or locked: E033
         probe = open_study(study_path, direction=direction, sampler=None, settings=settings) if study_path else None
@@ -240,7 +241,6 @@ def tune(program: Any, options: TuneOptions, *, on_trial: OnTrial | None = None,
             study = optuna.load_study(study_name=STUDY_NAME, storage=probe._storage, sampler=sampler)
         else:
             study = open_study(None, direction=direction, sampler=sampler, settings=settings)
-        check_base(options.base, load=False)
         recovered = recover(study)
         done = sum(is_done(t) for t in study.get_trials(deepcopy=False))
         if on_start:

@@ -99,6 +99,9 @@ def open_study(path: Path | None, *, direction: str, sampler: Any, settings: Map
         with path.open("rb") as f:
             head = f.read(16)
         if head not in (b"SQLite format 3\x00", b"") or (head == b"" and not create):
+            if not create:  # --show reads only
+                raise study_error(path, f"{path} is not a study (not an SQLite file)", option=option,
+                                  hints=["--show takes a study file a tuning wrote (--study FILE)"])
             raise study_error(path, f"{path} is not a study (not an SQLite file); pemlang will not overwrite it",
                               hints=["give --study a new file name"], option=option)
         if head:
