@@ -4,7 +4,8 @@
 A first line `# args: ...` gives extra command-line arguments; `# command: run` (first or second
 line) runs `pemlang run --device cpu` instead, for diagnostics that need tensor data, and
 `# command: tune` runs `pemlang tune` (its options in `# args:`). The .pem files name fixture
-adapters as "adapters/<name>" (see peft_factory.build_all).
+adapters as "adapters/<name>" (see peft_factory.build_all); `model/` holds a config.json, what `tune --base`
+checks before anything loads.
 
 Regenerate after an intended change of wording:   python -m pytest tests/test_golden.py --regen-golden
 """
@@ -39,6 +40,8 @@ def run_check(pem: Path, workdir: Path, adapters: Path) -> str:
         link.symlink_to(adapters, target_is_directory=True)
     shutil.copy(pem, workdir / pem.name)
     (workdir / "out" / "existing").mkdir(parents=True, exist_ok=True)
+    (workdir / "model").mkdir(exist_ok=True)  # what a base model directory looks like before it is loaded
+    (workdir / "model" / "config.json").write_text('{"model_type": "llama"}\n', encoding="utf-8")
     stderr, stdout = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
     os.chdir(workdir)
