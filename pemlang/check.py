@@ -192,19 +192,19 @@ class Checker:
                             "E026", f"{override.what} gives `{name.id}` a value that is not a finite number",
                             override.source, Span(0, len(override.source.text)),
                             notes=[f"it is {_fmt(override.value)}"]))
-                        self.env[name.id] = Entry("param", POISON, name.span)
+                        self.env[name.id] = Entry("param", POISON, name.span, source=self.source)
                         return None
                     scalar = self._scalar(value, what="a param")
                     number: float | None = override.value if override is not None else (
                         scalar.value if isinstance(scalar, ScalarValue) else None)
                     if number is not None:
                         self.params[name.id] = number
-                        self.env[name.id] = Entry("param", ScalarValue(number), name.span)
+                        self.env[name.id] = Entry("param", ScalarValue(number), name.span, source=self.source)
                     else:
-                        self.env[name.id] = Entry("param", POISON, name.span)
+                        self.env[name.id] = Entry("param", POISON, name.span, source=self.source)
             case ast.Binding(name=name, value=value):
                 if self._declare(name, "binding"):
-                    self.env[name.id] = Entry("binding", self.expr(value), name.span)
+                    self.env[name.id] = Entry("binding", self.expr(value), name.span, source=self.source)
                     self.binding_text[name.id] = self.source.snippet(value.span)
             case ast.OutputStmt(value=value, path=path, path_span=path_span):
                 self.add_output(value, path, path_span, stmt.span)
@@ -233,10 +233,13 @@ class Checker:
         previous = self.env.get(name.id)
         if previous is None:
             return True
-        line, _ = (previous.source or self.source).line_col(previous.span.start)
+        where = previous.source or self.source
+        line, _ = where.line_col(previous.span.start)
+        place = (f"by {where.filename} {where.text!r}" if where.filename.startswith("--") else  # eval's --input
+                 f"on line {line}" if where.filename == (source or self.source).filename
+                 else f"on line {line} of {display_path(where.filename)}")
         self._error("E016", f"`{name.id}` is defined twice", name.span, source=source,
-                    notes=[f"first defined as {'an' if previous.kind == 'input' else 'a'} {previous.kind} "
-                           f"on line {line}"],
+                    notes=[f"first defined as {'an' if previous.kind == 'input' else 'a'} {previous.kind} {place}"],
                     hints=["pick another name: a program defines each name once"])
         return False
 
@@ -280,7 +283,7 @@ class Checker:
                 if isinstance(resolved, hub.HubError):
                     raise resolved
             except hub.HubError as exc:
-                self.env[name.id] = Entry("input", POISON, name.span, source=source)
+                self.env[name.id] = Entry("input", POISON, name.span, source=source or self.source)
                 self._error("E012", f"input `{name.id}`: {exc.message}", path_span, source=source, hints=exc.hints)
                 return
             path = resolved.directory
@@ -289,14 +292,14 @@ class Checker:
             path = resolve_written(self.base_dir, written)
         problem = unusable(path)
         if problem is not None:
-            self.env[name.id] = Entry("input", POISON, name.span, source=source)
+            self.env[name.id] = Entry("input", POISON, name.span, source=source or self.source)
             self._error("E012", f"input `{name.id}`: {problem}", path_span, source=source,
                         notes=[shorten(display_path(path))])
             return
         try:
             adapter = self.read(path, allow_pickle=self.allow_pickle)
         except AdapterError as exc:
-            self.env[name.id] = Entry("input", POISON, name.span, source=source)
+            self.env[name.id] = Entry("input", POISON, name.span, source=source or self.source)
             self._error(exc.code, f"input `{name.id}`: {exc.message}", path_span, source=source,
                         notes=exc.notes, hints=[*exc.hints, *self._elsewhere(written, path)])
             return
@@ -304,7 +307,7 @@ class Checker:
         self.input_reals[name.id] = path.resolve()
         if adapter.unsupported:
             features = adapter.unsupported
-            self.env[name.id] = Entry("input", POISON, name.span, source=source)
+            self.env[name.id] = Entry("input", POISON, name.span, source=source or self.source)
             embeddings = features[0].startswith(EMBEDDING_LORA)
             self._error("E011", f"input `{name.id}`: {EMBEDDING_LORA} is not supported" if embeddings else
                         f"input `{name.id}` uses {features[0]}, which pemlang does not support",
@@ -314,7 +317,7 @@ class Checker:
                                "cannot compose exactly; merge this adapter into its base model instead"])
             return
         if adapter.truncated:
-            self.env[name.id] = Entry("input", POISON, name.span, source=source)
+            self.env[name.id] = Entry("input", POISON, name.span, source=source or self.source)
             self._error("E013", f"input `{name.id}`: {adapter.weights_file.name} is truncated",
                         path_span, source=source,
                         notes=[f"{display_path(adapter.weights_file)}: the header promises "
@@ -333,7 +336,7 @@ class Checker:
         self.input_written[name.id] = pinned or written  # a Hub id is recorded at the commit that was read
         self.input_spans[name.id] = (source or self.source, path_span)
         value = ModuleValue((Term(InputRef(name.id), 1.0, 1.0),), adapter.type)
-        self.env[name.id] = Entry("input", value, name.span, source=source)
+        self.env[name.id] = Entry("input", value, name.span, source=source or self.source)
 
     def _elsewhere(self, written: str, path: Path) -> list[str]:
         """A hint when a missing relative path exists from the working directory, not the file's."""

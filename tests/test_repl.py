@@ -374,3 +374,18 @@ def test_an_output_statement_over_a_directory_says_how_to_replace_it(adapters: P
     assert result.returncode == 1
     assert "error[E018]: output directory already exists" in result.stdout, result.stdout
     assert "hint: replace it with `:save EXPR DIR --force` (an `output` statement never replaces)" in result.stdout
+
+
+def test_a_name_defined_twice_says_where_first(adapters: Path, tmp_path: Path) -> None:
+    """From a new-user trial: E016's note said "on line 1" for eval's --input, and for a second
+    :load "line 10" of the first file without naming it."""
+    first, second = tmp_path / "first.pem", tmp_path / "second.pem"
+    first.write_text(f'input a = "{adapters}/llama_r8"\n\nparam lam = 0.5\n')
+    second.write_text("param lam = 0.3\n")
+    result = piped(f":load {first}\n:load {second}\n", cwd=tmp_path)
+    assert "note: first defined as a param on line 3 of first.pem" in result.stdout, result.stdout  # cwd: tmp_path
+    done = subprocess.run([sys.executable, "-m", "pemlang.cli", "eval", "--input", f"a={adapters}/llama_r8",
+                           "--input", f"a={adapters}/llama_r8_b", "--out", str(tmp_path / "o"), "a"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1
+    assert f"note: first defined as an input by --input 'a={adapters}/llama_r8'" in done.stderr, done.stderr
