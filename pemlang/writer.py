@@ -92,8 +92,6 @@ def _text(value: Any) -> str:
     return _MARKDOWN.sub(r"\\\1", text)
 
 
-_cell = _text  # a Markdown table cell: the same rules keep it one cell
-
 
 def _digest(value: Any) -> str:
     """A sha256 as code; anything else (a header pemlang did not write) as text."""
@@ -149,7 +147,7 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
     inputs = provenance_field(meta, "pemlang.inputs", [])
     if inputs:
         lines += ["| input | adapter | sha256 |", "|---|---|---|"]
-        lines += [f"| {_cell(i.get('name'))} | {_cell(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
+        lines += [f"| {_text(i.get('name'))} | {_text(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
                   if isinstance(i, dict)]
         lines += [""]
     program = meta.get("pemlang.program", "")

@@ -3,7 +3,6 @@ trial overwrites in place, and the objective called on it."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -154,25 +153,10 @@ def _clip(text: str, limit: int) -> str:
     return text[:limit].rsplit(" ", 1)[0] + " …"
 
 
-_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
-                       r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
-
-
-def fit_error(base: Any, exc: BaseException, config: Mapping[str, Any], adapter_name: str) -> TuneError:
-    """E032 for an adapter PEFT could not put into the base model: the first layer whose shapes
-    differ, both shapes, and the base model the inputs record."""
-    mismatches = _MISMATCH.findall(str(exc))
-    if mismatches:
-        key, theirs, needed = mismatches[0]
-        path = key.removeprefix("base_model.model.").replace(f".{adapter_name}.", ".")
-        layer, _, tensor = path.removesuffix(".weight").rpartition(".")
-        shape = lambda dims: "×".join(d.strip() for d in dims.split(",")) or "a scalar"  # noqa: E731
-        message = (f"the adapter does not fit the base model: its {tensor} of layer {layer} is {shape(theirs)}, "
-                   f"the base model's layer needs {shape(needed)}")
-        if len(mismatches) > 1:
-            message += f" ({len(mismatches) - 1} more tensor{'s' if len(mismatches) > 2 else ''} differ)"
-    else:
-        message = f"the adapter does not fit the base model: {_clip(' '.join(str(exc).split()), 300)}"
+def fit_error(base: Any, exc: BaseException, config: Mapping[str, Any]) -> TuneError:
+    """E032 for an adapter PEFT could not put into the base model for a reason other than shapes
+    (those are E009 before PEFT is asked: `Program._install`), with the base model the inputs record."""
+    message = f"the adapter does not fit the base model: {_clip(' '.join(str(exc).split()), 300)}"
     recorded = config.get("base_model_name_or_path")
     notes = [f"the inputs record the base model {recorded!r}" if recorded else "the inputs do not record their base model"]
     hints = ["--base must be the model the inputs were trained on"]
@@ -249,7 +233,7 @@ class Worker:
             except CompileError as exc:  # E009 before loading: the layers that differ, both shapes, the base recorded
                 raise TuneError([at_base(d, self.source) for d in exc.diagnostics]) from None
             except (ValueError, RuntimeError, KeyError) as exc:
-                raise fit_error(self.source, exc, config, self.name) from None
+                raise fit_error(self.source, exc, config) from None
         else:
             from peft import set_peft_model_state_dict
 

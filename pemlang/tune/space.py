@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from decimal import Decimal
+from dataclasses import dataclass, field
 
 from ..diagnostics import PemError
 from ..grids import GridValues, parse_grid
@@ -22,25 +21,22 @@ class ParamRange:
     high: float
     step: float | None = None
     text: str = ""  # as the user wrote it, for diagnostics
-
-    @property
-    def points(self) -> GridValues:
-        """The grid's values, lazily, computed in decimal (0:1:0.1 gives 0.3, not 0.30000000000000004)."""
-        if self.step is None:
-            raise ValueError(f"{self.name} has no step")
-        low, step = Decimal(repr(self.low)), Decimal(repr(self.step))
-        # Rounded: the parser has checked that the step divides the range as written.
-        return GridValues(low, step, int(round((Decimal(repr(self.high)) - low) / step)) + 1)
+    points: GridValues | None = field(default=None, compare=False)  # a grid's values, as the parser counted them
 
     @property
     def count(self) -> int:
         """How many points the grid has (without building it)."""
-        return len(self.points)
+        return len(self._points())
 
     @property
     def grid(self) -> list[float]:
-        """The grid's values as a list."""
-        return list(self.points)
+        """The grid's values as a list (computed in decimal: 0:1:0.1 gives 0.3, not 0.30000000000000004)."""
+        return list(self._points())
+
+    def _points(self) -> GridValues:
+        if self.points is None:
+            raise ValueError(f"{self.name} has no step")
+        return self.points
 
     def describe(self) -> str:
         return f"{self.name}={self.low:g}:{self.high:g}" + (f":{self.step:g}" if self.step is not None else "")
@@ -58,4 +54,5 @@ def parse_range(text: str, *, max_points: int = 1000) -> ParamRange:
     except PemError as exc:
         raise TuneError(exc.diagnostics) from None
     return ParamRange(parsed.name, float(parsed.low), float(parsed.high),
-                      float(parsed.step) if parsed.step is not None else None, text)
+                      float(parsed.step) if parsed.step is not None else None, text,
+                      parsed.values if parsed.step is not None else None)
