@@ -79,7 +79,25 @@ class NameIndex:
             budget -= taken
             if budget <= 0:
                 break
-        return sorted(counts, key=lambda c: -counts[c])[:RANKED]
+        if len(counts) <= RANKED:
+            return list(counts)
+        # Many names share as many pieces (a short name has few, and one changed letter breaks two):
+        # among equals, the most shared letters first, which bounds difflib's ratio from above.
+        letters = _letters(name)
+        return sorted(counts, key=lambda c: (-counts[c], -_shared_letters(letters, c) / (n + len(c))))[:RANKED]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _letters(name: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ch in name:
+        counts[ch] = counts.get(ch, 0) + 1
+    return counts
+
+
+def _shared_letters(letters: dict[str, int], other: str) -> int:
+    """How many letters two names share, counted with multiplicity (difflib's quick_ratio's numerator)."""
+    return sum(min(k, letters.get(ch, 0)) for ch, k in _letters(other).items())
 
 
 @functools.lru_cache(maxsize=8)

@@ -257,7 +257,7 @@ def test_did_you_mean_finds_a_typo_as_close_as_difflib_in_large_scopes() -> None
 
     rng = random.Random(3)
     for _ in range(100):
-        scope = list({"".join(rng.choices(string.ascii_lowercase + "_", k=rng.randint(4, 12))) for _ in range(2000)})
+        scope = list(dict.fromkeys("".join(rng.choices(string.ascii_lowercase + "_", k=rng.randint(4, 12))) for _ in range(2000)))
         target = rng.choice(scope)
         i = rng.randrange(len(target))
         typo = target[:i] + rng.choice(string.ascii_lowercase.replace(target[i], "")) + target[i + 1:]
