@@ -39,7 +39,7 @@ from .checked import (
     spell_mode,
 )
 from .diagnostics import Diagnostic, display_path, error, warning
-from .operators import FUNCTIONS, OPERATORS, Operator
+from .operators import FUNCTIONS, OPERATORS, Operator, low_rank
 from .paths import resolve_written, shorten, unusable, unwritable
 from .source import Source, Span
 from .sourcefiles import read_source
@@ -743,16 +743,54 @@ class Checker:
             if joined is None:
                 return POISON
             combined = joined
+        problem = self._argument_problem(op, modules, call)
+        if problem is not None:
+            return problem
         if op.dense:
             result_type = combined
-        else:  # svd: rank R per layer
-            rank = int(options["rank"])
-            layers: dict[str, Layer] = {
-                k: replace(layer, rank=rank, alpha=float(rank), use_rslora=False)
-                for k, layer in combined.layers.items() if isinstance(layer, LoraLayer)}
+        else:  # low-rank: a rank per layer (operators.low_rank)
+            layers: dict[str, Layer] = {}
+            for key, layer in combined.layers.items():
+                if not isinstance(layer, LoraLayer):
+                    continue
+                if op.space:
+                    ranks = [self.inputs[n].type.layers[key].rank for n in modules[0].leaf_inputs()  # type: ignore[union-attr]
+                             if key in self.inputs[n].type.layers]
+                else:
+                    ranks = [m.type.layers[key].rank for m in modules if key in m.type.layers]  # type: ignore[union-attr]
+                rank = low_rank(name, options, ranks, (layer.out_features, layer.in_features))
+                layers[key] = replace(layer, rank=rank, alpha=float(rank), use_rslora=False)
             result_type = ModuleType("lora", combined.base, layers, combined.heads, combined.architecture)
         ref = CallRef(name, tuple(modules), tuple(sorted(options.items())), text=self.source.snippet(call.span))
         return ModuleValue((Term(ref, 1.0, 1.0),), result_type)
+
+    def _argument_problem(self, op: Operator, modules: list[ModuleValue], call: ast.Call) -> Poison | None:
+        """What a space (core, knots) or a spectral function (tsv, iso) refuses in its arguments."""
+        if op.space:
+            inner = modules[0].first_call(lambda ref: not ref.dense)
+            if inner is None:
+                return None
+            if OPERATORS[inner.op].space:
+                return self._error(
+                    "E020", f"{inner.op}() inside {op.name}(): one basis per merge", call.args[0].span,
+                    notes=[f"`{inner.text}` aligns its inputs in a basis of its own; {op.name}() aligns the inputs "
+                           "it names in another, and the two do not compose"],
+                    hints=[f"align once, around the whole expression: `{op.name}(ties(a, b, density=0.2))`"])
+            return self._error(
+                "E020", f"{op.name}() aligns inputs: its expression is made of inputs, + - *, prune, dare and ties",
+                call.args[0].span,
+                notes=[f"`{inner.text}` is already a low-rank result, not an input {op.name}() can align"],
+                hints=[f"apply {inner.op}() to the aligned result instead, e.g. `svd({op.name}(…), rank=R)`"])
+        for module, expr in zip(modules, call.args, strict=True):
+            if not op.dense and module.dense:
+                dense = module.first_call(lambda ref: ref.dense)
+                shown = dense.text if dense is not None else self.source.snippet(expr.span)
+                return self._error(
+                    "E020", f"{op.name}() needs a low-rank argument, but this holds a dense ΔW per layer",
+                    expr.span, notes=[f"`{shown}` gives every layer a dense weight update"],
+                    hints=[f"align it first, `{op.name}(core({shown}))`, or reduce it, "
+                           f"`{op.name}(svd({shown}, rank=R))`"])
+        return None
 
     def _options(self, op: Operator, call: ast.Call, usage: list[str]) -> dict[str, float | str] | None:
         """The call's options, checked against their rules; defaults filled in."""

@@ -5,6 +5,7 @@ module-valued expression a linear form Σ (alpha, beta) · source over the input
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -127,6 +128,30 @@ class ModuleValue:
         return [found for t in self.terms if isinstance(t.source, CallRef)
                 for found in ([t.source.text] if OPERATORS[t.source.op].mean else [])
                 + [m for arg in t.source.args for m in arg.means]]
+
+    def leaf_inputs(self) -> list[str]:
+        """The inputs this value names, through the functions in it, in order of appearance (what a
+        space, `core` or `knots`, aligns)."""
+        names: dict[str, None] = {}
+        for term in self.terms:
+            if isinstance(term.source, InputRef):
+                names[term.source.name] = None
+            else:
+                for arg in term.source.args:
+                    names.update(dict.fromkeys(arg.leaf_inputs()))
+        return list(names)
+
+    def first_call(self, wanted: Callable[[CallRef], bool]) -> CallRef | None:
+        """The first function call in this value (outermost first) that `wanted` accepts."""
+        for term in self.terms:
+            if isinstance(term.source, CallRef):
+                if wanted(term.source):
+                    return term.source
+                for arg in term.source.args:
+                    found = arg.first_call(wanted)
+                    if found is not None:
+                        return found
+        return None
 
     @property
     def dense(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from .adapters import config_owner
 from .checked import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
 from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key, recursion_room
+from .operators import OPERATORS, low_rank
 from .types import Ia3Layer, LoraLayer
 
 
@@ -42,20 +43,28 @@ class _Lowering:
                 assert isinstance(layer, LoraLayer)
                 shapes[key] = (layer.out_features, layer.in_features)
         layer_ranks = {}
-        if ref.op == "svd":
-            (arg,) = ref.args
-            rank = int(ref.option("rank"))
-            for key, (out_features, in_features) in shapes.items():
-                live = [t for t in arg.terms if t.beta != 0]
-                if any(isinstance(t.source, CallRef) and t.source.dense and self.has_layer(t, key) for t in live):
-                    stacked = min(out_features, in_features)  # a dense ΔW has full rank
+        if not ref.dense:
+            options = dict(ref.options)
+            for key, shape in shapes.items():
+                if OPERATORS[ref.op].space:  # every input the expression names, whatever its coefficient
+                    inputs = self.program.inputs
+                    ranks = [inputs[n].type.layers[key].rank for n in ref.args[0].leaf_inputs()  # type: ignore[union-attr]
+                             if key in inputs[n].type.layers]
                 else:
-                    stacked = sum(self.layer_rank(t, key) for t in live)
-                layer_ranks[key] = min(rank, stacked, out_features, in_features)
+                    ranks = [self.stacked_rank(arg, key, shape) for arg in ref.args]
+                layer_ranks[key] = low_rank(ref.op, options, [r for r in ranks if r > 0], shape)
         step = CallStep(f"{ref.op}#{len(self.calls) + 1}", ref.op, ref.text, args, dict(ref.options), layer_ranks,
                         shapes)
         self.calls[ref.id] = step
         return step
+
+    def stacked_rank(self, arg: ModuleValue, key: str, shape: tuple[int, int]) -> int:
+        """The rank of an argument's factors stacked at one layer (its terms of non-zero beta); a
+        dense ΔW has full rank."""
+        live = [t for t in arg.terms if t.beta != 0]
+        if any(isinstance(t.source, CallRef) and t.source.dense and self.has_layer(t, key) for t in live):
+            return min(shape)
+        return sum(self.layer_rank(t, key) for t in live)
 
     def has_layer(self, term: Term, key: str) -> bool:
         if isinstance(term.source, InputRef):

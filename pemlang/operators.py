@@ -1,11 +1,14 @@
-"""The functions of the language, one entry each: `svd`, `prune`, `dare`, `ties`.
+"""The functions of the language, one entry each: `svd`, `prune`, `dare`, `ties`, `core`, `knots`,
+`tsv`, `iso`.
 
 An entry says everything about its function in one place: its signature and argument rules (what
 the checker enforces, with the diagnostics' wording), its type rule (low-rank in → low-rank out
-for `svd`; dense per layer for the element-wise merges), how it shows in the plan, and the name of
-the backend kernel that evaluates it per layer (`KERNELS` in backend/dense.py). Adding a function
-is adding an entry here and its kernel. All act on each layer's weight update ΔW = s·B·A, in
-exact mode, on LoRA modules ("Functions" in the README).
+for `svd`, `tsv`, `iso`; dense per layer for the element-wise merges; a *space* — `core`, `knots` —
+evaluates its argument expression in a basis shared by the inputs it names and turns it, dense or
+not, into a low-rank result), how it shows in the plan, and the backend kernel that evaluates it per
+layer (`KERNELS` in backend/dense.py, backend/align.py). Adding a function is adding an entry here
+and its kernel. All act on each layer's weight update ΔW = s·B·A, in exact mode, on LoRA modules
+("Functions" in the README).
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ class Operator:
     # functions acts on) mix as their mean; otherwise a function passes its argument's heads on
     # as they are (svd, prune and dare keep x, or on average x).
     mean: bool = False
+    # A space (core, knots): its argument is an expression over inputs (of + - *, prune, dare, ties)
+    # evaluated in a basis the inputs share; the result is low-rank whatever the expression is.
+    space: bool = False
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -90,6 +96,19 @@ OPERATORS: dict[str, Operator] = {op.name: op for op in (
              "trimmed values that agree with it", True,
              (Option("density", "density"), Option("sign", "choice", default="total", choices=("total", "frequency"))),
              dense=True, mean=True),
+    Operator("core", "core(E)",
+             "E evaluated in the Core Space of the inputs it names: each input's ΔW as an R×R matrix between "
+             "the singular vectors of their stacked B and of their stacked A (R = the sum of their ranks); "
+             "prune, dare and ties inside act on those R×R entries", False, (), dense=False, space=True),
+    Operator("knots", "knots(E)",
+             "E evaluated in the KnOTS basis: the SVD of the inputs' ΔW side by side, U·Σ·[V_1ᵀ … V_nᵀ], each "
+             "input as its Σ·V_iᵀ; prune, dare and ties inside act on those", False, (), dense=False, space=True),
+    Operator("tsv", "tsv(x1, x2, …, keep=f)",
+             "TSV-M: each argument's top ⌈f·rank⌉ singular vectors, made orthogonal to one another (the "
+             "nearest orthonormal bases) and summed with their singular values", True,
+             (Option("keep", "density", default=1.0),), dense=False),
+    Operator("iso", "iso(x)",
+             "Iso-C: x's singular values all set to their mean (the spectrum flattened)", False, (), dense=False),
 )}
 FUNCTIONS = tuple(OPERATORS)
 
@@ -97,3 +116,23 @@ FUNCTIONS = tuple(OPERATORS)
 def dense_bytes(shape: tuple[int, ...]) -> int:
     """The memory of one dense fp32 ΔW of a layer (what `plan` shows for dense nodes)."""
     return math.prod(shape) * 4
+
+
+def ceil_share(share: float, count: int) -> int:
+    """⌈f·n⌉ with f as written (0.2 of 100 is 20, not the 21 that 0.2's binary value would give)."""
+    from decimal import Decimal
+
+    return min(count, math.ceil(Decimal(repr(float(share))) * count))
+
+
+def low_rank(op: str, options: dict[str, float | str], ranks: list[int], shape: tuple[int, int]) -> int:
+    """The rank a low-rank function's result has at one layer of shape (out, in), from the ranks
+    of what it reads there: for svd and iso its argument's stacked rank, for tsv each argument's,
+    for core and knots each input's that the expression names. Never above min(out, in): a
+    matrix of that shape has no higher rank."""
+    side = min(shape)
+    if op == "svd":
+        return min(int(options["rank"]), sum(ranks), side)
+    if op == "tsv":
+        return sum(ceil_share(float(options["keep"]), min(r, side)) for r in ranks)
+    return min(sum(ranks), side)  # iso: x's rank; core, knots: R = Σ r_i

@@ -163,6 +163,23 @@ def pattern_key(layer_key: str) -> str:
     return re.escape(layer_key)
 
 
+def leaf_inputs(plan: Plan, terms: tuple[PlanTerm, ...]) -> list[str]:
+    """The inputs some terms name, through the functions in them, in order of appearance (what
+    `core` and `knots` align), whatever their coefficients."""
+    names: dict[str, None] = {}
+
+    def visit(source: str) -> None:
+        if source in plan.inputs:
+            names[source] = None
+        else:
+            for term in plan.calls[source].terms:
+                visit(term.source)
+
+    for term in terms:
+        visit(term.source)
+    return list(names)
+
+
 def output_inputs(plan: Plan, out: OutputPlan) -> set[str]:
     """The inputs an output reads, through function calls and heads."""
     with recursion_room():

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 
 from ..hashing import sha256_file
-from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, recursion_room, tensor_key
+from ..operators import OPERATORS
+from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, leaf_inputs, recursion_room, tensor_key
 from ..types import TORCH_DTYPE_NAMES
+from . import align
 from .dense import KERNELS, Pool, Rows, magnitude, signed_factors, threads, truncated_svd
 
 TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPE_NAMES.items()}
@@ -263,15 +265,17 @@ def _group_needs(plan: Plan, group: list[tuple[int, LayerStep | HeadStep]]) -> l
     """The input tensors a layer group reads, (input, key) in file order (so hashing stays sequential)."""
     needs: dict[tuple[str, str], int] = {}
 
-    def add(source: str, layer: str) -> None:
+    def add(source: str, layer: str, every: bool = False) -> None:
         if source in plan.inputs:
             adapter = plan.inputs[source].adapter
             for key in adapter.layer_keys.get(layer, {}).values():
                 needs[(source, key)] = adapter.tensors[key].begin if not adapter.pickled else 0
         else:
-            for term in plan.calls[source].terms:
-                if term.beta != 0:
-                    add(term.source, layer)
+            call = plan.calls[source]
+            every = every or OPERATORS[call.op].space  # a space's basis spans every input it names
+            for term in call.terms:
+                if term.beta != 0 or every:
+                    add(term.source, layer, every)
 
     for _, item in group:
         for term in item.terms:
@@ -474,7 +478,9 @@ class TorchBackend:
             a, b, scaling = inputs.lora(source, layer)
             return a, scaling * b
         if (source, layer) not in cache:
-            cache[(source, layer)] = self._svd(plan, plan.calls[source], layer, inputs, cache, index)
+            call = plan.calls[source]
+            make = {"svd": self._svd, "core": self._space, "knots": self._space, "tsv": self._tsv, "iso": self._iso}
+            cache[(source, layer)] = make[call.op](plan, call, layer, inputs, cache, index)
         return cache[(source, layer)]  # type: ignore[no-any-return]
 
     def _rows(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, shape: tuple[int, int], inputs: _Inputs,
@@ -583,6 +589,82 @@ class TorchBackend:
         q_a, r_a = torch.linalg.qr(a.T.double())
         u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
         return signed_factors(q_b @ u[:, :rank], s[:rank], vh[:rank] @ q_a.T)
+
+    def _live(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str) -> tuple[PlanTerm, ...]:
+        return tuple(t for t in terms if t.beta != 0 and self._has_layer(plan, t.source, layer))
+
+    def _spectrum(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, inputs: _Inputs,
+                  cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The thin SVD (float64) of a low-rank argument's ΔW at one layer, from its stacked factors."""
+        live = self._live(plan, terms, layer)
+        if not live:
+            shape = next(plan.calls[t.source].layer_shapes[layer] if t.source in plan.calls
+                         else (plan.inputs[t.source].adapter.type.layers[layer].out_features,  # type: ignore[union-attr]
+                               plan.inputs[t.source].adapter.type.layers[layer].in_features)  # type: ignore[union-attr]
+                         for t in terms if self._has_layer(plan, t.source, layer))
+            empty = torch.zeros(0, dtype=torch.float64, device=self.device)
+            return empty.new_zeros((shape[0], 0)), empty, empty.new_zeros((0, shape[1]))
+        a, b = self._stack(plan, live, layer, inputs, cache, index)
+        inputs.stop_unless_finite([a, b], index, layer, "F32")
+        return align.thin_svd(a, b)
+
+    def _tsv(self, plan: Plan, call: CallStep, layer: str, inputs: _Inputs,
+             cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """TSV-M over the arguments that have this layer (backend/align.py)."""
+        parts = [self._spectrum(plan, arg, layer, inputs, cache, index) for arg in call.args
+                 if any(self._has_layer(plan, t.source, layer) for t in arg)]
+        u, s, vh = align.tsv(parts, float(call.options["keep"]))
+        return signed_factors(*align.padded(u, s, vh, call.layer_ranks[layer]))
+
+    def _iso(self, plan: Plan, call: CallStep, layer: str, inputs: _Inputs,
+             cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Iso-C: the argument's spectrum flattened to its mean (backend/align.py)."""
+        u, s, vh = align.iso(*self._spectrum(plan, call.args[0], layer, inputs, cache, index))
+        return signed_factors(*align.padded(u, s, vh, call.layer_ranks[layer]))
+
+    def _space(self, plan: Plan, call: CallStep, layer: str, inputs: _Inputs,
+               cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """core(E), knots(E): the inputs E names aligned in one basis (backend/align.py), E evaluated
+        on their coordinates (the element-wise kernels act on those entries), and the result
+        carried back: left · E(C) · right, factorised through the SVD of the small E(C)."""
+        names = [n for n in leaf_inputs(plan, call.args[0]) if layer in plan.inputs[n].adapter.type.layers]
+        factors = [inputs.lora(name, layer) for name in names]
+        inputs.stop_unless_finite([t for a, b, _ in factors for t in (a, b)], index, layer, "F32")
+        space = (align.core_space if call.op == "core" else align.knots_space)(factors)
+        rank = call.layer_ranks[layer]
+        out_features, in_features = call.layer_shapes[layer]
+        if 0 in space.shape:  # every input is zero here (knots keeps no component)
+            return (torch.zeros((rank, in_features), device=self.device),
+                    torch.zeros((out_features, rank), device=self.device))
+        coordinates = dict(zip(names, space.coordinates, strict=True))
+        value = self._aligned(plan, call.args[0], layer, coordinates, space.shape, {}).whole(self.threads)
+        if not bool(torch.isfinite(value).all()):
+            inputs.stop_unless_finite([value], index, layer, "F32")
+        return signed_factors(*align.factorised(space.left, value, space.right, rank))
+
+    def _aligned(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str,
+                 coordinates: dict[str, tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, int],
+                 done: dict[str, torch.Tensor]) -> Rows:
+        """Σ beta_i·C_i in a space: the inputs' coordinates (low-rank, stacked) and the results of the
+        element-wise functions inside, evaluated on them (once per call)."""
+        left, right, dense = [], [], []
+        for term in terms:
+            if term.beta == 0:
+                continue
+            if term.source in plan.inputs:
+                if term.source in coordinates:
+                    l_i, r_i = coordinates[term.source]
+                    left.append(term.beta * l_i)
+                    right.append(r_i)
+                continue
+            inner = plan.calls[term.source]
+            if inner.id not in done:
+                args = [self._aligned(plan, arg, layer, coordinates, shape, done) for arg in inner.args]
+                done[inner.id] = KERNELS[inner.op](args, inner.options, layer, self.threads,
+                                                   torch.empty(shape, dtype=torch.float32, device=self.device))
+            dense.append((term.beta, done[inner.id]))
+        low = (torch.cat(left, dim=1), torch.cat(right, dim=0)) if left else None
+        return Rows(shape, self.device, low, dense)
 
     @staticmethod
     def _has_layer(plan: Plan, source: str, layer: str) -> bool:
