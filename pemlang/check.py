@@ -364,7 +364,11 @@ class Checker:
                         notes=["prune, dare and ties give every layer a dense ΔW, which a LoRA adapter cannot hold "
                                "as it is"],
                         hints=[f"output svd({snippet if len(snippet) <= 60 else '…'}, rank=16): the best rank-16 "
-                               "approximation per layer (pick the rank for the size you want)"])
+                               "approximation per layer (pick the rank for the size you want)"]
+                        + ([] if value.first_call(lambda ref: not ref.dense) is not None else
+                           [f"or merge in the inputs' shared basis, where the result is low-rank as it is: "
+                            f"output core({snippet if len(snippet) <= 60 else '…'}) (adapters trained separately "
+                            "do not share one: see `core` and `knots` in the README)"]))
             value = POISON
         if isinstance(value, ModuleValue):
             errors = len([d for d in self.diagnostics if d.is_error])
@@ -782,14 +786,14 @@ class Checker:
                 notes=[f"`{inner.text}` is already a low-rank result, not an input {op.name}() can align"],
                 hints=[f"apply {inner.op}() to the aligned result instead, e.g. `svd({op.name}(…), rank=R)`"])
         for module, expr in zip(modules, call.args, strict=True):
-            if not op.dense and module.dense:
+            if not op.takes_dense and module.dense:
                 dense = module.first_call(lambda ref: ref.dense)
                 shown = dense.text if dense is not None else self.source.snippet(expr.span)
                 return self._error(
                     "E020", f"{op.name}() needs a low-rank argument, but this holds a dense ΔW per layer",
                     expr.span, notes=[f"`{shown}` gives every layer a dense weight update"],
-                    hints=[f"align it first, `{op.name}(core({shown}))`, or reduce it, "
-                           f"`{op.name}(svd({shown}, rank=R))`"])
+                    hints=[f"give it as `core({shown})` (merged in the inputs' shared basis: low-rank) or as "
+                           f"`svd({shown}, rank=R)`"])
         return None
 
     def _options(self, op: Operator, call: ast.Call, usage: list[str]) -> dict[str, float | str] | None:

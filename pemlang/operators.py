@@ -73,6 +73,9 @@ class Operator:
     # A space (core, knots): its argument is an expression over inputs (of + - *, prune, dare, ties)
     # evaluated in a basis the inputs share; the result is low-rank whatever the expression is.
     space: bool = False
+    # Whether an argument may be a dense ΔW per layer (tsv and iso read their arguments' singular
+    # vectors from factors, so they need low-rank ones).
+    takes_dense: bool = True
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -106,9 +109,10 @@ OPERATORS: dict[str, Operator] = {op.name: op for op in (
     Operator("tsv", "tsv(x1, x2, …, keep=f)",
              "TSV-M: each argument's top ⌈f·rank⌉ singular vectors, made orthogonal to one another (the "
              "nearest orthonormal bases) and summed with their singular values", True,
-             (Option("keep", "density", default=1.0),), dense=False),
+             (Option("keep", "density", default=1.0),), dense=False, takes_dense=False),
     Operator("iso", "iso(x)",
-             "Iso-C: x's singular values all set to their mean (the spectrum flattened)", False, (), dense=False),
+             "Iso-C: x's singular values all set to their mean (the spectrum flattened)", False, (), dense=False,
+             takes_dense=False),
 )}
 FUNCTIONS = tuple(OPERATORS)
 

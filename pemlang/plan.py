@@ -219,11 +219,32 @@ def _call_line(plan: Plan, call: CallStep) -> str:
 
     largest = max((dense_bytes(shape) for shape in call.layer_shapes.values()), default=0)
     dense_terms = any(t.source in plan.calls and plan.calls[t.source].dense for t in call.terms)
+    ranks = sorted(set(call.layer_ranks.values()))
+    ranked = (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}") if ranks else "rank 0"
     if call.op == "svd":
         how = ("the dense ΔW factorised (a randomised range finder with power iterations on large layers)"
                if dense_terms else
                "thin QR of the stacked factors and an SVD of the small core")
-        return f"per layer, {how}, truncated to rank {call.rank}"
+        return f"per layer, {how}, truncated to rank {call.rank} ({ranked})"
+    if call.op in ("core", "knots"):
+        names = leaf_inputs(plan, call.args[0])
+        stacked = max((call.layer_ranks.get(k, 0) for k in call.layer_shapes), default=0)
+        biggest = max(call.layer_shapes.values(), key=lambda shape: shape[0] * shape[1], default=(0, 0))
+        if call.op == "core":
+            space = f"the Core Space of {', '.join(names)}: per layer {stacked}×{stacked} coordinates"
+            aligned = stacked * stacked
+        else:
+            space = (f"the KnOTS basis of {', '.join(names)}: per layer the SVD of their ΔW side by side, "
+                     f"{stacked}×in coordinates")
+            aligned = stacked * biggest[1]
+        work = 8 * (biggest[0] + biggest[1]) * stacked + 4 * aligned * (1 + len(names))
+        return (f"{space} (stacked rank R = Σ r_i, up to {stacked}), from thin QRs of the factors; result "
+                f"{ranked}; about {_bytes(work)} per layer for the largest layer")
+    if call.op == "tsv":
+        return (f"per layer each argument's top {call.options['keep']:g} of its singular vectors, "
+                f"orthogonalised and summed; {ranked}")
+    if call.op == "iso":
+        return f"per layer the spectrum of its argument flattened to its mean singular value; {ranked}"
     options = ", ".join(f"{k}={v}" for k, v in sorted(call.options.items()))
     return (f"dense ΔW per layer ({options}); {_bytes(largest)} for the largest layer (arguments made of "
             f"inputs are formed a block of rows at a time, never whole)")

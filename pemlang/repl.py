@@ -28,9 +28,9 @@ from . import ast
 from .about import ISSUES_URL, __version__
 from .api import AdapterCache
 from .check import Checker, did_you_mean
-from .checked import POISON, CheckedProgram, ModuleValue, Override, ScalarValue, Value
+from .checked import POISON, CallRef, CheckedProgram, ModuleValue, Override, ScalarValue, Value
 from .diagnostics import Diagnostic, PemError, display_path, emit, error
-from .operators import FUNCTIONS
+from .operators import FUNCTIONS, OPERATORS
 from .parser import parse_expression, parse_program
 from .source import CONFIG_SUFFIXES, Source, Span
 from .sourcefiles import read_source
@@ -267,6 +267,10 @@ class Session:
         rank = (f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}") if ranks else ""
         if value.dense:
             rank = ""  # a dense ΔW has no rank to speak of; `heads` says what it is
+        elif len(value.terms) == 1 and isinstance(value.terms[0].source, CallRef) \
+                and OPERATORS[value.terms[0].source.op].space:
+            call = value.terms[0].source
+            rank = f", low-rank{rank}, {call.op} space of {', '.join(call.args[0].leaf_inputs())}"
         if heads is None:
             modules = len(t.head_modules)
             heads = f", {modules} head{'s' if modules != 1 else ''}" if t.heads else ""
