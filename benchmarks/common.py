@@ -110,9 +110,11 @@ def _publish(staging: Path, directory: Path) -> None:
     staging.rename(directory)
 
 
-def make_adapter(directory: Path, shape: Shape, seed: int) -> None:
+def make_adapter(directory: Path, shape: Shape, seed: int, independent: bool = False) -> None:
     """One synthetic LoRA adapter, fp32: A = (A0 + 0.3·N)/√in, A0 shared by every adapter (trained from one
-    initialisation, as the paper's adapters are, so that paper mode is meaningful), B ~ N(0, 0.01²)."""
+    initialisation, as the paper's adapters are, so that paper mode is meaningful), B ~ N(0, 0.01²).
+    With `independent`, nothing is shared: A = N/√in from the adapter's own seed (adapters trained
+    separately, from other initialisations: their ΔW do not share a basis)."""
     import torch
     from safetensors.torch import save_file
 
@@ -123,7 +125,10 @@ def make_adapter(directory: Path, shape: Shape, seed: int) -> None:
     for layer in range(shape.layers):
         for module, (parent, out_f, in_f) in module_shapes(shape).items():
             prefix = module_prefix(layer, module, parent)
-            a = torch.randn(shape.rank, in_f, generator=shared) + 0.3 * torch.randn(shape.rank, in_f, generator=generator)
+            if independent:
+                a = torch.randn(shape.rank, in_f, generator=generator)
+            else:
+                a = torch.randn(shape.rank, in_f, generator=shared) + 0.3 * torch.randn(shape.rank, in_f, generator=generator)
             tensors[f"{prefix}.lora_A.weight"] = a / in_f**0.5
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, shape.rank, generator=generator) * 0.01
     save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -131,14 +136,16 @@ def make_adapter(directory: Path, shape: Shape, seed: int) -> None:
     _publish(staging, directory)
 
 
-def adapters(shape: Shape, names: tuple[str, ...] = ("a", "b", "c")) -> dict[str, Path]:
-    """The cached input adapters of a shape, made on first use."""
+def adapters(shape: Shape, names: tuple[str, ...] = ("a", "b", "c"), independent: bool = False) -> dict[str, Path]:
+    """The cached input adapters of a shape, made on first use; `independent`: no shared initialisation,
+    each adapter from its own seed (see make_adapter), cached apart from the others."""
     result = {}
     for seed, name in enumerate(names):
-        directory = CACHE / shape.key / "adapters" / name
+        directory = CACHE / shape.key / ("adapters-independent" if independent else "adapters") / name
         if not (directory / ".complete").exists():
-            print(f"[cache] making adapter {name} for {shape.key} ...", file=sys.stderr, flush=True)
-            make_adapter(directory, shape, seed)
+            print(f"[cache] making {'independent ' if independent else ''}adapter {name} for {shape.key} ...",
+                  file=sys.stderr, flush=True)
+            make_adapter(directory, shape, seed, independent)
         result[name] = directory
     return result
 

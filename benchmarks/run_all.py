@@ -1,18 +1,20 @@
 """Run every benchmark for one size, each in its own process.
 
     python benchmarks/run_all.py [--size tinyllama|7b|70b-slice] [--device cpu|cuda]
-                                 [--only end_to_end,roofline,memory,ties] [--layers L]
+                                 [--only end_to_end,roofline,memory,ties,align] [--layers L]
                                  [--out DIR] [--cache DIR] [--keep-fixtures]
 
 end_to_end.py (pemlang vs PEFT), roofline.py (pemlang vs a plain copy), memory.py (peak RSS vs output
-size) and ties.py (svd(ties(…)) vs PEFT's ties_svd). With `--device cuda` and no CUDA device each says
-so and is skipped (exit 0). sweep.py (λ sweeps) and tune.py are separate.
+size), ties.py (svd(ties(…)) vs PEFT's ties_svd) and align.py (core/knots vs the papers' dense fp64
+recipe). With `--device cuda` and no CUDA device each says so and is skipped (exit 0). sweep.py (λ
+sweeps) and tune.py are separate.
 
 Results (a table and a plot per benchmark) go to --out, by default pemlang-bench/results in the
 system's temporary directory: the repository's committed benchmarks/results/ is replaced only when
 --out names it. The generated adapters and base models (GBs: tinyllama about 5 GB) go to --cache and
 are deleted at the end unless --keep-fixtures (keep them to rerun without regenerating).
-On 2 CPU cores, `--size tinyllama` takes about 18 minutes.
+On 2 CPU cores, `--size tinyllama` takes about 18 minutes without align.py, which adds the dense
+reference's sampled layer (a full fp64 SVD per module) and pemlang runs at 4x the layers.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("end_to_end", "roofline", "memory", "ties")
+SCRIPTS = ("end_to_end", "roofline", "memory", "ties", "align")
 WORKDIR = Path(tempfile.gettempdir()) / "pemlang-bench"
 
 
