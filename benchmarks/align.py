@@ -157,7 +157,7 @@ def reference_worker(args: argparse.Namespace) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    if args.threads:
+    if int(args.threads) > 0:
         torch.set_num_threads(int(args.threads))
     imported = time.perf_counter() - start
     inputs = {name: Path(path) for name, path in json.loads(args.inputs).items()}
