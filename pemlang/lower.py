@@ -13,8 +13,8 @@ from typing import Any
 
 from .adapters import config_owner
 from .checked import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
-from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key, recursion_room
 from .operators import OPERATORS, low_rank
+from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key, recursion_room
 from .types import Ia3Layer, LoraLayer
 
 

@@ -82,7 +82,7 @@ def knots_space(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> 
     per_input = [torch.linalg.qr(a.T.double()) for a, _, _ in factors]  # Q_i: k × m_i, R_i: m_i × r_i
     blocks = torch.block_diag(*[r.T for _, r in per_input])  # R × Σ m_i
     u, s, vh = torch.linalg.svd(r_b @ blocks, full_matrices=False)
-    rho = int((s > DROP * s[0]).sum()) if len(s) and s[0] > 0 else 0
+    rho = significant(s)
     u = q_b @ u[:, :rho]
     signs = column_signs(u)  # fixed on U, and carried over to the rows of Σ Vᵀ
     u, s, vh = u * signs, s[:rho], vh[:rho] * signs[0, :, None]
@@ -97,10 +97,13 @@ def knots_space(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> 
 
 def tsv(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], keep: float
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TSV-M: of each argument's thin SVD U_i S_i V_iᵀ the top ⌈f·rank_i⌉ components; U = [U_1 … U_n],
+    """TSV-M: of each argument's thin SVD U_i S_i V_iᵀ the top ⌈f·rank_i⌉ components (those above
+    DROP·σ_max at most); U = [U_1 … U_n],
     V = [V_1 … V_n], S = diag(S_1 … S_n); U⊥ = P Qᵀ where U = P Σ Qᵀ (the nearest matrix with
     orthonormal columns), V⊥ likewise; the result U⊥ S V⊥ᵀ, as (U⊥, S, V⊥ᵀ)."""
-    kept = [ceil_share(keep, len(s)) for _, s, _ in parts]
+    # A component of σ = 0 (beyond an argument's true rank, or a zero argument) has arbitrary
+    # singular vectors and no weight: it is dropped, or it would bend the others' in U⊥ and V⊥.
+    kept = [min(ceil_share(keep, len(s)), significant(s)) for _, s, _ in parts]
     u = torch.cat([u[:, :n] for (u, _, _), n in zip(parts, kept, strict=True)], dim=1)
     s = torch.cat([s[:n] for (_, s, _), n in zip(parts, kept, strict=True)])
     v = torch.cat([vh[:n] for (_, _, vh), n in zip(parts, kept, strict=True)], dim=0).T
@@ -113,11 +116,16 @@ def nearest_orthonormal(m: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
+def significant(s: torch.Tensor) -> int:
+    """How many singular values (descending) are above DROP·σ_max."""
+    return int((s > DROP * s[0]).sum()) if len(s) and s[0] > 0 else 0
+
+
 def iso(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Iso-C: singular values at or below DROP·σ_max dropped, the others set to their mean."""
-    kept = s > DROP * s[0] if len(s) and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
-    mean = s[kept].mean() if bool(kept.any()) else s.new_zeros(())
-    return u, torch.where(kept, mean, s.new_zeros(())), vh
+    count = significant(s)
+    mean = s[:count].mean() if count else s.new_zeros(())
+    return u, torch.where(torch.arange(len(s), device=s.device) < count, mean, s.new_zeros(())), vh
 
 
 def factorised(left: torch.Tensor, middle: torch.Tensor, right: torch.Tensor | None, rank: int
