@@ -387,3 +387,41 @@ def test_in_a_config_file(llama: dict[str, Path], tmp_path: Path) -> None:
     for layer, value in deltas(load_file(str(tmp_path / "out" / "adapter_model.safetensors"))).items():
         want = spec_knots([read[n][layer] for n in llama], lambda ms: ties(ms, 0.3))
         assert relative(value, want) < 2e-6
+
+
+def test_a_weight_inside_core_ties_tunes(llama: dict[str, Path], tmp_path: Path) -> None:
+    """`tune` searches a weight inside core(ties(…)): the grid finds the point whose merged model
+    gave the target logits (and its loss there is zero)."""
+    from peft_factory import base_model
+
+    base = tmp_path / "base"
+    base_model("llama").save_pretrained(base)
+    program = pemlang.compile("core(ties(w*a, (1 - w)*b, density=0.5))", mode="exact", params={"w": 0.5},
+                              inputs={"a": str(llama["a"]), "b": str(llama["b"])})
+    tokens = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = program.load_into(base_model("llama"), w=0.3)(input_ids=tokens).logits
+
+    def mse(model, params) -> float:  # type: ignore[no-untyped-def]
+        return float(torch.mean((model(input_ids=tokens).logits - target) ** 2))
+
+    result = program.tune(base, {"w": (0, 1, 0.1)}, objective=mse, save=False)
+    assert result.best_params == {"w": pytest.approx(0.3)}
+    assert result.best_value == pytest.approx(0, abs=1e-10)
+    assert len({round(t["value"], 12) for t in result.trials}) > 5  # the weight changes the merge
+
+
+def test_the_repl_types_a_space(llama: dict[str, Path]) -> None:
+    from pemlang import repl
+
+    script = (f'mode exact\ninput a = "{llama["a"]}"\ninput c = "{llama["c"]}"\n'
+              ":type core(ties(a, c, density=0.2))\n:type knots(a - c)\n:type iso(tsv(a, c, keep=0.5))\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdin", io.StringIO(script))
+        assert repl.run(None, device="cpu") == 0
+    text = out.getvalue()
+    assert "core(ties(a, c, density=0.2)) : LoRA module" in text and "low-rank, rank 12, core space of a, c" in text
+    assert "knots(a - c) : LoRA module" in text and "rank 12, knots space of a, c" in text
+    assert "iso(tsv(a, c, keep=0.5)) : LoRA module" in text and "rank 6" in text
