@@ -29,6 +29,9 @@ PROGRAMS = {
     "prune": ("exact", "svd(prune(a - 0.5*b, density=0.3), rank=8)"),
     "dare": ("exact", "svd(dare(a, p=0.6, seed=3) + 0.5*b, rank=8)"),
     "ia3": ("paper", "0.5*i + 0.5*j"),
+    "core": ("exact", "core(ties(0.5*a, 0.3*b, 0.2*r4, density=0.3))"),
+    "knots": ("exact", "knots(dare(a, p=0.3, seed=1) + prune(b - c, density=0.4))"),
+    "tsv_iso": ("exact", "0.5*iso(tsv(a, r4, keep=0.5) + b)"),
 }
 
 
