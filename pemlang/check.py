@@ -373,7 +373,7 @@ class Checker:
                 self._check_tasks(value, expr.span)
             output_name = expr.id if isinstance(expr, ast.Name) else None
             expression = self.binding_text.get(output_name or "", self.source.snippet(expr.span))
-            self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span))
+            self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span, self.source))
 
     def _check_output_path(self, path: Path, path_span: Span, path_source: Source | None) -> None:
         def fail(message: str, *notes: str, hints: Iterable[str] = ()) -> None:
@@ -717,9 +717,11 @@ class Checker:
         if not args or (len(args) != 1 and not op.many):
             return self._error("E020", f"{name}() takes {'modules' if op.many else 'one module'}, "
                                f"{len(args)} given", call.span, hints=usage)
-        missing = [o.name for o in op.options if o.default is None and o.name not in seen]
+        missing = [o.name for o in op.options if o.default is None and not o.optional and o.name not in seen]
         if missing:
             return self._error("E020", f"{name}() needs `{missing[0]}=`", call.span, hints=usage)
+        if op.one_of and self._one_of(op, call, usage) is None:
+            return POISON
         options = self._options(op, call, usage)
         if options is None or any(isinstance(a, Poison) for a in args):
             return POISON
@@ -745,14 +747,53 @@ class Checker:
             combined = joined
         if op.dense:
             result_type = combined
-        else:  # svd: rank R per layer
-            rank = int(options["rank"])
-            layers: dict[str, Layer] = {
-                k: replace(layer, rank=rank, alpha=float(rank), use_rslora=False)
-                for k, layer in combined.layers.items() if isinstance(layer, LoraLayer)}
-            result_type = ModuleType("lora", combined.base, layers, combined.heads, combined.architecture)
+        else:  # svd: per layer its rank (at most R, or max_rank), never above its argument's
+            result_type = self._svd_type(call, combined, options, dense=any(m.dense for m in modules))
         ref = CallRef(name, tuple(modules), tuple(sorted(options.items())), text=self.source.snippet(call.span))
         return ModuleValue((Term(ref, 1.0, 1.0),), result_type)
+
+    def _one_of(self, op: Operator, call: ast.Call, usage: list[str]) -> bool | None:
+        """Exactly one of `op.one_of` (svd: `rank=` or `energy=`) is given; None after an error."""
+        given = [k for k in call.kwargs if k.name.id in op.one_of]
+        either = " or ".join(f"`{name}=`" for name in op.one_of)
+        if not given:
+            self._error("E020", f"{op.name}() needs {either}", call.span, hints=usage)
+            return None
+        if len(given) > 1:
+            self._error("E020", f"{op.name}() takes {either}, not both", given[1].name.span,
+                        notes=[f"`{given[0].name.id}=` is given too"], hints=usage)
+            return None
+        return True
+
+    def _svd_type(self, call: ast.Call, combined: ModuleType, options: dict[str, float | str], *,
+                  dense: bool) -> ModuleType:
+        """svd's result type: per layer the rank it writes, min(R or max_rank, the argument's rank,
+        out, in) (a dense argument has full rank; with `energy=`, the largest rank the data can
+        choose). A `rank=R` above the argument's rank at every layer is W007: nothing is dropped."""
+        cap = min(int(options[k]) for k in ("rank", "max_rank") if k in options) \
+            if "rank" in options or "max_rank" in options else None
+        layers: dict[str, Layer] = {}
+        bounds: list[int] = []
+        for key, layer in combined.layers.items():
+            if not isinstance(layer, LoraLayer):
+                continue
+            full = min(layer.out_features, layer.in_features)
+            bound = full if dense else min(layer.rank, full)
+            bounds.append(bound)
+            rank = bound if cap is None else min(cap, bound)
+            layers[key] = replace(layer, rank=rank, alpha=float(rank), use_rslora=False)
+        if "rank" in options and bounds and int(options["rank"]) > max(bounds):
+            rank_kw = next(k for k in call.kwargs if k.name.id == "rank")
+            shown = self.source.snippet(rank_kw.value.span)
+            if shown != str(int(options["rank"])):
+                shown += f" = {int(options['rank'])}"  # a param
+            self._warn("W007", f"`rank={shown}` is above the rank of svd's argument (at most {max(bounds)} at every "
+                       "layer): nothing is dropped", rank_kw.value.span,
+                       notes=["the result keeps each layer's own rank (svd only refactorises it); a dense argument "
+                              "has the full rank of its layer's shape"],
+                       hints=[f"a rank below {max(bounds)} compresses it; `energy=e` instead of `rank=` keeps per "
+                              "layer the smallest rank that holds a share e of ‖ΔW‖²"])
+        return ModuleType("lora", combined.base, layers, combined.heads, combined.architecture)
 
     def _options(self, op: Operator, call: ast.Call, usage: list[str]) -> dict[str, float | str] | None:
         """The call's options, checked against their rules; defaults filled in."""
@@ -762,6 +803,8 @@ class Checker:
         for option in op.options:
             keyword = given.get(option.name)
             if keyword is None:
+                if option.optional:
+                    continue
                 assert option.default is not None
                 options[option.name] = option.default
                 continue

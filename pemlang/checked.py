@@ -188,6 +188,7 @@ class CheckedOutput:
     value: ModuleValue
     span: Span
     expr_span: Span | None = None
+    source: Source | None = None  # where expr_span is (a config's output has its own), when not the program's
 
 
 @dataclass(frozen=True)

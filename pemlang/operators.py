@@ -23,8 +23,9 @@ class Option:
 
     name: str
     kind: OptionKind
-    default: float | str | None = None  # None: required
+    default: float | str | None = None  # None: required (unless optional)
     choices: tuple[str, ...] = ()
+    optional: bool = False  # may be left out, with no default (svd's max_rank; rank or energy, see one_of)
 
     @property
     def rule(self) -> str:
@@ -67,6 +68,8 @@ class Operator:
     # functions acts on) mix as their mean; otherwise a function passes its argument's heads on
     # as they are (svd, prune and dare keep x, or on average x).
     mean: bool = False
+    # Options of which exactly one must be given (svd: `rank=` or `energy=`).
+    one_of: tuple[str, ...] = ()
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -77,8 +80,15 @@ class Operator:
 
 
 OPERATORS: dict[str, Operator] = {op.name: op for op in (
-    Operator("svd", "svd(x, rank=R)", "the best rank-R approximation of x's weight update", False,
-             (Option("rank", "rank"),), dense=False),
+    # svd: `rank=R` truncates every layer to rank R; `energy=e` keeps per layer the smallest rank
+    # whose share of ‖ΔW‖²_F is ≥ e (a rank chosen from the data); `max_rank=N` caps either. Its
+    # kernel reports the share of ‖ΔW‖²_F it dropped per layer (the run's summary, the metadata
+    # and the model card show it per output).
+    Operator("svd", "svd(x, rank=R | energy=e[, max_rank=N])",
+             "the best rank-R approximation of x's weight update (energy=e: per layer the smallest rank "
+             "keeping a share e of ‖ΔW‖²; max_rank=N caps the rank)", False,
+             (Option("rank", "rank", optional=True), Option("energy", "density", optional=True),
+              Option("max_rank", "rank", optional=True)), dense=False, one_of=("rank", "energy")),
     Operator("prune", "prune(x, density=d)",
              "x's weight update with only its ⌈d·n⌉ largest-magnitude entries kept", False,
              (Option("density", "density"),), dense=True),
