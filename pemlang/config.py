@@ -97,8 +97,8 @@ class PemConfig(BaseModel):
         None, pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N (default auto)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype to write; default: the inputs' dtype")
-    max_rank: Annotated[int, BeforeValidator(_not_a_boolean)] | None = Field(
-        None, ge=1, description="refuse an output whose rank is above this at any layer (a serving stack's limit, "
+    max_rank: Annotated[int, Field(ge=1), BeforeValidator(_not_a_boolean)] | None = Field(
+        None, description="refuse an output whose rank is above this at any layer (a serving stack's limit, "
                                 "e.g. vLLM's max_lora_rank); `svd(x, rank=R)` or `svd(x, energy=e, max_rank=N)` "
                                 "fits an output under it")
 
