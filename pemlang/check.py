@@ -745,10 +745,9 @@ class Checker:
             if joined is None:
                 return POISON
             combined = joined
-        if op.dense:
-            result_type = combined
-        else:  # svd: per layer its rank (at most R, or max_rank), never above its argument's
-            result_type = self._svd_type(call, combined, options, dense=any(m.dense for m in modules))
+        # svd: per layer its rank (at most R, or max_rank), never above its argument's
+        result_type = combined if op.dense else self._svd_type(call, combined, options,
+                                                                dense=any(m.dense for m in modules))
         ref = CallRef(name, tuple(modules), tuple(sorted(options.items())), text=self.source.snippet(call.span))
         return ModuleValue((Term(ref, 1.0, 1.0),), result_type)
 
@@ -789,8 +788,8 @@ class Checker:
                 shown += f" = {int(options['rank'])}"  # a param
             self._warn("W007", f"`rank={shown}` is above the rank of svd's argument (at most {max(bounds)} at every "
                        "layer): nothing is dropped", rank_kw.value.span,
-                       notes=["the result keeps each layer's own rank (svd only refactorises it); a dense argument "
-                              "has the full rank of its layer's shape"],
+                       notes=["a dense argument has the full rank of its layers' shapes, min(out, in), which svd keeps"
+                              if dense else "the result keeps each layer's own rank: svd only refactorises it"],
                        hints=[f"a rank below {max(bounds)} compresses it; `energy=e` instead of `rank=` keeps per "
                               "layer the smallest rank that holds a share e of ‖ΔW‖²"])
         return ModuleType("lora", combined.base, layers, combined.heads, combined.architecture)

@@ -16,8 +16,8 @@ from typing import Any
 from . import ast
 from .adapters import config_owner
 from .checked import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
-from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key, recursion_room
 from .diagnostics import Diagnostic, error
+from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key, recursion_room
 from .types import Ia3Layer, LoraLayer
 
 
@@ -320,7 +320,8 @@ def _svd_form(program: CheckedProgram, checked: CheckedOutput, max_rank: int) ->
                 return (f"svd({argument}, energy={share}, max_rank={max_rank}): per layer the smallest rank that "
                         f"keeps a share {share} of ‖ΔW‖², at most {max_rank}")
             return f"svd({argument}, rank={max_rank}): the best rank-{max_rank} approximation per layer"
-    expression = " ".join(" ".join(line.split("#")[0] for line in checked.expression.splitlines()).split())
+    written = checked.name or checked.expression  # a bound name as the user wrote it
+    expression = " ".join(" ".join(line.split("#")[0] for line in written.splitlines()).split())
     expression = expression if len(expression) <= 60 else "…"
     form = (f"svd({expression}, rank={max_rank}): the best rank-{max_rank} approximation per layer (or "
             f"`energy=e, max_rank={max_rank}`: per layer the smallest rank keeping a share e of ‖ΔW‖², at most "

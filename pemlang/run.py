@@ -233,7 +233,7 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
                                             else layer_ranks(shapes_of(tensors[index])))
             plan = replace(plan, outputs=tuple(outputs))
             report_dropped = [dropped(plan, out, report.svd_dropped) for out in plan.outputs]
-            for index, out in destinations:
+            for index, _ in destinations:
                 final = plan.outputs[index]
                 files[index].finish(final.config, metadata(plan, final, report.sha256, report_dropped[index]))
         finally:

@@ -682,7 +682,7 @@ class SpilledAdapter(StagedAdapter):
         for key, tensor in tensors.items():
             dtype, shape = tensor_dtype(tensor), tuple(tensor.shape)
             planned_dtype, bound = self.planned[key]
-            if dtype != planned_dtype or len(shape) != len(bound) or any(n > b for n, b in zip(shape, bound)):
+            if dtype != planned_dtype or len(shape) != len(bound) or any(n > b for n, b in zip(shape, bound, strict=True)):
                 raise AssertionError(f"{key}: {dtype}{list(shape)} is not within the planned "
                                      f"{planned_dtype}{list(bound)}")
             data = tensor_bytes(tensor)
