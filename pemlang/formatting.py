@@ -57,6 +57,6 @@ def dropped_text(call: str, layers: int, largest: float, mean: float) -> str:
     call = " ".join(call.split())
     call = call if len(call) <= 48 else call[:47] + "…"
     over = f"over {layers} layer{'s' if layers != 1 else ''}"
-    if largest == 0:
+    if largest < 1e-12:  # nothing but rounding (a rank at or above the argument's)
         return f"{call} dropped nothing of ‖ΔW‖² {over}"
     return f"{call} dropped {share_text(largest)} of ‖ΔW‖² at most, {share_text(mean)} on average {over}"

@@ -279,8 +279,8 @@ def rank_limit(program: CheckedProgram, max_rank: int, *, given: str) -> list[Di
     if not program.ok:
         return []
     with recursion_room():
-        plan = _Lowering(program, None)
-        outputs = [(checked, plan.output(checked)) for checked in program.outputs]
+        lowering = _Lowering(program, None)
+        outputs = [(checked, lowering.output(checked)) for checked in program.outputs]
     problems = []
     for checked, out in outputs:
         over = [step for step in out.layers if out.kind == "lora" and step.rank > max_rank]

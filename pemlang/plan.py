@@ -222,7 +222,7 @@ def svd_layers(plan: Plan, out: OutputPlan) -> dict[str, list[str]]:
         for step in out.layers:
             for term in step.terms:
                 visit(term.source, step.key)
-    return {id: sorted(found[id]) for id in plan.calls if id in found}
+    return {call_id: sorted(found[call_id]) for call_id in plan.calls if call_id in found}
 
 
 def dropped(plan: Plan, out: OutputPlan, shares: Mapping[str, Mapping[str, float]] | None = None) -> list[Dropped]:
