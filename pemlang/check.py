@@ -784,8 +784,8 @@ class Checker:
         if "rank" in options and bounds and int(options["rank"]) > max(bounds):
             rank_kw = next(k for k in call.kwargs if k.name.id == "rank")
             shown = self.source.snippet(rank_kw.value.span)
-            if shown != str(int(options["rank"])):
-                shown += f" = {int(options['rank'])}"  # a param
+            if not isinstance(rank_kw.value, ast.Number):
+                shown += f" = {int(options['rank'])}"  # a param, perhaps set by --set
             self._warn("W007", f"`rank={shown}` is above the rank of svd's argument (at most {max(bounds)} at every "
                        "layer): nothing is dropped", rank_kw.value.span,
                        notes=["a dense argument has the full rank of its layers' shapes, min(out, in), which svd keeps"

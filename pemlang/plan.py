@@ -268,13 +268,14 @@ def _svd_ranks(call: CallStep) -> str:
     whole at rank 8 (rank=1000 is above its argument's rank)`, `the smallest rank keeping 90% …`."""
     ranks = sorted(set(call.layer_ranks.values()) - {0})
     shown = (str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}") if ranks else "0"
-    cap = f", at most {call.options['max_rank']}" if "max_rank" in call.options else ""
+    binds = "max_rank" in call.options and ranks and int(call.options["max_rank"]) <= ranks[-1]
+    cap = f", at most {call.options['max_rank']}" if binds else ""  # a max_rank above every layer's rank caps nothing
     if "energy" in call.options:
         return (f"the smallest rank that keeps {_number(100 * float(call.options['energy']))}% of ‖ΔW‖² per layer"
                 f"{cap} (up to {shown}, chosen from the data)")
     asked = int(call.options["rank"])
     if ranks and asked > ranks[-1] and "max_rank" not in call.options:
-        return f"kept whole at rank {shown}: rank={asked} is above its argument's rank, nothing is dropped"
+        return f"kept whole at rank {shown}: the rank asked for is above its argument's, nothing is dropped"
     capped = "max_rank" in call.options and int(call.options["max_rank"]) < asked
     return f"truncated to rank {shown}" + (f" (max_rank={call.options['max_rank']})" if capped else "")
 

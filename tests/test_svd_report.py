@@ -194,7 +194,8 @@ def test_energy_picks_the_smallest_rank_and_peft_loads_it(adapters: Path, tmp_pa
     for key, delta in merged.items():
         loaded = model.base_model.model.get_submodule(key).get_delta_weight("default").double()
         assert torch.allclose(loaded, truncation(delta, ranks[key]), atol=1e-5), key
-    reported = compiled.dropped["svd(a + b, energy=e)"][0]
+    [reported] = compiled.dropped["svd(a + b, energy=e)"]
+    assert isinstance(reported, pemlang.Dropped) and reported.call == "svd(a + b, energy=e)" and reported.layers == 8
     shares = [dropped(delta, ranks[k]) for k, delta in merged.items()]
     assert all(1 - share >= energy - 1e-12 for share in shares)
     assert close(reported.largest, max(shares)) and close(reported.mean, sum(shares) / len(shares))
