@@ -188,7 +188,7 @@ class Program:
             from .lower import rank_limit
 
             checked = replace(checked, diagnostics=(*checked.diagnostics, *rank_limit(
-                checked, self._limit, given=f"max_rank={self._limit}")))
+                checked, self._limit, given=f"the rank limit {self._limit}")))  # max_rank=, or run --sweep's --max-rank
         errors = [d for d in checked.diagnostics if d.is_error]
         if errors:
             raise CompileError(errors)
@@ -774,7 +774,7 @@ def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None
 
     def check(overrides: Sequence[Override], cache: AdapterCache) -> CheckedProgram:
         return check_config(located, overrides=overrides, force=True, allow_pickle=allow_pickle, read=cache,
-                            require_output=False, max_rank=limit, max_rank_spelled="max_rank={}")
+                            require_output=False, max_rank=limit, max_rank_spelled="the rank limit {}")
 
     limit = _max_rank(max_rank)
     chosen_dtype = dtype or (DTYPES[located.config.dtype] if located.config.dtype else None)

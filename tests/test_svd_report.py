@@ -304,7 +304,7 @@ def test_config_max_rank_and_the_api(adapters: Path, tmp_path: Path) -> None:
     assert pemlang.from_config(config, max_rank=16).max_rank == 16
     with pytest.raises(pemlang.CompileError) as refused:
         pemlang.compile("a + b", mode="exact", inputs={n: adapters / INPUTS[n] for n in "ab"}, max_rank=8)
-    assert "above max_rank=8" in str(refused.value) and "svd(a + b, rank=8)" in str(refused.value)
+    assert "above the rank limit 8" in str(refused.value) and "svd(a + b, rank=8)" in str(refused.value)
     assert pemlang.compile("svd(a + b, rank=8)", mode="exact", inputs={n: adapters / INPUTS[n] for n in "ab"},
                            max_rank=8).max_rank == 8
     for bad in (0, -1, True, 2.5, "8"):
@@ -381,3 +381,23 @@ def test_param_energy_set_to_nan_is_refused(adapters: Path, tmp_path: Path) -> N
     assert status == 1 and "error[E017]" in err
     status, _, err = cli("check", str(path), "--set", "e=2")
     assert status == 1 and "`energy` must be a number in (0, 1]" in err and "e = 2" in err
+
+
+def test_sweep_points_record_their_own_ranks_and_drops(adapters: Path, tmp_path: Path,
+                                                       deltas: dict[str, dict[str, torch.Tensor]]) -> None:
+    """`run --sweep` writes each point from memory: its ranks, rank_pattern and dropped shares are its own."""
+    path = tmp_path / "sw.pem"
+    path.write_text(program(adapters, 'param e = 0.9\noutput svd(a + b, energy=e) -> "out/sw"\n'), encoding="utf-8")
+    status, _, err = cli("run", str(path), "--sweep", "e=0.5,0.9", "--device", "cpu", "--max-rank", "8")
+    assert status == 1 and "error[E034]" in err and "above the rank limit 8" in err
+    status, _, err = cli("run", str(path), "--sweep", "e=0.5,0.9", "--device", "cpu", "--max-rank", "16")
+    assert status == 0, err
+    merged = {k: deltas["a"][k] + deltas["b"][k] for k in deltas["a"]}
+    for energy in (0.5, 0.9):
+        out = tmp_path / "out" / f"sw.e={energy:.1f}"
+        ranks = {k: energy_rank(delta, energy) for k, delta in merged.items()}
+        assert written_ranks(out) == ranks
+        config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+        assert {k: config["rank_pattern"].get(k.replace(".", "\\."), config["r"]) for k in ranks} == ranks
+        [item] = json.loads(metadata_of(out)["pemlang.svd_dropped"])
+        assert close(item["largest"], max(dropped(delta, ranks[k]) for k, delta in merged.items()))
