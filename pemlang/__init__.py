@@ -7,7 +7,7 @@ from .about import __version__ as __version__
 
 _API = {"compile": "api", "load": "api", "Program": "api", "CompileError": "diagnostics", "Evaluation": "api",
         "from_config": "api", "PemConfig": "config",
-        "PemError": "diagnostics", "Diagnostic": "diagnostics"}
+        "PemError": "diagnostics", "Diagnostic": "diagnostics", "Dropped": "plan"}
 
 
 def __getattr__(name: str):  # type: ignore[no-untyped-def]

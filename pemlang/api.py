@@ -20,7 +20,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .check import Checker, check_parsed, default_base_dir, is_name
 from .checked import CheckedProgram, Mode, Override
 from .diagnostics import CompileError, Diagnostic, PemError, first_line
 from .parser import parse_expression, parse_program
-from .plan import Plan, dtype_name
+from .plan import Dropped, Plan, dtype_name
 from .source import Source, Span, source_from_text
 from .sourcefiles import read_source
 
@@ -75,6 +75,9 @@ class Evaluation:
     plan: Plan
     tensors: dict[str, dict[str, Any]]
     warnings: list[Diagnostic]
+    # Per output, what each of its svd calls dropped: pemlang.plan.Dropped(call, layers, largest, mean),
+    # the largest and mean share of ‖ΔW‖²_F not kept over its layers.
+    dropped: dict[str, list[Dropped]] = field(default_factory=dict)
 
 
 def _numbers(params: Mapping[str, Any]) -> dict[str, tuple[float, Source]]:
@@ -111,8 +114,14 @@ class Program:
     """A compiled program: parsed and checked once, evaluated with any parameter values."""
 
     def __init__(self, frontend: Frontend, *, params: Mapping[str, float] | None = None, device: str = "auto",
-                 dtype: str | None = None):
+                 dtype: str | None = None, max_rank: int | None = None):
         self._frontend = frontend
+        # Outputs above this rank are E034 (with the svd form that fits as the hint); a config's
+        # block checks its own (and from_config's), as `max_rank` then says.
+        self.max_rank = _max_rank(max_rank)
+        self._limit = self.max_rank
+        # What each output's svd calls dropped at the last evaluate, save or sweep point: {output: [Dropped]}.
+        self.dropped: dict[str, list[Dropped]] = {}
         self._fixed = dict(params or {})  # param values given at compile time: under every evaluation
         self._adapters = AdapterCache()
         from .backend import device_problem
@@ -173,6 +182,13 @@ class Program:
         overrides = [Override(name, number, source, what="params")
                      for name, (number, source) in _numbers({**self._fixed, **params}).items()]
         checked = self._frontend(overrides, self._adapters)
+        if self._limit is not None:
+            from dataclasses import replace
+
+            from .lower import rank_limit
+
+            checked = replace(checked, diagnostics=(*checked.diagnostics, *rank_limit(
+                checked, self._limit, given=f"the rank limit {self._limit}")))  # max_rank=, or run --sweep's --max-rank
         errors = [d for d in checked.diagnostics if d.is_error]
         if errors:
             raise CompileError(errors)
@@ -215,8 +231,9 @@ class Program:
             raise exc.as_api() from None
         self._note(result.diagnostics)
         names = [o.name or o.expression for o in checked.outputs]
+        self.dropped = dict(zip(names, result.dropped, strict=True))
         return Evaluation({**checked.params}, result.plan, dict(zip(names, result.tensors, strict=True)),
-                          result.diagnostics)
+                          result.diagnostics, dict(self.dropped))
 
     def save(self, directory: str | Path | None = None, params: Mapping[str, float] | None = None, *,
              device: str | None = None, dtype: str | None = None, force: bool = False,
@@ -239,8 +256,9 @@ class Program:
         if provenance:
             plan = replace(plan, provenance=tuple(sorted(provenance.items())))
         try:
-            self._note(stream(checked, device=device or self.device, dtype=dtype, force=force,
-                              plan=plan).diagnostics)
+            result = stream(checked, device=device or self.device, dtype=dtype, force=force, plan=plan)
+            self._note(result.diagnostics)
+            self.dropped = dict(zip([o.name or o.expression for o in checked.outputs], result.dropped, strict=True))
         except CompileError:
             raise
         except DeviceError as exc:
@@ -273,8 +291,8 @@ class Program:
 
         plan = self._placed(evaluation.plan, directory=directory, suffix=suffix)
         try:
-            return write_outputs(RunResult(plan, list(evaluation.tensors.values()), evaluation.warnings),
-                                 force=force)
+            return write_outputs(RunResult(plan, list(evaluation.tensors.values()), evaluation.warnings,
+                                           dropped=list(evaluation.dropped.values())), force=force)
         except PemError as exc:  # the writer's guard, or an OS error while writing (E018)
             raise CompileError(exc.diagnostics) from None
 
@@ -543,6 +561,15 @@ def _misfits(model: Any, tensors: Mapping[str, Any], adapter_name: str, base: st
                              + (f" (they record {base})" if base else ""),))
 
 
+def _max_rank(value: Any) -> int | None:
+    """The API's `max_rank=`: None, or a whole number ≥ 1 (ValueError otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_rank must be a whole number ≥ 1 (or None), not {value!r}")
+    return value
+
+
 def _axis(name: str, values: Any) -> list[float]:
     """A sweep's values for param `name`: an iterable of numbers, or one number (one point);
     CompileError (E017) for a value that is not a number."""
@@ -687,8 +714,9 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
             params: Mapping[str, float] | None = None, mode: Mode = "paper", heads: str | None = None,
             file: str | Path | None = None, text: str | None = None, device: str = "auto",
             dtype: str | None = None, allow_pickle: bool = False, base_dir: str | Path | None = None,
-            source: Source | None = None) -> Program:
+            source: Source | None = None, max_rank: int | None = None) -> Program:
     """Compile a program: an `expression` over named `inputs`, a .pem `file`, or program `text`.
+    `max_rank`: an output whose rank is above it at any layer is an error (E034).
 
     Raises CompileError (a PemError) with every diagnostic when the program has errors."""
     chosen = sum(x is not None for x in (expression, file, text, source))
@@ -700,10 +728,10 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
     if expression is not None:
         frontend = _expression_frontend(expression, inputs or {}, mode=mode, params=params or {}, heads=heads,
                                         allow_pickle=allow_pickle, base_dir=root)
-        program = Program(frontend, device=device, dtype=dtype)
+        program = Program(frontend, device=device, dtype=dtype, max_rank=max_rank)
         program._recipe = (compile, dict(expression=expression, inputs=dict(inputs or {}), params=dict(params or {}),
                                          mode=mode, heads=heads, device=device, dtype=dtype,
-                                         allow_pickle=allow_pickle, base_dir=root or Path.cwd()))
+                                         allow_pickle=allow_pickle, base_dir=root or Path.cwd(), max_rank=max_rank))
         return program
     if file is not None:
         file = os.path.expanduser(file)  # `~/merge.pem`: the home directory, as in paths inside programs
@@ -716,19 +744,21 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
     elif source is None:
         source = source_from_text(text or "", "<text>")
     frontend = _file_frontend(source, allow_pickle=allow_pickle, base_dir=root)
-    program = Program(frontend, params=params, device=device, dtype=dtype)
+    program = Program(frontend, params=params, device=device, dtype=dtype, max_rank=max_rank)
     program._recipe = (compile, dict(source=source, params=dict(params or {}), device=device, dtype=dtype,
-                                     allow_pickle=allow_pickle, base_dir=root or default_base_dir(source)))
+                                     allow_pickle=allow_pickle, base_dir=root or default_base_dir(source),
+                                     max_rank=max_rank))
     return program
 
 
 def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None = None,
                 params: Mapping[str, float] | None = None, base_dir: str | Path | None = None,
-                device: str | None = None, dtype: str | None = None, allow_pickle: bool = False) -> Program:
+                device: str | None = None, dtype: str | None = None, allow_pickle: bool = False,
+                max_rank: int | None = None) -> Program:
     """Compile a config block ("Configs" in the README): a YAML/JSON/TOML file (`key`: the dotted path of the block
     inside a larger config), or a mapping or PemConfig already in memory (paths relative to
-    `base_dir`, default the working directory). `params` override the block's, as --set does.
-    Diagnostics name the file and line of the field."""
+    `base_dir`, default the working directory). `params` override the block's, as --set does;
+    `max_rank` the block's `max_rank`. Diagnostics name the file and line of the field."""
     from .config import DTYPES, Located, check_config, from_mapping, read_config
 
     try:
@@ -744,13 +774,15 @@ def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None
 
     def check(overrides: Sequence[Override], cache: AdapterCache) -> CheckedProgram:
         return check_config(located, overrides=overrides, force=True, allow_pickle=allow_pickle, read=cache,
-                            require_output=False)
+                            require_output=False, max_rank=limit, max_rank_spelled="the rank limit {}")
 
+    limit = _max_rank(max_rank)
     chosen_dtype = dtype or (DTYPES[located.config.dtype] if located.config.dtype else None)
     program = Program(check, params=params, device=device or located.config.device or "auto", dtype=chosen_dtype)
+    program.max_rank = limit if limit is not None else located.config.max_rank  # the block checks it
     program._recipe = (from_config, dict(config=Path(config).resolve() if isinstance(config, str | Path) else config,
                                          key=key, params=dict(params or {}), base_dir=located.base_dir,
-                                         device=device, dtype=dtype, allow_pickle=allow_pickle))
+                                         device=device, dtype=dtype, allow_pickle=allow_pickle, max_rank=max_rank))
     return program
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import ast, hub
 from .adapters import EMBEDDING_LORA, Adapter, AdapterError, config_owner, read_adapter, task_of
+from .calls import CallChecks, _fmt
 from .checked import (
     MODES,
     POISON,
@@ -39,7 +40,7 @@ from .checked import (
     spell_mode,
 )
 from .diagnostics import Diagnostic, display_path, error, warning
-from .operators import FUNCTIONS, OPERATORS, Operator, low_rank
+from .operators import FUNCTIONS, OPERATORS, low_rank
 from .paths import resolve_written, shorten, unusable, unwritable
 from .source import Source, Span
 from .sourcefiles import read_source
@@ -57,10 +58,6 @@ def is_name(text: object) -> bool:
             and text not in KEYWORDS and text not in FUNCTIONS)
 
 
-def _fmt(x: float) -> str:
-    if not math.isfinite(x):
-        return str(x)  # inf, -inf, nan: as a reader says them
-    return ast.format_number(round(x, 12))
 
 
 # Output tensors are computed and stored in float32 at widest: a coefficient beyond its range
@@ -77,7 +74,7 @@ def _listing(keys: Iterable[str], limit: int = 3) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-class Checker:
+class Checker(CallChecks):
     """Types statements one by one (a file, or REPL lines), collecting diagnostics."""
 
     def __init__(self, source: Source, *, mode: Mode = "paper", base_dir: Path | None = None,
@@ -377,7 +374,7 @@ class Checker:
                 self._check_tasks(value, expr.span)
             output_name = expr.id if isinstance(expr, ast.Name) else None
             expression = self.binding_text.get(output_name or "", self.source.snippet(expr.span))
-            self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span))
+            self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span, self.source))
 
     def _check_output_path(self, path: Path, path_span: Span, path_source: Source | None) -> None:
         def fail(message: str, *notes: str, hints: Iterable[str] = ()) -> None:
@@ -721,9 +718,11 @@ class Checker:
         if not args or (len(args) != 1 and not op.many):
             return self._error("E020", f"{name}() takes {'modules' if op.many else 'one module'}, "
                                f"{len(args)} given", call.span, hints=usage)
-        missing = [o.name for o in op.options if o.default is None and o.name not in seen]
+        missing = [o.name for o in op.options if o.default is None and not o.optional and o.name not in seen]
         if missing:
             return self._error("E020", f"{name}() needs `{missing[0]}=`", call.span, hints=usage)
+        if op.one_of and self._one_of(op, call, usage) is None:
+            return POISON
         options = self._options(op, call, usage)
         if options is None or any(isinstance(a, Poison) for a in args):
             return POISON
@@ -752,6 +751,8 @@ class Checker:
             return problem
         if op.dense:
             result_type = combined
+        elif name == "svd":  # per layer its rank (at most R, or max_rank), never above its argument's
+            result_type = self._svd_type(call, combined, options, dense=any(m.dense for m in modules))
         else:  # low-rank: a rank per layer (operators.low_rank)
             layers: dict[str, Layer] = {}
             for key, layer in combined.layers.items():
@@ -767,73 +768,6 @@ class Checker:
             result_type = ModuleType("lora", combined.base, layers, combined.heads, combined.architecture)
         ref = CallRef(name, tuple(modules), tuple(sorted(options.items())), text=self.source.snippet(call.span))
         return ModuleValue((Term(ref, 1.0, 1.0),), result_type)
-
-    def _argument_problem(self, op: Operator, modules: list[ModuleValue], call: ast.Call) -> Poison | None:
-        """What a space (core, knots) or a spectral function (tsv, iso) refuses in its arguments."""
-        if op.space:
-            inner = modules[0].first_call(lambda ref: not ref.dense)
-            if inner is None:
-                return None
-            if OPERATORS[inner.op].space:
-                return self._error(
-                    "E020", f"{inner.op}() inside {op.name}(): one basis per merge", call.args[0].span,
-                    notes=[f"`{inner.text}` aligns its inputs in a basis of its own; {op.name}() aligns the inputs "
-                           "it names in another, and the two do not compose"],
-                    hints=[f"align once, around the whole expression: `{op.name}(ties(a, b, density=0.2))`"])
-            return self._error(
-                "E020", f"{op.name}() aligns inputs: its expression is made of inputs, + - *, prune, dare and ties",
-                call.args[0].span,
-                notes=[f"`{inner.text}` is already a low-rank result, not an input {op.name}() can align"],
-                hints=[f"apply {inner.op}() to the aligned result instead, e.g. `svd({op.name}(…), rank=R)`"])
-        for module, expr in zip(modules, call.args, strict=True):
-            if not op.takes_dense and module.dense:
-                dense = module.first_call(lambda ref: ref.dense)
-                shown = dense.text if dense is not None else self.source.snippet(expr.span)
-                return self._error(
-                    "E020", f"{op.name}() needs a low-rank argument, but this holds a dense ΔW per layer",
-                    expr.span, notes=[f"`{shown}` gives every layer a dense weight update"],
-                    hints=[f"give it as `core({shown})` (merged in the inputs' shared basis: low-rank) or as "
-                           f"`svd({shown}, rank=R)`"])
-        return None
-
-    def _options(self, op: Operator, call: ast.Call, usage: list[str]) -> dict[str, float | str] | None:
-        """The call's options, checked against their rules; defaults filled in."""
-        given = {k.name.id: k for k in call.kwargs}
-        options: dict[str, float | str] = {}
-        failed = False
-        for option in op.options:
-            keyword = given.get(option.name)
-            if keyword is None:
-                assert option.default is not None
-                options[option.name] = option.default
-                continue
-            raw = keyword.value
-            value: float | str | None = None
-            if isinstance(raw, ast.Text):
-                value = raw.value if option.kind == "choice" else None
-            elif option.kind == "seed":  # from the text as written: exact beyond 2**53
-                text = self.source.snippet(raw.span)
-                value = int(text) if isinstance(raw, ast.Number) and text.isdigit() else None
-            elif option.kind != "choice":
-                evaluated = self.expr(raw)
-                if isinstance(evaluated, Poison):
-                    failed = True
-                    continue
-                value = evaluated.value if isinstance(evaluated, ScalarValue) else None
-            if value is None or not option.accepts(value):
-                shown = self.source.snippet(raw.span)
-                if not isinstance(value, str) and value is not None and shown != _fmt(value):
-                    shown += f" = {_fmt(value)}"  # a param, perhaps set by --set or a sweep
-                hints = usage
-                if option.kind == "choice" and not isinstance(raw, ast.Text) and shown in option.choices:
-                    hints = [f'a word is written in quotes: {option.name}="{shown}"', *usage]
-                self._error("E020", f"{op.name}() `{option.name}` must be {option.rule}", raw.span,
-                            notes=[f"it is {shown}"] if raw.span.end > raw.span.start else [], hints=hints)
-                failed = True
-                continue
-            options[option.name] = int(value) if option.kind in ("seed", "rank") and not isinstance(value, str) \
-                else value
-        return None if failed else options
 
 
 def _shape_of(layer: LoraLayer | Ia3Layer) -> str:

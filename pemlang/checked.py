@@ -154,6 +154,14 @@ class ModuleValue:
         return None
 
     @property
+    def ranks_from_data(self) -> bool:
+        """Whether its ranks are chosen from the data when it runs (`svd(…, energy=e)`, or a low-rank
+        value made of one): its type's ranks are then upper bounds."""
+        return any(isinstance(t.source, CallRef) and not t.source.dense and t.beta != 0
+                   and ("energy" in dict(t.source.options) or any(a.ranks_from_data for a in t.source.args))
+                   for t in self.terms)
+
+    @property
     def dense(self) -> bool:
         """Whether this value holds a dense ΔW per layer (a merge not yet reduced by `svd`)."""
         return any(isinstance(t.source, CallRef) and t.source.dense for t in self.terms)  # whatever its coefficient
@@ -213,6 +221,7 @@ class CheckedOutput:
     value: ModuleValue
     span: Span
     expr_span: Span | None = None
+    source: Source | None = None  # where expr_span is (a config's output has its own), when not the program's
 
 
 @dataclass(frozen=True)

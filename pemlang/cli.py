@@ -116,7 +116,8 @@ def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-
         except PemError as exc:
             return None, [*exc.diagnostics, *bad_sets]
         checked = check_config(located, overrides=overrides, force=force, allow_pickle=args.allow_pickle,
-                               require_output=args.command != "check", writes=writes)
+                               require_output=args.command != "check", writes=writes,
+                               max_rank=getattr(args, "max_rank", None))
         if getattr(args, "device", "unset") is None:  # the command line wins over the config
             args.device = located.config.device
         if getattr(args, "dtype", "unset") is None and located.config.dtype:
@@ -126,7 +127,20 @@ def _load_checked(args: argparse.Namespace, *, force: bool):  # type: ignore[no-
 
         checked = check_source(source, overrides=overrides, force=force, allow_pickle=args.allow_pickle,
                                writes=writes)
+        checked = _limit_ranks(checked, getattr(args, "max_rank", None))
     return checked, [*checked.diagnostics, *bad_sets]
+
+
+def _limit_ranks(checked, max_rank: int | None):  # type: ignore[no-untyped-def]
+    """`--max-rank N`: E034 at every output above rank N (with the svd form that fits as the hint)."""
+    if max_rank is None:
+        return checked
+    from dataclasses import replace
+
+    from .lower import rank_limit
+
+    return replace(checked, diagnostics=(*checked.diagnostics,
+                                         *rank_limit(checked, max_rank, given=f"--max-rank {max_rank}")))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -251,8 +265,8 @@ def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignor
         return EXIT_ERRORS
     _report(result.diagnostics)
     print(result.device_note, file=sys.stderr)
-    for out in plan.outputs:
-        print(f"wrote {summary_line(out)}")
+    for index, out in enumerate(result.plan.outputs):  # with the ranks the data chose (svd with energy=)
+        print(f"wrote {summary_line(out, result.dropped[index] if result.dropped else ())}")
     device = result.device_note.removeprefix("device: ").split(" ")[0]
     print(f"{len(plan.outputs)} output{'s' if len(plan.outputs) != 1 else ''} in {result.seconds:.2f} s on {device}")
     return EXIT_OK
@@ -332,10 +346,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         if is_config:
             program = from_config(args.file, key=args.key, params=fixed, device=args.device, dtype=args.dtype,
-                                  allow_pickle=args.allow_pickle)
+                                  allow_pickle=args.allow_pickle, max_rank=args.max_rank)
         else:
             program = compile_program(source=source, params=fixed or None,
-                                      device=args.device or "auto", dtype=args.dtype, allow_pickle=args.allow_pickle)
+                                      device=args.device or "auto", dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                      max_rank=args.max_rank)
         unknown = [error("E017", f"--sweep names `{name}`, which is not a param of the program",
                          Source(text, "--sweep"), Span(0, len(name)),
                          notes=[f"the program's params: {', '.join(program.params) or 'none'}"],
@@ -555,7 +570,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out_source = Source(args.out, "--out")
         checker.add_output(expr, args.out, Span(0, len(args.out)), expr.span, path_source=out_source)
     checker.finish(require_output=False)
-    checked = checker.result()
+    checked = _limit_ranks(checker.result(), args.max_rank)
     diagnostics = list(checked.diagnostics) + syntax
     _report(diagnostics)
     if any(d.is_error for d in diagnostics):
@@ -655,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where to compute (auto: CUDA when available, else the CPU)")
         p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
                        help="dtype to write (float32, float16, bfloat16); default: the inputs' dtype")
+        p.add_argument("--max-rank", type=_positive_int, default=None, metavar="N",
+                       help="refuse an output whose rank is above N at any layer (a serving stack's limit, e.g. "
+                            "vLLM's max_lora_rank; the error shows the svd that fits); overrides a config's max_rank")
 
     run = commands.add_parser("run", help="evaluate a program and write its outputs")
     program_options(run, writes=True)

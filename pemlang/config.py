@@ -97,6 +97,10 @@ class PemConfig(BaseModel):
         None, pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N (default auto)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype to write; default: the inputs' dtype")
+    max_rank: Annotated[int, Field(ge=1), BeforeValidator(_not_a_boolean)] | None = Field(
+        None, description="refuse an output whose rank is above this at any layer (a serving stack's limit, "
+                                "e.g. vLLM's max_lora_rank); `svd(x, rank=R)` or `svd(x, energy=e, max_rank=N)` "
+                                "fits an output under it")
 
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # config names → safetensors names
@@ -619,8 +623,11 @@ def structure_problems(config: PemConfig, located: Located | None = None) -> lis
 
 def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool = False,
                  allow_pickle: bool = False, read: Callable[..., Any] | None = None,
-                 require_output: bool = True, writes: bool = True) -> Any:
-    """Type-check a config block: a CheckedProgram whose diagnostics point into the config file."""
+                 require_output: bool = True, writes: bool = True, max_rank: int | None = None,
+                 max_rank_spelled: str = "--max-rank {}") -> Any:
+    """Type-check a config block: a CheckedProgram whose diagnostics point into the config file.
+    `max_rank` (the command line's --max-rank, the API's max_rank=, as `max_rank_spelled` says it)
+    overrides the block's `max_rank`."""
     from . import ast
     from .check import Checker
     from .checked import Override
@@ -670,7 +677,7 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
             checker.add_input(ast.Name(name, Span(0, len(name))), written, Span(len(name) + 1, len(e.source.text)),
                               source=e.source, stated_base=stated)
     if program is not None:
-        checked = checker.program(program)
+        checked = _limit_ranks(checker.program(program), config, max_rank, max_rank_spelled)
         return replace(checked, diagnostics=tuple(relocate(checked.diagnostics, embedded, host)))
     # params and heads become declarations of their own; their diagnostics point at the field.
     prelude = [(f"param {name} = {value!r}", located.key_span(("params", name))) for name, value in config.params.items()]
@@ -703,12 +710,24 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
     if main_source is not None:
         checker.source = main_source.source
     checker.finish(require_output=require_output and config.expression is None)
-    checked = checker.result()
+    checked = _limit_ranks(checker.result(), config, max_rank, max_rank_spelled)
     diagnostics = relocate(checked.diagnostics, embedded, host)
     if require_output and config.expression is not None and config.output is None:
         diagnostics.append(_at(host, located.key_span(("expression",)), "the config has an `expression` but no `output`",
                                hints=["add `output: DIR` to write it (the Python API can evaluate it without one)"]))
     return replace(checked, diagnostics=tuple(diagnostics))
+
+
+def _limit_ranks(checked: Any, config: PemConfig, max_rank: int | None, spelled: str) -> Any:
+    """E034 at every output above the rank limit: `max_rank` as the caller gave it (`spelled`:
+    `--max-rank {}`), else the block's own."""
+    from .lower import rank_limit
+
+    limit = max_rank if max_rank is not None else config.max_rank
+    if limit is None:
+        return checked
+    given = spelled.format(limit) if max_rank is not None else f"the config's max_rank {limit}"
+    return replace(checked, diagnostics=(*checked.diagnostics, *rank_limit(checked, limit, given=given)))
 
 
 def from_mapping(data: Any, *, base_dir: Path, name: str = "<config>") -> Located:

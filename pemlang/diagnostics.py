@@ -62,12 +62,14 @@ CODES: dict[str, str] = {
     "E032": "tune, load_into: the base model (or its tokenizer) cannot be loaded or does not fit",
     "E033": "tune: the study file belongs to another tuning, is not a study, was changed by hand, or was "
             "deleted or locked while the tuning ran",
+    "E034": "an output's rank is above the limit given (--max-rank, max_rank in a config, the API's max_rank=)",
     "W001": "base model not recorded in an input",
     "W002": "paper mode over LoRA inputs whose A matrices differ",
     "W003": "unused input or binding",
     "W004": "inputs differ in task type or architecture",
     "W005": "output already exists (`run` will need --force)",
     "W006": "an input taken as trained on the base the program states",
+    "W007": "svd(x, rank=R) with R above x's rank at every layer: nothing is dropped",
 }
 
 

@@ -41,3 +41,22 @@ def visible(text: str, *, keep: str = "") -> str:
 def _is_control(c: str) -> bool:
     code = ord(c)
     return code < 32 or 127 <= code < 160 or c in "\u2028\u2029"
+
+
+def share_text(share: float) -> str:
+    """A share of ‖ΔW‖² as a percentage: 0.1234 → '12.3%', 2e-7 → '2.0e-05%', 0 → '0%'."""
+    percent = 100 * share
+    if percent == 0:
+        return "0%"
+    return f"{percent:.1e}%" if percent < 0.01 else f"{percent:.3g}%"
+
+
+def dropped_text(call: str, layers: int, largest: float, mean: float) -> str:
+    """What one svd call dropped, in words: 'svd(a, rank=4) dropped 12.3% of ‖ΔW‖² at most, 8.1% on
+    average over 8 layers'."""
+    call = " ".join(call.split())
+    call = call if len(call) <= 48 else call[:47] + "…"
+    over = f"over {layers} layer{'s' if layers != 1 else ''}"
+    if largest < 1e-12:  # nothing but rounding (a rank at or above the argument's)
+        return f"{call} dropped nothing of ‖ΔW‖² {over}"
+    return f"{call} dropped {share_text(largest)} of ‖ΔW‖² at most, {share_text(mean)} on average {over}"

@@ -67,6 +67,9 @@ def provenance_rows(metadata: dict[str, str]) -> list[tuple[str, str]]:
         for item in inputs:
             if isinstance(item, dict):
                 rows.append((f"input {item.get('name')}", f"{item.get('path')}  sha256 {str(item.get('sha256'))[:16]}…"))
+    from .writer import dropped_report
+
+    rows += [("svd", line) for line in dropped_report(metadata)]
     tuned = parsed(metadata, "pemlang.tune")
     if isinstance(tuned, dict):
         rows.append(("tuned", f"{tuned.get('direction')} {tuned.get('objective')}: {tuned.get('value')} "

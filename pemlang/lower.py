@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from . import ast
 from .adapters import config_owner
 from .checked import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
+from .diagnostics import Diagnostic, error
 from .operators import OPERATORS, low_rank
 from .plan import DTYPE_BYTES, CallStep, HeadStep, LayerStep, OutputPlan, Plan, PlanInput, PlanTerm, pattern_key, recursion_room
 from .types import Ia3Layer, LoraLayer
@@ -43,7 +47,10 @@ class _Lowering:
                 assert isinstance(layer, LoraLayer)
                 shapes[key] = (layer.out_features, layer.in_features)
         layer_ranks = {}
-        if not ref.dense:
+        adaptive = False
+        if ref.op == "svd":
+            layer_ranks, adaptive = self.svd_ranks(ref, shapes)
+        elif not ref.dense:
             options = dict(ref.options)
             for key, shape in shapes.items():
                 if OPERATORS[ref.op].space:  # every input the expression names, whatever its coefficient
@@ -54,7 +61,7 @@ class _Lowering:
                     ranks = [self.stacked_rank(arg, key, shape) for arg in ref.args]
                 layer_ranks[key] = low_rank(ref.op, options, [r for r in ranks if r > 0], shape)
         step = CallStep(f"{ref.op}#{len(self.calls) + 1}", ref.op, ref.text, args, dict(ref.options), layer_ranks,
-                        shapes)
+                        shapes, adaptive)
         self.calls[ref.id] = step
         return step
 
@@ -65,6 +72,30 @@ class _Lowering:
         if any(isinstance(t.source, CallRef) and t.source.dense and self.has_layer(t, key) for t in live):
             return min(shape)
         return sum(self.layer_rank(t, key) for t in live)
+
+    def svd_ranks(self, ref: CallRef, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, int], bool]:
+        """svd's rank per layer, min(R, max_rank, stacked rank, out, in), and whether the ranks are
+        only upper bounds (adaptive): with `energy=` the data chooses each layer's rank below that
+        bound; over an adaptive low-rank argument the stacked rank is known only as it runs."""
+        (arg,) = ref.args
+        options = dict(ref.options)
+        caps = [int(options[k]) for k in ("rank", "max_rank") if k in options]
+        live = [t for t in arg.terms if t.beta != 0]
+        layer_ranks = {}
+        adaptive = "energy" in options
+        for key, (out_features, in_features) in shapes.items():
+            if any(isinstance(t.source, CallRef) and t.source.dense and self.has_layer(t, key) for t in live):
+                stacked = min(out_features, in_features)  # a dense ΔW has full rank
+            else:
+                stacked = sum(self.layer_rank(t, key) for t in live)
+                adaptive = adaptive or any(self.adaptive(t, key) for t in live)
+            layer_ranks[key] = min(*caps, stacked, out_features, in_features)
+        return layer_ranks, adaptive
+
+    def adaptive(self, term: Term, key: str) -> bool:
+        """Whether a low-rank source's rank at a layer is chosen from the data (see svd_ranks)."""
+        return isinstance(term.source, CallRef) and not term.source.dense and self.call(term.source).adaptive \
+            and self.layer_rank(term, key) > 0
 
     def has_layer(self, term: Term, key: str) -> bool:
         if isinstance(term.source, InputRef):
@@ -119,7 +150,7 @@ class _Lowering:
                 steps.append(LayerStep(
                     key, "concat", tuple(PlanTerm(self.source_id(t), t.alpha, t.beta) for t, _ in ranked),
                     sum(r for _, r in ranked) or 1, (shape_layer.out_features, shape_layer.in_features),
-                    1.0, self.out_dtype(dtype)))
+                    1.0, self.out_dtype(dtype), any(self.adaptive(t, key) for t, _ in ranked)))
         heads, heads_note, modules_to_save = self.heads(value)
         config = self.config(value, first, steps, modules_to_save)
         bytes_read = self._bytes_read(steps, heads)
@@ -212,14 +243,31 @@ class _Lowering:
                 config["feedforward_modules"] = sorted(
                     s.key for s in steps if len(s.shape) == 2 and s.shape[0] == 1 and s.shape[1] != 1)
         if value.type.kind == "lora" and self.program.mode == "exact":
-            # Scalings are folded into B: every layer is written with lora_alpha = r (scaling 1).
-            rank = Counter(step.rank for step in steps).most_common(1)[0][0]
-            config["r"] = rank
-            config["lora_alpha"] = rank
-            config["use_rslora"] = False
-            config["rank_pattern"] = {pattern_key(s.key): s.rank for s in steps if s.rank != rank}
-            config["alpha_pattern"] = {pattern_key(s.key): s.rank for s in steps if s.rank != rank}
+            config.update(rank_fields(steps))
         return config
+
+
+def rank_fields(steps: Sequence[LayerStep]) -> dict[str, Any]:
+    """Exact mode's rank fields of adapter_config.json: scalings are folded into B, so every layer
+    is written with lora_alpha = r (scaling 1); the commonest rank is `r`, the others patterns."""
+    rank = Counter(step.rank for step in steps).most_common(1)[0][0]
+    return {"r": rank, "lora_alpha": rank, "use_rslora": False,
+            "rank_pattern": {pattern_key(s.key): s.rank for s in steps if s.rank != rank},
+            "alpha_pattern": {pattern_key(s.key): s.rank for s in steps if s.rank != rank}}
+
+
+def with_ranks(out: OutputPlan, ranks: Mapping[str, int]) -> OutputPlan:
+    """An output whose ranks were chosen from the data (`svd(…, energy=e)`), with the ranks its
+    layers got (`ranks`: layer key → rank, as computed): steps, adapter_config.json's r and
+    rank/alpha patterns, and the bytes written follow them. Other outputs are returned as they are."""
+    if not any(step.adaptive for step in out.layers):
+        return out
+    steps = tuple(replace(step, rank=ranks[step.key], adaptive=False) if step.adaptive else step
+                  for step in out.layers)
+    config = {**out.config, **rank_fields(steps)}
+    written = out.bytes_written - sum(_Lowering._step_bytes(s) for s in out.layers) + sum(
+        _Lowering._step_bytes(s) for s in steps)
+    return replace(out, layers=steps, config=config, bytes_written=written)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -240,3 +288,63 @@ def lower(program: CheckedProgram, *, dtype: str | None = None, filename: str | 
               for name, adapter in program.inputs.items()}
     return Plan(filename or program.source.filename, program.source.text, program.mode, dict(program.params),
                 inputs, {s.id: s for s in lowering.calls.values()}, outputs)
+
+
+def rank_limit(program: CheckedProgram, max_rank: int, *, given: str) -> list[Diagnostic]:
+    """E034 at every output whose rank is above `max_rank` at some layer (a serving stack's limit:
+    vLLM's `max_lora_rank`), with the `svd` form that fits it as the hint; `given` says how the
+    user gave the limit (`--max-rank 16`, `max_rank: 16`). An output whose ranks are chosen from the
+    data (`svd(…, energy=e)`) is refused when the largest rank they may reach is above it."""
+    if not program.ok:
+        return []
+    with recursion_room():
+        lowering = _Lowering(program, None)
+        outputs = [(checked, lowering.output(checked)) for checked in program.outputs]
+    problems = []
+    for checked, out in outputs:
+        over = [step for step in out.layers if out.kind == "lora" and step.rank > max_rank]
+        if not over:
+            continue
+        top = max(step.rank for step in over)
+        chosen = any(step.adaptive for step in over)
+        name = checked.name or checked.expression
+        name = name if len(name) <= 40 else name[:39] + "…"
+        notes = [f"rank above {max_rank} at {len(over)} of its {len(out.layers)} layers, e.g. {over[0].key} "
+                 f"(rank {over[0].rank})"]
+        if chosen:
+            notes.append("svd(…, energy=e) chooses each layer's rank from the data, up to the rank shown")
+        problems.append(error(
+            "E034", f"output `{name}` {'may reach' if chosen else 'has'} rank {top}, above {given}",
+            checked.source or program.source, checked.expr_span or checked.span, notes=notes,
+            hints=[_svd_form(program, checked, max_rank)]))
+    return problems
+
+
+def _svd_form(program: CheckedProgram, checked: CheckedOutput, max_rank: int) -> str:
+    """The hint of E034: the output written through an svd that keeps at most `max_rank`: the
+    output's own svd with its rank (or max_rank) lowered, else the output wrapped in one."""
+    from .checked import spell_mode
+    from .parser import parse_expression
+    from .source import Source
+
+    terms = checked.value.terms
+    ref = terms[0].source if len(terms) == 1 and terms[0].beta == 1.0 else None
+    if isinstance(ref, CallRef) and ref.op == "svd":
+        call, _ = parse_expression(Source(ref.text, "svd"))
+        if isinstance(call, ast.Call) and call.args:
+            argument = ref.text[call.args[0].span.start:call.args[-1].span.end]
+            options = dict(ref.options)
+            if "energy" in options:
+                share = f"{float(options['energy']):.6g}"
+                return (f"svd({argument}, energy={share}, max_rank={max_rank}): per layer the smallest rank that "
+                        f"keeps a share {share} of ‖ΔW‖², at most {max_rank}")
+            return f"svd({argument}, rank={max_rank}): the best rank-{max_rank} approximation per layer"
+    written = checked.name or checked.expression  # a bound name as the user wrote it
+    expression = " ".join(" ".join(line.split("#")[0] for line in written.splitlines()).split())
+    expression = expression if len(expression) <= 60 else "…"
+    form = (f"svd({expression}, rank={max_rank}): the best rank-{max_rank} approximation per layer (or "
+            f"`energy=e, max_rank={max_rank}`: per layer the smallest rank keeping a share e of ‖ΔW‖², at most "
+            f"{max_rank})")
+    if program.mode != "exact":
+        form += f"; svd needs {spell_mode(program.spelling)}, which adds the weight updates ΔW themselves"
+    return form

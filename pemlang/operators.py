@@ -26,8 +26,9 @@ class Option:
 
     name: str
     kind: OptionKind
-    default: float | str | None = None  # None: required
+    default: float | str | None = None  # None: required (unless optional)
     choices: tuple[str, ...] = ()
+    optional: bool = False  # may be left out, with no default (svd's max_rank; rank or energy, see one_of)
 
     @property
     def rule(self) -> str:
@@ -76,6 +77,8 @@ class Operator:
     # Whether an argument may be a dense ΔW per layer (tsv and iso read their arguments' singular
     # vectors from factors, so they need low-rank ones).
     takes_dense: bool = True
+    # Options of which exactly one must be given (svd: `rank=` or `energy=`).
+    one_of: tuple[str, ...] = ()
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -86,8 +89,15 @@ class Operator:
 
 
 OPERATORS: dict[str, Operator] = {op.name: op for op in (
-    Operator("svd", "svd(x, rank=R)", "the best rank-R approximation of x's weight update", False,
-             (Option("rank", "rank"),), dense=False),
+    # svd: `rank=R` truncates every layer to rank R; `energy=e` keeps per layer the smallest rank
+    # whose share of ‖ΔW‖²_F is ≥ e (a rank chosen from the data); `max_rank=N` caps either. Its
+    # kernel reports the share of ‖ΔW‖²_F it dropped per layer (the run's summary, the metadata
+    # and the model card show it per output).
+    Operator("svd", "svd(x, rank=R | energy=e[, max_rank=N])",
+             "the best rank-R approximation of x's weight update (energy=e: per layer the smallest rank "
+             "keeping a share e of ‖ΔW‖²; max_rank=N caps the rank)", False,
+             (Option("rank", "rank", optional=True), Option("energy", "density", optional=True),
+              Option("max_rank", "rank", optional=True)), dense=False, one_of=("rank", "energy")),
     Operator("prune", "prune(x, density=d)",
              "x's weight update with only its ⌈d·n⌉ largest-magnitude entries kept", False,
              (Option("density", "density"),), dense=True),
@@ -130,13 +140,12 @@ def ceil_share(share: float, count: int) -> int:
 
 
 def low_rank(op: str, options: dict[str, float | str], ranks: list[int], shape: tuple[int, int]) -> int:
-    """The rank a low-rank function's result has at one layer of shape (out, in), from the ranks
-    of what it reads there: for svd and iso its argument's stacked rank, for tsv each argument's,
-    for core and knots each input's that the expression names. Never above min(out, in): a
-    matrix of that shape has no higher rank."""
+    """The rank the result of `core`, `knots`, `tsv` or `iso` has at one layer of shape (out, in),
+    from the ranks of what it reads there: for iso its argument's stacked rank, for tsv each
+    argument's, for core and knots each input's that the expression names. Never above min(out,
+    in): a matrix of that shape has no higher rank. (svd's, which may depend on the data, is
+    lowering's `svd_ranks`.)"""
     side = min(shape)
-    if op == "svd":
-        return min(int(options["rank"]), sum(ranks), side)
     if op == "tsv":
         return sum(ceil_share(float(options["keep"]), min(r, side)) for r in ranks)
     return min(sum(ranks), side)  # iso: x's rank; core, knots: R = Σ r_i

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +47,9 @@ class LayerStep:
     shape: tuple[int, ...]  # (out, in) for LoRA; the vector's shape for (IA)3
     scaling_out: float  # the scaling the written config gives this layer
     dtype: str  # safetensors dtype written
+    # The rank is chosen from the data when the plan runs (a source is `svd(…, energy=e)`): `rank`
+    # is its upper bound, and the written file is laid out once the layer is computed.
+    adaptive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +67,14 @@ class CallStep:
     options: dict[str, float | str] = field(compare=False)
     layer_ranks: dict[str, int] = field(compare=False)  # svd: effective rank per layer: min(R, stacked, d, k)
     layer_shapes: dict[str, tuple[int, int]] = field(compare=False)  # (out, in) of every layer it has
+    # Its layer_ranks are upper bounds, the ranks being chosen from the data as it runs (svd with
+    # `energy=`, or an svd over such a result).
+    adaptive: bool = field(default=False, compare=False)
 
     @property
     def terms(self) -> tuple[PlanTerm, ...]:
         """Every argument's terms (svd has one argument)."""
         return tuple(t for arg in self.args for t in arg)
-
-    @property
-    def rank(self) -> int:
-        return int(self.options["rank"])
 
     @property
     def dense(self) -> bool:
@@ -105,6 +107,17 @@ class OutputPlan:
     config: dict[str, Any]
     bytes_read: int
     bytes_written: int
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What one `svd` call dropped from an output: per layer the share of ‖ΔW‖²_F its truncation
+    did not keep, its largest and its mean over the layers the output takes from it."""
+
+    call: str  # the call as written: `svd(a + b, rank=8)`
+    layers: int
+    largest: float
+    mean: float
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,44 @@ def _output_inputs(plan: Plan, out: OutputPlan) -> set[str]:
     return names
 
 
+def svd_layers(plan: Plan, out: OutputPlan) -> dict[str, list[str]]:
+    """The `svd` calls an output computes (by id, in the plan's order; those nested in other
+    functions' arguments too), each with the layers the output takes from it."""
+    found: dict[str, set[str]] = {}
+
+    def visit(source: str, key: str) -> None:
+        call = plan.calls.get(source)
+        if call is None:
+            return
+        if call.dense:
+            if key not in call.layer_shapes:
+                return
+        elif call.layer_ranks.get(key, 0) == 0:
+            return
+        if call.op == "svd":
+            found.setdefault(call.id, set()).add(key)
+        for term in call.terms:
+            if term.beta != 0:
+                visit(term.source, key)
+
+    with recursion_room():
+        for step in out.layers:
+            for term in step.terms:
+                visit(term.source, step.key)
+    return {call_id: sorted(found[call_id]) for call_id in plan.calls if call_id in found}
+
+
+def dropped(plan: Plan, out: OutputPlan, shares: Mapping[str, Mapping[str, float]] | None = None) -> list[Dropped]:
+    """Per `svd` call of an output, what it dropped (`shares`: per call id, per layer, the share of
+    ‖ΔW‖² not kept, as the backend measured it); zeros where `shares` is None (a placeholder of
+    the final size)."""
+    report = []
+    for call_id, keys in svd_layers(plan, out).items():
+        values = [float((shares or {}).get(call_id, {}).get(key, 0.0)) for key in keys]
+        report.append(Dropped(plan.calls[call_id].text, len(keys), max(values), sum(values) / len(values)))
+    return report
+
+
 # -- printing -------------------------------------------------------------------------------------
 
 
@@ -225,7 +276,7 @@ def _call_line(plan: Plan, call: CallStep) -> str:
         how = ("the dense ΔW factorised (a randomised range finder with power iterations on large layers)"
                if dense_terms else
                "thin QR of the stacked factors and an SVD of the small core")
-        return f"per layer, {how}, truncated to rank {call.rank} ({ranked})"
+        return f"per layer, {how}, {_svd_ranks(call)}"
     if call.op in ("core", "knots"):
         names = leaf_inputs(plan, call.args[0])
         stacked = max((call.layer_ranks.get(k, 0) for k in call.layer_shapes), default=0)
@@ -248,6 +299,23 @@ def _call_line(plan: Plan, call: CallStep) -> str:
     options = ", ".join(f"{k}={v}" for k, v in sorted(call.options.items()))
     return (f"dense ΔW per layer ({options}); {_bytes(largest)} for the largest layer (arguments made of "
             f"inputs are formed a block of rows at a time, never whole)")
+
+
+def _svd_ranks(call: CallStep) -> str:
+    """What rank an svd node keeps per layer, as the plan says it: `truncated to rank 8`, `kept
+    whole at rank 8 (rank=1000 is above its argument's rank)`, `the smallest rank keeping 90% …`."""
+    ranks = sorted(set(call.layer_ranks.values()) - {0})
+    shown = (str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}") if ranks else "0"
+    binds = "max_rank" in call.options and ranks and int(call.options["max_rank"]) <= ranks[-1]
+    cap = f", at most {call.options['max_rank']}" if binds else ""  # a max_rank above every layer's rank caps nothing
+    if "energy" in call.options:
+        return (f"the smallest rank that keeps {_number(100 * float(call.options['energy']))}% of ‖ΔW‖² per layer"
+                f"{cap} (up to {shown}, chosen from the data)")
+    asked = int(call.options["rank"])
+    if ranks and asked > ranks[-1] and "max_rank" not in call.options:
+        return f"kept whole at rank {shown}: the rank asked for is above its argument's, nothing is dropped"
+    capped = "max_rank" in call.options and int(call.options["max_rank"]) < asked
+    return f"truncated to rank {shown}" + (f" (max_rank={call.options['max_rank']})" if capped else "")
 
 
 def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-def]
@@ -306,7 +374,8 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
             match = re.search(r"\.(\d+)\.", step.key)
             pattern = step.key[: match.start(1)] + "{}" + step.key[match.end(1):] if match else step.key
             row = (pattern, step.op, ", ".join(t.source for t in step.terms) or "(zero)",
-                   "×".join(map(str, step.shape)), str(step.rank) if step.rank else "-",
+                   "×".join(map(str, step.shape)),
+                   (f"≤{step.rank}" if step.adaptive else str(step.rank)) if step.rank else "-",
                    _number(step.scaling_out) if out.kind == "lora" else "-", step.dtype)
             groups.setdefault(row, []).append(int(match.group(1)) if match else None)
         for (pattern, *rest), indices in groups.items():
@@ -316,4 +385,5 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
             layers.add_row(name, *rest)
         console.print(layers)
         console.print(f"  heads: {escape(out.heads_note)}")
-        console.print(f"  reads {_bytes(out.bytes_read)}, writes {_bytes(out.bytes_written)}")
+        at_most = "at most " if any(step.adaptive for step in out.layers) else ""
+        console.print(f"  reads {_bytes(out.bytes_read)}, writes {at_most}{_bytes(out.bytes_written)}")

@@ -265,6 +265,8 @@ class Session:
         kind = "LoRA" if t.kind == "lora" else "(IA)3"
         ranks = sorted({getattr(layer, "rank", 0) for layer in t.layers.values()} - {0})
         rank = (f", rank {ranks[0]}" if len(ranks) == 1 else f", ranks {ranks[0]}–{ranks[-1]}") if ranks else ""
+        if rank and value.ranks_from_data:
+            rank = f", rank up to {ranks[-1]} (chosen from the data per layer)"
         if value.dense:
             rank = ""  # a dense ΔW has no rank to speak of; `heads` says what it is
         elif len(value.terms) == 1 and isinstance(value.terms[0].source, CallRef) \
@@ -458,8 +460,8 @@ class Session:
         except OutputExists as exc:
             raise PemError([error("E018", "output directory already exists", notes=[str(exc)],
                                   hints=["add --force to replace it"])]) from None
-        for out in result.plan.outputs:
-            self.say(f"wrote {summary_line(out)}")
+        for index, out in enumerate(result.plan.outputs):  # with the ranks the data chose (svd with energy=)
+            self.say(f"wrote {summary_line(out, result.dropped[index] if result.dropped else ())}")
 
 
 def _shift(expr: Any, offset: int) -> Any:

@@ -36,8 +36,9 @@ from . import interrupts
 from .about import __version__
 from .adapters import CONFIG_NAME, WEIGHTS_NAME
 from .diagnostics import Diagnostic, PemError, display_path, error
-from .formatting import human_bytes, visible
-from .plan import DTYPE_BYTES, OutputPlan, Plan, output_inputs
+from .formatting import dropped_text, human_bytes, visible
+from .plan import DTYPE_BYTES, Dropped, OutputPlan, Plan, output_inputs
+from .plan import dropped as svd_dropped
 from .types import TORCH_DTYPE_NAMES
 
 # What a writer leaves beside the destination while it works: `.NAME.PID-RANDOM.pemlang-tmp`
@@ -144,6 +145,7 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
         lines += [f"The params were chosen by `pemlang tune`: {_text(tuned.get('direction'))} "
                   f"{_text(tuned.get('objective'))}, best value {_text(tuned.get('value'))} at trial "
                   f"{_text(tuned.get('trial'))} of {_text(tuned.get('trials'))}.", ""]
+    lines += _dropped_lines(meta)
     inputs = provenance_field(meta, "pemlang.inputs", [])
     if inputs:
         lines += ["| input | adapter | sha256 |", "|---|---|---|"]
@@ -165,9 +167,48 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def metadata(plan: Plan, out: OutputPlan, input_hashes: dict[str, str]) -> dict[str, str]:
-    """The provenance recorded in the safetensors header: expression, mode, params, inputs."""
+def dropped_field(report: Sequence[Dropped]) -> str:
+    """`pemlang.svd_dropped`: per svd call of the output, the call, its layers and the largest and
+    mean share of ‖ΔW‖² it dropped, as JSON whose numbers have a fixed width (`%.6e`): the header's
+    length is known before the shares are (the streaming writer lays the file out first)."""
+    def number(share: float) -> str:
+        return f"{share if share >= 1e-99 else 0.0:.6e}"  # two exponent digits: a fixed width
+
+    return "[" + ",".join(
+        f'{{"call":{json.dumps(d.call, ensure_ascii=False)},"largest":{number(d.largest)},"layers":{d.layers},'
+        f'"mean":{number(d.mean)}}}' for d in report) + "]"
+
+
+def dropped_report(meta: Mapping[str, str]) -> list[str]:
+    """What the svd calls dropped, as `metadata` recorded it, in words (one line per call; [] when
+    the header has no such field or it does not parse)."""
+    report = provenance_field(meta, "pemlang.svd_dropped", [])
+    lines = []
+    for item in report if isinstance(report, list) else []:
+        try:
+            lines.append(dropped_text(str(item["call"]), int(item["layers"]), float(item["largest"]),
+                                      float(item["mean"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return lines
+
+
+def _dropped_lines(meta: Mapping[str, str]) -> list[str]:
+    """The model card's account of what svd dropped (the share of ‖ΔW‖²_F per layer not kept)."""
+    lines = dropped_report(meta)
+    if not lines:
+        return []
+    return ["What `svd` dropped (per layer, the share of the weight update's squared Frobenius norm ‖ΔW‖² "
+            "that the truncation did not keep):", "", *[f"- {_text(line)}" for line in lines], ""]
+
+
+def metadata(plan: Plan, out: OutputPlan, input_hashes: dict[str, str],
+             dropped: Sequence[Dropped] | None = None) -> dict[str, str]:
+    """The provenance recorded in the safetensors header: expression, mode, params, inputs, and
+    for an output made through `svd`, what each svd call dropped (`dropped`; zeros when None, a
+    placeholder of the final length)."""
     used = sorted(output_inputs(plan, out))
+    report = list(dropped) if dropped is not None else svd_dropped(plan, out)
     return {
         "format": "pt",
         "pemlang.version": __version__,
@@ -179,6 +220,7 @@ def metadata(plan: Plan, out: OutputPlan, input_hashes: dict[str, str]) -> dict[
             [{"name": n, "path": plan.inputs[n].written, "sha256": input_hashes[n]} for n in used],
             sort_keys=True, ensure_ascii=False),
         "pemlang.program": plan.program,
+        **({"pemlang.svd_dropped": dropped_field(report)} if report else {}),
         **dict(plan.provenance),
     }
 
@@ -579,6 +621,10 @@ class StagedAdapter:
         _pwrite_all(self.fd, memoryview(final.header), 0)
         os.fsync(self.fd)
         self.close()
+        self._config_and_card(config, meta)
+
+    def _config_and_card(self, config: Mapping[str, Any], meta: Mapping[str, str]) -> None:
+        """adapter_config.json and the model card, flushed to disk."""
         (self.staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False)
                                                 + "\n", encoding="utf-8")
         (self.staging / CARD_NAME).write_text(model_card(config, meta), encoding="utf-8")
@@ -593,6 +639,94 @@ class StagedAdapter:
                 self.background.settle()
             os.close(self.fd)
             self.fd = -1
+
+
+SPILL_NAME = ".tensors.pemlang-spill"  # beside the weights file in staging, removed before the swap
+COPY_CHUNK = 1 << 22  # bytes copied at a time from the spill file into place
+
+
+class SpilledAdapter(StagedAdapter):
+    """An output whose ranks are chosen from the data (`svd(…, energy=e)`): its tensors' shapes,
+    hence the file's layout, are known only once every layer is computed. Each tensor is appended
+    to a spill file in the staging directory as it comes (in the background, like StagedAdapter);
+    `finish` lays out the canonical file (the same bytes as for planned shapes: safetensors' own
+    order) and copies every tensor into place a chunk at a time, then removes the spill file.
+    Memory holds a chunk, never the output; the disk holds the output twice until the end."""
+
+    def __init__(self, staging: Path, entries: Mapping[str, tuple[str, Sequence[int]]], meta: Mapping[str, str],
+                 background: _Background | None = None, destination: Path | None = None):
+        self.staging = staging
+        self.destination = destination
+        self.planned = dict(entries)  # dtypes, and shapes whose ranks are upper bounds
+        self.entries: dict[str, tuple[str, Sequence[int]]] = {}  # as the tensors came
+        self.spilled: dict[str, int] = {}  # key → offset in the spill file
+        self.size = 0
+        self.written: set[str] = set()
+        self.background = background
+        self.fd = os.open(staging / SPILL_NAME, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """The rank each layer got (from its lora_A's shape), as layer key → rank."""
+        suffix = ".lora_A.weight"
+        return {key.removeprefix("base_model.model.").removesuffix(suffix): int(shape[0])
+                for key, (_, shape) in self.entries.items() if key.endswith(suffix)}
+
+    def put(self, tensors: Mapping[str, Any], ready: Callable[[], None] | None = None) -> None:
+        """Append tensors (CPU, in their output dtype) to the spill file; see StagedAdapter.put."""
+        if ready is not None and self.background is None:
+            ready()
+            ready = None
+        if self.background is not None:
+            self.background.layer()
+        for key, tensor in tensors.items():
+            dtype, shape = tensor_dtype(tensor), tuple(tensor.shape)
+            planned_dtype, bound = self.planned[key]
+            if dtype != planned_dtype or len(shape) != len(bound) or any(n > b for n, b in zip(shape, bound, strict=True)):
+                raise AssertionError(f"{key}: {dtype}{list(shape)} is not within the planned "
+                                     f"{planned_dtype}{list(bound)}")
+            data = tensor_bytes(tensor)
+            self.entries[key] = (dtype, shape)
+            self.spilled[key] = self.size
+            self.size += len(data)
+            self.written.add(key)
+            if self.background is not None:
+                self.background.submit(_pwrite_all, self.fd, data, self.spilled[key], ready, self.destination)
+                ready = None
+            else:
+                _pwrite_all(self.fd, data, self.spilled[key], None, self.destination)
+
+    def finish(self, config: Mapping[str, Any], meta: Mapping[str, str]) -> None:
+        """Lay the weights file out from the shapes the tensors came with, copy each into place,
+        remove the spill file; then the config and the card."""
+        missing = sorted(set(self.planned) - self.written)
+        if missing:
+            raise AssertionError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
+        if self.background is not None:
+            self.background.drain()
+        final = layout(self.entries, meta)
+        target = os.open(self.staging / WEIGHTS_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(target, final.size)
+            _pwrite_all(target, memoryview(final.header), 0, None, self.destination)
+            for key, (begin, end) in final.offsets.items():
+                source = self.spilled[key]
+                for start in range(0, end - begin, COPY_CHUNK):
+                    chunk = os.pread(self.fd, min(COPY_CHUNK, end - begin - start), source + start)
+                    if len(chunk) != min(COPY_CHUNK, end - begin - start):
+                        raise OSError(errno.EIO, "the spill file ends early", str(self.staging / SPILL_NAME))
+                    _pwrite_all(target, memoryview(chunk), begin + start, None, self.destination)
+            os.fsync(target)
+        finally:
+            os.close(target)
+        self.close()
+        self._config_and_card(config, meta)
+
+    def close(self) -> None:
+        """Close and remove the spill file (after any write still in flight)."""
+        super().close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.staging / SPILL_NAME)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, ready: Callable[[], None] | None = None,

@@ -507,24 +507,58 @@ CONVERGED = 1e-3  # stop once an iteration adds less than this share of the rema
 def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int = 10,
                   workers: int | None = None, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with B·A the best rank-`rank` approximation of a dense ΔW (within a small fraction of
-    the optimal error): a randomised range finder (Halko, Martinsson & Tropp 2011) with power
-    iterations, re-orthonormalised each time, then an exact SVD of the small projection. It
-    iterates until the energy the best rank-R truncation inside the subspace captures has settled
-    (at least MIN_POWER, at most MAX_POWER times): each iteration's projection QᵀΔ is the product
-    the next one starts from, so watching it costs one small SVD. Small layers are factorised
-    exactly. The test matrix comes from (layer) on the CPU, so the result does not depend on the
-    device's random numbers. `delta` is not changed; `scale` is its `magnitude` when the caller has it."""
+    the optimal error): `truncated_svd_dropped` without the share it dropped."""
+    a, b, _ = truncated_svd_dropped(delta, rank, layer, oversample=oversample, workers=workers, scale=scale)
+    return a, b
+
+
+def truncated_svd_dropped(delta: torch.Tensor, rank: int, layer: str, *, energy: float | None = None,
+                          oversample: int = 10, workers: int | None = None, scale: float | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, dropped): B·A the best rank-`rank` approximation of a dense ΔW (within a small
+    fraction of the optimal error), and the share of ‖ΔW‖² it does not keep. With `energy`, the
+    rank is the smallest (at most `rank`) whose kept share is ≥ `energy`.
+
+    A randomised range finder (Halko, Martinsson & Tropp 2011) with power iterations,
+    re-orthonormalised each time, then an exact SVD of the small projection. It iterates until the
+    energy the best rank-R truncation inside the subspace captures has settled (at least MIN_POWER,
+    at most MAX_POWER times): each iteration's projection QᵀΔ is the product the next one starts
+    from, so watching it costs one small SVD. The result is ΔW projected on a subspace, so what it
+    keeps of ‖ΔW‖² is exactly the energy captured there, and the dropped share is known without a
+    full SVD. With `energy`, the subspace grows (doubling its rank) until it holds the share asked
+    for. Small layers are factorised exactly. The test matrix comes from (layer) on the CPU, so the
+    result does not depend on the device's random numbers. `delta` is not changed; `scale` is its
+    `magnitude` when the caller has it."""
     workers = workers or default_workers()
     rows, cols = delta.shape
     scale = magnitude(delta) if scale is None else scale
     if scale == 0:
-        return torch.zeros((rank, cols), device=delta.device), torch.zeros((rows, rank), device=delta.device)
-    width = min(rows, cols, rank + max(rank, oversample))
-    if width >= min(rows, cols) // 2 or min(rows, cols) <= EXACT:
-        u, s, vh = torch.linalg.svd(delta.double() / scale, full_matrices=False)
-        return signed_factors(u[:, :rank], s[:rank] * scale, vh[:rank])
+        kept = 1 if energy is not None else rank
+        return torch.zeros((kept, cols), device=delta.device), torch.zeros((rows, kept), device=delta.device), 0.0
+    target = rank if energy is None else min(rank, 32)
+    while True:
+        width = min(rows, cols, target + max(target, oversample))
+        if width >= min(rows, cols) // 2 or min(rows, cols) <= EXACT:
+            u, s, vh = torch.linalg.svd(delta.double() / scale, full_matrices=False)
+            kept = rank if energy is None else energy_rank(s, energy, rank)
+            return (*signed_factors(u[:, :kept], s[:kept] * scale, vh[:kept]), dropped_share(s, kept))
+        basis, projection, total, unit = _range(delta, target, width, layer, scale, workers)
+        u, s, vh = torch.linalg.svd(projection.T, full_matrices=False)
+        if energy is not None and target < rank and float(s[:target].square().sum()) < energy * total:
+            target = min(rank, 2 * target)  # the subspace does not hold the share asked for: a larger one
+            continue
+        kept = rank if energy is None else energy_rank(s[:target], energy, target, total=total)
+        captured = float(s[:kept].square().sum())
+        dropped = min(max(total - captured, 0.0) / total, 1.0) if total > 0 else 0.0
+        return (*signed_factors(basis @ u[:, :kept], s[:kept] * unit, vh[:kept]), dropped)
+
+
+def _range(delta: torch.Tensor, rank: int, width: int, layer: str, scale: float, workers: int
+           ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The range finder of `truncated_svd_dropped`: (basis Q, (QᵀΔ)ᵀ, ‖ΔW‖², the scale the two are
+    at), both at unit scale where ΔW's entries would overflow (or lose digits in) fp32."""
+    rows, cols = delta.shape
     if not 1e-20 <= scale <= 1e20:
-        # Products of entries this large (or small) overflow (or lose digits in) fp32: work at unit scale.
         delta = delta / scale
     else:
         scale = 1.0
@@ -540,8 +574,26 @@ def truncated_svd(delta: torch.Tensor, rank: int, layer: str, *, oversample: int
             break
         back, _ = torch.linalg.qr(projection)
         basis, _ = torch.linalg.qr(_times(delta, back.float(), spans, workers).double())
-    u, s, vh = torch.linalg.svd(projection.T, full_matrices=False)
-    return signed_factors(basis @ u[:, :rank], s[:rank] * scale, vh[:rank])
+    return basis, projection, total, scale
+
+
+def energy_rank(s: torch.Tensor, energy: float, bound: int, *, total: float | None = None) -> int:
+    """The smallest rank (1 to `bound`) whose singular values `s` (descending) keep a share ≥
+    `energy` of ‖ΔW‖² = Σ s² (or of `total` when the values are only ΔW's leading ones)."""
+    cumulative = torch.cumsum(s.double().square(), 0)
+    whole = float(cumulative[-1]) if total is None and len(cumulative) else (total or 0.0)
+    if not len(cumulative) or whole <= 0:
+        return 1
+    first = int(torch.searchsorted(cumulative, torch.tensor([energy * whole], dtype=torch.float64,
+                                                            device=cumulative.device)).item())
+    return max(1, min(first + 1, bound, len(cumulative)))
+
+
+def dropped_share(s: torch.Tensor, kept: int) -> float:
+    """The share of ‖ΔW‖² = Σ s² that its leading `kept` singular values `s` do not keep (0 for ΔW = 0)."""
+    squares = s.double().square()
+    whole = float(squares.sum())
+    return float(squares[kept:].sum()) / whole if whole > 0 else 0.0
 
 
 Options = dict[str, float | str]

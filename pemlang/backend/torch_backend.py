@@ -26,7 +26,17 @@ from ..operators import OPERATORS
 from ..plan import CallStep, HeadStep, LayerStep, Plan, PlanTerm, leaf_inputs, recursion_room, tensor_key
 from ..types import TORCH_DTYPE_NAMES
 from . import align
-from .dense import KERNELS, Pool, Rows, magnitude, signed_factors, threads, truncated_svd
+from .dense import (
+    KERNELS,
+    Pool,
+    Rows,
+    dropped_share,
+    energy_rank,
+    magnitude,
+    signed_factors,
+    threads,
+    truncated_svd_dropped,
+)
 
 TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPE_NAMES.items()}
 
@@ -43,6 +53,8 @@ class RunReport:
     a_cosines: dict[tuple[str, str], dict[str, tuple[float, int]]] = field(default_factory=dict)
     # With `hash_inputs`: each input's sha256 (of its weights file), computed while reading it.
     sha256: dict[str, str] = field(default_factory=dict)
+    # Per svd node (its id), per layer: the share of ‖ΔW‖²_F its truncation did not keep.
+    svd_dropped: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -568,10 +580,13 @@ class TorchBackend:
 
         Low-rank argument: B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), so ΔW = Q_b (R_b R_aᵀ) Q_aᵀ; the SVD
         of the small core U S Vᵀ gives ΔW = (Q_b U) S (Q_a V)ᵀ, at O((d + k)·m²) for a stacked rank m,
-        without forming the d×k matrix. An argument with a dense part (prune, dare, ties) is formed
-        and reduced with a randomised range finder (`truncated_svd`).
+        without forming the d×k matrix; S holds all of ΔW's singular values, so the share of ‖ΔW‖²
+        dropped is Σ S[R:]² / Σ S², and `energy=e` keeps the smallest R with a share ≥ e. An argument
+        with a dense part (prune, dare, ties) is formed and reduced with a randomised range finder
+        (`truncated_svd_dropped`). The dropped share is recorded in the run's report.
         """
-        rank = svd.layer_ranks.get(layer, 0)
+        rank = svd.layer_ranks.get(layer, 0)  # with energy=, the largest the data may choose
+        energy = float(svd.options["energy"]) if "energy" in svd.options else None
         terms = tuple(t for t in svd.terms if t.beta != 0 and self._has_layer(plan, t.source, layer))
         if rank == 0 or not terms:
             raise AssertionError("lowering gives svd sources only to layers they contribute to")
@@ -580,7 +595,10 @@ class TorchBackend:
             scale = magnitude(delta)  # NaN or inf unless every entry is finite
             if not math.isfinite(scale):
                 inputs.stop_unless_finite([delta], index, layer, "F32")
-            return truncated_svd(delta, rank, layer, workers=self.threads, scale=scale)
+            a_out, b_out, share = truncated_svd_dropped(delta, rank, layer, energy=energy, workers=self.threads,
+                                                        scale=scale)
+            inputs.report.svd_dropped.setdefault(svd.id, {})[layer] = share
+            return a_out, b_out
         a, b = self._stack(plan, terms, layer, inputs, cache, index)
         inputs.stop_unless_finite([a, b], index, layer, "F32")  # a factorisation of NaN would only crash
         # In float64 (on the CPU with one thread, see `run`), then rounded to fp32; signs are fixed
@@ -588,6 +606,9 @@ class TorchBackend:
         q_b, r_b = torch.linalg.qr(b.double())
         q_a, r_a = torch.linalg.qr(a.T.double())
         u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        if energy is not None:
+            rank = energy_rank(s, energy, rank)
+        inputs.report.svd_dropped.setdefault(svd.id, {})[layer] = dropped_share(s, rank)
         return signed_factors(q_b @ u[:, :rank], s[:rank], vh[:rank] @ q_a.T)
 
     def _live(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str) -> tuple[PlanTerm, ...]:
