@@ -104,6 +104,8 @@ class OutputStmt:
     path: str
     path_span: Span = field(default=_NO_SPAN, compare=False, repr=False)
     span: Span = field(default=_NO_SPAN, compare=False, repr=False)
+    into: str | None = None  # `output x into "BASE" -> "DIR"`: a full model, x merged into the base model BASE
+    into_span: Span = field(default=_NO_SPAN, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,8 +210,9 @@ def format_statement(stmt: Statement) -> str:
             return f"param {name.id} = {format_expr(value)}"
         case Binding(name=name, value=value):
             return f"{name.id} = {format_expr(value)}"
-        case OutputStmt(value=value, path=path):
-            return f"output {format_expr(value)} -> {format_string(path)}"
+        case OutputStmt(value=value, path=path, into=into):
+            merged = f" into {format_string(into)}" if into is not None else ""
+            return f"output {format_expr(value)}{merged} -> {format_string(path)}"
         case HeadsStmt(policy="from", source=source):
             assert source is not None
             return f"heads from {source.id}"

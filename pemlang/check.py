@@ -16,9 +16,11 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from . import ast, hub
 from .adapters import EMBEDDING_LORA, Adapter, AdapterError, config_owner, read_adapter, task_of
+from .basefit import IntoChecks
 from .calls import CallChecks, _fmt
 from .checked import (
     MODES,
@@ -74,7 +76,7 @@ def _listing(keys: Iterable[str], limit: int = 3) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-class Checker(CallChecks):
+class Checker(CallChecks, IntoChecks):
     """Types statements one by one (a file, or REPL lines), collecting diagnostics."""
 
     def __init__(self, source: Source, *, mode: Mode = "paper", base_dir: Path | None = None,
@@ -112,6 +114,7 @@ class Checker(CallChecks):
         self._statements_seen = 0
         self._current_span = Span(0, 0)  # the output statement being checked
         self.hub_found: dict[str, hub.Resolved | hub.HubError] = {}  # hf:// ids resolved ahead (prefetch)
+        self.bases_read: dict[Path, Any] = {}  # `into` base models read, by resolved directory (basefit)
 
     # reporting
     def _error(self, code: str, message: str, span: Span | None, *, source: Source | None = None,
@@ -203,8 +206,8 @@ class Checker(CallChecks):
                 if self._declare(name, "binding"):
                     self.env[name.id] = Entry("binding", self.expr(value), name.span, source=self.source)
                     self.binding_text[name.id] = self.source.snippet(value.span)
-            case ast.OutputStmt(value=value, path=path, path_span=path_span):
-                self.add_output(value, path, path_span, stmt.span)
+            case ast.OutputStmt(value=value, path=path, path_span=path_span, into=into, into_span=into_span):
+                self.add_output(value, path, path_span, stmt.span, into=into, into_span=into_span)
             case ast.HeadsStmt():
                 self._heads(stmt)
             case ast.ExprStmt(value=value):
@@ -344,9 +347,11 @@ class Checker(CallChecks):
                 f"the working directory, where {written} exists: write {shorten(os.path.relpath(here, self.base_dir))}"]
 
     def add_output(self, expr: ast.Expr, written: str | None, path_span: Span, span: Span,
-                   path_source: Source | None = None) -> None:
+                   path_source: Source | None = None, *, into: str | None = None, into_span: Span | None = None,
+                   into_source: Source | None = None) -> None:
         """Declare an output: `expr` must be a module; its directory must not clobber anything.
-        `written` None declares an output evaluated to tensors only."""
+        `written` None declares an output evaluated to tensors only. `into` (a base model directory)
+        makes it a full model: the module merged into that base (SPEC §5.2)."""
         value = self.expr(expr)
         if isinstance(value, ScalarValue):
             self._error("E019", "an output must be a module, but this is a number", expr.span,
@@ -367,6 +372,12 @@ class Checker(CallChecks):
                             f"output core({snippet if len(snippet) <= 60 else '…'}) (adapters trained separately "
                             "do not share one: see `core` and `knots` in the README)"]))
             value = POISON
+        merged = None
+        if isinstance(value, ModuleValue) and into is not None:
+            merged = self._check_into(value, into, into_span or span, expr.span, into_source, path, path_span,
+                                      path_source)
+            if merged is None:
+                value = POISON
         if isinstance(value, ModuleValue):
             errors = len([d for d in self.diagnostics if d.is_error])
             self._check_heads(value, expr.span)
@@ -374,7 +385,8 @@ class Checker(CallChecks):
                 self._check_tasks(value, expr.span)
             output_name = expr.id if isinstance(expr, ast.Name) else None
             expression = self.binding_text.get(output_name or "", self.source.snippet(expr.span))
-            self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span, self.source))
+            self.outputs.append(CheckedOutput(output_name, expression, path, value, span, expr.span, self.source,
+                                              *(merged or (None, ()))))
 
     def _check_output_path(self, path: Path, path_span: Span, path_source: Source | None) -> None:
         def fail(message: str, *notes: str, hints: Iterable[str] = ()) -> None:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from . import ast
 from .adapters import Adapter
+from .basemodel import BaseModel, Change
 from .diagnostics import Diagnostic
 from .operators import OPERATORS
 from .source import Source, Span
@@ -222,6 +223,8 @@ class CheckedOutput:
     span: Span
     expr_span: Span | None = None
     source: Source | None = None  # where expr_span is (a config's output has its own), when not the program's
+    into: BaseModel | None = None  # `into "BASE"`: the base model the output is merged into (a full model)
+    changes: tuple[Change, ...] = ()  # with `into`: the base tensors the module changes
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,9 @@ CODES: dict[str, str] = {
     "E033": "tune: the study file belongs to another tuning, is not a study, was changed by hand, or was "
             "deleted or locked while the tuning ran",
     "E034": "an output's rank is above the limit given (--max-rank, max_rank in a config, the API's max_rank=)",
+    "E035": "the base model of `into` is missing, unreadable or damaged, or overlaps an input",
+    "E036": "the base model of `into` is quantized (or a tensor to change is not floating point)",
+    "E037": "a layer on a tensor the base model ties to another (lm_head and the embeddings)",
     "W001": "base model not recorded in an input",
     "W002": "paper mode over LoRA inputs whose A matrices differ",
     "W003": "unused input or binding",
@@ -70,6 +73,7 @@ CODES: dict[str, str] = {
     "W005": "output already exists (`run` will need --force)",
     "W006": "an input taken as trained on the base the program states",
     "W007": "svd(x, rank=R) with R above x's rank at every layer: nothing is dropped",
+    "W008": "the base model of `into` is not the one the inputs record (its layers match)",
 }
 
 

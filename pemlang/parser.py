@@ -185,8 +185,9 @@ class _Build(Transformer):
         return ast.Binding(self._name(children[0]), children[1], self._span(meta))
 
     def output_stmt(self, meta, children):  # type: ignore[no-untyped-def]
-        value, path = children
-        return ast.OutputStmt(value, _unquote(path), self._tok(path), self._span(meta))
+        value, *into, path = children
+        return ast.OutputStmt(value, _unquote(path), self._tok(path), self._span(meta),
+                              _unquote(into[0]) if into else None, self._tok(into[0]) if into else ast.Span(0, 0))
 
     def heads_stmt(self, meta, children):  # type: ignore[no-untyped-def]
         policy = str(children[0])
@@ -272,7 +273,7 @@ def _plausible(expected: set[str], before: str) -> set[str]:
     if code.count("(") <= code.count(")"):
         expected = expected - {"RPAR", "COMMA"}
     if not code.lstrip().startswith("output"):
-        expected = expected - {"__ANON_0"}
+        expected = expected - {"__ANON_0", "INTO"}
     if {"PLUS", "STAR"} <= expected:
         expected = expected - {"LPAR"}  # a call's '(' after a name: rarely what was meant
     return expected

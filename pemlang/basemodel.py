@@ -1,0 +1,354 @@
+"""Reading a base model directory for `output x into "BASE" -> "DIR"` (SPEC §5.2): config.json and
+the safetensors headers of its weight files, never a tensor. What the checker needs to decide
+whether a module fits the base (which tensor each adapted layer changes, of what shape), and what
+the merging writer needs to lay out every output shard before anything is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .adapters import AdapterError, TensorInfo, read_safetensors_header
+from .diagnostics import display_path
+from .types import FLOAT_DTYPES, BaseModelRef, Head, Ia3Layer, LoraLayer, ModuleType
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+CARD_NAME = "README.md"
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# Weight files of other formats that a merged model must not carry over unchanged (they would hold
+# the unmerged weights): never copied.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+# The tensors a base ties together when `tie_word_embeddings` is on: the output embedding is the
+# input embedding (transformers saves one of them). Changing one changes both.
+OUTPUT_EMBEDDINGS = ("lm_head", "cls.predictions.decoder", "embed_out", "lm_head.decoder")
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared", "tok_embeddings")
+
+
+class BaseModelError(Exception):
+    """A base model cannot be used: a diagnostic code, message, notes and hints."""
+
+    def __init__(self, code: str, message: str, notes: Iterable[str] = (), hints: Iterable[str] = ()):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.notes = tuple(notes)
+        self.hints = tuple(hints)
+
+
+@dataclass(frozen=True)
+class BaseFile:
+    """One weight file of the base: its header, where its data starts, its size."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    size: int
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A model directory: config.json, its safetensors weight files (one, or shards named by an
+    index), and every tensor's place."""
+
+    path: Path
+    written: str  # as the program wrote it
+    config: dict[str, Any]
+    files: tuple[BaseFile, ...]
+    index: str | None  # the index file's name, when the weights are sharded
+    where: dict[str, int] = field(repr=False)  # tensor name → index into `files`
+    identity: BaseModelRef = BaseModelRef(None)
+
+    @property
+    def nbytes(self) -> int:
+        """The size of every weight file together (what the merged model's weights take)."""
+        return sum(f.size for f in self.files)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the base ties its output embedding to its input embedding (transformers' default
+        when config.json does not say)."""
+        return self.config.get("tie_word_embeddings", True) is not False
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        index = self.where.get(name)
+        return None if index is None else self.files[index].tensors[name]
+
+    def other_files(self) -> list[Path]:
+        """The base's own files that the merged model carries unchanged (config, generation config,
+        tokenizer, the index…): regular files at the top level, neither weights nor its model card."""
+        weights = {f.path.name for f in self.files}
+        kept = []
+        for entry in sorted(self.path.iterdir()):
+            name = entry.name
+            if name.startswith(".") or name in weights or name == CARD_NAME or name.endswith(WEIGHT_SUFFIXES):
+                continue
+            if stat.S_ISREG(entry.stat().st_mode):
+                kept.append(entry)
+        return kept
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise BaseModelError("E035", f"cannot read the base model's {what}",
+                             notes=[f"{display_path(path)}: {exc.strerror}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise BaseModelError("E035", f"the base model's {what} is larger than {MAX_CONFIG_BYTES // 2**20} MiB",
+                             notes=[display_path(path)])
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BaseModelError("E035", f"the base model's {what} is not valid JSON",
+                             notes=[f"{display_path(path)}: {exc}"]) from None
+
+
+def _quantization(config: Mapping[str, Any]) -> str | None:
+    """The quantization method a config records (`bitsandbytes 4-bit`, `gptq`, `awq`…), if any."""
+    quant = config.get("quantization_config")
+    if quant is None:
+        return None
+    if isinstance(quant, dict):
+        method = str(quant.get("quant_method") or "unknown")
+        if quant.get("load_in_4bit"):
+            method += " 4-bit"
+        elif quant.get("load_in_8bit"):
+            method += " 8-bit"
+        return method
+    return "unknown"
+
+
+_HF_SNAPSHOT = re.compile(r"(?:^|/)models--[^/]+/snapshots/[0-9a-f]{40}$")
+
+
+def identity(path: Path, config: Mapping[str, Any], hub_id: str | None = None) -> BaseModelRef:
+    """Which model a base directory is, as far as it says (SPEC §5.1): a Hub id resolved here, a
+    snapshot of the Hugging Face cache (`org/name` at its commit), or the `_name_or_path` its
+    config.json records; not recorded otherwise (a plain local directory)."""
+    if hub_id is not None:
+        name, _, revision = hub_id.partition("@")
+        return BaseModelRef(name, revision or None)
+    text = str(path).replace("\\", "/")
+    if _HF_SNAPSHOT.search(text):
+        return BaseModelRef.from_config(text, None)
+    recorded = config.get("_name_or_path")
+    return BaseModelRef.from_config(recorded if isinstance(recorded, str) else None, None)
+
+
+def read_base(path: Path, written: str, *, hub_id: str | None = None) -> BaseModel:
+    """Read a base model directory's config and weight headers; BaseModelError when it cannot be
+    merged into (missing or damaged files, a quantized or pickled base)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise BaseModelError("E035", "base model directory not found",
+                             notes=[f"no such directory: {display_path(path)}"]) from None
+    if not stat.S_ISDIR(mode):
+        raise BaseModelError("E035", "the base model is not a directory", notes=[display_path(path)],
+                             hints=["a base model is a directory written by transformers' save_pretrained "
+                                    "(config.json and *.safetensors)"])
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise BaseModelError("E035", f"no {CONFIG_NAME} in the base model directory",
+                             notes=[f"looked for {display_path(config_path)}"],
+                             hints=["a base model is a directory written by transformers' save_pretrained"])
+    config = _read_json(config_path, CONFIG_NAME)
+    if not isinstance(config, dict):
+        raise BaseModelError("E035", f"the base model's {CONFIG_NAME} is not a JSON object",
+                             notes=[display_path(config_path)])
+    quantized = _quantization(config)
+    if quantized is not None:
+        raise BaseModelError("E036", f"the base model is quantized ({quantized}): pemlang merges into full-precision "
+                             "weights only", notes=[f"{display_path(config_path)} has a quantization_config"],
+                             hints=["merge into the unquantized base model, then quantize the merged model"])
+    index_path = path / INDEX_NAME
+    index_name: str | None = None
+    if index_path.is_file():
+        index = _read_json(index_path, INDEX_NAME)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise BaseModelError("E035", f"the base model's {INDEX_NAME} has no weight_map of tensor names to files",
+                                 notes=[display_path(index_path)])
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if "/" in name or "\\" in name or name in (".", ".."):
+                raise BaseModelError("E035", f"the base model's {INDEX_NAME} names a file outside the directory",
+                                     notes=[f"{display_path(index_path)}: {name!r}"])
+        index_name = INDEX_NAME
+    elif (path / SINGLE_NAME).is_file():
+        names, weight_map = [SINGLE_NAME], {}
+    else:
+        pickled = [n for n in PICKLE_NAMES if (path / n).is_file()]
+        if pickled:
+            raise BaseModelError("E023", f"the base model's weights are pickled ({pickled[0]}): pemlang merges into "
+                                 "safetensors weights only", notes=[display_path(path / pickled[0])],
+                                 hints=["convert the base once: AutoModel.from_pretrained(BASE)"
+                                        ".save_pretrained(NEW_DIR) writes safetensors"])
+        raise BaseModelError("E035", "the base model has no safetensors weights",
+                             notes=[f"{display_path(path)} has neither {SINGLE_NAME} nor {INDEX_NAME}"])
+    files: list[BaseFile] = []
+    where: dict[str, int] = {}
+    for name in names:
+        file_path = path / name
+        if not file_path.is_file():
+            raise BaseModelError("E035", f"the base model's weight file {name} is missing",
+                                 notes=[f"{INDEX_NAME} names it; no such file: {display_path(file_path)}"]
+                                 if index_name else [display_path(file_path)],
+                                 hints=["the download is incomplete: fetch the base model again"])
+        try:
+            tensors, metadata, data_start, size = read_safetensors_header(file_path)
+        except AdapterError as exc:
+            raise BaseModelError("E035", f"the base model's {exc.message}", notes=exc.notes,
+                                 hints=["the file is damaged (an interrupted download?): fetch the base model again"]
+                                 ) from None
+        expected = data_start + max((t.end for t in tensors.values()), default=0)
+        if expected > size:
+            raise BaseModelError("E035", f"the base model's weight file {name} is truncated",
+                                 notes=[f"{display_path(file_path)}: the header promises {expected} bytes, "
+                                        f"the file has {size}"],
+                                 hints=["the file was cut off (an interrupted copy or download?): fetch it again"])
+        number = len(files)
+        files.append(BaseFile(file_path, tensors, metadata, data_start, size))
+        for tensor in tensors:
+            if tensor in where:
+                raise BaseModelError("E035", f"tensor {tensor} is in two of the base model's weight files",
+                                     notes=[f"{files[where[tensor]].path.name} and {name}"])
+            where[tensor] = number
+    for tensor, name in weight_map.items():
+        if tensor not in where or files[where[tensor]].path.name != name:
+            raise BaseModelError("E035", f"the base model's {INDEX_NAME} places {tensor} in {name}, which does not hold it",
+                                 notes=[display_path(path / name)],
+                                 hints=["the index and the shards are from different downloads: fetch the base "
+                                        "model again"])
+    return BaseModel(path, written, config, tuple(files), index_name, where, identity(path, config, hub_id))
+
+
+# -- what a module changes in a base ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One base tensor that merging a layer or head changes."""
+
+    target: str  # the base tensor's name
+    layer: str  # the layer key (LoRA, (IA)3) or head key the change comes from
+    how: Literal["lora", "ia3", "ia3_bias", "head"]
+
+
+@dataclass(frozen=True)
+class Misfit:
+    """Why a layer or head does not fit the base."""
+
+    kind: Literal["missing", "shape", "tied", "dtype"]
+    layer: str
+    target: str
+    expected: tuple[int, ...] = ()
+    found: tuple[int, ...] = ()
+    dtype: str = ""
+
+
+def _target(base: BaseModel, key: str) -> str | None:
+    """The base tensor a module path's `.weight` is: its own name, or without the first component
+    (a base saved from the inner model: `h.0.attn.c_attn` for `transformer.h.0.attn.c_attn`)."""
+    for candidate in (key, key.split(".", 1)[1] if "." in key else None):
+        if candidate is not None and base.tensor(f"{candidate}.weight") is not None:
+            return candidate
+    return None
+
+
+def _tied_name(base: BaseModel, module: str) -> bool:
+    if not base.tied:
+        return False
+    names = OUTPUT_EMBEDDINGS + INPUT_EMBEDDINGS
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def _lora_shape(layer: LoraLayer) -> tuple[int, int]:
+    return (layer.in_features, layer.out_features) if layer.fan_in_fan_out else (layer.out_features, layer.in_features)
+
+
+def ia3_axis(layer: Ia3Layer, fan_in_fan_out: bool) -> int:
+    """The axis of the base weight that an (IA)3 vector scales, as PEFT merges it: the input axis
+    of a feed-forward layer, the output axis otherwise; a Conv1D weight (`fan_in_fan_out`) is
+    stored in×out, so the axes swap."""
+    axis = 1 if layer.feedforward else 0
+    return 1 - axis if fan_in_fan_out else axis
+
+
+def _ia3_expected(layer: Ia3Layer, shape: tuple[int, ...], fan_in_fan_out: bool) -> tuple[int, ...]:
+    """The weight shape the vector fits, with the other axis taken from the base (which it leaves free)."""
+    size = max(layer.shape)
+    axis = ia3_axis(layer, fan_in_fan_out)
+    other = shape[1 - axis] if len(shape) == 2 else 0
+    return (size, other) if axis == 0 else (other, size)
+
+
+def changes(base: BaseModel, module: ModuleType, *, fan_in_fan_out: bool = False) -> tuple[list[Change], list[Misfit]]:
+    """The base tensors that merging `module` changes, and the layers or heads that do not fit it:
+    missing from the base, of another shape, or on a tensor the base ties to another.
+    `fan_in_fan_out`: an (IA)3 module's (its config's), for the axis its vectors scale."""
+    found: list[Change] = []
+    misfits: list[Misfit] = []
+    for key, layer in sorted(module.layers.items()):
+        prefix = _target(base, key)
+        if _tied_name(base, key):
+            misfits.append(Misfit("tied", key, f"{prefix or key}.weight"))
+            continue
+        if prefix is None:
+            misfits.append(Misfit("missing", key, f"{key}.weight"))
+            continue
+        info = base.tensor(f"{prefix}.weight")
+        assert info is not None
+        if info.dtype not in FLOAT_DTYPES:
+            misfits.append(Misfit("dtype", key, info.key, dtype=info.dtype))
+            continue
+        if isinstance(layer, LoraLayer):
+            if info.shape != _lora_shape(layer):
+                misfits.append(Misfit("shape", key, info.key, _lora_shape(layer), info.shape))
+                continue
+            found.append(Change(info.key, key, "lora"))
+        else:
+            expected = _ia3_expected(layer, info.shape, fan_in_fan_out)
+            if info.shape != expected:
+                misfits.append(Misfit("shape", key, info.key, expected, info.shape))
+                continue
+            found.append(Change(info.key, key, "ia3"))
+            bias = base.tensor(f"{prefix}.bias")
+            if bias is not None and not layer.feedforward:  # PEFT scales the bias of a non-feed-forward layer too
+                found.append(Change(bias.key, key, "ia3_bias"))
+    for key, head in sorted(module.heads.items()):
+        found_head = _head_target(base, head)
+        if _tied_name(base, head.key.rsplit(".", 1)[0]):
+            misfits.append(Misfit("tied", key, found_head or head.key))
+            continue
+        info = base.tensor(found_head) if found_head else None
+        if info is None:
+            misfits.append(Misfit("missing", key, head.key))
+        elif info.shape != head.shape:
+            misfits.append(Misfit("shape", key, info.key, head.shape, info.shape))
+        elif info.dtype not in FLOAT_DTYPES:
+            misfits.append(Misfit("dtype", key, info.key, dtype=info.dtype))
+        else:
+            found.append(Change(info.key, key, "head"))
+    return found, misfits
+
+
+def _head_target(base: BaseModel, head: Head) -> str | None:
+    for candidate in (head.key, head.key.split(".", 1)[1] if "." in head.key else None):
+        if candidate is not None and base.tensor(candidate) is not None:
+            return candidate
+    return None
+
