@@ -568,7 +568,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     diagnostics += syntax
     if expr is not None:
         out_source = Source(args.out, "--out")
-        checker.add_output(expr, args.out, Span(0, len(args.out)), expr.span, path_source=out_source)
+        into_source = Source(args.into, "--into") if args.into is not None else None
+        checker.add_output(expr, args.out, Span(0, len(args.out)), expr.span, path_source=out_source,
+                           into=args.into, into_span=Span(0, len(args.into or "")), into_source=into_source)
     checker.finish(require_output=False)
     checked = _limit_ranks(checker.result(), args.max_rank)
     diagnostics = list(checked.diagnostics) + syntax
@@ -695,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="take input NAME as trained on this base model (when its config records another "
                                "name for it; a warning says so)")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="the output adapter directory")
+    evaluate.add_argument("--into", default=None, metavar="BASE",
+                          help="write a full model instead: the result merged into the base model directory BASE "
+                               "(config.json + safetensors weights), which is never written")
     evaluate.add_argument("--mode", choices=["paper", "exact"], default="paper",
                           help="paper (the default: the paper's operators on the parameters A and B) or exact "
                                "(on each layer's ΔW = B·A; svd, prune, dare and ties need it)")
@@ -776,7 +781,7 @@ def _command(argv: Sequence[str] | None) -> str:
     return f"`pemlang {known}` " if known else "command "
 
 
-PATH_OPTIONS = ("file", "adapter", "out", "history", "data", "study", "tokenizer", "save_best", "show", "base")
+PATH_OPTIONS = ("file", "adapter", "out", "history", "data", "study", "tokenizer", "save_best", "show", "base", "into")
 
 
 def _expand_home(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import ast
 from .adapters import config_owner
+from .basemodel import BaseModel, Change
 from .checked import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
 from .diagnostics import Diagnostic, error
 from .operators import OPERATORS, low_rank
@@ -156,6 +157,10 @@ class _Lowering:
         bytes_read = self._bytes_read(steps, heads)
         bytes_written = sum(self._step_bytes(step) for step in steps) + sum(
             _numel(h.shape) * DTYPE_BYTES[h.dtype] for h in heads)
+        if out.into is not None:
+            return merged_output(OutputPlan(out.name, out.expression, out.path, value.type.kind, terms, tuple(steps),
+                                            tuple(heads), heads_note, config, bytes_read, out.into.nbytes),
+                                 out.into, out.changes)
         return OutputPlan(out.name, out.expression, out.path, value.type.kind, terms, tuple(steps), tuple(heads),
                           heads_note, config, bytes_read, bytes_written)
 
@@ -268,6 +273,17 @@ def with_ranks(out: OutputPlan, ranks: Mapping[str, int]) -> OutputPlan:
     written = out.bytes_written - sum(_Lowering._step_bytes(s) for s in out.layers) + sum(
         _Lowering._step_bytes(s) for s in steps)
     return replace(out, layers=steps, config=config, bytes_written=written)
+
+
+def merged_output(out: OutputPlan, base: BaseModel, changes: Sequence[Change]) -> OutputPlan:
+    """An output merged into `base`: its layers and heads computed in fp32 (the factors the merge
+    adds are never rounded to an adapter's dtype) and visited in the order of the base's files, so
+    the base is read front to back."""
+    position = {change.layer: (base.where[change.target], base.files[base.where[change.target]]
+                               .tensors[change.target].begin) for change in changes if change.how != "ia3_bias"}
+    steps = sorted((replace(step, dtype="F32") for step in out.layers), key=lambda s: position.get(s.key, (0, 0)))
+    heads = sorted((replace(head, dtype="F32") for head in out.heads), key=lambda h: position.get(h.key, (0, 0)))
+    return replace(out, layers=tuple(steps), heads=tuple(heads), into=base, changes=tuple(changes))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .adapters import Adapter
+from .basemodel import BaseModel, Change
 from .formatting import compact_indices, human_bytes
 
 LayerOp = Literal["paper", "concat", "ia3"]
@@ -107,6 +108,10 @@ class OutputPlan:
     config: dict[str, Any]
     bytes_read: int
     bytes_written: int
+    # `into "BASE"`: the base model the module is merged into, and the base tensors that change;
+    # the layer steps then come in fp32 (ΔW is added in fp32, cast once to each tensor's dtype).
+    into: BaseModel | None = field(default=None, compare=False, repr=False)
+    changes: tuple[Change, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)

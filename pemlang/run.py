@@ -205,14 +205,21 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
     plan = plan or lower(program, dtype=dtype)
     torch_device, note = resolve_device(device)
     destinations = [(index, out) for index, out in enumerate(plan.outputs) if out.path is not None]
+    bases = {out.into.written: out.into.path for _, out in destinations if out.into is not None}
     guard([out.path for _, out in destinations if out.path is not None],
-          {name: item.path for name, item in plan.inputs.items()}, force=force)
+          {name: item.path for name, item in plan.inputs.items()}, force=force, bases=bases)
     placeholder = {name: "0" * 64 for name in plan.inputs}  # a sha256 is 64 hex digits: the header's length is fixed
     with staged([out.path for _, out in destinations if out.path is not None], force=force,
-                protect=[item.path for item in plan.inputs.values()]) as (stagings, writer):
-        files: dict[int, StagedAdapter] = {}
+                protect=[item.path for item in plan.inputs.values()] + list(bases.values())) as (stagings, writer):
+        files: dict[int, Any] = {}  # StagedAdapter, or MergedModel for an output merged into its base
         try:
             for (index, out), staging in zip(destinations, stagings, strict=True):
+                if out.into is not None:
+                    from .intobase import MergedModel, merge_metadata
+
+                    files[index] = MergedModel(staging, out, merge_metadata(metadata(plan, out, placeholder), out),
+                                               destination=out.path)
+                    continue
                 # An output whose ranks the data chooses (svd with energy=) is spilled, then laid out.
                 adapter = SpilledAdapter if any(step.adaptive for step in out.layers) else StagedAdapter
                 files[index] = adapter(staging, output_entries(out), metadata(plan, out, placeholder), writer,
@@ -235,7 +242,12 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
             report_dropped = [dropped(plan, out, report.svd_dropped) for out in plan.outputs]
             for index, _ in destinations:
                 final = plan.outputs[index]
-                files[index].finish(final.config, metadata(plan, final, report.sha256, report_dropped[index]))
+                meta = metadata(plan, final, report.sha256, report_dropped[index])
+                if final.into is not None:
+                    from .intobase import merge_metadata
+
+                    meta = merge_metadata(meta, final)
+                files[index].finish(final.config, meta)
         finally:
             for file in files.values():
                 file.close()
@@ -287,6 +299,12 @@ def summary_line(out: OutputPlan, lost: Sequence[Dropped] = ()) -> str:
     """`out/yelp_cls: LoRA r=8, 8 layers, 28.5 KiB F32` — one output, for the run summary; for an
     output made through svd, what each svd call dropped (`; svd(a, rank=4) dropped 12.3% of ‖ΔW‖²
     at most, 8.1% on average over 8 layers`)."""
+    if out.into is not None:
+        changed = len(out.changes)
+        return (f"{display_path(out.path) if out.path is not None else out.name or out.expression}: "
+                f"{'LoRA' if out.kind == 'lora' else '(IA)3'} merged into {out.into.written}, {changed} "
+                f"tensor{'s' if changed != 1 else ''} changed in {len(out.into.files)} weight "
+                f"file{'s' if len(out.into.files) != 1 else ''}, {human_bytes(out.into.nbytes)}")
     ranks = sorted({step.rank for step in out.layers})
     kind = ("LoRA r=" + ("/".join(map(str, ranks)) if len(ranks) <= 3 else f"{ranks[0]}…{ranks[-1]}")
             if out.kind == "lora" else "(IA)3")

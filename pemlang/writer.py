@@ -167,6 +167,54 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
+def merged_card(base: str | None, architectures: Sequence[str], meta: Mapping[str, str]) -> str:
+    """The model card of a model merged into its base (`output x into "BASE" -> "DIR"`): YAML front
+    matter (base_model, tags pemlang and merge), what was merged — the program, each input with its
+    sha256, the params — the base it went into, and how to load it with transformers."""
+    import yaml
+
+    def fenced(text: str) -> list[str]:
+        longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+        fence = "`" * max(3, longest + 1)
+        return [fence, _fenced_text(text), fence]
+
+    front: dict[str, Any] = {}
+    if base:
+        front["base_model"] = base
+    front["library_name"] = "transformers"
+    front["tags"] = ["pemlang", "merge"]
+    into = meta.get("pemlang.into", "")
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+             f"# {_heading(meta)}", "",
+             f"A model made by [pemlang](https://github.com/pemlang/pemlang) {meta.get('pemlang.version', '')}: "
+             f"the base model {_text(base or into)} with the adapter arithmetic below "
+             f"({meta.get('pemlang.mode', 'paper')} mode) merged into its weights:", "",
+             *fenced(meta.get("pemlang.expression", "")), ""]
+    params = provenance_field(meta, "pemlang.params", {})
+    if params:
+        lines += ["Params: " + ", ".join(f"`{k} = {v}`" for k, v in params.items()) + ".", ""]
+    lines += _dropped_lines(meta)
+    inputs = provenance_field(meta, "pemlang.inputs", [])
+    if inputs:
+        lines += ["| input | adapter | sha256 |", "|---|---|---|"]
+        lines += [f"| {_text(i.get('name'))} | {_text(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
+                  if isinstance(i, dict)]
+        lines += [""]
+    lines += [f"Merged into {_text(into)}" + (f" ({_text(base)})" if base and base != into else "") + ": W + ΔW for "
+              "each LoRA layer (ΔW in fp32, cast once to the weight's dtype), (IA)3 vectors multiplied in, heads "
+              "replaced; every other tensor and file is the base's, byte for byte.", ""]
+    program = meta.get("pemlang.program", "")
+    if program:
+        lines += ["The program:", "", *fenced(program.rstrip("\n")), ""]
+    loader = next((a for a in architectures if isinstance(a, str) and a.isidentifier()), None)
+    lines += ["Load it with transformers:", "", "```python",
+              f"from transformers import {loader or 'AutoModel'}", "",
+              f'model = {loader or "AutoModel"}.from_pretrained("path/to/this/directory")', "```", "",
+              "`pemlang inspect` on this directory shows the same provenance, which is also recorded in the "
+              "safetensors header of every weight file.", ""]
+    return "\n".join(lines)
+
+
 def dropped_field(report: Sequence[Dropped]) -> str:
     """`pemlang.svd_dropped`: per svd call of the output, the call, its layers and the largest and
     mean share of ‖ΔW‖² it dropped, as JSON whose numbers have a fixed width (`%.6e`): the header's
@@ -323,16 +371,18 @@ def file_clash(path: Path, inputs: Mapping[str, Path]) -> str | None:
     return None
 
 
-def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path], *, force: bool
-                         ) -> list[Diagnostic]:
+def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path], *, force: bool,
+                         bases: Mapping[str, Path] | None = None) -> list[Diagnostic]:
     """Why any of `destinations` cannot be written (empty when all can): the one guard in front of
     every write (CLI run, eval and sweep; the API's save, write and sweep; the REPL's :save).
 
     An input, or a directory containing or inside an input, is refused with or without `force`;
     so are two destinations that are one directory, a destination that is a file, a parent that is
     a file or not writable, and a name too long for the file system. An existing directory is
-    refused without `force`."""
+    refused without `force`. `bases` (as written → directory) are the base models outputs are merged
+    into: never written either."""
     problems: list[Diagnostic] = []
+    real_bases = _real_inputs(bases or {})
     existing: list[Path] = []
     seen: dict[Path, Path] = {}
     real_inputs = _real_inputs(inputs)
@@ -358,7 +408,14 @@ def destination_problems(destinations: Sequence[Path], inputs: Mapping[str, Path
                      "contains the input" if path.is_relative_to(real) else "is inside the input")
             problems.append(error("E018", f"output would overwrite input `{name}`", notes=[f"{shown} {where}"],
                                   hints=["inputs are never written: choose another output directory"]))
-        if clash:
+        clash_bases = list({name: path for name, path in real_bases if _overlaps(real, path)}.items())
+        for name, path in clash_bases:
+            where = ("is the base model's directory" if real == path else
+                     "contains the base model" if path.is_relative_to(real) else "is inside the base model")
+            problems.append(error("E018", "output would overwrite the base model", notes=[f"{shown} {where} {name}"],
+                                  hints=["the base is never written (not even with --force): choose another output "
+                                         "directory"]))
+        if clash or clash_bases:
             continue
         if os.path.lexists(destination):
             if not destination.is_dir():
@@ -400,9 +457,10 @@ def _name_max(directory: Path) -> int:
         return 255
 
 
-def guard(destinations: Sequence[Path], inputs: Mapping[str, Path], *, force: bool) -> None:
+def guard(destinations: Sequence[Path], inputs: Mapping[str, Path], *, force: bool,
+          bases: Mapping[str, Path] | None = None) -> None:
     """Raise WriteError (E018) unless every destination can be written (`destination_problems`)."""
-    problems = destination_problems(destinations, inputs, force=force)
+    problems = destination_problems(destinations, inputs, force=force, bases=bases)
     if problems:
         raise WriteError(problems)
 
@@ -824,8 +882,9 @@ def staged(destinations: Sequence[Path], *, force: bool = False, background: boo
                 umask = os.umask(0)
                 os.umask(umask)
                 for staging in stagings:
-                    for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
-                        os.chmod(staging / name, 0o666 & ~umask)
+                    for entry in os.scandir(staging):  # an adapter's three files, or a merged model's
+                        if entry.is_file(follow_symlinks=False):
+                            os.chmod(entry.path, 0o666 & ~umask)
                     os.chmod(staging, 0o777 & ~umask)
                 interrupts.raise_if_interrupted()  # a signal that some library swallowed still stops the write
                 for destination, staging in zip(destinations, stagings, strict=True):

@@ -1,0 +1,229 @@
+"""Writing a module merged into its base model (`output x into "BASE" -> "DIR"`, SPEC §5.2), streamed.
+
+Each of the base's weight files becomes a file of the same name in the staging directory, laid out
+before anything is computed: the same header (tensor names, dtypes, shapes, data offsets) with
+pemlang's provenance added to its metadata, so the base's index still holds. The tensors the module
+leaves alone are copied byte for byte first (copy_file_range: the kernel moves the bytes); then,
+as the backend hands over each output layer's factors (the sink of `TorchBackend.run`), the one
+base tensor it changes is read, W + ΔW computed in fp32 (ΔW = s·B·A, transposed for a Conv1D
+`fan_in_fan_out` layer as PEFT does), cast once to the tensor's dtype and written at its offset.
+(IA)3 vectors multiply the weight (and a non-feed-forward layer's bias) as PEFT's merge does; heads
+(`modules_to_save`) replace the base's tensors. Memory holds one base tensor and its layer's
+factors. Every base file is read once; the base is never opened for writing. The base's other
+files (config, generation config, tokenizer, index) are copied unchanged and a model card written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .basemodel import CARD_NAME, BaseFile, Change
+from .diagnostics import PemError, display_path, error
+from .plan import PEFT_PREFIX, OutputPlan
+from .types import TORCH_DTYPE_NAMES
+from .writer import merged_card
+
+HEADER_ROOM = 1024  # spaces reserved in each header: the final provenance (the inputs' hashes) goes in last
+COPY_CHUNK = 1 << 24  # bytes per copy_file_range call (and per read/write where the kernel cannot)
+TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPE_NAMES.items()}
+_LORA_A, _LORA_B, _IA3 = ".lora_A.weight", ".lora_B.weight", ".ia3_l"
+
+
+def shard_header(file: BaseFile, meta: Mapping[str, str], length: int | None = None) -> bytes:
+    """A base file's header with `meta` added to its metadata: the same tensors at the same data
+    offsets. Padded with spaces to `length` (an exact fit is required), or to a multiple of 8 with
+    HEADER_ROOM to spare."""
+    header: dict[str, Any] = {"__metadata__": {**file.metadata, **meta}}
+    for name, info in file.tensors.items():
+        header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if length is None:
+        length = len(text) + HEADER_ROOM
+        length += -(8 + length) % 8
+    if len(text) > length:
+        raise AssertionError("the final provenance does not fit the header's reserved room")
+    return struct.pack("<Q", length) + text + b" " * (length - len(text))
+
+
+def _copy_range(source: int, target: int, begin: int, end: int, shift: int) -> None:
+    """Bytes [begin, end) of `source` to `target` at begin + shift: in the kernel where it can."""
+    position = begin
+    while position < end:
+        count = min(COPY_CHUNK, end - position)
+        try:
+            done = os.copy_file_range(source, target, count, position, position + shift)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            done = 0
+        if done == 0:  # another file system, or none of the kernel's help: read and write
+            data = os.pread(source, count, position)
+            if not data:
+                raise OSError(errno.EIO, "the base model's file ended early")
+            view = memoryview(data)
+            offset = position + shift
+            while view:
+                written = os.pwrite(target, view, offset)
+                view, offset = view[written:], offset + written
+            done = len(data)
+        position += done
+
+
+class MergedModel:
+    """One output merged into its base, written into its staging directory (see the module's
+    docstring). `put` takes an output layer's tensors from the backend's sink (fp32, PEFT keys);
+    `finish` writes the final headers, the base's other files and the model card."""
+
+    def __init__(self, staging: Path, out: OutputPlan, meta: Mapping[str, str], destination: Path | None = None):
+        assert out.into is not None
+        self.base = out.into
+        self.staging = staging
+        self.out = out
+        self.destination = destination
+        self.fan_in_fan_out = bool(out.config.get("fan_in_fan_out"))
+        self.scalings = {step.key: step.scaling_out for step in out.layers}
+        self.by_layer: dict[str, list[Change]] = {}
+        for change in out.changes:
+            self.by_layer.setdefault(change.layer, []).append(change)
+        self.pending = {change.target for change in out.changes}
+        self.sources: list[int] = []
+        self.targets: list[int] = []
+        self.starts: list[int] = []  # where each written file's data begins
+        self.lengths: list[int] = []  # each written header's length (without its 8-byte prefix)
+        try:
+            for file in self.base.files:
+                self._lay_out(file, meta)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lay_out(self, file: BaseFile, meta: Mapping[str, str]) -> None:
+        """Open the base file, create its merged copy with the full header, and copy every tensor the
+        module leaves alone (the changed ones are written as their layers arrive)."""
+        self.sources.append(os.open(file.path, os.O_RDONLY))
+        target = os.open(self.staging / file.path.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.targets.append(target)
+        header = shard_header(file, meta)
+        self.lengths.append(len(header) - 8)
+        self.starts.append(len(header))
+        data_size = max((t.end for t in file.tensors.values()), default=0)
+        os.ftruncate(target, len(header) + data_size)
+        os.pwrite(target, header, 0)
+        shift = len(header) - file.data_start
+        position = 0
+        for info in sorted(file.tensors.values(), key=lambda t: t.begin):
+            if info.key in self.pending:
+                _copy_range(self.sources[-1], target, file.data_start + position, file.data_start + info.begin, shift)
+                position = info.end
+        _copy_range(self.sources[-1], target, file.data_start + position, file.data_start + data_size, shift)
+
+    # -- the sink's side ---------------------------------------------------------------------------
+
+    def put(self, tensors: Mapping[str, torch.Tensor], ready: Callable[[], None] | None = None) -> None:
+        """Merge one output layer (its lora_A/lora_B, its (IA)3 vector, or a head tensor) into the
+        base tensors it changes."""
+        if ready is not None:
+            ready()
+        for key, tensor in tensors.items():
+            name = key.removeprefix(PEFT_PREFIX)
+            if name.endswith(_LORA_A):
+                layer = name.removesuffix(_LORA_A)
+                b = tensors[f"{PEFT_PREFIX}{layer}{_LORA_B}"]
+                self._lora(layer, tensor, b)
+            elif name.endswith(_IA3):
+                self._ia3(name.removesuffix(_IA3), tensor)
+            elif not name.endswith(_LORA_B):
+                for change in self.by_layer.get(name, ()):
+                    self._write(change.target, lambda weight, head=tensor: head.to(torch.float32))
+
+    def _lora(self, layer: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        scaling = self.scalings[layer]
+        delta = b.to(torch.float32) @ a.to(torch.float32)  # PEFT's get_delta_weight: (B @ A) · s, in fp32
+        if scaling != 1.0:
+            delta = delta * scaling
+        if self.fan_in_fan_out:
+            delta = delta.T  # a Conv1D weight is stored in×out
+        for change in self.by_layer.get(layer, ()):
+            self._write(change.target, lambda weight: weight.add_(delta))
+
+    def _ia3(self, layer: str, vector: torch.Tensor) -> None:
+        scale = vector.to(torch.float32)
+        for change in self.by_layer.get(layer, ()):
+            if change.how == "ia3_bias":
+                self._write(change.target, lambda bias: bias.mul_(scale.reshape(bias.shape)))
+            else:  # PEFT's merge: W · transpose(l, fan_in_fan_out), broadcast along the axis l spans
+                self._write(change.target, lambda weight: weight.mul_(scale.T if self.fan_in_fan_out else scale))
+
+    def _write(self, target: str, merge: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Read the base tensor `target`, apply `merge` to it in fp32, cast once to its dtype and write it."""
+        number = self.base.where[target]
+        file = self.base.files[number]
+        info = file.tensors[target]
+        data = bytearray(info.nbytes)
+        view = memoryview(data)
+        position = 0
+        while position < len(data):
+            count = os.preadv(self.sources[number], [view[position:]], file.data_start + info.begin + position)
+            if count == 0:
+                raise OSError(errno.EIO, f"{file.path.name} ended early")
+            position += count
+        dtype = TORCH_DTYPES[info.dtype]
+        weight = torch.frombuffer(data, dtype=dtype).reshape(info.shape) if data else torch.empty(info.shape, dtype=dtype)
+        merged = merge(weight.to(torch.float32, copy=True)).to(dtype).contiguous()
+        if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(weight).all()):
+            raise PemError([error(
+                "E027", f"the merged {target} is not finite in {info.dtype}",
+                notes=[f"{display_path(self.base.path)}: W + ΔW exceeds the largest {info.dtype} number"],
+                hints=["use smaller coefficients, or merge into a base of a wider dtype; nothing was written"])])
+        out = memoryview(merged.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        offset = self.starts[number] + info.begin
+        while out:
+            count = os.pwrite(self.targets[number], out, offset)
+            out, offset = out[count:], offset + count
+        self.pending.discard(target)
+
+    # -- the end -----------------------------------------------------------------------------------
+
+    def finish(self, config: Mapping[str, Any], meta: Mapping[str, str]) -> None:
+        """The final headers (with the inputs' hashes), the base's other files, the model card; all
+        flushed to disk. `config` (the adapter's) is not written: a merged model has the base's."""
+        if self.pending:
+            raise AssertionError(f"{len(self.pending)} base tensors were never merged, e.g. {sorted(self.pending)[0]}")
+        for number, file in enumerate(self.base.files):
+            os.pwrite(self.targets[number], shard_header(file, meta, self.lengths[number]), 0)
+            os.fsync(self.targets[number])
+        self.close()
+        for source in self.base.other_files():
+            target = self.staging / source.name
+            shutil.copyfile(source, target)
+        architectures = self.base.config.get("architectures") or []
+        (self.staging / CARD_NAME).write_text(
+            merged_card(self.base.identity.name or config.get("base_model_name_or_path"),
+                        architectures if isinstance(architectures, list) else [], meta),
+            encoding="utf-8")
+        for entry in os.scandir(self.staging):
+            with open(entry.path, "rb") as f:
+                os.fsync(f.fileno())
+
+    def close(self) -> None:
+        for fd in self.sources + self.targets:
+            os.close(fd)
+        self.sources, self.targets = [], []
+
+
+def merge_metadata(meta: Mapping[str, str], out: OutputPlan) -> dict[str, str]:
+    """The provenance of a merged model's files: the adapter's (program, inputs, params) and the
+    base it was merged into, as written and as identified."""
+    assert out.into is not None
+    identity = out.into.identity
+    return {**meta, "pemlang.into": out.into.written,
+            "pemlang.base_model": (identity.name or "") + (f"@{identity.revision}" if identity.revision else "")}
