@@ -110,8 +110,8 @@ class IntoChecks:
                         + [f"{shown}/config.json: tie_word_embeddings is on: the input and output embeddings are "
                            "one tensor, and merging into one changes the other"],
                         hints=["pemlang does not untie them silently: merge into a base saved with "
-                               "tie_word_embeddings false (both tensors written), or leave the layer out of the "
-                               "output (`heads drop`, or an adapter without it)"])
+                               "tie_word_embeddings false (both tensors written), or merge an adapter without a "
+                               "layer on it"])
         missing = [m for m in misfits if m.kind == "missing"]
         if missing:
             self._error("E008", f"the base model lacks {len(missing)} tensor{'s' if len(missing) != 1 else ''} the "

@@ -154,7 +154,58 @@ def build_all(root: Path) -> Path:
     save(LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "llama_loha", 21)
     encoders(root)
     _corrupt_copies(root)
+    bases(root)
     return root
+
+
+def save_base(out: Path, arch: str = "llama", *, task: str = "lm", dtype: str | None = None,
+              max_shard_size: str | None = None, **config_changes) -> Path:  # type: ignore[no-untyped-def]
+    """A base model directory as transformers writes it (config.json, safetensors weights; sharded
+    with an index when `max_shard_size` is given), the same seeded weights the adapters were made on."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = base_model(arch, task=task, **({"hidden": config_changes.pop("hidden")} if "hidden" in config_changes
+                                                 else {}))
+        for key, value in config_changes.items():
+            setattr(model.config, key, value)
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype))
+        options = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(out, **options)
+    return out
+
+
+def bases(root: Path) -> None:
+    """Base model directories for `output x into "BASE" -> "DIR"`: the Llama the adapters were made on,
+    a wider one, one that ties lm_head to its embeddings (with an adapter on lm_head), one whose
+    config records another name, a quantized one (its config says so), a pickled one."""
+    save_base(root / "base_llama")
+    save_base(root / "base_llama_wide", hidden=48)
+    save_base(root / "base_llama_tied", tie_word_embeddings=True)
+    with warnings.catch_warnings():  # a LoRA on lm_head, saved without the base's lm_head weight
+        warnings.simplefilter("ignore")
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+        randomize(peft_model, 41)
+        peft_model.save_pretrained(root / "llama_lm_head", save_embedding_layers=False)
+    named = save_base(root / "base_llama_named")
+    config = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**config, "_name_or_path": "someone-else/llama-7b"}, indent=2))
+    quantized = save_base(root / "base_llama_4bit")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config, indent=2))
+    pickled = root / "base_llama_bin"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch
+
+        pickled.mkdir()
+        shutil.copy(root / "base_llama" / "config.json", pickled / "config.json")
+        torch.save(base_model().state_dict(), pickled / "pytorch_model.bin")
 
 
 def encoders(root: Path) -> None:

@@ -1,0 +1,326 @@
+"""`output EXPR into "BASE" -> "DIR"` (SPEC §5.2): a full model, the module merged into its base.
+
+The oracle is PEFT's own merge: `PeftModel.from_pretrained(base, adapter).merge_and_unload()` on the
+base loaded in fp32, then cast to the base's dtype, where the adapter is the input itself or the
+adapter pemlang writes for the same expression (`-> DIR` without `into`), so the merge is checked
+against PEFT whatever the arithmetic; one case also against the plain fp64 formula W + Σ β·s·B·A.
+The written directory is loaded by transformers and its logits compared with PeftModel's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft_factory import GPT2_BASE, ROBERTA_BASE, lora, save, save_base
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from pemlang.cli import main
+
+
+def pemlang(*args: str) -> int:
+    return main([*args])
+
+
+def run_program(tmp: Path, text: str, *extra: str) -> int:
+    program = tmp / "merge.pem"
+    program.write_text(text, encoding="utf-8")
+    return main(["run", str(program), "--device", "cpu", *extra])
+
+
+def state(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory's safetensors files."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def peft_merged(base_dir: Path, adapter: Path, *, arch: str = "llama", task: str = "lm") -> dict[str, torch.Tensor]:
+    """PEFT's merge_and_unload of `adapter` into the base loaded in fp32, cast back to the base's dtypes."""
+    from peft import PeftModel
+
+    model = _load(base_dir, arch, task, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    stored = state(base_dir)
+    return {k: v.to(stored[k].dtype) for k, v in merged.state_dict().items() if k in stored}
+
+
+def _load(directory: Path, arch: str, task: str, dtype=None):  # type: ignore[no-untyped-def]
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+    )
+
+    loader = {"lm": AutoModelForMaskedLM if arch in ("roberta", "bert") else AutoModelForCausalLM,
+              "cls": AutoModelForSequenceClassification}[task]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return loader.from_pretrained(str(directory), **({"dtype": dtype} if dtype is not None else {})).eval()
+
+
+def assert_matches(ours: dict[str, torch.Tensor], oracle: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                   *, ulps: int = 0) -> None:
+    """Same tensors; each equal to the oracle's within `ulps` units in the last place of its dtype
+    (fp32 rounding of two orders of the same sums), and untouched tensors byte for byte the base's."""
+    assert set(ours) == set(base)
+    changed = 0
+    for key, tensor in ours.items():
+        assert tensor.dtype == base[key].dtype and tensor.shape == base[key].shape, key
+        expected = oracle[key]
+        if ulps == 0:
+            assert torch.equal(tensor, expected), key
+        else:
+            spacing = torch.finfo(tensor.dtype).eps * expected.float().abs().clamp_min(1e-3)
+            assert bool(((tensor.float() - expected.float()).abs() <= ulps * spacing + 1e-7).all()), key
+        if torch.equal(tensor, base[key]):
+            continue
+        changed += 1
+    assert changed > 0
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Bases (fp32, bf16, sharded; GPT-2, RoBERTa) and adapters made on them by PEFT."""
+    from peft import IA3Config, LoraConfig
+
+    root = tmp_path_factory.mktemp("into")
+    save_base(root / "llama")
+    save_base(root / "llama_bf16", dtype="bfloat16")
+    save_base(root / "llama_sharded", max_shard_size="20KB")
+    save_base(root / "gpt2", "gpt2")
+    save_base(root / "roberta_cls", "roberta", task="cls")
+    lora(root / "a", 1)
+    lora(root / "b", 2, r=4, alpha=8, use_rslora=True)
+    lora(root / "mlp", 3, targets=("gate_proj", "down_proj"))
+    lora(root / "gpt2_a", 17, targets=("c_attn", "c_proj"), arch="gpt2", name=GPT2_BASE, fan_in_fan_out=True)
+    save(IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+         root / "ia3", 19)
+    save(LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"), root / "roberta_a",
+         31, arch="roberta", task="cls", name=ROBERTA_BASE)
+    return root
+
+
+def test_one_adapter_equals_peft_merge_and_unload(models: Path, tmp_path: Path) -> None:
+    """Paper mode, one input: exactly PEFT's merge (the same fp32 sums)."""
+    assert pemlang("eval", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"),
+                   "--into", str(models / "llama"), "--", "a") == 0
+    assert_matches(state(tmp_path / "m"), peft_merged(models / "llama", models / "a"), state(models / "llama"))
+
+
+@pytest.mark.parametrize("expression", ["0.5*a + 0.7*b - mlp", "svd(a + b, rank=4)", "core(ties(0.5*a, 0.5*b, density=0.3))"])
+def test_exact_mode_expressions_equal_peft_merging_pemlangs_adapter(models: Path, tmp_path: Path, expression: str) -> None:
+    """Any expression: the merged model equals PEFT merging the adapter pemlang writes for it."""
+    inputs = ["--input", f"a={models / 'a'}", "--input", f"b={models / 'b'}", "--input", f"mlp={models / 'mlp'}"]
+    assert pemlang("eval", "--mode", "exact", *inputs, "--out", str(tmp_path / "adapter"), "--", expression) == 0
+    assert pemlang("eval", "--mode", "exact", *inputs, "--out", str(tmp_path / "m"), "--into", str(models / "llama"),
+                   "--", expression) == 0
+    assert_matches(state(tmp_path / "m"), peft_merged(models / "llama", tmp_path / "adapter"), state(models / "llama"),
+                   ulps=4)
+
+
+def test_exact_sum_equals_the_fp64_formula(models: Path, tmp_path: Path) -> None:
+    """W + Σ β·s·B·A, written out in fp64 from the adapters' own files (rsLoRA: s = α/√r)."""
+    assert run_program(tmp_path, f'mode exact\ninput a = "{models / "a"}"\ninput b = "{models / "b"}"\n'
+                       f'output 0.5*a - 2*b into "{models / "llama"}" -> "{tmp_path / "m"}"\n') == 0
+    base = state(models / "llama")
+    ours = state(tmp_path / "m")
+    for key in base:
+        expected = base[key].double()
+        module = key.removesuffix(".weight")
+        for name, beta, scaling in (("a", 0.5, 16 / 8), ("b", -2.0, 8 / 4 ** 0.5)):
+            factors = load_file(models / name / "adapter_model.safetensors")
+            a_key = f"base_model.model.{module}.lora_A.weight"
+            if a_key in factors:
+                b_matrix = factors[a_key.replace("lora_A", "lora_B")].double()
+                expected = expected + beta * scaling * b_matrix @ factors[a_key].double()
+        assert torch.allclose(ours[key].double(), expected, rtol=1e-6, atol=1e-7), key
+
+
+def test_bf16_base_is_merged_in_fp32_and_cast_once(models: Path, tmp_path: Path) -> None:
+    assert pemlang("eval", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"),
+                   "--into", str(models / "llama_bf16"), "--", "a") == 0
+    ours = state(tmp_path / "m")
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    assert_matches(ours, peft_merged(models / "llama_bf16", models / "a"), state(models / "llama_bf16"))
+
+
+def test_sharded_base_keeps_its_shards_and_index(models: Path, tmp_path: Path) -> None:
+    base = models / "llama_sharded"
+    assert (base / "model.safetensors.index.json").exists()
+    assert pemlang("eval", "--input", f"a={models / 'mlp'}", "--out", str(tmp_path / "m"), "--into", str(base),
+                   "--", "a") == 0
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(p.name for p in (tmp_path / "m").glob("*.safetensors")) == shards
+    assert (tmp_path / "m" / "model.safetensors.index.json").read_bytes() == (base / "model.safetensors.index.json").read_bytes()
+    for name in shards:  # each shard holds the same tensors it held in the base
+        with safe_open(str(base / name), "pt") as before, safe_open(str(tmp_path / "m" / name), "pt") as after:
+            assert sorted(before.keys()) == sorted(after.keys())
+            assert json.loads(after.metadata()["pemlang.inputs"])[0]["name"] == "a"
+    assert_matches(state(tmp_path / "m"), peft_merged(base, models / "mlp"), state(base))
+
+
+def test_untouched_tensors_and_files_are_the_bases_bytes(models: Path, tmp_path: Path) -> None:
+    base = models / "llama"
+    assert pemlang("eval", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"), "--into", str(base),
+                   "--", "a") == 0
+    for name in ("config.json", "generation_config.json"):
+        assert (tmp_path / "m" / name).read_bytes() == (base / name).read_bytes()
+
+    def raw(path: Path) -> tuple[dict, bytes]:
+        data = path.read_bytes()
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + length])
+        return header, data[8 + length:]
+
+    before, before_data = raw(base / "model.safetensors")
+    after, after_data = raw(tmp_path / "m" / "model.safetensors")
+    assert {k: v for k, v in after.items() if k != "__metadata__"} == {k: v for k, v in before.items() if k != "__metadata__"}
+    changed = [k for k, v in before.items() if k != "__metadata__"
+               and before_data[slice(*v["data_offsets"])] != after_data[slice(*after[k]["data_offsets"])]]
+    assert sorted(changed) == sorted(f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qkvo")
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "base_model: tiny-org/tiny-llama" in card and "- merge" in card and "- pemlang" in card
+    sha = json.loads(after["__metadata__"]["pemlang.inputs"])[0]["sha256"]
+    import hashlib
+
+    assert sha == hashlib.sha256((models / "a" / "adapter_model.safetensors").read_bytes()).hexdigest() and sha in card
+
+
+def test_gpt2_conv1d_is_transposed_as_peft_does(models: Path, tmp_path: Path) -> None:
+    assert pemlang("eval", "--input", f"g={models / 'gpt2_a'}", "--out", str(tmp_path / "m"),
+                   "--into", str(models / "gpt2"), "--", "g") == 0
+    assert_matches(state(tmp_path / "m"), peft_merged(models / "gpt2", models / "gpt2_a", arch="gpt2"),
+                   state(models / "gpt2"))
+
+
+def test_ia3_multiplies_along_peft_axis(models: Path, tmp_path: Path) -> None:
+    assert pemlang("eval", "--input", f"v={models / 'ia3'}", "--out", str(tmp_path / "m"),
+                   "--into", str(models / "llama"), "--", "v") == 0
+    assert_matches(state(tmp_path / "m"), peft_merged(models / "llama", models / "ia3"), state(models / "llama"))
+
+
+def test_roberta_classifier_heads_replace_the_bases(models: Path, tmp_path: Path) -> None:
+    assert pemlang("eval", "--input", f"r={models / 'roberta_a'}", "--out", str(tmp_path / "m"),
+                   "--into", str(models / "roberta_cls"), "--", "r") == 0
+    ours = state(tmp_path / "m")
+    heads = load_file(models / "roberta_a" / "adapter_model.safetensors")
+    head_key = next(k for k in heads if "classifier" in k and k.endswith("out_proj.weight"))
+    assert torch.equal(ours["classifier.out_proj.weight"], heads[head_key])
+    assert_matches(ours, peft_merged(models / "roberta_cls", models / "roberta_a", arch="roberta", task="cls"),
+                   state(models / "roberta_cls"))
+
+
+@pytest.mark.parametrize(("base", "adapter", "arch", "task"), [
+    ("llama", "a", "llama", "lm"), ("gpt2", "gpt2_a", "gpt2", "lm"), ("roberta_cls", "roberta_a", "roberta", "cls"),
+    ("llama_bf16", "a", "llama", "lm")])
+def test_transformers_loads_it_and_its_logits_equal_peftmodels(models: Path, tmp_path: Path, base: str,
+                                                                 adapter: str, arch: str, task: str) -> None:
+    from peft import PeftModel
+
+    assert pemlang("eval", "--input", f"x={models / adapter}", "--out", str(tmp_path / "m"),
+                   "--into", str(models / base), "--", "x") == 0
+    merged = _load(tmp_path / "m", arch, task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = PeftModel.from_pretrained(_load(models / base, arch, task), str(models / adapter)).eval()
+    tokens = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        ours, theirs = merged(tokens).logits.float(), reference(tokens).logits.float()
+    tolerance = 5e-2 if base.endswith("bf16") else 1e-5  # bf16: the merged weights are rounded once, PEFT's never
+    assert torch.allclose(ours, theirs, atol=tolerance, rtol=tolerance)
+
+
+# -- refusals and hostile bases ----------------------------------------------------------------------
+
+
+def _check(tmp: Path, text: str, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
+    program = tmp / "merge.pem"
+    program.write_text(text, encoding="utf-8")
+    status = main(["run", str(program), "--device", "cpu", *extra])
+    return status, capsys.readouterr().err
+
+
+def test_missing_shard_named_in_the_index(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(models / "llama_sharded", base)
+    shard = sorted(base.glob("*.safetensors"))[1]
+    shard.unlink()
+    status, err = _check(tmp_path, f'input a = "{models / "a"}"\noutput a into "base" -> "m"\n', capsys)
+    assert status == 1 and "E035" in err and f"weight file {shard.name} is missing" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_corrupt_shard_header(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(models / "llama", base)
+    data = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
+    status, err = _check(tmp_path, f'input a = "{models / "a"}"\noutput a into "base" -> "m"\n', capsys)
+    assert status == 1 and "E035" in err and "malformed safetensors header" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_base_equal_to_dir_is_refused_even_with_force(models: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(models / "llama", base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    status, err = _check(tmp_path, f'input a = "{models / "a"}"\noutput a into "base" -> "base"\n', capsys, "--force")
+    assert status == 1 and "E018" in err and "overwrite the base model" in err
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_extra_tensors_in_the_base_are_copied(models: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(models / "llama", base)
+    tensors = load_file(base / "model.safetensors")
+    tensors["extra.buffer"] = torch.arange(5, dtype=torch.int64)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    assert pemlang("eval", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"), "--into", str(base),
+                   "--", "a") == 0
+    assert torch.equal(state(tmp_path / "m")["extra.buffer"], torch.arange(5))
+
+
+def test_overflow_in_the_base_dtype_writes_nothing(models: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """fp16 overflows where fp32 does not: E027, and no output."""
+    save_base(tmp_path / "base16", dtype="float16")
+    status, err = _check(tmp_path, f'input a = "{models / "a"}"\noutput 1e30*a into "base16" -> "m"\n', capsys)
+    assert status == 1 and "E027" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_base_model_is_unchanged(models: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(models / "llama_sharded", base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    assert pemlang("eval", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"), "--into", str(base),
+                   "--", "a") == 0
+    assert pemlang("eval", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"), "--into", str(base),
+                   "--force", "--", "2*a") == 0
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if "pemlang-" in p.name]  # no staging left behind
+
+
+def test_base_model_reads_headers_only_for_check(models: Path, tmp_path: Path) -> None:
+    """`check` reads the base's headers: a base whose data section is garbage still checks."""
+    base = tmp_path / "base"
+    shutil.copytree(models / "llama", base)
+    data = (base / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    (base / "model.safetensors").write_bytes(data[:8 + length] + b"\xff" * (len(data) - 8 - length))
+    program = tmp_path / "m.pem"
+    program.write_text(f'input a = "{models / "a"}"\noutput a into "base" -> "m"\n', encoding="utf-8")
+    assert main(["check", str(program)]) == 0
+    assert not (tmp_path / "m").exists()
