@@ -18,9 +18,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from .basemodel import CARD_NAME, BaseFile, Change
 from .diagnostics import PemError, display_path, error
 from .plan import PEFT_PREFIX, OutputPlan
 from .types import TORCH_DTYPE_NAMES
-from .writer import merged_card
+from .writer import _digest, _dropped_lines, _fenced_text, _heading, _text, provenance_field
 
 HEADER_ROOM = 1024  # spaces reserved in each header: the final provenance (the inputs' hashes) goes in last
 COPY_CHUNK = 1 << 24  # bytes per copy_file_range call (and per read/write where the kernel cannot)
@@ -227,3 +228,51 @@ def merge_metadata(meta: Mapping[str, str], out: OutputPlan) -> dict[str, str]:
     identity = out.into.identity
     return {**meta, "pemlang.into": out.into.written,
             "pemlang.base_model": (identity.name or "") + (f"@{identity.revision}" if identity.revision else "")}
+
+
+def merged_card(base: str | None, architectures: Sequence[str], meta: Mapping[str, str]) -> str:
+    """The model card of a model merged into its base (`output x into "BASE" -> "DIR"`): YAML front
+    matter (base_model, tags pemlang and merge), what was merged — the program, each input with its
+    sha256, the params — the base it went into, and how to load it with transformers."""
+    import yaml
+
+    def fenced(text: str) -> list[str]:
+        longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+        fence = "`" * max(3, longest + 1)
+        return [fence, _fenced_text(text), fence]
+
+    front: dict[str, Any] = {}
+    if base:
+        front["base_model"] = base
+    front["library_name"] = "transformers"
+    front["tags"] = ["pemlang", "merge"]
+    into = meta.get("pemlang.into", "")
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+             f"# {_heading(meta)}", "",
+             f"A model made by [pemlang](https://github.com/pemlang/pemlang) {meta.get('pemlang.version', '')}: "
+             f"the base model {_text(base or into)} with the adapter arithmetic below "
+             f"({meta.get('pemlang.mode', 'paper')} mode) merged into its weights:", "",
+             *fenced(meta.get("pemlang.expression", "")), ""]
+    params = provenance_field(meta, "pemlang.params", {})
+    if params:
+        lines += ["Params: " + ", ".join(f"`{k} = {v}`" for k, v in params.items()) + ".", ""]
+    lines += _dropped_lines(meta)
+    inputs = provenance_field(meta, "pemlang.inputs", [])
+    if inputs:
+        lines += ["| input | adapter | sha256 |", "|---|---|---|"]
+        lines += [f"| {_text(i.get('name'))} | {_text(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
+                  if isinstance(i, dict)]
+        lines += [""]
+    lines += [f"Merged into {_text(into)}" + (f" ({_text(base)})" if base and base != into else "") + ": W + ΔW for "
+              "each LoRA layer (ΔW in fp32, cast once to the weight's dtype), (IA)3 vectors multiplied in, heads "
+              "replaced; every other tensor and file is the base's, byte for byte.", ""]
+    program = meta.get("pemlang.program", "")
+    if program:
+        lines += ["The program:", "", *fenced(program.rstrip("\n")), ""]
+    loader = next((a for a in architectures if isinstance(a, str) and a.isidentifier()), None)
+    lines += ["Load it with transformers:", "", "```python",
+              f"from transformers import {loader or 'AutoModel'}", "",
+              f'model = {loader or "AutoModel"}.from_pretrained("path/to/this/directory")', "```", "",
+              "`pemlang inspect` on this directory shows the same provenance, which is also recorded in the "
+              "safetensors header of every weight file.", ""]
+    return "\n".join(lines)

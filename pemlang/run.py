@@ -280,6 +280,12 @@ def write_outputs(result: RunResult, *, force: bool = False, protect: Mapping[st
     names more files (the REPL's history) that no output may replace or contain."""
     from .writer import guard, metadata, write_adapter
 
+    merged = [out for out in result.plan.outputs if out.into is not None]
+    if merged:  # written only by `stream`: never as an adapter in its place
+        raise PemError([error("E024", f"`into` ({merged[0].into.written}) is written by `pemlang run` and "  # type: ignore[union-attr]
+                              "`pemlang eval` only, not yet by a sweep, the REPL or the API",
+                              notes=[f"output {merged[0].name or merged[0].expression}"],
+                              hints=["write it with `pemlang run FILE.pem` (or `pemlang eval ... --into BASE`)"])])
     outputs = [(index, out, tensors) for index, (out, tensors) in
                enumerate(zip(result.plan.outputs, result.tensors, strict=True)) if out.path is not None]
     guard([out.path for _, out, _ in outputs if out.path is not None],

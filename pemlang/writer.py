@@ -167,54 +167,6 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def merged_card(base: str | None, architectures: Sequence[str], meta: Mapping[str, str]) -> str:
-    """The model card of a model merged into its base (`output x into "BASE" -> "DIR"`): YAML front
-    matter (base_model, tags pemlang and merge), what was merged — the program, each input with its
-    sha256, the params — the base it went into, and how to load it with transformers."""
-    import yaml
-
-    def fenced(text: str) -> list[str]:
-        longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-        fence = "`" * max(3, longest + 1)
-        return [fence, _fenced_text(text), fence]
-
-    front: dict[str, Any] = {}
-    if base:
-        front["base_model"] = base
-    front["library_name"] = "transformers"
-    front["tags"] = ["pemlang", "merge"]
-    into = meta.get("pemlang.into", "")
-    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-             f"# {_heading(meta)}", "",
-             f"A model made by [pemlang](https://github.com/pemlang/pemlang) {meta.get('pemlang.version', '')}: "
-             f"the base model {_text(base or into)} with the adapter arithmetic below "
-             f"({meta.get('pemlang.mode', 'paper')} mode) merged into its weights:", "",
-             *fenced(meta.get("pemlang.expression", "")), ""]
-    params = provenance_field(meta, "pemlang.params", {})
-    if params:
-        lines += ["Params: " + ", ".join(f"`{k} = {v}`" for k, v in params.items()) + ".", ""]
-    lines += _dropped_lines(meta)
-    inputs = provenance_field(meta, "pemlang.inputs", [])
-    if inputs:
-        lines += ["| input | adapter | sha256 |", "|---|---|---|"]
-        lines += [f"| {_text(i.get('name'))} | {_text(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
-                  if isinstance(i, dict)]
-        lines += [""]
-    lines += [f"Merged into {_text(into)}" + (f" ({_text(base)})" if base and base != into else "") + ": W + ΔW for "
-              "each LoRA layer (ΔW in fp32, cast once to the weight's dtype), (IA)3 vectors multiplied in, heads "
-              "replaced; every other tensor and file is the base's, byte for byte.", ""]
-    program = meta.get("pemlang.program", "")
-    if program:
-        lines += ["The program:", "", *fenced(program.rstrip("\n")), ""]
-    loader = next((a for a in architectures if isinstance(a, str) and a.isidentifier()), None)
-    lines += ["Load it with transformers:", "", "```python",
-              f"from transformers import {loader or 'AutoModel'}", "",
-              f'model = {loader or "AutoModel"}.from_pretrained("path/to/this/directory")', "```", "",
-              "`pemlang inspect` on this directory shows the same provenance, which is also recorded in the "
-              "safetensors header of every weight file.", ""]
-    return "\n".join(lines)
-
-
 def dropped_field(report: Sequence[Dropped]) -> str:
     """`pemlang.svd_dropped`: per svd call of the output, the call, its layers and the largest and
     mean share of ‖ΔW‖² it dropped, as JSON whose numbers have a fixed width (`%.6e`): the header's

@@ -324,3 +324,12 @@ def test_base_model_reads_headers_only_for_check(models: Path, tmp_path: Path) -
     program.write_text(f'input a = "{models / "a"}"\noutput a into "base" -> "m"\n', encoding="utf-8")
     assert main(["check", str(program)]) == 0
     assert not (tmp_path / "m").exists()
+
+
+def test_a_sweep_refuses_into_rather_than_writing_an_adapter(models: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Only `run` and `eval` merge into a base so far: a sweep says so and writes nothing."""
+    status, err = _check(tmp_path, f'param lam = 1\ninput a = "{models / "a"}"\n'
+                         f'output lam*a into "{models / "llama"}" -> "m"\n', capsys, "--sweep", "lam=0.5,1")
+    assert status == 1 and "E024" in err and "`into`" in err
+    assert not list(tmp_path.glob("m.*")) and not (tmp_path / "m").exists()
