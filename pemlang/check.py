@@ -822,8 +822,9 @@ class Checker:
                 value = evaluated.value if isinstance(evaluated, ScalarValue) else None
             if value is None or not option.accepts(value):
                 shown = self.source.snippet(raw.span)
-                if not isinstance(value, str) and value is not None and shown != _fmt(value):
-                    shown += f" = {_fmt(value)}"  # a param, perhaps set by --set or a sweep
+                # the value as it is, not rounded: keep=1.0000000000000002 is refused, and "= 1" would not say why
+                if not isinstance(value, str) and value is not None and shown != ast.format_number(value):
+                    shown += f" = {ast.format_number(value)}"  # a param, perhaps set by --set or a sweep
                 hints = usage
                 if option.kind == "choice" and not isinstance(raw, ast.Text) and shown in option.choices:
                     hints = [f'a word is written in quotes: {option.name}="{shown}"', *usage]

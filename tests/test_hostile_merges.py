@@ -160,3 +160,29 @@ def test_a_non_finite_input_that_dare_would_drop_is_still_reported(adapters: Pat
     status, _, err = cli("run", str(path), "--device", "cpu")
     assert status == 1 and "error[E014]" in err and "v_proj" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_overflow_inside_a_space_is_e027_and_its_hint_asks_for_no_dtype_already_in_use(
+        adapters: Path, tmp_path: Path) -> None:
+    """core(3e38*a + 3e38*b): the aligned coordinates overflow float32. E027, the previous output
+    left as it was, and no "write a wider dtype (--dtype float32)" when the output is float32."""
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\ninput b = "{adapters}/llama_r8_b"\n'
+                                       'param k = 1\noutput core(k*a + k*b) -> "o"\n')
+    status, _, err = cli("run", str(path), "--device", "cpu")
+    assert status == 0, err
+    before = (tmp_path / "o" / "adapter_model.safetensors").read_bytes()
+    status, _, err = cli("run", str(path), "--device", "cpu", "--force", "--set", "k=3e38")
+    assert status == 1 and "error[E027]" in err and "core(k*a + k*b)" in err, err
+    assert "hint: use smaller coefficients; nothing was written" in err and "--dtype" not in err, err
+    assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == before
+    status, _, err = cli("run", str(path), "--device", "cpu", "--force", "--set", "k=1e12", "--dtype", "float16")
+    assert status == 1 and "error[E027]" in err and "write a wider dtype (--dtype float32" in err, err
+
+
+def test_an_option_out_of_its_range_is_shown_unrounded(adapters: Path, tmp_path: Path) -> None:
+    """keep=1.0000000000000002 is above 1: the note says so, not "= 1" (a value the rule accepts)."""
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\nparam k = 1\n'
+                                       'output tsv(a, keep=k) -> "o"\n')
+    status, _, err = cli("check", str(path), "--set", "k=1.0000000000000002")
+    assert status == 1 and "`keep` must be a number in (0, 1]" in err, err
+    assert "note: it is k = 1.0000000000000002" in err, err
