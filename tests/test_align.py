@@ -363,6 +363,23 @@ def test_tsv_of_more_components_than_a_layer_has_is_written_at_the_layers_rank(l
         assert relative(value, spec_tsv(fs)) < 2e-6, layer
 
 
+def test_the_plan_says_a_merge_inside_a_space_acts_on_its_coordinates(llama: dict[str, Path], tmp_path: Path) -> None:
+    """ties inside core acts on R×R coordinates: the plan once called it a dense ΔW per layer with
+    the memory of one, which is what core avoids. Shared with an svd outside, it is both."""
+    path = tmp_path / "p.pem"
+    path.write_text(f'mode exact\ninput a = "{llama["a"]}"\ninput b = "{llama["b"]}"\nt = ties(a, b, density=0.2)\n'
+                    'output core(prune(t, density=0.5)) -> "o1"\noutput knots(dare(b, p=0.3)) -> "o2"\n'
+                    'output svd(t, rank=2) -> "o3"\n', encoding="utf-8")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["plan", str(path)]) == 0
+    text = " ".join(out.getvalue().split())
+    assert "prune#2 = prune(t, density=0.5): per layer on the aligned coordinates of core#3 (density=0.5), " \
+           "not on a dense ΔW" in text, text
+    assert "dare#4 = dare(b, p=0.3): per layer on the aligned coordinates of knots#5" in text, text
+    assert "ties#1 = ties(a, b, density=0.2): dense ΔW per layer" in text, text
+
+
 def test_non_finite_factors_are_e014(adapters: Path, llama: dict[str, Path]) -> None:
     for expression in ("core(a + n)", "knots(ties(a, n, density=0.5))", "tsv(a, n)", "iso(n)"):
         with pytest.raises(pemlang.CompileError) as caught:
