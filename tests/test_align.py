@@ -380,6 +380,27 @@ def test_the_plan_says_a_merge_inside_a_space_acts_on_its_coordinates(llama: dic
     assert "ties#1 = ties(a, b, density=0.2): dense ΔW per layer" in text, text
 
 
+@pytest.mark.parametrize("pair", [("llama_cls", "llama_cls_b"), ("roberta_cls", "roberta_cls_b")])
+def test_heads_follow_the_coefficients_inside_a_space(pair: tuple[str, str], adapters: Path) -> None:
+    """Heads (modules_to_save: full tensors no function acts on) mix as E's coefficients say: a convex
+    mix as written, ties as the mean of its arguments; their LoRA layers are still the formula."""
+    inputs = {"x": adapters / pair[0], "y": adapters / pair[1]}
+    stored = {n: load_file(str(p / "adapter_model.safetensors")) for n, p in inputs.items()}
+    heads = [k for k in stored["x"] if "lora_" not in k]
+    assert heads
+    for expression, wx, wy in (("core(0.3*x + 0.7*y)", 0.3, 0.7), ("knots(0.3*x + 0.7*y)", 0.3, 0.7),
+                               ("core(ties(x, y, density=0.3))", 0.5, 0.5), ("iso(0.25*x + 0.75*y)", 0.25, 0.75)):
+        tensors = evaluate(expression, inputs)
+        assert sorted(k for k in tensors if "lora_" not in k) == sorted(heads), expression
+        for key in heads:
+            want = wx * stored["x"][key].double() + wy * stored["y"][key].double()
+            assert relative(tensors[key].double(), want) < 1e-6, (expression, key)
+    check("core(ties(x, y, density=0.3))", inputs, lambda fs, layer: spec_core(fs, lambda ms: ties(ms, 0.3)))
+    with pytest.raises(pemlang.CompileError) as caught:
+        evaluate("tsv(x, y)", inputs)  # a sum: coefficients 1 and 1 are no convex mix
+    assert "E022" in str(caught.value)
+
+
 def test_non_finite_factors_are_e014(adapters: Path, llama: dict[str, Path]) -> None:
     for expression in ("core(a + n)", "knots(ties(a, n, density=0.5))", "tsv(a, n)", "iso(n)"):
         with pytest.raises(pemlang.CompileError) as caught:
