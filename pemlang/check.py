@@ -787,13 +787,15 @@ class Checker:
                 hints=[f"apply {inner.op}() to the aligned result instead, e.g. `svd({op.name}(…), rank=R)`"])
         for module, expr in zip(modules, call.args, strict=True):
             if not op.takes_dense and module.dense:
-                dense = module.first_call(lambda ref: ref.dense)
+                # the dense term itself: a ties(…) inside a core(…) of this argument is low-rank here
+                dense = next((t.source for t in module.terms if isinstance(t.source, CallRef) and t.source.dense), None)
                 shown = dense.text if dense is not None else self.source.snippet(expr.span)
+                alignable = dense is not None and all(a.first_call(lambda ref: not ref.dense) is None for a in dense.args)
                 return self._error(
                     "E020", f"{op.name}() needs a low-rank argument, but this holds a dense ΔW per layer",
                     expr.span, notes=[f"`{shown}` gives every layer a dense weight update"],
-                    hints=[f"give it as `core({shown})` (merged in the inputs' shared basis: low-rank) or as "
-                           f"`svd({shown}, rank=R)`"])
+                    hints=[(f"give it as `core({shown})` (merged in the inputs' shared basis: low-rank) or as "
+                            if alignable else "give it as ") + f"`svd({shown}, rank=R)`"])
         return None
 
     def _options(self, op: Operator, call: ast.Call, usage: list[str]) -> dict[str, float | str] | None:

@@ -186,3 +186,21 @@ def test_an_option_out_of_its_range_is_shown_unrounded(adapters: Path, tmp_path:
     status, _, err = cli("check", str(path), "--set", "k=1.0000000000000002")
     assert status == 1 and "`keep` must be a number in (0, 1]" in err, err
     assert "note: it is k = 1.0000000000000002" in err, err
+
+
+@pytest.mark.parametrize(("expression", "blamed", "hint"), [
+    # the dense term is the prune; the ties inside core(…) is low-rank from here
+    ("tsv(core(ties(a, b, density=0.2)) + prune(a, density=0.1))", "prune(a, density=0.1)",
+     "give it as `core(prune(a, density=0.1))` (merged in the inputs' shared basis: low-rank) or as "
+     "`svd(prune(a, density=0.1), rank=R)`"),
+    # core(prune(svd(…))) would be refused in turn: svd alone is offered
+    ("iso(prune(svd(a, rank=2), density=0.5))", "prune(svd(a, rank=2), density=0.5)",
+     "hint: give it as `svd(prune(svd(a, rank=2), density=0.5), rank=R)`\n"),
+])
+def test_a_dense_argument_of_tsv_or_iso_is_named_and_the_hint_is_accepted(
+        expression: str, blamed: str, hint: str, adapters: Path, tmp_path: Path) -> None:
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\ninput b = "{adapters}/llama_r8_b"\n'
+                                       f'output {expression} -> "o"\n')
+    status, _, err = cli("check", str(path))
+    assert status == 1 and "needs a low-rank argument" in err, err
+    assert f"note: `{blamed}` gives every layer a dense weight update" in err and hint in err, err
