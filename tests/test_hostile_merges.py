@@ -204,3 +204,11 @@ def test_a_dense_argument_of_tsv_or_iso_is_named_and_the_hint_is_accepted(
     status, _, err = cli("check", str(path))
     assert status == 1 and "needs a low-rank argument" in err, err
     assert f"note: `{blamed}` gives every layer a dense weight update" in err and hint in err, err
+
+
+def test_a_function_named_without_its_call_is_said_so(adapters: Path, tmp_path: Path) -> None:
+    """`core + a` said "unknown name `core`; did you mean `core`?"."""
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\noutput core + a -> "o"\n')
+    status, _, err = cli("check", str(path))
+    assert status == 1 and "error[E002]: `core` is a function, not a value: call it" in err, err
+    assert "hint: usage: `core(E)`" in err and "did you mean" not in err, err
