@@ -42,13 +42,15 @@ class CallChecks:
                 hints=[f"apply {inner.op}() to the aligned result instead, e.g. `svd({op.name}(…), rank=R)`"])
         for module, expr in zip(modules, call.args, strict=True):
             if not op.takes_dense and module.dense:
-                dense = module.first_call(lambda ref: ref.dense)
+                # the dense term itself: a ties(…) inside a core(…) of this argument is low-rank here
+                dense = next((t.source for t in module.terms if isinstance(t.source, CallRef) and t.source.dense), None)
                 shown = dense.text if dense is not None else self.source.snippet(expr.span)
+                alignable = dense is not None and all(a.first_call(lambda ref: not ref.dense) is None for a in dense.args)
                 return self._error(
                     "E020", f"{op.name}() needs a low-rank argument, but this holds a dense ΔW per layer",
                     expr.span, notes=[f"`{shown}` gives every layer a dense weight update"],
-                    hints=[f"give it as `core({shown})` (merged in the inputs' shared basis: low-rank) or as "
-                           f"`svd({shown}, rank=R)`"])
+                    hints=[(f"give it as `core({shown})` (merged in the inputs' shared basis: low-rank) or as "
+                            if alignable else "give it as ") + f"`svd({shown}, rank=R)`"])
         return None
 
     def _one_of(self, op: Operator, call: ast.Call, usage: list[str]) -> bool | None:
@@ -122,8 +124,9 @@ class CallChecks:
                 value = evaluated.value if isinstance(evaluated, ScalarValue) else None
             if value is None or not option.accepts(value):
                 shown = self.source.snippet(raw.span)
-                if not isinstance(value, str) and value is not None and shown != _fmt(value):
-                    shown += f" = {_fmt(value)}"  # a param, perhaps set by --set or a sweep
+                # the value as it is, not rounded: keep=1.0000000000000002 is refused, and "= 1" would not say why
+                if not isinstance(value, str) and value is not None and shown != ast.format_number(value):
+                    shown += f" = {ast.format_number(value)}"  # a param, perhaps set by --set or a sweep
                 hints = usage
                 if option.kind == "choice" and not isinstance(raw, ast.Text) and shown in option.choices:
                     hints = [f'a word is written in quotes: {option.name}="{shown}"', *usage]

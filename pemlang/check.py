@@ -525,6 +525,9 @@ class Checker(CallChecks, IntoChecks):
                 entry = self.env.get(name)
                 if entry is None and name in self.broken_names:
                     return POISON  # its definition's syntax error is already reported
+                if entry is None and name in OPERATORS:  # `core + a`: a function named, not called
+                    return self._error("E002", f"`{name}` is a function, not a value: call it", expr.span,
+                                       hints=[f"usage: `{OPERATORS[name].usage}`"])
                 if entry is None:
                     meant = closest_name(name, self._scope())
                     if meant is not None:

@@ -168,7 +168,9 @@ class _Lowering:
         if isinstance(term.source, InputRef):
             layer = self.program.inputs[term.source.name].type.layers[key]
             return layer.dtype
-        first = next(t for arg in term.source.args for t in arg.terms if t.beta != 0 and self.has_layer(t, key))
+        having = [t for arg in term.source.args for t in arg.terms if self.has_layer(t, key)]
+        # A space has its layers' rank even when every coefficient inside is 0 (core(a - a)).
+        first = next((t for t in having if t.beta != 0), having[0])
         return self._lora_dtype(first, key)
 
     @staticmethod

@@ -147,5 +147,5 @@ def low_rank(op: str, options: dict[str, float | str], ranks: list[int], shape: 
     lowering's `svd_ranks`.)"""
     side = min(shape)
     if op == "tsv":
-        return sum(ceil_share(float(options["keep"]), min(r, side)) for r in ranks)
+        return min(sum(ceil_share(float(options["keep"]), min(r, side)) for r in ranks), side)
     return min(sum(ranks), side)  # iso: x's rank; core, knots: R = Σ r_i

@@ -269,9 +269,41 @@ def _bytes(n: int) -> str:
     return human_bytes(n)
 
 
+def _inside_spaces(plan: Plan) -> dict[str, str]:
+    """The element-wise calls evaluated only inside a space: call id → the space's id (they act on
+    its aligned coordinates, not on a dense ΔW)."""
+    from .operators import OPERATORS
+
+    inside: dict[str, str] = {}
+    outside: set[str] = set()
+    seen: set[tuple[str, str | None]] = set()
+
+    def visit(source: str, space: str | None) -> None:
+        if source not in plan.calls or (source, space) in seen:
+            return
+        seen.add((source, space))
+        call = plan.calls[source]
+        if space is not None:
+            inside.setdefault(source, space)
+        else:
+            outside.add(source)
+        for term in call.terms:
+            visit(term.source, call.id if OPERATORS[call.op].space else space)
+
+    for out in plan.outputs:
+        for term in out.terms:
+            visit(term.source, None)
+    return {k: v for k, v in inside.items() if k not in outside}
+
+
 def _call_line(plan: Plan, call: CallStep) -> str:
     """What a function node does per layer, and for dense ones the memory of a layer."""
     from .operators import dense_bytes
+
+    space = _inside_spaces(plan).get(call.id) if call.dense else None
+    if space is not None:
+        options = ", ".join(f"{k}={v}" for k, v in sorted(call.options.items()))
+        return f"per layer on the aligned coordinates of {space} ({options}), not on a dense ΔW"
 
     largest = max((dense_bytes(shape) for shape in call.layer_shapes.values()), default=0)
     dense_terms = any(t.source in plan.calls and plan.calls[t.source].dense for t in call.terms)

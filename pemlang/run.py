@@ -105,8 +105,8 @@ def _diagnose(program: CheckedProgram, plan: Plan, report: Any) -> list[Diagnost
             "overflows", program.source, checked.expr_span or checked.span,
             notes=[f"output `{name}`{where}; the inputs' values are finite, the coefficients make this layer "
                    f"exceed the largest {dtype_name} number ({FINITE_MAX[dtype_name]:.4g})"],
-            hints=["use smaller coefficients, or write a wider dtype (--dtype float32; dtype=\"float32\" in the API); "
-                   "nothing was written"])])
+            hints=["use smaller coefficients" + (", or write a wider dtype (--dtype float32; dtype=\"float32\" in the API)"
+                                                 if dtype_name != "F32" else "") + "; nothing was written"])])
     return paper_warnings(program, plan, report.a_cosines)
 
 

@@ -48,9 +48,14 @@ def thin_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def polar(x: torch.Tensor) -> torch.Tensor:
-    """P·Qᵀ from x = P Σ Qᵀ: the nearest matrix with orthonormal columns (rows, if x is wide)."""
-    p, _, qh = thin_svd(x)
-    return p @ qh
+    """P·Qᵀ from x = P Σ Qᵀ: the nearest matrix with orthonormal columns (rows, if x is wide), over
+    x's singular values σ > DROP·σ_max. When x's columns are dependent (tsv(a, a) stacks U_a twice;
+    60 arguments of rank 8 in 32 rows) the other σ are 0 and their P, Q columns arbitrary: every
+    completion is as near, so the SPEC's "nearest" names none; leaving them out is the one choice
+    that adds no direction x lacks (and gives tsv(a, a) = a, tsv(a, −a) = 0)."""
+    p, s, qh = thin_svd(x)
+    count = int((s > DROP * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    return p[:, :count] @ qh[:count]
 
 
 def signs(count: int, generator: torch.Generator) -> torch.Tensor:

@@ -322,6 +322,85 @@ def test_one_input_and_fifty(llama: dict[str, Path]) -> None:
         assert relative(value, want) < 1e-5, layer
 
 
+def test_every_coefficient_zero_inside_a_space_is_a_zero_adapter(llama: dict[str, Path]) -> None:
+    """core(a - a): the space keeps a's rank, its value is 0 (lowering once looked for a non-zero
+    term to take the dtype from and crashed)."""
+    for expression in ("core(a - a)", "core(0*a)", "knots(0*a + 0*b)", "core(ties(a, -a, density=0.5))",
+                       "knots(prune(a - a, density=0.5))"):
+        tensors = evaluate(expression, {n: llama[n] for n in "ab" if n in expression})
+        assert tensors and all(bool(torch.isfinite(t).all()) and not t.any() for t in tensors.values()), expression
+
+
+def test_tsv_of_dependent_singular_vectors_adds_no_direction(llama: dict[str, Path]) -> None:
+    """Arguments whose singular vectors coincide stack into a U of dependent columns, whose polar
+    factor P·Qᵀ is unique only over its non-zero singular values: the rest were arbitrary vectors
+    that put directions none of the arguments has into the result (tsv(a, a) was a + something
+    orthogonal to it, as large as a)."""
+    read = {n: factors(llama[n]) for n in "ab"}
+    for expression, weights in (("tsv(a, a)", 1.0), ("tsv(a, 0.5*a)", 0.75), ("tsv(a, -a)", 0.0)):
+        got = deltas(evaluate(expression, {"a": llama["a"]}))
+        for layer, value in got.items():
+            a, b, s = read["a"][layer]
+            error, scale = float((value - weights * s * b @ a).norm()), float((s * b @ a).norm())
+            assert error < 2e-6 * scale, (expression, layer, error / scale)
+    check("tsv(a, a, b)", {"a": llama["a"], "b": llama["b"]},
+          lambda fs, layer: spec_tsv([fs[0], fs[0], fs[1]]))
+
+
+def test_tsv_of_more_components_than_a_layer_has_is_written_at_the_layers_rank(llama: dict[str, Path]) -> None:
+    """60 arguments of rank 8 (or 4) stack 480 singular vectors in 16- and 32-row layers: the result
+    has rank min(d, k) at most and is written with that many, not 480; it is still the formula."""
+    many = {f"x{i}": llama["abc"[i % 3]] for i in range(60)}
+    weights = [(1 + i % 7) / 7 for i in range(60)]
+    expression = "tsv(" + ", ".join(f"{w!r}*x{i}" for i, w in enumerate(weights)) + ")"
+    tensors = evaluate(expression, many)
+    read = {n: factors(p) for n, p in many.items()}
+    for key, value in tensors.items():
+        if key.endswith("lora_A.weight"):
+            assert value.shape[0] == min(value.shape[1], tensors[key.replace("lora_A", "lora_B")].shape[0]), key
+    for layer, value in deltas(tensors).items():
+        fs = [(a, b, w * s) for w, (a, b, s) in zip(weights, (read[n][layer] for n in many), strict=True)]
+        assert relative(value, spec_tsv(fs)) < 2e-6, layer
+
+
+def test_the_plan_says_a_merge_inside_a_space_acts_on_its_coordinates(llama: dict[str, Path], tmp_path: Path) -> None:
+    """ties inside core acts on R×R coordinates: the plan once called it a dense ΔW per layer with
+    the memory of one, which is what core avoids. Shared with an svd outside, it is both."""
+    path = tmp_path / "p.pem"
+    path.write_text(f'mode exact\ninput a = "{llama["a"]}"\ninput b = "{llama["b"]}"\nt = ties(a, b, density=0.2)\n'
+                    'output core(prune(t, density=0.5)) -> "o1"\noutput knots(dare(b, p=0.3)) -> "o2"\n'
+                    'output svd(t, rank=2) -> "o3"\n', encoding="utf-8")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["plan", str(path)]) == 0
+    text = " ".join(out.getvalue().split())
+    assert "prune#2 = prune(t, density=0.5): per layer on the aligned coordinates of core#3 (density=0.5), " \
+           "not on a dense ΔW" in text, text
+    assert "dare#4 = dare(b, p=0.3): per layer on the aligned coordinates of knots#5" in text, text
+    assert "ties#1 = ties(a, b, density=0.2): dense ΔW per layer" in text, text
+
+
+@pytest.mark.parametrize("pair", [("llama_cls", "llama_cls_b"), ("roberta_cls", "roberta_cls_b")])
+def test_heads_follow_the_coefficients_inside_a_space(pair: tuple[str, str], adapters: Path) -> None:
+    """Heads (modules_to_save: full tensors no function acts on) mix as E's coefficients say: a convex
+    mix as written, ties as the mean of its arguments; their LoRA layers are still the formula."""
+    inputs = {"x": adapters / pair[0], "y": adapters / pair[1]}
+    stored = {n: load_file(str(p / "adapter_model.safetensors")) for n, p in inputs.items()}
+    heads = [k for k in stored["x"] if "lora_" not in k]
+    assert heads
+    for expression, wx, wy in (("core(0.3*x + 0.7*y)", 0.3, 0.7), ("knots(0.3*x + 0.7*y)", 0.3, 0.7),
+                               ("core(ties(x, y, density=0.3))", 0.5, 0.5), ("iso(0.25*x + 0.75*y)", 0.25, 0.75)):
+        tensors = evaluate(expression, inputs)
+        assert sorted(k for k in tensors if "lora_" not in k) == sorted(heads), expression
+        for key in heads:
+            want = wx * stored["x"][key].double() + wy * stored["y"][key].double()
+            assert relative(tensors[key].double(), want) < 1e-6, (expression, key)
+    check("core(ties(x, y, density=0.3))", inputs, lambda fs, layer: spec_core(fs, lambda ms: ties(ms, 0.3)))
+    with pytest.raises(pemlang.CompileError) as caught:
+        evaluate("tsv(x, y)", inputs)  # a sum: coefficients 1 and 1 are no convex mix
+    assert "E022" in str(caught.value)
+
+
 def test_non_finite_factors_are_e014(adapters: Path, llama: dict[str, Path]) -> None:
     for expression in ("core(a + n)", "knots(ties(a, n, density=0.5))", "tsv(a, n)", "iso(n)"):
         with pytest.raises(pemlang.CompileError) as caught:

@@ -160,3 +160,55 @@ def test_a_non_finite_input_that_dare_would_drop_is_still_reported(adapters: Pat
     status, _, err = cli("run", str(path), "--device", "cpu")
     assert status == 1 and "error[E014]" in err and "v_proj" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_overflow_inside_a_space_is_e027_and_its_hint_asks_for_no_dtype_already_in_use(
+        adapters: Path, tmp_path: Path) -> None:
+    """core(3e38*a + 3e38*b): the aligned coordinates overflow float32. E027, the previous output
+    left as it was, and no "write a wider dtype (--dtype float32)" when the output is float32."""
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\ninput b = "{adapters}/llama_r8_b"\n'
+                                       'param k = 1\noutput core(k*a + k*b) -> "o"\n')
+    status, _, err = cli("run", str(path), "--device", "cpu")
+    assert status == 0, err
+    before = (tmp_path / "o" / "adapter_model.safetensors").read_bytes()
+    status, _, err = cli("run", str(path), "--device", "cpu", "--force", "--set", "k=3e38")
+    assert status == 1 and "error[E027]" in err and "core(k*a + k*b)" in err, err
+    assert "hint: use smaller coefficients; nothing was written" in err and "--dtype" not in err, err
+    assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == before
+    status, _, err = cli("run", str(path), "--device", "cpu", "--force", "--set", "k=1e12", "--dtype", "float16")
+    assert status == 1 and "error[E027]" in err and "write a wider dtype (--dtype float32" in err, err
+
+
+def test_an_option_out_of_its_range_is_shown_unrounded(adapters: Path, tmp_path: Path) -> None:
+    """keep=1.0000000000000002 is above 1: the note says so, not "= 1" (a value the rule accepts)."""
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\nparam k = 1\n'
+                                       'output tsv(a, keep=k) -> "o"\n')
+    status, _, err = cli("check", str(path), "--set", "k=1.0000000000000002")
+    assert status == 1 and "`keep` must be a number in (0, 1]" in err, err
+    assert "note: it is k = 1.0000000000000002" in err, err
+
+
+@pytest.mark.parametrize(("expression", "blamed", "hint"), [
+    # the dense term is the prune; the ties inside core(…) is low-rank from here
+    ("tsv(core(ties(a, b, density=0.2)) + prune(a, density=0.1))", "prune(a, density=0.1)",
+     "give it as `core(prune(a, density=0.1))` (merged in the inputs' shared basis: low-rank) or as "
+     "`svd(prune(a, density=0.1), rank=R)`"),
+    # core(prune(svd(…))) would be refused in turn: svd alone is offered
+    ("iso(prune(svd(a, rank=2), density=0.5))", "prune(svd(a, rank=2), density=0.5)",
+     "hint: give it as `svd(prune(svd(a, rank=2), density=0.5), rank=R)`\n"),
+])
+def test_a_dense_argument_of_tsv_or_iso_is_named_and_the_hint_is_accepted(
+        expression: str, blamed: str, hint: str, adapters: Path, tmp_path: Path) -> None:
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\ninput b = "{adapters}/llama_r8_b"\n'
+                                       f'output {expression} -> "o"\n')
+    status, _, err = cli("check", str(path))
+    assert status == 1 and "needs a low-rank argument" in err, err
+    assert f"note: `{blamed}` gives every layer a dense weight update" in err and hint in err, err
+
+
+def test_a_function_named_without_its_call_is_said_so(adapters: Path, tmp_path: Path) -> None:
+    """`core + a` said "unknown name `core`; did you mean `core`?"."""
+    path = program(tmp_path / "p.pem", f'mode exact\ninput a = "{adapters}/llama_r8"\noutput core + a -> "o"\n')
+    status, _, err = cli("check", str(path))
+    assert status == 1 and "error[E002]: `core` is a function, not a value: call it" in err, err
+    assert "hint: usage: `core(E)`" in err and "did you mean" not in err, err

@@ -107,13 +107,22 @@ def tsv(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], keep: 
     u = torch.cat([u[:, :n] for (u, _, _), n in zip(parts, kept, strict=True)], dim=1)
     s = torch.cat([s[:n] for (_, s, _), n in zip(parts, kept, strict=True)])
     v = torch.cat([vh[:n] for (_, _, vh), n in zip(parts, kept, strict=True)], dim=0).T
-    return nearest_orthonormal(u), s, nearest_orthonormal(v).T
+    u, vh = nearest_orthonormal(u), nearest_orthonormal(v).T
+    if len(s) > min(u.shape[0], vh.shape[1]):
+        # More components than the layer has room for (60 arguments of rank 8 in a 32×32 layer):
+        # U⊥ S V⊥ᵀ has rank min(d, k) at most, written with that many (operators.low_rank).
+        return thin_svd(vh, u * s)
+    return u, s, vh
 
 
 def nearest_orthonormal(m: torch.Tensor) -> torch.Tensor:
-    """P Qᵀ for M = P Σ Qᵀ: the matrix with orthonormal columns nearest to M (its polar factor)."""
-    p, _, qh = torch.linalg.svd(m, full_matrices=False)
-    return p @ qh
+    """P Qᵀ for M = P Σ Qᵀ: the matrix with orthonormal columns nearest to M (its polar factor),
+    over M's singular values above DROP·σ_max. When M's columns are dependent (tsv(a, a): the same
+    U_i twice; more columns than rows) the rest have σ = 0 and arbitrary vectors in P and Q, which
+    would add directions that none of the arguments has; without them tsv(a, a) = a."""
+    p, sigma, qh = torch.linalg.svd(m, full_matrices=False)
+    count = significant(sigma)
+    return p[:, :count] @ qh[:count]
 
 
 def significant(s: torch.Tensor) -> int:
