@@ -5,7 +5,9 @@ config, adapters made by PEFT's own get_peft_model + save_pretrained).
 
 Weights are random but seeded, so every machine makes the same files. `init_lora_weights=False`
 gives LoRA B matrices that are not zero (as after training). The paper trains θ1, θ2 from one
-initialisation, so all LoRA adapters here share their initial A (seed) and then diverge a little.
+initialisation, so the paper's LoRA adapters here share their initial A (seed) and then diverge a
+little; `separate_a` and `separate_b` are initialised separately (as adapters trained by different
+people are), for the merges that align them first (align_merge.pem).
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     # (IA)3 modules, for the same operators on the other kind of PEM.
     make_ia3(out / "ia3_theta1", seed=10)
     make_ia3(out / "ia3_theta2", seed=11)
+    # Beyond the paper: two adapters initialised separately, from their own seeds (as most adapters
+    # on the Hub are), so their A matrices share no basis (align_merge.pem).
+    make_lora(out / "separate_a", seed=12, shared_init=12)
+    make_lora(out / "separate_b", seed=13, shared_init=13)
     # A model to load the results onto (and tune on: with its tokenizer).
     base_model("lm").save_pretrained(out / "base")
     tokenizer().save_pretrained(out / "base")
