@@ -8,7 +8,7 @@ import math
 from dataclasses import replace
 
 from . import ast
-from .checked import ModuleValue, Poison, ScalarValue
+from .checked import CallRef, ModuleValue, Poison, ScalarValue
 from .operators import OPERATORS, Operator
 from .types import Layer, LoraLayer, ModuleType
 
