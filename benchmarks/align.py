@@ -1,4 +1,4 @@
-"""Merging in a shared basis (SPEC §2.7): pemlang's `core(…)` and `knots(…)` against the dense reference.
+"""Merging in a shared basis ("Adapters that do not share a basis" in the README): pemlang's `core(…)` and `knots(…)` against the dense reference.
 
     python benchmarks/align.py [--size tinyllama|7b|70b-slice|smoke] [--device cpu|cuda] [--methods core,knots]
                                [--routes pemlang,reference] [--reference-sample-layers 1] [--layers L]
@@ -22,7 +22,7 @@ imports, reading the inputs), with their peak RSS (the kernel's high-water mark,
                     the SVDs of A_i and B_i, M_i = Σ_B V_Bᵀ U_A Σ_A aligned as (U_B_refᵀ U_B) M_i
                     (V_Aᵀ V_A_ref) (times s_i); TIES on the M_i; ΔW = U_B_ref · TIES(M) · V_A_refᵀ.
 
-The TIES in the reference is SPEC §2.5's, written out here (weights inside the arguments, the
+The TIES in the reference is pemlang's (README, "TIES, DARE and pruning"), written out here (weights inside the arguments, the
 ⌈d·n⌉ largest magnitudes kept per argument, the first by flat index among equal ones, sign of the
 sum elected, mean of the agreeing non-zeros): what pemlang is specified to compute, so the accuracy
 check compares the alignment computations, not definitional variants (the papers' own TIES keeps
@@ -68,7 +68,7 @@ WEIGHTS = {"a": 0.5, "b": 0.3, "c": 0.2}
 DENSITY = 0.2
 METHODS = ("core", "knots")
 ROUTES = ("pemlang", "reference")
-DROP = 1e-5  # knots: singular values at most DROP·σ_max are dropped (SPEC §2.7)
+DROP = 1e-5  # knots: singular values at most DROP·σ_max are dropped (as pemlang's knots)
 SMOKE = common.Shape("smoke", hidden=256, intermediate=704, layers=2, heads=8, kv_heads=2, rank=8)
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -88,12 +88,12 @@ def spread(count: int, layers: int) -> list[int]:
 
 
 def keep_count(density: float, numel: int) -> int:
-    """⌈d·n⌉ with d as written (SPEC §2.5: 0.2 of 100 keeps 20)."""
+    """⌈d·n⌉ with d as written (0.2 of 100 keeps 20, as in pemlang)."""
     return min(numel, math.ceil(Decimal(repr(float(density))) * numel))
 
 
 def ties(xs: list, density: float):  # type: ignore[no-untyped-def]
-    """SPEC §2.5's TIES ("total" sign) on same-shape tensors: each trimmed to its ⌈d·n⌉ largest
+    """pemlang's TIES ("total" sign) on same-shape tensors: each trimmed to its ⌈d·n⌉ largest
     magnitudes (the first by flat index among equal ones), the sign of the sum elected per entry,
     the mean of the non-zero trimmed values of that sign."""
     import torch
@@ -356,7 +356,7 @@ def report_text(args: argparse.Namespace, shape: common.Shape, methods: list[str
         f"{input_mib / 3:,.1f} MiB fp32 each. Each route is one child process: wall includes Python start-up, "
         "imports and reading the inputs; peak RSS is the child's high-water mark. The reference is the papers' "
         "dense recipe in fp64 (KnOTS: SVD of the concatenated dense ΔW; Core Space: task_merger.py's core "
-        "matrices), with SPEC §2.5's TIES."
+        "matrices), with pemlang's TIES (the README's: weights inside, ⌈d·n⌉ entries kept, equal magnitudes by position)."
         + (f" The reference ran with {args.reference_threads} torch thread(s)." if args.reference_threads else ""),
         table,
     ]
