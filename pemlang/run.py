@@ -280,12 +280,7 @@ def write_outputs(result: RunResult, *, force: bool = False, protect: Mapping[st
     names more files (the REPL's history) that no output may replace or contain."""
     from .writer import guard, metadata, write_adapter
 
-    merged = [out for out in result.plan.outputs if out.into is not None]
-    if merged:  # written only by `stream`: never as an adapter in its place
-        raise PemError([error("E024", f"`into` ({merged[0].into.written}) is written by `pemlang run` and "  # type: ignore[union-attr]
-                              "`pemlang eval` only, not yet by a sweep, the REPL or the API",
-                              notes=[f"output {merged[0].name or merged[0].expression}"],
-                              hints=["write it with `pemlang run FILE.pem` (or `pemlang eval ... --into BASE`)"])])
+    into_refused(result.plan.outputs, "this way of writing")  # written only by `stream`: never as an adapter
     outputs = [(index, out, tensors) for index, (out, tensors) in
                enumerate(zip(result.plan.outputs, result.tensors, strict=True)) if out.path is not None]
     guard([out.path for _, out, _ in outputs if out.path is not None],
@@ -299,6 +294,18 @@ def write_outputs(result: RunResult, *, force: bool = False, protect: Mapping[st
                       protect=[item.path for item in result.plan.inputs.values()])
         written.append(out.path)
     return written
+
+
+def into_refused(outputs: Sequence[Any], who: str) -> None:
+    """E024 when one of `outputs` (checked or planned) is merged into a base model: `who` (a sweep)
+    does not write full models, and never writes an adapter in a merged model's place."""
+    merged = [out for out in outputs if out.into is not None]
+    if merged:
+        raise PemError([error("E024", f"{who} does not merge into a base model (`into` {merged[0].into.written}): "
+                              "each point would be a whole model",
+                              notes=[f"output {merged[0].name or merged[0].expression}"],
+                              hints=["write one point at a time with `pemlang run FILE.pem --set NAME=VALUE` (or "
+                                     "`pemlang eval ... --into BASE`, `Program.save(DIR, into=BASE)`)"])])
 
 
 def summary_line(out: OutputPlan, lost: Sequence[Dropped] = ()) -> str:

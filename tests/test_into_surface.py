@@ -1,0 +1,95 @@
+"""The ways to ask for a model merged into its base (SPEC §5.2) besides `output … into` and
+`eval --into`: the API's `save(into=…)`, `into:` in configs, the REPL's `:save … --into`; what
+`check` and `plan` show for it; `inspect` on a merged model; `--max-shard-size`; Hub bases.
+
+The oracle is the one of test_into_base.py: PEFT's `merge_and_unload()` on the base in fp32, then
+cast to the base's dtype."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft_factory import lora, save_base
+from test_into_base import assert_matches, peft_merged, state
+
+import pemlang
+from pemlang.diagnostics import CompileError
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("surface")
+    save_base(root / "llama")
+    save_base(root / "llama_sharded", max_shard_size="20KB")
+    lora(root / "a", 1)
+    lora(root / "b", 2, r=4, alpha=8, use_rslora=True)
+    return root
+
+
+# -- the API ---------------------------------------------------------------------------------------
+
+
+def test_api_save_into_equals_peft_merge(models: Path, tmp_path: Path) -> None:
+    program = pemlang.compile("a", inputs={"a": models / "a"}, device="cpu")
+    assert program.save(tmp_path / "m", into=models / "llama") == [(tmp_path / "m").resolve()]
+    assert_matches(state(tmp_path / "m"), peft_merged(models / "llama", models / "a"), state(models / "llama"))
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta == json.loads((models / "llama" / "config.json").read_text())
+    assert not (tmp_path / "m" / "adapter_config.json").exists()
+
+
+def test_api_save_into_a_file_program_and_params(models: Path, tmp_path: Path) -> None:
+    """A program file's one output, its directory replaced, at a param value; equals PEFT merging
+    the adapter the same program writes."""
+    text = f'mode exact\nparam lam = 1\ninput a = "{models / "a"}"\ninput b = "{models / "b"}"\noutput lam*a + b -> "x"\n'
+    program = pemlang.compile(text=text, base_dir=tmp_path, device="cpu")
+    program.save(tmp_path / "adapter", lam=0.25)
+    program.save(tmp_path / "m", into=str(models / "llama_sharded"), lam=0.25)
+    assert not (tmp_path / "x").exists()
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    assert_matches(state(tmp_path / "m"), peft_merged(models / "llama_sharded", tmp_path / "adapter"),
+                   state(models / "llama_sharded"), ulps=4)
+
+
+def test_api_save_into_hostile_arguments(models: Path, tmp_path: Path) -> None:
+    program = pemlang.compile("a", inputs={"a": models / "a"}, device="cpu")
+    with pytest.raises(TypeError, match="into must be"):
+        program.save(tmp_path / "m", into=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pass directory="):
+        program.save(into=models / "llama")
+    with pytest.raises(CompileError) as missing:
+        program.save(tmp_path / "m", into=tmp_path / "nowhere")
+    assert missing.value.diagnostics[0].code == "E035"
+    with pytest.raises(CompileError) as over:  # DIR inside BASE: refused even with force
+        program.save(models / "llama" / "sub", into=models / "llama", force=True)
+    assert over.value.diagnostics[0].code == "E018"
+    with pytest.raises(CompileError) as on_input:  # BASE is an input
+        program.save(tmp_path / "m", into=models / "a")
+    assert on_input.value.diagnostics[0].code == "E035"
+    two = pemlang.compile(text=f'input a = "{models / "a"}"\noutput a -> "x"\noutput 2*a -> "y"\n',
+                          base_dir=tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="exactly one output"):
+        two.save(into=models / "llama")
+    assert not (tmp_path / "m").exists() and not (models / "llama" / "sub").exists()
+
+
+def test_api_save_into_wider_base_is_e009(models: Path, tmp_path: Path) -> None:
+    save_base(tmp_path / "wide", hidden=48)
+    program = pemlang.compile("a", inputs={"a": models / "a"}, device="cpu")
+    with pytest.raises(CompileError) as caught:
+        program.save(tmp_path / "m", into=tmp_path / "wide")
+    assert caught.value.diagnostics[0].code == "E009"
+    assert not (tmp_path / "m").exists()
+
+
+def test_api_sweep_refuses_into(models: Path, tmp_path: Path) -> None:
+    text = f'param lam = 1\ninput a = "{models / "a"}"\noutput lam*a into "{models / "llama"}" -> "m"\n'
+    program = pemlang.compile(text=text, base_dir=tmp_path, device="cpu")
+    with pytest.raises(CompileError) as caught:
+        list(program.sweep(lam=[0.5, 1.0], save=True))
+    assert caught.value.diagnostics[0].code == "E024" and "sweep" in caught.value.diagnostics[0].message
+    assert not list(tmp_path.glob("m*"))
+    assert torch.is_tensor(next(iter(program.evaluate(lam=0.5)["lam*a"].values())))
