@@ -276,7 +276,7 @@ class Program:
     @staticmethod
     def _merged(checked: CheckedProgram, into: str | Path, directory: str | Path | None) -> CheckedProgram:
         """`checked` with its one output merged into the base model `into` (save(into=…))."""
-        from .basefit import attach_into
+        from .check import attach_into
 
         if isinstance(into, bool) or not isinstance(into, str | os.PathLike):
             raise TypeError(f"into must be a base model directory (a str or Path), not {type(into).__name__}")

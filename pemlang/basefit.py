@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .basemodel import BaseModel, BaseModelError, Change, Misfit, changes, read_base
-from .checked import CheckedProgram, ModuleValue
+from .checked import ModuleValue
 from .diagnostics import display_path
 from .paths import resolve_written, shorten, unusable
 from .source import Source, Span
@@ -133,30 +133,3 @@ class IntoChecks:
                         + _more(len(dtypes)),
                         hints=["merge into the unquantized base model, then quantize the merged model"])
 
-
-def attach_into(checked: CheckedProgram, written: str, out_path: Path | None, *, base_dir: Path,
-                what: str = "into", index: int = 0) -> CheckedProgram:
-    """`checked` with output `index` merged into the base model `written` and written to `out_path`:
-    the checks of `output x into "BASE" -> "DIR"` for the API's `save(into=…)` and the REPL's
-    `:save … --into`, diagnostics about BASE pointing into its text (a source named `what`). An
-    error joins the diagnostics (the output is then left as it was)."""
-    from dataclasses import replace
-
-    from .check import Checker
-
-    out = checked.outputs[index]
-    source = Source(written, what)
-    span = Span(0, len(source.text))
-    checker = Checker(out.source or checked.source, mode=checked.mode, base_dir=base_dir, writes=True,
-                      spelling=checked.spelling)
-    for name, adapter in checked.inputs.items():
-        checker.inputs[name] = adapter
-        checker.input_paths[name] = adapter.path
-        checker.input_reals[name] = adapter.path.resolve()
-    path_source = Source(str(out_path), "directory")
-    merged = checker._check_into(out.value, written, span, out.expr_span or out.span, source, out_path,
-                                 Span(0, len(path_source.text)), path_source)
-    outputs = list(checked.outputs)
-    if merged is not None:
-        outputs[index] = replace(out, path=out_path, into=merged[0], changes=merged[1])
-    return replace(checked, outputs=tuple(outputs), diagnostics=(*checked.diagnostics, *checker.diagnostics))
