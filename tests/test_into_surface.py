@@ -16,6 +16,7 @@ from peft_factory import lora, save_base
 from test_into_base import assert_matches, peft_merged, state
 
 import pemlang
+from pemlang.cli import main
 from pemlang.diagnostics import CompileError
 
 
@@ -93,3 +94,55 @@ def test_api_sweep_refuses_into(models: Path, tmp_path: Path) -> None:
     assert caught.value.diagnostics[0].code == "E024" and "sweep" in caught.value.diagnostics[0].message
     assert not list(tmp_path.glob("m*"))
     assert torch.is_tensor(next(iter(program.evaluate(lam=0.5)["lam*a"].values())))
+
+
+# -- configs ---------------------------------------------------------------------------------------
+
+
+def _run_config(tmp: Path, name: str, text: str, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
+    config = tmp / name
+    config.write_text(text, encoding="utf-8")
+    status = main(["run", str(config), "--device", "cpu", *extra])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("style", ["expression", "outputs", "toml"])
+def test_config_into_equals_peft_merge(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       style: str) -> None:
+    if style == "expression":
+        name, text = "c.yaml", f"merge:\n  inputs: {{a: {models / 'a'}}}\n  expression: a\n  output: m\n" \
+                               f"  into: {models / 'llama'}\n"
+    elif style == "outputs":
+        name, text = "c.yaml", (f"inputs: {{a: {models / 'a'}}}\noutputs:\n  - expression: a\n    path: m\n"
+                                f"    into: {models / 'llama'}\n  - expression: 2*a\n    path: adapter\n")
+    else:
+        name, text = "c.toml", f'expression = "a"\noutput = "m"\ninto = "{models / "llama"}"\n[inputs]\na = "{models / "a"}"\n'
+    status, err = _run_config(tmp_path, name, text, capsys, *(["--key", "merge"] if style == "expression" else []))
+    assert status == 0, err
+    assert_matches(state(tmp_path / "m"), peft_merged(models / "llama", models / "a"), state(models / "llama"))
+    if style == "outputs":
+        assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize(("text", "code", "line", "message"), [
+    ("inputs: {{a: {a}}}\nexpression: a\noutput: m\ninto: nowhere\n", "E035", 4, "base model directory not found"),
+    ("inputs: {{a: {a}}}\nexpression: a\noutput: m\ninto: 3\n", "E025", 4, "string"),
+    ("inputs: {{a: {a}}}\nexpression: a\noutput: m\ninto: ''\n", "E025", 4, "at least 1 character"),
+    ("inputs: {{a: {a}}}\nexpression: a\ninto: {llama}\n", "E025", 3, "`into` goes with `expression` and `output`"),
+    ("inputs: {{a: {a}}}\noutputs:\n  - expression: a\n    path: m\n    into: [x]\n", "E025", 5, "string"),
+    ("inputs: {{a: {a}}}\noutputs:\n  - expression: a\n    path: {llama}/sub\n    into: {llama}\n", "E018", 4,
+     "overwrite the base model"),
+    ("inputs: {{a: {a}}}\noutputs:\n  - expression: a\n    path: m\n    into: {a}\n", "E035", 5, "no config.json"),
+])
+def test_config_into_errors_point_at_the_line(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              text: str, code: str, line: int, message: str) -> None:
+    status, err = _run_config(tmp_path, "c.yaml", text.format(a=models / "a", llama=models / "llama"), capsys)
+    assert status == 1 and f"error[{code}]" in err and f"c.yaml:{line}:" in err and message in err, err
+    assert not (tmp_path / "m").exists() and not (models / "llama" / "sub").exists()
+
+
+def test_config_into_through_the_api(models: Path, tmp_path: Path) -> None:
+    program = pemlang.from_config({"inputs": {"a": str(models / "a")}, "expression": "a", "output": "m",
+                                   "into": str(models / "llama")}, base_dir=tmp_path, device="cpu")
+    program.save()
+    assert_matches(state(tmp_path / "m"), peft_merged(models / "llama", models / "a"), state(models / "llama"))
