@@ -185,7 +185,8 @@ def measure_paper(program: CheckedProgram, *, device: str = "auto", dtype: str |
 
 
 def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None = None, force: bool = False,
-           on_layer: Callable[[], None] | None = None, plan: Plan | None = None) -> RunResult:
+           on_layer: Callable[[], None] | None = None, plan: Plan | None = None,
+           protect: Mapping[str, Path] | None = None) -> RunResult:
     """Evaluate and write every output that has a directory, streaming: each output's file is laid
     out from the plan, every layer goes to disk as soon as it is computed (while the next one
     computes), and the inputs are hashed as they are read. Memory holds about one layer of every
@@ -193,7 +194,8 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
     back in `tensors` (in memory), the others as empty dicts.
 
     Every destination passes the writer's guard first; all outputs are staged and swapped into
-    place only when every one is complete and finite, so an error (E014, E027, E018) writes nothing."""
+    place only when every one is complete and finite, so an error (E014, E027, E018) writes nothing.
+    `protect` names more files (the REPL's history) that no output may replace or contain."""
     from . import interrupts
 
     with interrupts.deferred():  # Ctrl-C while torch imports waits for the import, then stops the run
@@ -207,7 +209,7 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
     destinations = [(index, out) for index, out in enumerate(plan.outputs) if out.path is not None]
     bases = {out.into.written: out.into.path for _, out in destinations if out.into is not None}
     guard([out.path for _, out in destinations if out.path is not None],
-          {name: item.path for name, item in plan.inputs.items()}, force=force, bases=bases)
+          {**{name: item.path for name, item in plan.inputs.items()}, **(protect or {})}, force=force, bases=bases)
     placeholder = {name: "0" * 64 for name in plan.inputs}  # a sha256 is 64 hex digits: the header's length is fixed
     with staged([out.path for _, out in destinations if out.path is not None], force=force,
                 protect=[item.path for item in plan.inputs.values()] + list(bases.values())) as (stagings, writer):

@@ -146,3 +146,40 @@ def test_config_into_through_the_api(models: Path, tmp_path: Path) -> None:
                                    "into": str(models / "llama")}, base_dir=tmp_path, device="cpu")
     program.save()
     assert_matches(state(tmp_path / "m"), peft_merged(models / "llama", models / "a"), state(models / "llama"))
+
+
+# -- the REPL --------------------------------------------------------------------------------------
+
+
+def test_repl_save_into_and_output_into(models: Path, tmp_path: Path) -> None:
+    from test_repl import piped
+
+    llama = models / "llama"
+    script = "\n".join([
+        f'input a = "{models / "a"}"',
+        f":save a m --into {llama}",
+        f':save 2*a m2 --into "{llama}"',
+        f'output a into "{llama}" -> "m3"',
+        ":save a m4 --into",  # no base
+        f":save a m4 --into {llama} --into {llama}",  # twice
+        ":save a m4 --into nowhere",
+        f":save a {llama}/sub --into {llama} --force",  # DIR inside BASE, even with --force
+        ":save a m4 --into=nowhere2 --force",
+        ":help",
+    ]) + "\n"
+    result = piped(script, cwd=tmp_path)
+    out = result.stdout
+    assert result.returncode == 1, out  # the refused entries
+    assert out.count("wrote ") == 3 and "merged into" in out, out
+    assert "option `--into` of :save needs a base model directory" in out
+    assert "option `--into` of :save is given twice" in out
+    assert "error[E035]: base model directory not found" in out
+    assert "error[E018]: output would overwrite the base model" in out
+    assert out.count("error[E035]: base model directory not found") == 2 and "nowhere2" in out
+    assert ":save EXPR DIR [--into BASE] [--force]" in out
+    assert not (tmp_path / "m4").exists() and not (llama / "sub").exists()
+    oracle = peft_merged(llama, models / "a")
+    assert_matches(state(tmp_path / "m"), oracle, state(llama))
+    assert_matches(state(tmp_path / "m3"), oracle, state(llama))
+    twice = state(tmp_path / "m2")
+    assert any(not torch.equal(twice[k], oracle[k]) for k in oracle)
