@@ -237,7 +237,8 @@ class Program:
 
     def save(self, directory: str | Path | None = None, params: Mapping[str, float] | None = None, *,
              into: str | Path | None = None, device: str | None = None, dtype: str | None = None,
-             force: bool = False, provenance: Mapping[str, str] | None = None, **kw: float) -> list[Path]:
+             force: bool = False, provenance: Mapping[str, str] | None = None,
+             max_shard_size: int | str | None = None, **kw: float) -> list[Path]:
         """Write the outputs as PEFT adapter directories, streaming: each layer goes to disk as it
         is computed, so memory does not grow with the output.
 
@@ -245,8 +246,9 @@ class Program:
         a single-output program compiled without one (an expression). `into` (a base model
         directory or `hf://ORG/NAME[@REV]`, relative to the working directory) writes the output
         merged into that base instead: a full model, as `output x into "BASE" -> "DIR"` does (its
-        warnings, W008, join `warnings`). `dtype` (`float16`, …) overrides the program's for this
-        call. `provenance` adds entries (`pemlang.…` keys) to the metadata recorded in the written
+        warnings, W008, join `warnings`); `max_shard_size` (bytes, or "2GB", "500MB") writes its
+        weights in new shards of at most that size. `dtype` (`float16`, …) overrides the program's
+        for this call. `provenance` adds entries (`pemlang.…` keys) to the metadata recorded in the written
         header."""
         from dataclasses import replace
 
@@ -259,6 +261,11 @@ class Program:
             checked = self._merged(checked, into, directory)
             self.warnings.extend(d for d in checked.diagnostics if not d.is_error and d not in self.warnings)
         plan = self._placed(lower(checked, dtype=dtype), directory=directory)
+        if max_shard_size is not None:
+            from .formatting import parse_size
+            from .run import resharded
+
+            plan = resharded(plan, parse_size(max_shard_size))  # ValueError: not a size, or no full model
         if provenance:
             plan = replace(plan, provenance=tuple(sorted(provenance.items())))
         try:

@@ -256,6 +256,20 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
     return RunResult(plan, tensors, diagnostics, note, time.perf_counter() - start, report_dropped)
 
 
+def resharded(plan: Plan, max_shard_size: int | None) -> Plan:
+    """The plan with its full models (`into`) written in new shards of at most `max_shard_size`
+    bytes (`--max-shard-size`); ValueError when no output is merged into a base."""
+    if max_shard_size is None:
+        return plan
+    if not any(out.into is not None for out in plan.outputs):
+        raise ValueError("a max shard size applies to a full model: an output merged into its base "
+                         "(`output x into \"BASE\" -> \"DIR\"`, --into BASE)")
+    from .basemodel import layout
+
+    return replace(plan, outputs=tuple(replace(out, shards=layout(out.into, max_shard_size))
+                                       if out.into is not None else out for out in plan.outputs))
+
+
 def output_entries(out: OutputPlan) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Every tensor an output will have: PEFT key → (safetensors dtype, shape), from the plan alone."""
     from .plan import tensor_key

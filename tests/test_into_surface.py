@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft_factory import lora, save_base
+from safetensors import safe_open
+from safetensors.torch import load_file
 from test_into_base import assert_matches, peft_merged, state
 
 import pemlang
@@ -183,3 +185,106 @@ def test_repl_save_into_and_output_into(models: Path, tmp_path: Path) -> None:
     assert_matches(state(tmp_path / "m3"), oracle, state(llama))
     twice = state(tmp_path / "m2")
     assert any(not torch.equal(twice[k], oracle[k]) for k in oracle)
+
+
+# -- check and plan --------------------------------------------------------------------------------
+
+
+def test_check_and_plan_show_what_will_be_written_without_torch(models: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    program = tmp_path / "p.pem"
+    program.write_text(f'input a = "{models / "a"}"\noutput a into "{models / "llama_sharded"}" -> "m"\n', encoding="utf-8")
+    script = ("import sys; from pemlang.cli import main; status = main(['check', sys.argv[1]]); "
+              "assert 'torch' not in sys.modules, 'check imported torch'; sys.exit(status)")
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", script, str(program)], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    shards = sorted((models / "llama_sharded").glob("*.safetensors"))
+    count = sum(len(load_file(s)) for s in shards)
+    lines = result.stdout
+    assert f"writes {len(shards)} weight files (as the base is)" in lines and f"8 of {count} tensors change" in lines
+    for shard in shards:
+        changed = sum(1 for k in load_file(shard) if "self_attn" in k)
+        assert f"{shard.name}: " in lines and f"{changed} of {len(load_file(shard))} tensors change" in lines
+    assert "changes: model.layers.[0-1].self_attn.k_proj.weight" in lines
+    assert main(["plan", str(program)]) == 0
+    assert not (tmp_path / "m").exists()
+
+
+def test_plan_shows_the_changed_tensors(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    program = tmp_path / "p.pem"
+    program.write_text(f'input a = "{models / "a"}"\noutput a into "{models / "llama"}" -> "m"\n', encoding="utf-8")
+    assert main(["plan", str(program)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "merged into" in out and "writes 1 weight file (as the base is)" in out
+    assert "model.safetensors:" in out and "changes: model.layers.[0-1].self_attn.k_proj.weight" in out
+
+
+# -- --max-shard-size ------------------------------------------------------------------------------
+
+
+def _index_holds(directory: Path) -> dict[str, str]:
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    for name, file in index["weight_map"].items():
+        assert name in load_file(directory / file), (name, file)
+    sizes = sum(t.numel() * t.element_size() for t in state(directory).values())
+    assert index["metadata"]["total_size"] == sizes
+    return index["weight_map"]
+
+
+def test_max_shard_size_reshards_with_a_new_index(models: Path, tmp_path: Path) -> None:
+    base = models / "llama"
+    assert main(["eval", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"), "--into", str(base),
+                 "--max-shard-size", "20KB", "--", "a"]) == 0
+    weight_map = _index_holds(tmp_path / "m")
+    files = sorted(p.name for p in (tmp_path / "m").glob("*.safetensors"))
+    assert len(files) > 1 and sorted(set(weight_map.values())) == files
+    assert all(f.startswith("model-") and f.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
+    for f in files:  # each at most 20 KB unless it holds one larger tensor
+        tensors = load_file(tmp_path / "m" / f)
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 20_000
+        with safe_open(str(tmp_path / "m" / f), "pt") as opened:
+            assert opened.metadata()["format"] == "pt" and "pemlang.into" in opened.metadata()
+    assert_matches(state(tmp_path / "m"), peft_merged(base, models / "a"), state(base))
+    from test_into_base import _load
+
+    _load(tmp_path / "m", "llama", "lm")  # transformers loads the resharded model
+
+
+def test_max_shard_size_joins_a_sharded_base(models: Path, tmp_path: Path) -> None:
+    """A sharded base written at 1GB: one model.safetensors, and no index (the base's names other files)."""
+    base = models / "llama_sharded"
+    program = pemlang.compile("a", inputs={"a": models / "a"}, device="cpu")
+    program.save(tmp_path / "m", into=base, max_shard_size="1GB")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                                  "model.safetensors"]
+    assert_matches(state(tmp_path / "m"), peft_merged(base, models / "a"), state(base))
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "1e30", "abc", "", "0.1", "99999999999999999999TB", "5 parsecs"])
+def test_max_shard_size_hostile_values_are_misuse(models: Path, tmp_path: Path, size: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"), "--into", str(models / "llama"),
+              f"--max-shard-size={size}", "--", "a"])
+    assert exited.value.code == 2 and "--max-shard-size" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_max_shard_size_needs_a_full_model(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"), "--max-shard-size", "2GB",
+                 "--", "a"]) == 2
+    assert "full model" in capsys.readouterr().err
+    program = tmp_path / "p.pem"
+    program.write_text(f'param lam = 1\ninput a = "{models / "a"}"\noutput lam*a into "{models / "llama"}" -> "m"\n')
+    assert main(["run", str(program), "--sweep", "lam=0.5,1", "--max-shard-size", "2GB"]) == 2
+    api = pemlang.compile("a", inputs={"a": models / "a"}, device="cpu")
+    for bad in (0, -5, True, 1.5, "abc", "1e30"):
+        with pytest.raises(ValueError):
+            api.save(tmp_path / "m", into=models / "llama", max_shard_size=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="full model"):
+        api.save(tmp_path / "m", max_shard_size="1GB")
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob("m.*"))
