@@ -164,7 +164,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .adapters import AdapterError, read_adapter
-    from .inspection import render_adapter
+    from .inspection import is_model_directory, render_adapter, render_model
 
     location, pinned = args.adapter, None
     if args.adapter.startswith("hf://"):  # an adapter on the Hub: its snapshot in the cache
@@ -177,6 +177,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                            hints=exc.hints)])
             return EXIT_ERRORS
         location, pinned = resolved.directory, resolved.pinned
+    if pinned is None and is_model_directory(os.path.expanduser(location)):  # a model (one pemlang merged?)
+        from .basemodel import BaseModelError, read_base
+
+        try:
+            render_model(read_base(Path(os.path.expanduser(location)), location))
+        except BaseModelError as exc:
+            _report([error(exc.code, exc.message.replace("the base model", "the model"), notes=exc.notes,
+                           hints=exc.hints)])
+            return EXIT_ERRORS
+        return EXIT_OK
     try:
         adapter = read_adapter(location, allow_pickle=args.allow_pickle)
     except AdapterError as exc:

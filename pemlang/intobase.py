@@ -245,7 +245,8 @@ def merge_metadata(meta: Mapping[str, str], out: OutputPlan) -> dict[str, str]:
     assert out.into is not None
     identity = out.into.identity
     return {**meta, "pemlang.into": out.into.written,
-            "pemlang.base_model": (identity.name or "") + (f"@{identity.revision}" if identity.revision else "")}
+            "pemlang.base_model": (identity.name or out.config.get("base_model_name_or_path") or "")
+            + (f"@{identity.revision}" if identity.revision else "")}
 
 
 def merged_card(base: str | None, architectures: Sequence[str], meta: Mapping[str, str]) -> str:

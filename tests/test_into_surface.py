@@ -288,3 +288,35 @@ def test_max_shard_size_needs_a_full_model(models: Path, tmp_path: Path, capsys:
     with pytest.raises(ValueError, match="full model"):
         api.save(tmp_path / "m", max_shard_size="1GB")
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob("m.*"))
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+
+def test_inspect_shows_a_merged_models_provenance(models: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    assert main(["eval", "--mode", "exact", "--input", f"a={models / 'a'}", "--out", str(tmp_path / "m"),
+                 "--into", str(models / "llama_sharded"), "--", "0.5*a"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    sha = hashlib.sha256((models / "a" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert "made by pemlang" in out and "0.5*a" in out and "exact" in out and sha[:16] in out
+    assert str(models / "llama_sharded") in out and "tiny-org/tiny-llama" in out and "LlamaForCausalLM" in out
+    assert "every one of the" in out
+    shard = sorted((tmp_path / "m").glob("*.safetensors"))[2]  # one shard replaced: said, not hidden
+    with safe_open(str(shard), "pt") as opened:
+        meta = {**opened.metadata(), "pemlang.expression": "a"}
+    save_file(load_file(shard), shard, metadata=meta)
+    assert main(["inspect", str(tmp_path / "m")]) == 0
+    assert "disagree on pemlang.expression" in capsys.readouterr().out
+    assert main(["inspect", str(models / "llama")]) == 0
+    assert "not merged by pemlang" in capsys.readouterr().out
+    shard.write_bytes(shard.read_bytes()[:100])  # a damaged model: a diagnostic, not a traceback
+    assert main(["inspect", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert "error[E035]" in err and "Traceback" not in err
