@@ -320,3 +320,77 @@ def test_inspect_shows_a_merged_models_provenance(models: Path, tmp_path: Path,
     assert main(["inspect", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err
     assert "error[E035]" in err and "Traceback" not in err
+
+
+# -- bases on the Hub ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def hub_cache(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Hugging Face cache (offline) holding the sharded Llama as tiny-org/tiny-llama at commit c…c."""
+    from huggingface_hub import constants
+    from test_hub import cache_repo
+
+    cache = tmp_path / "hf-cache"
+    base = models / "llama_sharded"
+    cache_repo(cache, "tiny-org/tiny-llama", "c" * 40, {p.name: p for p in base.iterdir()}, refs=("main", "v1"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+@pytest.mark.parametrize("written", ["hf://tiny-org/tiny-llama", "hf://tiny-org/tiny-llama@v1",
+                                     f"hf://tiny-org/tiny-llama@{'c' * 40}"])
+def test_a_hub_base_through_the_cache(models: Path, tmp_path: Path, hub_cache: Path, written: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    program = tmp_path / "p.pem"
+    program.write_text(f'input a = "{models / "a"}"\noutput a into "{written}" -> "m"\n', encoding="utf-8")
+    assert main(["check", str(program)]) == 0
+    assert "W008" not in capsys.readouterr().err  # the inputs record tiny-org/tiny-llama: the same model
+    assert main(["run", str(program), "--device", "cpu"]) == 0
+    base = models / "llama_sharded"
+    assert_matches(state(tmp_path / "m"), peft_merged(base, models / "a"), state(base))
+    with safe_open(str(sorted((tmp_path / "m").glob("*.safetensors"))[0]), "pt") as opened:
+        meta = opened.metadata()
+    assert meta["pemlang.into"] == f"hf://tiny-org/tiny-llama@{'c' * 40}"
+    assert meta["pemlang.base_model"] == f"tiny-org/tiny-llama@{'c' * 40}"
+    assert "base_model: tiny-org/tiny-llama" in (tmp_path / "m" / "README.md").read_text()
+
+
+def test_hub_bases_that_cannot_be_used(models: Path, tmp_path: Path, hub_cache: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from test_hub import cache_repo
+
+    cache_repo(hub_cache, "tiny-org/pickled", "d" * 40, {"config.json": models / "llama" / "config.json",
+                                                         "pytorch_model.bin": models / "llama" / "config.json"})
+    cache_repo(hub_cache, "tiny-org/torn", "e" * 40, {"config.json": models / "llama_sharded" / "config.json",
+                                                      "model.safetensors.index.json":
+                                                          models / "llama_sharded" / "model.safetensors.index.json"})
+    for written, code, message in (("hf://tiny-org/absent", "E035", "not in the Hugging Face cache"),
+                                   ("hf://tiny-org/tiny-llama@v9", "E035", "not in the Hugging Face cache"),
+                                   ("hf://not a repo", "E035", "is not a Hub id"),
+                                   ("hf://tiny-org/pickled", "E023", "weights are pickled"),
+                                   ("hf://tiny-org/torn", "E035", "is missing")):
+        program = tmp_path / "p.pem"
+        program.write_text(f'input a = "{models / "a"}"\noutput a into "{written}" -> "m"\n', encoding="utf-8")
+        assert main(["run", str(program), "--device", "cpu"]) == 1, written
+        err = capsys.readouterr().err
+        assert f"error[{code}]" in err and message in err and "Traceback" not in err, (written, err)
+    assert not (tmp_path / "m").exists()
+
+
+def test_only_config_tokenizer_and_weight_files_are_fetched() -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    from pemlang.hub import MODEL_FILES
+
+    repo = ["config.json", "generation_config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "README.md",
+            "pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "flax_model.msgpack", "tf_model.h5",
+            "model.gguf", "onnx/model.onnx", "original/consolidated.00.pth", ".gitattributes"]
+    kept = sorted(filter_repo_objects(repo, allow_patterns=list(MODEL_FILES)))
+    assert kept == sorted(["config.json", "generation_config.json", "model.safetensors.index.json",
+                           "model-00001-of-00002.safetensors", "tokenizer.json", "tokenizer_config.json",
+                           "special_tokens_map.json", "tokenizer.model"])
