@@ -236,15 +236,20 @@ class Program:
                           result.diagnostics, dict(self.dropped))
 
     def save(self, directory: str | Path | None = None, params: Mapping[str, float] | None = None, *,
-             device: str | None = None, dtype: str | None = None, force: bool = False,
-             provenance: Mapping[str, str] | None = None, **kw: float) -> list[Path]:
+             into: str | Path | None = None, device: str | None = None, dtype: str | None = None,
+             force: bool = False, provenance: Mapping[str, str] | None = None,
+             max_shard_size: int | str | None = None, **kw: float) -> list[Path]:
         """Write the outputs as PEFT adapter directories, streaming: each layer goes to disk as it
         is computed, so memory does not grow with the output.
 
         A program whose outputs have directories writes there; `directory` gives the directory of
-        a single-output program compiled without one (an expression). `dtype` (`float16`, …)
-        overrides the program's for this call. `provenance` adds entries (`pemlang.…` keys) to the
-        metadata recorded in the written header."""
+        a single-output program compiled without one (an expression). `into` (a base model
+        directory or `hf://ORG/NAME[@REV]`, relative to the working directory) writes the output
+        merged into that base instead: a full model, as `output x into "BASE" -> "DIR"` does (its
+        warnings, W008, join `warnings`); `max_shard_size` (bytes, or "2GB", "500MB") writes its
+        weights in new shards of at most that size. `dtype` (`float16`, …) overrides the program's
+        for this call. `provenance` adds entries (`pemlang.…` keys) to the metadata recorded in the written
+        header."""
         from dataclasses import replace
 
         from .lower import lower
@@ -252,7 +257,15 @@ class Program:
 
         dtype = self._dtype(dtype)
         checked = self._check({**(params or {}), **kw})
+        if into is not None:
+            checked = self._merged(checked, into, directory)
+            self.warnings.extend(d for d in checked.diagnostics if not d.is_error and d not in self.warnings)
         plan = self._placed(lower(checked, dtype=dtype), directory=directory)
+        if max_shard_size is not None:
+            from .formatting import parse_size
+            from .run import resharded
+
+            plan = resharded(plan, parse_size(max_shard_size))  # ValueError: not a size, or no full model
         if provenance:
             plan = replace(plan, provenance=tuple(sorted(provenance.items())))
         try:
@@ -266,6 +279,26 @@ class Program:
         except PemError as exc:  # the writer's guard, an OS error while writing (E018), E014, E027
             raise CompileError(exc.diagnostics) from None
         return [o.path for o in plan.outputs if o.path is not None]
+
+    @staticmethod
+    def _merged(checked: CheckedProgram, into: str | Path, directory: str | Path | None) -> CheckedProgram:
+        """`checked` with its one output merged into the base model `into` (save(into=…))."""
+        from .check import attach_into
+
+        if isinstance(into, bool) or not isinstance(into, str | os.PathLike):
+            raise TypeError(f"into must be a base model directory (a str or Path), not {type(into).__name__}")
+        if len(checked.outputs) != 1:
+            raise ValueError("into= can be given only for a program with exactly one output (a program file "
+                             "names each output's base with `output x into \"BASE\" -> \"DIR\"`)")
+        out = checked.outputs[0]
+        if directory is None and out.path is None:
+            raise ValueError("this program's output has no directory: pass directory=")
+        path = Path(directory).resolve() if directory is not None else out.path
+        merged = attach_into(checked, os.fspath(into), path, base_dir=Path.cwd(), what="into=")
+        errors = [d for d in merged.diagnostics if d.is_error]
+        if errors:
+            raise CompileError(errors)
+        return merged
 
     @staticmethod
     def _placed(plan: Plan, *, directory: str | Path | None = None, suffix: str | None = None) -> Plan:
@@ -374,8 +407,13 @@ class Program:
         """Before computing any point: every directory of every point passes the writer's guard
         (inputs, existing directories, two points on one directory), and the bytes to write fit
         the free disk space."""
+        from .run import into_refused
         from .writer import destination_problems
 
+        try:
+            into_refused(checked[0].outputs, "a sweep")
+        except PemError as exc:
+            raise CompileError(exc.diagnostics) from None
         destinations = [o.path.with_name(f"{o.path.name}.{suffix}")  # type: ignore[union-attr]
                         for program, suffix in zip(checked, suffixes, strict=True) for o in program.outputs]
         inputs = {name: adapter.path for name, adapter in checked[0].inputs.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import hub
 from .basemodel import BaseModel, BaseModelError, Change, Misfit, changes, read_base
 from .checked import ModuleValue
 from .diagnostics import display_path
@@ -32,12 +33,17 @@ class IntoChecks:
     def _read_into(self, written: str, span: Span, source: Source | None) -> BaseModel | None:  # type: ignore[no-untyped-def]
         """The base model `written` names, read once per directory; None (reported) when it cannot
         be used."""
-        if written.startswith("hf://"):
-            self._error("E035", "a base model on the Hub (hf://) cannot be merged into yet", span, source=source,
-                        hints=["download it first (huggingface-cli download ORG/NAME --local-dir DIR) and name "
-                               "the directory"])
-            return None
-        path = resolve_written(self.base_dir, written)
+        hub_id = None
+        if hub.is_hub(written):  # its config, tokenizer and weights, in the Hub cache as inputs are
+            try:
+                resolved = hub.locate_model(written)
+            except hub.HubError as exc:
+                self._error("E035", f"base model {exc.message}", span, source=source, hints=exc.hints)
+                return None
+            path, hub_id = resolved.directory, f"{resolved.ref.repo}@{resolved.commit}"
+            written = resolved.pinned  # recorded at the commit that was read
+        else:
+            path = resolve_written(self.base_dir, written)
         problem = unusable(path)
         if problem is not None:
             self._error("E035", f"the base model's path cannot be used: {problem}", span, source=source,
@@ -47,7 +53,7 @@ class IntoChecks:
         real = path.resolve()
         if real not in cache:
             try:
-                cache[real] = read_base(path, written)
+                cache[real] = read_base(path, written, hub_id=hub_id)
             except BaseModelError as exc:
                 cache[real] = exc
         found = cache[real]
@@ -132,3 +138,4 @@ class IntoChecks:
                         notes=[f"{m.layer}: {m.target} is {m.dtype}" for m in dtypes[:MISFITS_SHOWN]]
                         + _more(len(dtypes)),
                         hints=["merge into the unquantized base model, then quantize the merged model"])
+

@@ -236,6 +236,100 @@ def read_base(path: Path, written: str, *, hub_id: str | None = None) -> BaseMod
     return BaseModel(path, written, config, tuple(files), index_name, where, identity(path, config, hub_id))
 
 
+# -- the merged model's weight files -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutFile:
+    """One weight file of a merged model: its name, its tensors at their data offsets in it, and the
+    metadata its header starts from (pemlang's provenance is added to it)."""
+
+    name: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    @property
+    def data_size(self) -> int:
+        return max((t.end for t in self.tensors.values()), default=0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The weight files a merged model is written as: the base's own (same names, same tensors at
+    the same offsets, so its index holds), or new shards of at most `max_shard_size` bytes each,
+    in the base's tensor order, with an index of their own when there are several."""
+
+    files: tuple[OutFile, ...]
+    index: str | None  # the index file of the written model (None: a single model.safetensors)
+    max_shard_size: int | None = None  # resharded: the base's index is not copied, a new one is written
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of every tensor together (the headers add a few KiB per file)."""
+        return sum(f.data_size for f in self.files)
+
+    def index_json(self) -> dict[str, Any]:
+        """The index of resharded weights, as transformers writes it."""
+        return {"metadata": {"total_size": self.nbytes},
+                "weight_map": {name: f.name for f in self.files for name in sorted(f.tensors)}}
+
+
+def layout(base: BaseModel, max_shard_size: int | None = None) -> Layout:
+    """The weight files of `base` merged: its own, or (with `max_shard_size`) new shards filled in
+    the base's tensor order, a tensor larger than the size alone in its shard, as transformers'
+    save_pretrained shards; one shard is `model.safetensors`, several `model-0000i-of-0000n.safetensors`."""
+    if max_shard_size is None:
+        return Layout(tuple(OutFile(f.path.name, f.tensors, f.metadata) for f in base.files), base.index)
+    groups: list[list[TensorInfo]] = [[]]
+    size = 0
+    for file in base.files:
+        for info in sorted(file.tensors.values(), key=lambda t: t.begin):
+            if groups[-1] and size + info.nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(info)
+            size += info.nbytes
+    meta = {**(base.files[0].metadata if base.files else {}), "format": "pt"}
+    files = []
+    for number, group in enumerate(groups, 1):
+        name = SINGLE_NAME if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        tensors, position = {}, 0
+        for info in group:
+            tensors[info.key] = TensorInfo(info.key, info.dtype, info.shape, position, position + info.nbytes)
+            position += info.nbytes
+        files.append(OutFile(name, tensors, meta))
+    return Layout(tuple(files), INDEX_NAME if len(groups) > 1 else None, max_shard_size)
+
+
+def merge_summary(base: BaseModel, changes: Iterable[Change], shards: Layout | None = None,
+                  files_shown: int = 8) -> list[str]:
+    """What merging into `base` writes, read from headers only (`check`, `plan`): the weight files
+    with their sizes and how many of their tensors change, and the changed tensors, grouped by
+    block (`model.layers.[0-1].self_attn.q_proj.weight`)."""
+    from .formatting import compact_indices, human_bytes
+
+    shards = shards or layout(base)
+    changed = {c.target for c in changes}
+    count = sum(len(f.tensors) for f in shards.files)
+    plural = "s" if len(shards.files) != 1 else ""
+    how = f"resharded at {human_bytes(shards.max_shard_size)}" if shards.max_shard_size else "as the base is"
+    lines = [f"writes {len(shards.files)} weight file{plural} ({how}), {human_bytes(shards.nbytes)}; "
+             f"{len(changed)} of {count} tensors change, every other is copied byte for byte"]
+    for f in shards.files[:files_shown]:
+        lines.append(f"  {f.name}: {human_bytes(f.data_size)}, {len(changed & f.tensors.keys())} of "
+                     f"{len(f.tensors)} tensors change")
+    if len(shards.files) > files_shown:
+        lines.append(f"  … and {len(shards.files) - files_shown} more")
+    groups: dict[str, list[int]] = {}
+    for name in sorted(changed):
+        match = re.search(r"\.(\d+)\.", name)
+        pattern = name[: match.start(1)] + "{}" + name[match.end(1):] if match else name
+        groups.setdefault(pattern, []).extend([int(match.group(1))] if match else [])
+    shown = [p.format(f"[{compact_indices(i)}]" if len(set(i)) > 1 else i[0]) if i else p for p, i in groups.items()]
+    lines.append("changes: " + (", ".join(shown) if shown else "nothing"))
+    return lines
+
+
 # -- what a module changes in a base ---------------------------------------------------------------
 
 

@@ -822,3 +822,29 @@ def check_source(source: Source, **options) -> CheckedProgram:  # type: ignore[n
 def check_file(path: str | Path, **options) -> CheckedProgram:  # type: ignore[no-untyped-def]
     """Read, parse and check a .pem file."""
     return check_source(read_source(path), **options)
+
+
+def attach_into(checked: CheckedProgram, written: str, out_path: Path | None, *, base_dir: Path,
+                what: str = "into", index: int = 0) -> CheckedProgram:
+    """`checked` with output `index` merged into the base model `written` and written to `out_path`:
+    the checks of `output x into "BASE" -> "DIR"` for the API's `save(into=…)` and the REPL's
+    `:save … --into`, diagnostics about BASE pointing into its text (a source named `what`). An
+    error joins the diagnostics (the output is then left as it was)."""
+    from dataclasses import replace
+
+    out = checked.outputs[index]
+    source = Source(written, what)
+    span = Span(0, len(source.text))
+    checker = Checker(out.source or checked.source, mode=checked.mode, base_dir=base_dir, writes=True,
+                      spelling=checked.spelling)
+    for name, adapter in checked.inputs.items():
+        checker.inputs[name] = adapter
+        checker.input_paths[name] = adapter.path
+        checker.input_reals[name] = adapter.path.resolve()
+    path_source = Source(str(out_path), "directory")
+    merged = checker._check_into(out.value, written, span, out.expr_span or out.span, source, out_path,
+                                 Span(0, len(path_source.text)), path_source)
+    outputs = list(checked.outputs)
+    if merged is not None:
+        outputs[index] = replace(out, path=out_path, into=merged[0], changes=merged[1])
+    return replace(checked, outputs=tuple(outputs), diagnostics=(*checked.diagnostics, *checker.diagnostics))

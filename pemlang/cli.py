@@ -151,12 +151,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     outputs = ", ".join(o.name or o.expression for o in checked.outputs) or "none"
     print(f"ok: {args.file}: mode {checked.mode}, {len(checked.inputs)} input"
           f"{'s' if len(checked.inputs) != 1 else ''}, outputs: {outputs}")
+    for out in checked.outputs:  # a full model: what will be written, from the base's headers
+        if out.into is not None:
+            from .basemodel import merge_summary
+            from .formatting import visible
+
+            print(visible(f"{out.name or out.expression} -> {out.path}: merged into {out.into.written}"))
+            for line in merge_summary(out.into, out.changes):
+                print(visible(f"  {line}"))
     return EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .adapters import AdapterError, read_adapter
-    from .inspection import render_adapter
+    from .inspection import is_model_directory, render_adapter, render_model
 
     location, pinned = args.adapter, None
     if args.adapter.startswith("hf://"):  # an adapter on the Hub: its snapshot in the cache
@@ -169,6 +177,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                            hints=exc.hints)])
             return EXIT_ERRORS
         location, pinned = resolved.directory, resolved.pinned
+    if pinned is None and is_model_directory(os.path.expanduser(location)):  # a model (one pemlang merged?)
+        from .basemodel import BaseModelError, read_base
+
+        try:
+            render_model(read_base(Path(os.path.expanduser(location)), location))
+        except BaseModelError as exc:
+            _report([error(exc.code, exc.message.replace("the base model", "the model"), notes=exc.notes,
+                           hints=exc.hints)])
+            return EXIT_ERRORS
+        return EXIT_OK
     try:
         adapter = read_adapter(location, allow_pickle=args.allow_pickle)
     except AdapterError as exc:
@@ -223,6 +241,15 @@ def _heads(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected `drop` or `from NAME`, got {text!r}")
 
 
+def _size(text: str) -> int:
+    from .formatting import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -250,9 +277,12 @@ def _check_program(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _execute_and_write(checked, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     from .diagnostics import PemError
     from .lower import lower
-    from .run import stream, summary_line
+    from .run import resharded, stream, summary_line
 
-    plan = lower(checked, dtype=args.dtype)
+    try:
+        plan = resharded(lower(checked, dtype=args.dtype), args.max_shard_size)
+    except ValueError as exc:  # --max-shard-size without an output merged into a base
+        raise UsageError(str(exc)) from None
     total = sum(len(out.layers) for out in plan.outputs)
     try:
         with LayerProgress(total) as advance:
@@ -500,6 +530,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.sweep:
+        if args.max_shard_size is not None:
+            raise UsageError("--max-shard-size applies to a full model (`into`), which a sweep does not write")
         return cmd_sweep(args)
     checked, failed = _check_program(args)
     if failed:
@@ -675,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-rank", type=_positive_int, default=None, metavar="N",
                        help="refuse an output whose rank is above N at any layer (a serving stack's limit, e.g. "
                             "vLLM's max_lora_rank; the error shows the svd that fits); overrides a config's max_rank")
+        p.add_argument("--max-shard-size", type=_size, default=None, metavar="SIZE",
+                       help="a full model (`into`): write its weights in new shards of at most SIZE (2GB, 500MB, "
+                            "1.5GiB, bytes) with an index, rather than as the base's files")
 
     run = commands.add_parser("run", help="evaluate a program and write its outputs")
     program_options(run, writes=True)

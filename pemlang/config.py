@@ -69,6 +69,9 @@ class OutputSpec(BaseModel):
     expression: str = Field(description="an expression over the inputs, params and functions, as in a .pem program "
                             "(see 'A program' in the README)")
     path: str = Field(description="the output adapter directory, relative to the config file")
+    into: str | None = Field(None, min_length=1, description="a base model directory (or hf://ORG/NAME[@REV]) to "
+                             "merge the output into: `path` is then a full model (see 'Merging into the base "
+                             "model' in the README)")
 
 
 class PemConfig(BaseModel):
@@ -91,7 +94,10 @@ class PemConfig(BaseModel):
                                           "(see 'Two meanings of `+`' in the README)")
     expression: str | None = Field(None, description="one expression (with `output`, or evaluated via the API)")
     output: str | None = Field(None, description="the directory `expression` is written to")
-    outputs: list[OutputSpec] | None = Field(None, description="several outputs: [{expression, path}]")
+    into: str | None = Field(None, min_length=1, description="with `output`: a base model directory (or "
+                             "hf://ORG/NAME[@REV]) to merge `expression` into, `output` then a full model (see "
+                             "'Merging into the base model' in the README)")
+    outputs: list[OutputSpec] | None = Field(None, description="several outputs: [{expression, path[, into]}]")
     program: str | None = Field(None, description="the text of a .pem program")
     device: Annotated[str | None, AfterValidator(_device_index)] = Field(
         None, pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N (default auto)")
@@ -599,6 +605,10 @@ def structure_problems(config: PemConfig, located: Located | None = None) -> lis
     if config.output is not None and config.expression is None:
         problems.append(at(("output",), "`output` goes with `expression`",
                            hints=["with `outputs` or `program`, each output names its own directory"]))
+    if config.into is not None and config.output is None:
+        problems.append(at(("into",), "`into` goes with `expression` and `output`",
+                           hints=["`outputs` entries take their own `into`; a `program` writes "
+                                  "`output x into \"BASE\" -> \"DIR\"`"]))
     if config.program is not None and config.heads is not None:
         problems.append(at(("heads",), "`heads` goes in the program text with `program`",
                            hints=["write `heads drop` or `heads from NAME` as a statement of the program"]))
@@ -691,13 +701,13 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
         checker.source = e.source
         for stmt in statements.statements:
             checker.statement(stmt)
-    outputs: list[tuple[Embedded, str | None, Key]] = []
+    outputs: list[tuple[Embedded, str | None, Key, str | None]] = []
     if config.expression is not None and main_source is not None:
-        outputs.append((main_source, config.output, ("output",)))
+        outputs.append((main_source, config.output, ("output",), config.into))
     for i, spec in enumerate(config.outputs or ()):
         outputs.append((embed(("outputs", i, "expression"), spec.expression, "expression"), spec.path,
-                        ("outputs", i, "path")))
-    for e, directory, path in outputs:
+                        ("outputs", i, "path"), spec.into))
+    for e, directory, path, into in outputs:
         expr, errors = parse_expression(e.source)
         checker.diagnostics.extend(errors)
         if expr is None:
@@ -705,8 +715,10 @@ def check_config(located: Located, *, overrides: Sequence[Any] = (), force: bool
         checker.source = e.source
         if directory is None:
             checker.add_output(expr, None, expr.span, expr.span)
-        else:
-            checker.add_output(expr, directory, located.value_span(path) or Span(0, 0), expr.span, path_source=host)
+        else:  # `into:` beside the output's path: its diagnostics point at that line
+            into_span = located.value_span((*path[:-1], "into")) if into is not None else None
+            checker.add_output(expr, directory, located.value_span(path) or Span(0, 0), expr.span, path_source=host,
+                               into=into, into_span=into_span or Span(0, 0), into_source=host)
     if main_source is not None:
         checker.source = main_source.source
     checker.finish(require_output=require_output and config.expression is None)

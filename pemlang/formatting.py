@@ -60,3 +60,32 @@ def dropped_text(call: str, layers: int, largest: float, mean: float) -> str:
     if largest < 1e-12:  # nothing but rounding (a rank at or above the argument's)
         return f"{call} dropped nothing of ‖ΔW‖² {over}"
     return f"{call} dropped {share_text(largest)} of ‖ΔW‖² at most, {share_text(mean)} on average {over}"
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MAX_SIZE = 2**63 - 1  # a safetensors offset is a u64; a file system's largest file is below this
+
+
+def parse_size(text: object) -> int:
+    """A size as transformers' `max_shard_size` takes it: a whole number of bytes, or a number with a
+    unit (`2GB` = 2·10⁹ bytes, `500MB`, `1.5GiB` = 1.5·2³⁰, `100KB`), case-insensitive. ValueError
+    for anything else, for 0 or less, or above 2⁶³ − 1 bytes."""
+    import re
+    from decimal import Decimal, InvalidOperation
+
+    if isinstance(text, bool) or not isinstance(text, int | str):
+        raise ValueError(f"a size is a number of bytes or a text like 2GB or 500MB, not {text!r}")
+    match = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([kmgt]i?b|b)?\s*", str(text), flags=re.I)
+    if match is None:
+        raise ValueError(f"{str(text)!r} is not a size: give a number of bytes or a number with a unit "
+                         "(2GB, 500MB, 1.5GiB, 100KB)")
+    try:
+        size = int(Decimal(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+    except InvalidOperation:  # pragma: no cover - the pattern admits only decimal numbers
+        raise ValueError(f"{str(text)!r} is not a size") from None
+    if size < 1:
+        raise ValueError(f"{str(text)!r} is less than one byte: a size must be at least 1 byte")
+    if size > MAX_SIZE:
+        raise ValueError(f"{str(text)!r} is larger than any file can be (at most {MAX_SIZE} bytes)")
+    return size

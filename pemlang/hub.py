@@ -140,6 +140,55 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False, headers_only: bool = Fal
     return Resolved(ref, config.parent, _commit_of(config, ref))
 
 
+# What a merged model needs of its base on the Hub (`output x into "hf://…"`): its config, its
+# tokenizer and its safetensors weights, never the rest of the repository (pickles, other formats).
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "model-*.safetensors", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+               "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template.*",
+               "preprocessor_config.json")
+
+
+def locate_model(text: str) -> Resolved:
+    """`hf://org/name[/sub][@rev]` → the snapshot directory of a base model in the Hub cache, with
+    only MODEL_FILES fetched (or found cached); HubError as for adapters."""
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
+
+    ref = parse(text)
+    where = f"{ref.repo}" + (f"/{ref.subfolder}" if ref.subfolder else "") + (f"@{ref.revision}" if ref.revision else "")
+    patterns = [f"{ref.subfolder}/{p}" if ref.subfolder else p for p in MODEL_FILES]
+    try:
+        reach(ref.repo, f"{ref.subfolder}/config.json" if ref.subfolder else "config.json", ref.revision)
+        snapshot = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns,
+                                          etag_timeout=_timeout()))
+    except hub_errors.GatedRepoError:
+        raise HubError(f"{where} is gated: its owner must grant you access",
+                       ("accept its terms on the Hub, then log in: `huggingface-cli login` (or set HF_TOKEN)",)) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise HubError(f"no repository {ref.repo} on the Hub (or it is private)",
+                       ("check the name; for a private repository log in: `huggingface-cli login` (or set HF_TOKEN)",)
+                       ) from None
+    except hub_errors.RevisionNotFoundError:
+        raise HubError(f"{ref.repo} has no revision {ref.revision!r}", ("give a branch, tag or commit of the repository",)
+                       ) from None
+    except (hub_errors.LocalEntryNotFoundError, FileNotFoundError):
+        if _offline():
+            raise HubError(f"{where} is not in the Hugging Face cache, and downloading is off (HF_HUB_OFFLINE)",
+                           ("unset HF_HUB_OFFLINE to download it, or fetch it once where there is a connection",)
+                           ) from None
+        raise HubError(f"{where} could not be downloaded (no connection?) and is not in the cache",
+                       UNREACHABLE_HINTS) from None
+    except Unreachable as exc:
+        raise HubError(f"{where} could not be downloaded ({exc}) and is not in the cache", UNREACHABLE_HINTS
+                       ) from None
+    except (hub_errors.HfHubHTTPError, OSError, ValueError) as exc:
+        from .diagnostics import first_line
+
+        raise HubError(f"cannot fetch {where}: {first_line(exc)}") from None
+    commit = snapshot.name if _COMMIT.fullmatch(snapshot.name) else (ref.revision or "unknown")
+    return Resolved(ref, snapshot / ref.subfolder if ref.subfolder else snapshot, commit)
+
+
 UNREACHABLE_HINTS = ("check the connection (and HF_ENDPOINT, if set); to work from the cache alone, without "
                      "trying the network, set HF_HUB_OFFLINE=1",
                      "or set HF_HUB_CACHE to a cache that holds it")

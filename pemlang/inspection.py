@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from .adapters import Adapter
+from .basemodel import BaseModel
 from .formatting import compact_indices, human_bytes, visible
 from .types import LoraLayer, describe_heads
 
@@ -152,3 +153,63 @@ def render_adapter(adapter: Adapter, console=None) -> None:  # type: ignore[no-u
     if adapter.truncated:
         console.print(f"[bold red]truncated:[/bold red] the header promises "
                       f"{adapter.data_start + adapter.data_bytes_expected} bytes, the file has {adapter.file_size}")
+
+
+def is_model_directory(path: object) -> bool:
+    """Whether `path` is a model directory (config.json, no adapter_config.json): `inspect` then
+    shows the model, and where pemlang merged it, how."""
+    from pathlib import Path
+
+    directory = Path(str(path))
+    return (directory / "config.json").is_file() and not (directory / "adapter_config.json").exists()
+
+
+def render_model(base: BaseModel, console=None) -> None:  # type: ignore[no-untyped-def]
+    """Print a model directory from its config and weight headers: architecture, weight files,
+    tensors, dtypes; for a model pemlang merged (`output x into`), the provenance its weight files
+    record — the same in every one of them, or which fields differ."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console.print(_text(base.path, "bold"))
+    tensors = [info for f in base.files for info in f.tensors.values()]
+    dtypes: dict[str, int] = {}
+    for info in tensors:
+        dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
+    architectures = base.config.get("architectures")
+    facts = [
+        ("kind", "a model (config.json and safetensors weights)"),
+        ("architecture", ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures
+         else str(base.config.get("model_type") or "-")),
+        ("recorded name", base.identity.name or "not recorded"),
+        ("weights", f"{len(base.files)} file{'s' if len(base.files) != 1 else ''}"
+                    + (f" ({base.index})" if base.index else "") + f", {human_bytes(base.nbytes)} in "
+                    f"{len(tensors)} tensors"),
+        ("dtypes", ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())) or "-"),
+    ]
+    summary = Table.grid(padding=(0, 2))
+    for label, value in facts:
+        summary.add_row(_text(label, "dim"), _text(value))
+    console.print(summary)
+    first = base.files[0].metadata if base.files else {}
+    if "pemlang.into" not in first:
+        console.print(_text("not merged by pemlang: its weight files record no pemlang provenance", "dim"))
+        return
+    rows = [("merged into", first.get("pemlang.into", "")), ("base model", first.get("pemlang.base_model") or "-"),
+            *provenance_rows(first)]
+    grid = Table.grid(padding=(0, 2))
+    for label, value in rows:
+        grid.add_row(_text(label, "dim"), _text(value))
+    console.print("[bold]made by pemlang[/bold] (a module merged into its base model)")
+    console.print(grid)
+    ours = {k: v for k, v in first.items() if k.startswith("pemlang.")}
+    differ = sorted({k for f in base.files[1:] for k in set(ours) | {k for k in f.metadata if k.startswith("pemlang.")}
+                     if f.metadata.get(k) != ours.get(k)})
+    if differ:
+        console.print(_text(f"the weight files disagree on {', '.join(differ)}: they were not written together "
+                            "(a file replaced since?)", "bold red"))
+    elif len(base.files) > 1:
+        console.print(_text(f"every one of the {len(base.files)} weight files records the same", "dim"))

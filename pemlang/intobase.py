@@ -2,7 +2,9 @@
 
 Each of the base's weight files becomes a file of the same name in the staging directory, laid out
 before anything is computed: the same header (tensor names, dtypes, shapes, data offsets) with
-pemlang's provenance added to its metadata, so the base's index still holds. The tensors the module
+pemlang's provenance added to its metadata, so the base's index still holds. With a max shard size
+(`--max-shard-size`) the tensors go, in the base's order, into new shards with a new index instead
+(basemodel.layout). The tensors the module
 leaves alone are copied byte for byte first (copy_file_range: the kernel moves the bytes); then,
 as the backend hands over each output layer's factors (the sink of `TorchBackend.run`), the one
 base tensor it changes is read, W + ΔW computed in fp32 (ΔW = s·B·A, transposed for a Conv1D
@@ -27,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .basemodel import CARD_NAME, BaseFile, Change
+from .basemodel import CARD_NAME, INDEX_NAME, BaseFile, Change, OutFile, layout
 from .diagnostics import PemError, display_path, error
 from .plan import PEFT_PREFIX, OutputPlan
 from .types import TORCH_DTYPE_NAMES
@@ -39,9 +41,9 @@ TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_D
 _LORA_A, _LORA_B, _IA3 = ".lora_A.weight", ".lora_B.weight", ".ia3_l"
 
 
-def shard_header(file: BaseFile, meta: Mapping[str, str], length: int | None = None) -> bytes:
-    """A base file's header with `meta` added to its metadata: the same tensors at the same data
-    offsets. Padded with spaces to `length` (an exact fit is required), or to a multiple of 8 with
+def shard_header(file: BaseFile | OutFile, meta: Mapping[str, str], length: int | None = None) -> bytes:
+    """A weight file's header with `meta` added to its metadata: its tensors at their data offsets.
+    Padded with spaces to `length` (an exact fit is required), or to a multiple of 8 with
     HEADER_ROOM to spare."""
     header: dict[str, Any] = {"__metadata__": {**file.metadata, **meta}}
     for name, info in file.tensors.items():
@@ -87,6 +89,7 @@ class MergedModel:
     def __init__(self, staging: Path, out: OutputPlan, meta: Mapping[str, str], destination: Path | None = None):
         assert out.into is not None
         self.base = out.into
+        self.shards = out.shards or layout(self.base)
         self.staging = staging
         self.out = out
         self.destination = destination
@@ -96,36 +99,46 @@ class MergedModel:
         for change in out.changes:
             self.by_layer.setdefault(change.layer, []).append(change)
         self.pending = {change.target for change in out.changes}
-        self.sources: list[int] = []
-        self.targets: list[int] = []
+        self.placed = {name: number for number, file in enumerate(self.shards.files) for name in file.tensors}
+        self.sources: list[int] = []  # the base's files, read
+        self.targets: list[int] = []  # the written files
         self.starts: list[int] = []  # where each written file's data begins
         self.lengths: list[int] = []  # each written header's length (without its 8-byte prefix)
         try:
             for file in self.base.files:
+                self.sources.append(os.open(file.path, os.O_RDONLY))
+            for file in self.shards.files:
                 self._lay_out(file, meta)
         except BaseException:
             self.close()
             raise
 
-    def _lay_out(self, file: BaseFile, meta: Mapping[str, str]) -> None:
-        """Open the base file, create its merged copy with the full header, and copy every tensor the
-        module leaves alone (the changed ones are written as their layers arrive)."""
-        self.sources.append(os.open(file.path, os.O_RDONLY))
-        target = os.open(self.staging / file.path.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    def _lay_out(self, file: OutFile, meta: Mapping[str, str]) -> None:
+        """Create a written file with its full header, and copy every tensor the module leaves alone
+        (the changed ones are written as their layers arrive): runs of tensors that lie one after
+        the other in a base file and in this one are copied in one go."""
+        target = os.open(self.staging / file.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.targets.append(target)
         header = shard_header(file, meta)
         self.lengths.append(len(header) - 8)
         self.starts.append(len(header))
-        data_size = max((t.end for t in file.tensors.values()), default=0)
-        os.ftruncate(target, len(header) + data_size)
+        os.ftruncate(target, len(header) + file.data_size)
         os.pwrite(target, header, 0)
-        shift = len(header) - file.data_start
-        position = 0
+        run: list[int] = []  # [source number, source begin, target begin, length]
         for info in sorted(file.tensors.values(), key=lambda t: t.begin):
             if info.key in self.pending:
-                _copy_range(self.sources[-1], target, file.data_start + position, file.data_start + info.begin, shift)
-                position = info.end
-        _copy_range(self.sources[-1], target, file.data_start + position, file.data_start + data_size, shift)
+                continue
+            number = self.base.where[info.key]
+            base_file = self.base.files[number]
+            begin = base_file.data_start + base_file.tensors[info.key].begin
+            if run and run[0] == number and run[1] + run[3] == begin and run[2] + run[3] == len(header) + info.begin:
+                run[3] += info.nbytes
+                continue
+            if run:
+                _copy_range(self.sources[run[0]], target, run[1], run[1] + run[3], run[2] - run[1])
+            run = [number, begin, len(header) + info.begin, info.nbytes]
+        if run:
+            _copy_range(self.sources[run[0]], target, run[1], run[1] + run[3], run[2] - run[1])
 
     # -- the sink's side ---------------------------------------------------------------------------
 
@@ -186,9 +199,10 @@ class MergedModel:
                 notes=[f"{display_path(self.base.path)}: W + ΔW exceeds the largest {info.dtype} number"],
                 hints=["use smaller coefficients, or merge into a base of a wider dtype; nothing was written"])])
         out = memoryview(merged.reshape(-1).view(torch.uint8).numpy()).cast("B")
-        offset = self.starts[number] + info.begin
+        written = self.placed[target]
+        offset = self.starts[written] + self.shards.files[written].tensors[target].begin
         while out:
-            count = os.pwrite(self.targets[number], out, offset)
+            count = os.pwrite(self.targets[written], out, offset)
             out, offset = out[count:], offset + count
         self.pending.discard(target)
 
@@ -199,13 +213,17 @@ class MergedModel:
         flushed to disk. `config` (the adapter's) is not written: a merged model has the base's."""
         if self.pending:
             raise AssertionError(f"{len(self.pending)} base tensors were never merged, e.g. {sorted(self.pending)[0]}")
-        for number, file in enumerate(self.base.files):
+        for number, file in enumerate(self.shards.files):
             os.pwrite(self.targets[number], shard_header(file, meta, self.lengths[number]), 0)
             os.fsync(self.targets[number])
         self.close()
         for source in self.base.other_files():
-            target = self.staging / source.name
-            shutil.copyfile(source, target)
+            if self.shards.max_shard_size is not None and source.name == INDEX_NAME:
+                continue  # resharded: the base's index names other files
+            shutil.copyfile(source, self.staging / source.name)
+        if self.shards.max_shard_size is not None and self.shards.index is not None:
+            (self.staging / self.shards.index).write_text(json.dumps(self.shards.index_json(), indent=2) + "\n",
+                                                          encoding="utf-8")
         architectures = self.base.config.get("architectures") or []
         (self.staging / CARD_NAME).write_text(
             merged_card(self.base.identity.name or config.get("base_model_name_or_path"),
@@ -227,7 +245,8 @@ def merge_metadata(meta: Mapping[str, str], out: OutputPlan) -> dict[str, str]:
     assert out.into is not None
     identity = out.into.identity
     return {**meta, "pemlang.into": out.into.written,
-            "pemlang.base_model": (identity.name or "") + (f"@{identity.revision}" if identity.revision else "")}
+            "pemlang.base_model": (identity.name or out.config.get("base_model_name_or_path") or "")
+            + (f"@{identity.revision}" if identity.revision else "")}
 
 
 def merged_card(base: str | None, architectures: Sequence[str], meta: Mapping[str, str]) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import ast
 from .adapters import config_owner
-from .basemodel import BaseModel, Change
+from .basemodel import BaseModel, Change, layout
 from .checked import CallRef, CheckedOutput, CheckedProgram, InputRef, ModuleValue, Term
 from .diagnostics import Diagnostic, error
 from .operators import OPERATORS, low_rank
@@ -285,7 +285,8 @@ def merged_output(out: OutputPlan, base: BaseModel, changes: Sequence[Change]) -
                                .tensors[change.target].begin) for change in changes if change.how != "ia3_bias"}
     steps = sorted((replace(step, dtype="F32") for step in out.layers), key=lambda s: position.get(s.key, (0, 0)))
     heads = sorted((replace(head, dtype="F32") for head in out.heads), key=lambda h: position.get(h.key, (0, 0)))
-    return replace(out, layers=tuple(steps), heads=tuple(heads), into=base, changes=tuple(changes))
+    return replace(out, layers=tuple(steps), heads=tuple(heads), into=base, changes=tuple(changes),
+                   shards=layout(base))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

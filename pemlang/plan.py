@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .adapters import Adapter
-from .basemodel import BaseModel, Change
+from .basemodel import BaseModel, Change, Layout, merge_summary
 from .formatting import compact_indices, human_bytes
 
 LayerOp = Literal["paper", "concat", "ia3"]
@@ -112,6 +112,7 @@ class OutputPlan:
     # the layer steps then come in fp32 (ΔW is added in fp32, cast once to each tensor's dtype).
     into: BaseModel | None = field(default=None, compare=False, repr=False)
     changes: tuple[Change, ...] = field(default=(), compare=False, repr=False)
+    shards: Layout | None = field(default=None, compare=False, repr=False)  # its weight files (--max-shard-size)
 
 
 @dataclass(frozen=True)
@@ -423,4 +424,9 @@ def format_plan(plan: Plan, console=None) -> None:  # type: ignore[no-untyped-de
         console.print(layers)
         console.print(f"  heads: {escape(out.heads_note)}")
         at_most = "at most " if any(step.adaptive for step in out.layers) else ""
+        if out.into is not None:  # a full model: its weight files, and the tensors that change
+            console.print(f"  merged into {escape(out.into.written)}; reads {_bytes(out.bytes_read)} of factors")
+            for line in merge_summary(out.into, out.changes, out.shards):
+                console.print(f"  {escape(line)}")
+            continue
         console.print(f"  reads {_bytes(out.bytes_read)}, writes {at_most}{_bytes(out.bytes_written)}")

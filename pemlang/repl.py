@@ -44,13 +44,15 @@ COMMANDS = {
     ":inspect": ":inspect NAME|DIR   an input adapter's signature: kind, base, layers, ranks, sizes",
     ":load": ":load FILE.pem      run a program's statements in this session (outputs are not written)",
     ":set": ":set NAME=VALUE     give a param a new value",
-    ":save": ":save EXPR DIR [--force]   evaluate and write a PEFT adapter directory",
+    ":save": ":save EXPR DIR [--into BASE] [--force]   evaluate and write a PEFT adapter directory (with --into, "
+             "a full model: EXPR merged into the base model BASE)",
     ":names": ":names             the inputs, params and bindings in scope",
     ":help": ":help              this help",
     ":quit": ":quit              leave (also Ctrl-D)",
 }
 HELP = """Statements as in a .pem file: `input NAME = "DIR"`, `param NAME = NUMBER`, `NAME = EXPR`,
-`output EXPR -> "DIR"` (evaluated and written at once), `mode exact`, `heads from NAME`.
+`output EXPR -> "DIR"` and `output EXPR into "BASE" -> "DIR"` (evaluated and written at once), `mode exact`,
+`heads from NAME`.
 A bare expression prints its type. Commands:
 """ + "\n".join(f"  {text}" for text in COMMANDS.values())
 
@@ -320,9 +322,10 @@ class Session:
         return _shift(expr, span.start)
 
     def _checked(self, source: Source, expr: ast.Expr, directory: str | None, path_span: Span,
-                 *, force: bool = False) -> CheckedProgram:
+                 *, force: bool = False, into: tuple[str, Span] | None = None) -> CheckedProgram:
         checker = self.checker(source, force=force)
-        checker.add_output(expr, directory, path_span, expr.span, path_source=source)
+        checker.add_output(expr, directory, path_span, expr.span, path_source=source,
+                           into=into[0] if into else None, into_span=into[1] if into else None, into_source=source)
         checked = checker.result()
         if any(d.is_error for d in checked.diagnostics):
             raise PemError(checked.diagnostics)
@@ -408,24 +411,37 @@ class Session:
         self.say(f"{name.strip()} = {number:g}")
 
     def cmd_save(self, source: Source, rest: str, span: Span) -> None:
-        self._needs(source, rest, "an expression and a directory", ":save EXPR DIR [--force]")
-        body, force = rest, False
-        while (flag := re.search(r"\s(--[^\s\"]*)$", body)) is not None:  # options after DIR
-            if flag.group(1) != "--force":
-                at = span.start + flag.start(1)
-                raise PemError([error("E020", f"unknown option `{flag.group(1)}` of :save", source,
-                                      Span(at, at + len(flag.group(1))),
-                                      hints=did_you_mean(flag.group(1), ["--force"])
-                                      or ["usage: :save EXPR DIR [--force]"])])
-            body, force = body[: flag.start()].rstrip(), True
+        usage = ":save EXPR DIR [--into BASE] [--force]"
+        self._needs(source, rest, "an expression and a directory", usage)
+        body, force, into = rest, False, None
+        while True:  # options after DIR: --force, --into BASE (or --into=BASE; BASE may be quoted)
+            base = re.search(r'\s--into(?:=|\s+)("[^"]*"|[^\s"-]\S*)$', body)
+            flag = base or re.search(r"\s(--[^\s\"]*)$", body)
+            if flag is None:
+                break
+            at = Span(span.start + flag.start(1), span.start + flag.end(1))
+            if base is not None and into is not None:
+                raise PemError([error("E020", "option `--into` of :save is given twice", source, at)])
+            if base is not None:
+                into = (base.group(1).strip('"'), at)
+            elif flag.group(1) in ("--into", "--into="):
+                raise PemError([error("E020", "option `--into` of :save needs a base model directory", source, at,
+                                      hints=[f"usage: {usage}"])])
+            elif flag.group(1) == "--force":
+                force = True
+            else:
+                raise PemError([error("E020", f"unknown option `{flag.group(1)}` of :save", source, at,
+                                      hints=did_you_mean(flag.group(1), ["--force", "--into"])
+                                      or [f"usage: {usage}"])])
+            body = body[: flag.start()].rstrip()
         match = re.fullmatch(r'(.*?)\s+("[^"]*"|\S+)', body, flags=re.S)
         if match is None or not match.group(1).strip():
             raise PemError([error("E020", ":save needs an expression and a directory", source, span,
-                                  hints=["usage: :save EXPR DIR [--force]"])])
+                                  hints=[f"usage: {usage}"])])
         directory = match.group(2).strip('"')
         expr = self._expression(source, Span(span.start, span.start + len(match.group(1).rstrip())))
         path_span = Span(span.start + match.start(2), span.start + match.end(2))
-        checked = self._checked(source, expr, directory, path_span, force=force)
+        checked = self._checked(source, expr, directory, path_span, force=force, into=into)
         self.write(checked, force=force)
 
     def cmd_names(self, source: Source, rest: str, span: Span) -> None:
@@ -441,7 +457,7 @@ class Session:
     def write(self, checked: CheckedProgram, *, force: bool) -> None:
         from .backend import resolve_device
         from .backend.torch_backend import TensorCache
-        from .run import execute, summary_line, write_outputs
+        from .run import execute, stream, summary_line, write_outputs
         from .writer import OutputExists
 
         try:
@@ -452,11 +468,15 @@ class Session:
             return
         if self.tensors is None:
             self.tensors = TensorCache()
-        result = execute(checked, device=self.device, cache=self.tensors)
-        self.report(result.diagnostics)
+        protect = {"the session's history file": self.history} if self.history else None
         try:
-            write_outputs(result, force=force,
-                          protect={"the session's history file": self.history} if self.history else None)
+            if any(out.into is not None for out in checked.outputs):  # a full model: streamed, as `run` writes it
+                result = stream(checked, device=self.device, force=force, protect=protect)
+                self.report(result.diagnostics)
+            else:
+                result = execute(checked, device=self.device, cache=self.tensors)
+                self.report(result.diagnostics)
+                write_outputs(result, force=force, protect=protect)
         except OutputExists as exc:
             raise PemError([error("E018", "output directory already exists", notes=[str(exc)],
                                   hints=["add --force to replace it"])]) from None

@@ -185,7 +185,8 @@ def measure_paper(program: CheckedProgram, *, device: str = "auto", dtype: str |
 
 
 def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None = None, force: bool = False,
-           on_layer: Callable[[], None] | None = None, plan: Plan | None = None) -> RunResult:
+           on_layer: Callable[[], None] | None = None, plan: Plan | None = None,
+           protect: Mapping[str, Path] | None = None) -> RunResult:
     """Evaluate and write every output that has a directory, streaming: each output's file is laid
     out from the plan, every layer goes to disk as soon as it is computed (while the next one
     computes), and the inputs are hashed as they are read. Memory holds about one layer of every
@@ -193,7 +194,8 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
     back in `tensors` (in memory), the others as empty dicts.
 
     Every destination passes the writer's guard first; all outputs are staged and swapped into
-    place only when every one is complete and finite, so an error (E014, E027, E018) writes nothing."""
+    place only when every one is complete and finite, so an error (E014, E027, E018) writes nothing.
+    `protect` names more files (the REPL's history) that no output may replace or contain."""
     from . import interrupts
 
     with interrupts.deferred():  # Ctrl-C while torch imports waits for the import, then stops the run
@@ -207,7 +209,7 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
     destinations = [(index, out) for index, out in enumerate(plan.outputs) if out.path is not None]
     bases = {out.into.written: out.into.path for _, out in destinations if out.into is not None}
     guard([out.path for _, out in destinations if out.path is not None],
-          {name: item.path for name, item in plan.inputs.items()}, force=force, bases=bases)
+          {**{name: item.path for name, item in plan.inputs.items()}, **(protect or {})}, force=force, bases=bases)
     placeholder = {name: "0" * 64 for name in plan.inputs}  # a sha256 is 64 hex digits: the header's length is fixed
     with staged([out.path for _, out in destinations if out.path is not None], force=force,
                 protect=[item.path for item in plan.inputs.values()] + list(bases.values())) as (stagings, writer):
@@ -254,6 +256,20 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
     return RunResult(plan, tensors, diagnostics, note, time.perf_counter() - start, report_dropped)
 
 
+def resharded(plan: Plan, max_shard_size: int | None) -> Plan:
+    """The plan with its full models (`into`) written in new shards of at most `max_shard_size`
+    bytes (`--max-shard-size`); ValueError when no output is merged into a base."""
+    if max_shard_size is None:
+        return plan
+    if not any(out.into is not None for out in plan.outputs):
+        raise ValueError("a max shard size applies to a full model: an output merged into its base "
+                         "(`output x into \"BASE\" -> \"DIR\"`, --into BASE)")
+    from .basemodel import layout
+
+    return replace(plan, outputs=tuple(replace(out, shards=layout(out.into, max_shard_size))
+                                       if out.into is not None else out for out in plan.outputs))
+
+
 def output_entries(out: OutputPlan) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Every tensor an output will have: PEFT key → (safetensors dtype, shape), from the plan alone."""
     from .plan import tensor_key
@@ -280,12 +296,7 @@ def write_outputs(result: RunResult, *, force: bool = False, protect: Mapping[st
     names more files (the REPL's history) that no output may replace or contain."""
     from .writer import guard, metadata, write_adapter
 
-    merged = [out for out in result.plan.outputs if out.into is not None]
-    if merged:  # written only by `stream`: never as an adapter in its place
-        raise PemError([error("E024", f"`into` ({merged[0].into.written}) is written by `pemlang run` and "  # type: ignore[union-attr]
-                              "`pemlang eval` only, not yet by a sweep, the REPL or the API",
-                              notes=[f"output {merged[0].name or merged[0].expression}"],
-                              hints=["write it with `pemlang run FILE.pem` (or `pemlang eval ... --into BASE`)"])])
+    into_refused(result.plan.outputs, "this way of writing")  # written only by `stream`: never as an adapter
     outputs = [(index, out, tensors) for index, (out, tensors) in
                enumerate(zip(result.plan.outputs, result.tensors, strict=True)) if out.path is not None]
     guard([out.path for _, out, _ in outputs if out.path is not None],
@@ -299,6 +310,18 @@ def write_outputs(result: RunResult, *, force: bool = False, protect: Mapping[st
                       protect=[item.path for item in result.plan.inputs.values()])
         written.append(out.path)
     return written
+
+
+def into_refused(outputs: Sequence[Any], who: str) -> None:
+    """E024 when one of `outputs` (checked or planned) is merged into a base model: `who` (a sweep)
+    does not write full models, and never writes an adapter in a merged model's place."""
+    merged = [out for out in outputs if out.into is not None]
+    if merged:
+        raise PemError([error("E024", f"{who} does not merge into a base model (`into` {merged[0].into.written}): "
+                              "each point would be a whole model",
+                              notes=[f"output {merged[0].name or merged[0].expression}"],
+                              hints=["write one point at a time with `pemlang run FILE.pem --set NAME=VALUE` (or "
+                                     "`pemlang eval ... --into BASE`, `Program.save(DIR, into=BASE)`)"])])
 
 
 def summary_line(out: OutputPlan, lost: Sequence[Dropped] = ()) -> str:
