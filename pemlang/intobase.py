@@ -36,7 +36,7 @@ from .writer import _digest, _dropped_lines, _fenced_text, _heading, _text, prov
 
 HEADER_ROOM = 1024  # spaces reserved in each header: the final provenance (the inputs' hashes) goes in last
 COPY_CHUNK = 1 << 24  # bytes per copy_file_range call (and per read/write where the kernel cannot)
-BLOCK_ELEMENTS = 1 << 20  # elements of a LoRA-changed base tensor merged at a time (4 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 22  # elements of a LoRA-changed base tensor merged at a time (16 MiB in fp32)
 TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPE_NAMES.items()}
 _LORA_A, _LORA_B, _IA3 = ".lora_A.weight", ".lora_B.weight", ".ia3_l"
 
@@ -79,6 +79,13 @@ def _copy_range(source: int, target: int, begin: int, end: int, shift: int) -> N
                 view, offset = view[written:], offset + written
             done = len(data)
         position += done
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite. Their sum is when they are (an inf or nan never sums to a
+    finite number), and costs a tenth of isfinite; the element-wise check only where the sum is
+    not (a non-finite element, or large finite ones overflowing the sum)."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def _pread_all(fd: int, data: bytearray, offset: int, name: str) -> None:
@@ -200,7 +207,7 @@ class MergedModel:
             _pread_all(self.sources[number], data, file.data_start + info.begin + begin, file.path.name)
             weight = torch.frombuffer(data, dtype=dtype).reshape(block) if data else torch.empty(block, dtype=dtype)
             merged = merge(weight.to(torch.float32, copy=True), rows).to(dtype).contiguous()
-            if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(weight).all()):
+            if not _all_finite(merged) and _all_finite(weight):
                 raise PemError([error(
                     "E027", f"the merged {target} is not finite in {info.dtype}",
                     notes=[f"{display_path(self.base.path)}: W + ΔW exceeds the largest {info.dtype} number"],
