@@ -1,13 +1,14 @@
 """Run every benchmark for one size, each in its own process.
 
     python benchmarks/run_all.py [--size tinyllama|7b|70b-slice] [--device cpu|cuda]
-                                 [--only end_to_end,roofline,memory,ties,align] [--layers L]
+                                 [--only end_to_end,roofline,memory,ties,align,into_base] [--layers L]
                                  [--out DIR] [--cache DIR] [--keep-fixtures]
 
 end_to_end.py (pemlang vs PEFT), roofline.py (pemlang vs a plain copy), memory.py (peak RSS vs output
-size), ties.py (svd(ties(…)) vs PEFT's ties_svd) and align.py (core/knots vs the papers' dense fp64
-recipe). With `--device cuda` and no CUDA device each says so and is skipped (exit 0). sweep.py (λ
-sweeps) and tune.py are separate.
+size), ties.py (svd(ties(…)) vs PEFT's ties_svd), align.py (core/knots vs the papers' dense fp64
+recipe) and into_base.py (merging into the base model vs PEFT's merge_and_unload and a plain copy; at
+`--size 7b` a 4-layer slice; CPU only). With `--device cuda` and no CUDA device each says so and is
+skipped (exit 0). sweep.py (λ sweeps) and tune.py are separate.
 
 Results (a table and a plot per benchmark) go to --out, by default pemlang-bench/results in the
 system's temporary directory: the repository's committed benchmarks/results/ is replaced only when
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("end_to_end", "roofline", "memory", "ties", "align")
+SCRIPTS = ("end_to_end", "roofline", "memory", "ties", "align", "into_base")
 WORKDIR = Path(tempfile.gettempdir()) / "pemlang-bench"
 
 
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, str(HERE / f"{name}.py"), "--size", args.size, "--device", args.device]
             if name == "memory" and args.layers is not None:
                 command += ["--layers", str(args.layers)]
+            if name == "into_base" and args.keep_fixtures:
+                command.append("--keep-fixtures")
             print(f"=== {name} --size {args.size} --device {args.device}", flush=True)
             start = time.perf_counter()
             code = subprocess.call(command, env=env)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from .writer import _digest, _dropped_lines, _fenced_text, _heading, _text, prov
 
 HEADER_ROOM = 1024  # spaces reserved in each header: the final provenance (the inputs' hashes) goes in last
 COPY_CHUNK = 1 << 24  # bytes per copy_file_range call (and per read/write where the kernel cannot)
+BLOCK_ELEMENTS = 1 << 22  # elements of a LoRA-changed base tensor merged at a time (16 MiB in fp32)
 TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPE_NAMES.items()}
 _LORA_A, _LORA_B, _IA3 = ".lora_A.weight", ".lora_B.weight", ".ia3_l"
 
@@ -79,6 +81,24 @@ def _copy_range(source: int, target: int, begin: int, end: int, shift: int) -> N
                 view, offset = view[written:], offset + written
             done = len(data)
         position += done
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite. Their sum is when they are (an inf or nan never sums to a
+    finite number), and costs a tenth of isfinite; the element-wise check only where the sum is
+    not (a non-finite element, or large finite ones overflowing the sum)."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+
+
+def _pread_all(fd: int, data: bytearray, offset: int, name: str) -> None:
+    """Fill `data` from `fd` at `offset`."""
+    view = memoryview(data)
+    position = 0
+    while position < len(data):
+        count = os.preadv(fd, [view[position:]], offset + position)
+        if count == 0:
+            raise OSError(errno.EIO, f"{name} ended early")
+        position += count
 
 
 class MergedModel:
@@ -157,53 +177,61 @@ class MergedModel:
                 self._ia3(name.removesuffix(_IA3), tensor)
             elif not name.endswith(_LORA_B):
                 for change in self.by_layer.get(name, ()):
-                    self._write(change.target, lambda weight, head=tensor: head.to(torch.float32))
+                    self._write(change.target, lambda weight, rows, head=tensor: head.to(torch.float32))
 
     def _lora(self, layer: str, a: torch.Tensor, b: torch.Tensor) -> None:
         scaling = self.scalings[layer]
-        delta = b.to(torch.float32) @ a.to(torch.float32)  # PEFT's get_delta_weight: (B @ A) · s, in fp32
-        if scaling != 1.0:
-            delta = delta * scaling
-        if self.fan_in_fan_out:
-            delta = delta.T  # a Conv1D weight is stored in×out
+        a, b = a.to(torch.float32), b.to(torch.float32)
+
+        def delta(rows: slice) -> torch.Tensor:
+            """Rows of ΔW as the weight stores them: PEFT's get_delta_weight, (B @ A) · s in fp32,
+            transposed for a Conv1D (stored in×out)."""
+            part = (b @ a[:, rows]).T if self.fan_in_fan_out else b[rows] @ a
+            return part * scaling if scaling != 1.0 else part
+
         for change in self.by_layer.get(layer, ()):
-            self._write(change.target, lambda weight: weight.add_(delta))
+            self._write(change.target, lambda weight, rows: weight.add_(delta(rows)), by_rows=True)
 
     def _ia3(self, layer: str, vector: torch.Tensor) -> None:
         scale = vector.to(torch.float32)
         for change in self.by_layer.get(layer, ()):
             if change.how == "ia3_bias":
-                self._write(change.target, lambda bias: bias.mul_(scale.reshape(bias.shape)))
+                self._write(change.target, lambda bias, rows: bias.mul_(scale.reshape(bias.shape)))
             else:  # PEFT's merge: W · transpose(l, fan_in_fan_out), broadcast along the axis l spans
-                self._write(change.target, lambda weight: weight.mul_(scale.T if self.fan_in_fan_out else scale))
+                self._write(change.target, lambda weight, rows: weight.mul_(scale.T if self.fan_in_fan_out else scale))
 
-    def _write(self, target: str, merge: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Read the base tensor `target`, apply `merge` to it in fp32, cast once to its dtype and write it."""
+    def _write(self, target: str, merge: Callable[[torch.Tensor, slice], torch.Tensor], by_rows: bool = False) -> None:
+        """Read the base tensor `target`, apply `merge` to it in fp32, cast once to its dtype and write
+        it. With `by_rows`, block by block of rows (`merge` gets the block and its rows), so that
+        memory holds BLOCK_ELEMENTS of the tensor rather than several copies of all of it."""
         number = self.base.where[target]
         file = self.base.files[number]
         info = file.tensors[target]
-        data = bytearray(info.nbytes)
-        view = memoryview(data)
-        position = 0
-        while position < len(data):
-            count = os.preadv(self.sources[number], [view[position:]], file.data_start + info.begin + position)
-            if count == 0:
-                raise OSError(errno.EIO, f"{file.path.name} ended early")
-            position += count
         dtype = TORCH_DTYPES[info.dtype]
-        weight = torch.frombuffer(data, dtype=dtype).reshape(info.shape) if data else torch.empty(info.shape, dtype=dtype)
-        merged = merge(weight.to(torch.float32, copy=True)).to(dtype).contiguous()
-        if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(weight).all()):
-            raise PemError([error(
-                "E027", f"the merged {target} is not finite in {info.dtype}",
-                notes=[f"{display_path(self.base.path)}: W + ΔW exceeds the largest {info.dtype} number"],
-                hints=["use smaller coefficients, or merge into a base of a wider dtype; nothing was written"])])
-        out = memoryview(merged.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        shape = tuple(info.shape)
+        pieces = [(0, info.nbytes, shape, slice(None))]  # (offset in the tensor, bytes, shape, rows)
+        if by_rows and len(shape) >= 2 and info.nbytes:
+            row_bytes = info.nbytes // shape[0]
+            per_block = max(1, BLOCK_ELEMENTS // math.prod(shape[1:]))
+            pieces = [(start * row_bytes, (stop - start) * row_bytes, (stop - start, *shape[1:]), slice(start, stop))
+                      for start in range(0, shape[0], per_block) for stop in [min(start + per_block, shape[0])]]
         written = self.placed[target]
-        offset = self.starts[written] + self.shards.files[written].tensors[target].begin
-        while out:
-            count = os.pwrite(self.targets[written], out, offset)
-            out, offset = out[count:], offset + count
+        start_of_tensor = self.starts[written] + self.shards.files[written].tensors[target].begin
+        for begin, size, block, rows in pieces:
+            data = bytearray(size)
+            _pread_all(self.sources[number], data, file.data_start + info.begin + begin, file.path.name)
+            weight = torch.frombuffer(data, dtype=dtype).reshape(block) if data else torch.empty(block, dtype=dtype)
+            merged = merge(weight.to(torch.float32, copy=True), rows).to(dtype).contiguous()
+            if not _all_finite(merged) and _all_finite(weight):
+                raise PemError([error(
+                    "E027", f"the merged {target} is not finite in {info.dtype}",
+                    notes=[f"{display_path(self.base.path)}: W + ΔW exceeds the largest {info.dtype} number"],
+                    hints=["use smaller coefficients, or merge into a base of a wider dtype; nothing was written"])])
+            out = memoryview(merged.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            offset = start_of_tensor + begin
+            while out:
+                count = os.pwrite(self.targets[written], out, offset)
+                out, offset = out[count:], offset + count
         self.pending.discard(target)
 
     # -- the end -----------------------------------------------------------------------------------

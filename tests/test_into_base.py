@@ -202,6 +202,22 @@ def test_gpt2_conv1d_is_transposed_as_peft_does(models: Path, tmp_path: Path) ->
                    state(models / "gpt2"))
 
 
+@pytest.mark.parametrize(("base", "adapter", "arch"), [("llama_bf16", "a", "llama"), ("llama", "mlp", "llama"),
+                                                     ("gpt2", "gpt2_a", "gpt2")])
+def test_large_tensors_are_merged_in_blocks_of_rows(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    base: str, adapter: str, arch: str) -> None:
+    """A LoRA-changed tensor is read, merged and written a block of rows at a time (memory holds
+    a block, not the tensor): with blocks of a row or a few (and a last block shorter than the
+    others), still PEFT's merge; for a Conv1D the rows are the input features."""
+    from pemlang import intobase
+
+    monkeypatch.setattr(intobase, "BLOCK_ELEMENTS", 100)  # blocks of 3 rows of 32 (the last of 2), of 1 row of 64 or 96
+    assert pemlang("eval", "--input", f"x={models / adapter}", "--out", str(tmp_path / "m"),
+                   "--into", str(models / base), "--", "x") == 0
+    assert_matches(state(tmp_path / "m"), peft_merged(models / base, models / adapter, arch=arch),
+                   state(models / base), ulps=1)  # a block's B·A is another BLAS call: fp32 rounding
+
+
 def test_ia3_multiplies_along_peft_axis(models: Path, tmp_path: Path) -> None:
     assert pemlang("eval", "--input", f"v={models / 'ia3'}", "--out", str(tmp_path / "m"),
                    "--into", str(models / "llama"), "--", "v") == 0
