@@ -39,7 +39,9 @@ class CallChecks:
                 "E020", f"{op.name}() aligns inputs: its expression is made of inputs, + - *, prune, dare and ties",
                 call.args[0].span,
                 notes=[f"`{inner.text}` is already a low-rank result, not an input {op.name}() can align"],
-                hints=[f"apply {inner.op}() to the aligned result instead, e.g. `svd({op.name}(…), rank=R)`"])
+                hints=[f"apply {inner.op}() to the aligned result instead, e.g. `"
+                       + {"svd": f"svd({op.name}(…), rank=R)", "tsv": f"tsv({op.name}(…), …)"}.get(
+                           inner.op, f"{inner.op}({op.name}(…))") + "`"])
         for module, expr in zip(modules, call.args, strict=True):
             if not op.takes_dense and module.dense:
                 # the dense term itself: a ties(…) inside a core(…) of this argument is low-rank here

@@ -737,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(config.json + safetensors weights), which is never written")
     evaluate.add_argument("--mode", choices=["paper", "exact"], default="paper",
                           help="paper (the default: the paper's operators on the parameters A and B) or exact "
-                               "(on each layer's ΔW = B·A; svd, prune, dare and ties need it)")
+                               "(on each layer's ΔW = B·A; svd, prune, dare, ties, core, knots, tsv and iso need it)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing output directory")
     evaluate.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE)
     evaluate.add_argument("--heads", type=_heads, default=None, metavar="drop|from NAME",

@@ -55,7 +55,7 @@ CODES: dict[str, str] = {
     "E025": "invalid config (YAML/JSON/TOML block)",
     "E026": "a number that is not finite, or a coefficient beyond float32's range",
     "E027": "a result is not finite in the output dtype",
-    "E028": "a dense merge (prune, dare, ties) is written only through svd",
+    "E028": "a dense merge (prune, dare, ties) is written only through svd (or inside core/knots)",
     "E029": "a range or grid (tune --param, run --sweep) that is not valid, or a tuned param not the program's",
     "E030": "tune: invalid --data file (JSONL records)",
     "E031": "tune: the objective cannot be loaded, failed or changed the model it scores, or Optuna/Ray is missing",

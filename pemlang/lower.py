@@ -313,7 +313,8 @@ def rank_limit(program: CheckedProgram, max_rank: int, *, given: str) -> list[Di
     """E034 at every output whose rank is above `max_rank` at some layer (a serving stack's limit:
     vLLM's `max_lora_rank`), with the `svd` form that fits it as the hint; `given` says how the
     user gave the limit (`--max-rank 16`, `max_rank: 16`). An output whose ranks are chosen from the
-    data (`svd(…, energy=e)`) is refused when the largest rank they may reach is above it."""
+    data (`svd(…, energy=e)`) is refused when the largest rank they may reach is above it. An output
+    merged into its base model is a full model: the limit does not concern it."""
     if not program.ok:
         return []
     with recursion_room():
@@ -321,6 +322,8 @@ def rank_limit(program: CheckedProgram, max_rank: int, *, given: str) -> list[Di
         outputs = [(checked, lowering.output(checked)) for checked in program.outputs]
     problems = []
     for checked, out in outputs:
+        if checked.into is not None:
+            continue  # merged into its base: a full model, which has no adapter rank to cap
         over = [step for step in out.layers if out.kind == "lora" and step.rank > max_rank]
         if not over:
             continue

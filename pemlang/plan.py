@@ -324,14 +324,16 @@ def _call_line(plan: Plan, call: CallStep) -> str:
             aligned = stacked * stacked
         else:
             space = (f"the KnOTS basis of {', '.join(names)}: per layer the SVD of their ΔW side by side, "
-                     f"{stacked}×in coordinates")
+                     f"{stacked}×{biggest[1]} coordinates at the largest layer")
             aligned = stacked * biggest[1]
         work = 8 * (biggest[0] + biggest[1]) * stacked + 4 * aligned * (1 + len(names))
         return (f"{space} (stacked rank R = Σ r_i, up to {stacked}), from thin QRs of the factors; result "
                 f"{ranked}; about {_bytes(work)} per layer for the largest layer")
     if call.op == "tsv":
-        return (f"per layer each argument's top {call.options['keep']:g} of its singular vectors, "
-                f"orthogonalised and summed; {ranked}")
+        keep = float(call.options["keep"])
+        share = "all" if keep == 1 else f"the top {_number(100 * keep)}%"
+        return (f"per layer {share} of each argument's singular vectors, made orthonormal side by side and "
+                f"summed with their singular values; {ranked}")
     if call.op == "iso":
         return f"per layer the spectrum of its argument flattened to its mean singular value; {ranked}"
     options = ", ".join(f"{k}={v}" for k, v in sorted(call.options.items()))

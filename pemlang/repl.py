@@ -251,7 +251,7 @@ class Session:
         checked = checker.result()
         trouble = next((d for d in checked.diagnostics if d.is_error), None)
         if trouble is not None and trouble.code == "E028":
-            return ", dense ΔW per layer (written only through svd(…, rank=R))"
+            return ", dense ΔW per layer (written only through svd(…, rank=R), or merged inside core(…)/knots(…))"
         if trouble is not None:
             return f", heads not writable ({trouble.code}: {trouble.message})"
         heads = len({head.module for head in lower(checked).outputs[0].heads})

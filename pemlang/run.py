@@ -238,6 +238,8 @@ def stream(program: CheckedProgram, *, device: str = "auto", dtype: str | None =
             outputs = list(plan.outputs)
             for index, out in enumerate(plan.outputs):
                 file = files.get(index)
+                if out.into is not None:
+                    continue  # merged into its base: a full model, no adapter ranks to record
                 outputs[index] = with_ranks(out, file.ranks if isinstance(file, SpilledAdapter)
                                             else layer_ranks(shapes_of(tensors[index])))
             plan = replace(plan, outputs=tuple(outputs))

@@ -116,7 +116,8 @@ def test_one_adapter_equals_peft_merge_and_unload(models: Path, tmp_path: Path) 
     assert_matches(state(tmp_path / "m"), peft_merged(models / "llama", models / "a"), state(models / "llama"))
 
 
-@pytest.mark.parametrize("expression", ["0.5*a + 0.7*b - mlp", "svd(a + b, rank=4)", "core(ties(0.5*a, 0.5*b, density=0.3))"])
+@pytest.mark.parametrize("expression", ["0.5*a + 0.7*b - mlp", "svd(a + b, rank=4)", "core(ties(0.5*a, 0.5*b, density=0.3))",
+                                        "svd(a + b, energy=0.9)", "tsv(a, b)"])
 def test_exact_mode_expressions_equal_peft_merging_pemlangs_adapter(models: Path, tmp_path: Path, expression: str) -> None:
     """Any expression: the merged model equals PEFT merging the adapter pemlang writes for it."""
     inputs = ["--input", f"a={models / 'a'}", "--input", f"b={models / 'b'}", "--input", f"mlp={models / 'mlp'}"]
@@ -349,3 +350,12 @@ def test_a_sweep_refuses_into_rather_than_writing_an_adapter(models: Path, tmp_p
                          f'output lam*a into "{models / "llama"}" -> "m"\n', capsys, "--sweep", "lam=0.5,1")
     assert status == 1 and "E024" in err and "`into`" in err
     assert not list(tmp_path.glob("m.*")) and not (tmp_path / "m").exists()
+
+
+def test_a_rank_limit_does_not_concern_a_merged_model(models: Path, tmp_path: Path) -> None:
+    """--max-rank caps adapters for serving stacks; a model merged into its base has no adapter rank."""
+    inputs = ["--input", f"a={models / 'a'}", "--input", f"b={models / 'b'}"]
+    assert pemlang("eval", "--mode", "exact", *inputs, "--out", str(tmp_path / "m"), "--into", str(models / "llama"),
+                   "--max-rank", "1", "--", "a + b") == 0
+    assert pemlang("eval", "--mode", "exact", *inputs, "--out", str(tmp_path / "adapter"), "--max-rank", "1",
+                   "--", "a + b") == 1  # the same output as an adapter is above it

@@ -222,7 +222,7 @@ def test_every_front_end_takes_the_functions(adapters: Path, tmp_path: Path) -> 
     result = subprocess.run([sys.executable, "-m", "pemlang.cli", "repl"], input=script, capture_output=True,
                             text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "dense ΔW per layer (written only through svd(…, rank=R))" in result.stdout
+    assert "dense ΔW per layer (written only through svd(…, rank=R), or merged inside core(…)/knots(…))" in result.stdout
     files = [(tmp_path / d / "adapter_model.safetensors") for d in ("eval", "config", "api", "repl")]
     weights = [load_file(str(f)) for f in files]
     for other in weights[1:]:
