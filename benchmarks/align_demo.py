@@ -212,6 +212,7 @@ METHODS = (
     Method("base", None, mode="-"),
     Method("a", "a", mode="-", direct=True),
     Method("b", "b", mode="-", direct=True),
+    Method("half-a", "0.5*a"),
     Method("paper-mean", "0.5*a + 0.5*b", mode="paper"),
     Method("exact-mean", "0.5*a + 0.5*b"),
     Method("exact-sum", "a + b"),
@@ -219,6 +220,9 @@ METHODS = (
     Method("core-mean", "core(0.5*a + 0.5*b)"),
     Method("core-ties", "core(ties(a, b, density=0.2))"),
     Method("knots-ties", "knots(ties(a, b, density=0.2))"),
+    Method("svd-ties-x2", "2*svd(ties(a, b, density=0.2), rank=16)"),
+    Method("core-ties-x2", "2*core(ties(a, b, density=0.2))"),
+    Method("knots-ties-x2", "2*knots(ties(a, b, density=0.2))"),
     Method("tsv", "tsv(a, b)"),
     Method("iso-half", "0.5*iso(a + b)"),
     Method("iso", "iso(a + b)"),
@@ -261,7 +265,7 @@ def a_cosine(adapters: dict[str, Path]) -> float:
 def cell(values: list[float]) -> str:
     """The mean over pairs, and their range when there are several."""
     mean = f"{sum(values) / len(values):.3f}"
-    return mean if len(values) == 1 else f"{mean} ({min(values):.2f}–{max(values):.2f})"
+    return mean if len(values) == 1 else f"{mean} ({min(values):.3f}–{max(values):.3f})"
 
 
 def main(argv: list[str] | None = None) -> int:
