@@ -3,7 +3,7 @@ merged by each method, every merge's held-out accuracy on both tasks in one tabl
 
     python benchmarks/align_demo.py [--methods NAME,NAME,...] [--pairs 3] [--out DIR] [--work DIR]
 
-Everything is made in code, nothing is downloaded (about two minutes on one CPU core):
+Everything is made in code, nothing is downloaded (about 2½ minutes on 2 CPU cores):
 
 1. A base model: a tiny Llama (hidden 64, 2 layers) from a config, pre-trained on a family of
    synthetic rules. A sequence is `<s> RULE x0 … x7 <sep>` (x: symbols from an alphabet of 16) and
