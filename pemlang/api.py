@@ -114,8 +114,9 @@ class Program:
     """A compiled program: parsed and checked once, evaluated with any parameter values."""
 
     def __init__(self, frontend: Frontend, *, params: Mapping[str, float] | None = None, device: str = "auto",
-                 dtype: str | None = None, max_rank: int | None = None):
+                 dtype: str | None = None, max_rank: int | None = None, allow_pickle: bool = False):
         self._frontend = frontend
+        self._allow_pickle = allow_pickle  # for save(into=…): a pickled base model too
         # Outputs above this rank are E034 (with the svd form that fits as the hint); a config's
         # block checks its own (and from_config's), as `max_rank` then says.
         self.max_rank = _max_rank(max_rank)
@@ -258,7 +259,7 @@ class Program:
         dtype = self._dtype(dtype)
         checked = self._check({**(params or {}), **kw})
         if into is not None:
-            checked = self._merged(checked, into, directory)
+            checked = self._merged(checked, into, directory, allow_pickle=self._allow_pickle)
             self.warnings.extend(d for d in checked.diagnostics if not d.is_error and d not in self.warnings)
         plan = self._placed(lower(checked, dtype=dtype), directory=directory)
         if max_shard_size is not None:
@@ -281,7 +282,8 @@ class Program:
         return [o.path for o in plan.outputs if o.path is not None]
 
     @staticmethod
-    def _merged(checked: CheckedProgram, into: str | Path, directory: str | Path | None) -> CheckedProgram:
+    def _merged(checked: CheckedProgram, into: str | Path, directory: str | Path | None, *,
+                allow_pickle: bool = False) -> CheckedProgram:
         """`checked` with its one output merged into the base model `into` (save(into=…))."""
         from .check import attach_into
 
@@ -294,7 +296,8 @@ class Program:
         if directory is None and out.path is None:
             raise ValueError("this program's output has no directory: pass directory=")
         path = Path(directory).resolve() if directory is not None else out.path
-        merged = attach_into(checked, os.fspath(into), path, base_dir=Path.cwd(), what="into=")
+        merged = attach_into(checked, os.fspath(into), path, base_dir=Path.cwd(), what="into=",
+                             allow_pickle=allow_pickle)
         errors = [d for d in merged.diagnostics if d.is_error]
         if errors:
             raise CompileError(errors)
@@ -766,7 +769,7 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
     if expression is not None:
         frontend = _expression_frontend(expression, inputs or {}, mode=mode, params=params or {}, heads=heads,
                                         allow_pickle=allow_pickle, base_dir=root)
-        program = Program(frontend, device=device, dtype=dtype, max_rank=max_rank)
+        program = Program(frontend, device=device, dtype=dtype, max_rank=max_rank, allow_pickle=allow_pickle)
         program._recipe = (compile, dict(expression=expression, inputs=dict(inputs or {}), params=dict(params or {}),
                                          mode=mode, heads=heads, device=device, dtype=dtype,
                                          allow_pickle=allow_pickle, base_dir=root or Path.cwd(), max_rank=max_rank))
@@ -782,7 +785,8 @@ def compile(expression: str | None = None, *, inputs: Mapping[str, str | Path] |
     elif source is None:
         source = source_from_text(text or "", "<text>")
     frontend = _file_frontend(source, allow_pickle=allow_pickle, base_dir=root)
-    program = Program(frontend, params=params, device=device, dtype=dtype, max_rank=max_rank)
+    program = Program(frontend, params=params, device=device, dtype=dtype, max_rank=max_rank,
+                      allow_pickle=allow_pickle)
     program._recipe = (compile, dict(source=source, params=dict(params or {}), device=device, dtype=dtype,
                                      allow_pickle=allow_pickle, base_dir=root or default_base_dir(source),
                                      max_rank=max_rank))
@@ -816,7 +820,8 @@ def from_config(config: str | Path | Mapping[str, Any] | Any, *, key: str | None
 
     limit = _max_rank(max_rank)
     chosen_dtype = dtype or (DTYPES[located.config.dtype] if located.config.dtype else None)
-    program = Program(check, params=params, device=device or located.config.device or "auto", dtype=chosen_dtype)
+    program = Program(check, params=params, device=device or located.config.device or "auto", dtype=chosen_dtype,
+                      allow_pickle=allow_pickle)
     program.max_rank = limit if limit is not None else located.config.max_rank  # the block checks it
     program._recipe = (from_config, dict(config=Path(config).resolve() if isinstance(config, str | Path) else config,
                                          key=key, params=dict(params or {}), base_dir=located.base_dir,

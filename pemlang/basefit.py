@@ -1,7 +1,8 @@
 """The checker's rules for `output x into "BASE" -> "DIR"` (SPEC §5.2): the base model is read (its
 config and weight headers), and the output must fit it — every layer's tensor present in the base
 with the module's shape, nothing on a tensor the base ties to another, the base neither quantized
-nor pickled, DIR apart from BASE. A part of `check.Checker`, kept apart so each reads in one sitting."""
+nor pickled (unless --allow-pickle, for a local base), DIR apart from
+BASE. A part of `check.Checker`, kept apart so each reads in one sitting."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class IntoChecks:
         real = path.resolve()
         if real not in cache:
             try:
-                cache[real] = read_base(path, written, hub_id=hub_id)
+                cache[real] = read_base(path, written, hub_id=hub_id,
+                                        allow_pickle=self.allow_pickle and hub_id is None)
             except BaseModelError as exc:
                 cache[real] = exc
         found = cache[real]

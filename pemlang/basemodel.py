@@ -1,5 +1,6 @@
 """Reading a base model directory for `output x into "BASE" -> "DIR"` (SPEC §5.2): config.json and
-the safetensors headers of its weight files, never a tensor. What the checker needs to decide
+the safetensors headers of its weight files, never a tensor (pickled `.bin` weights, allowed with
+--allow-pickle, are memory-mapped: their tensors' names, dtypes and shapes without their data). What the checker needs to decide
 whether a module fits the base (which tensor each adapted layer changes, of what shape), and what
 the merging writer needs to lay out every output shard before anything is computed.
 """
@@ -7,8 +8,11 @@ the merging writer needs to lay out every output shard before anything is comput
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 import stat
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,7 @@ CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 CARD_NAME = "README.md"
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 # Weight files of other formats that a merged model must not carry over unchanged (they would hold
@@ -54,6 +59,9 @@ class BaseFile:
     metadata: dict[str, str]
     data_start: int
     size: int
+    # A pickled `.bin` file (--allow-pickle): `tensors` place them one after the other as a
+    # safetensors file would (begin/end are offsets in the written file, not in this one)
+    pickled: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,11 @@ class BaseModel:
         return sum(f.size for f in self.files)
 
     @property
+    def pickled(self) -> bool:
+        """Whether the weights are pickled `.bin` files (written as safetensors when merged)."""
+        return any(f.pickled for f in self.files)
+
+    @property
     def tied(self) -> bool:
         """Whether the base ties its output embedding to its input embedding (transformers' default
         when config.json does not say)."""
@@ -91,7 +104,8 @@ class BaseModel:
         kept = []
         for entry in sorted(self.path.iterdir()):
             name = entry.name
-            if name.startswith(".") or name in weights or name == CARD_NAME or name.endswith(WEIGHT_SUFFIXES):
+            if (name.startswith(".") or name in weights or name == CARD_NAME or name.endswith(WEIGHT_SUFFIXES)
+                    or name.endswith(".bin.index.json")):  # names pickled files the merged model has not
                 continue
             if stat.S_ISREG(entry.stat().st_mode):
                 kept.append(entry)
@@ -147,9 +161,9 @@ def identity(path: Path, config: Mapping[str, Any], hub_id: str | None = None) -
     return BaseModelRef.from_config(recorded if isinstance(recorded, str) else None, None)
 
 
-def read_base(path: Path, written: str, *, hub_id: str | None = None) -> BaseModel:
+def read_base(path: Path, written: str, *, hub_id: str | None = None, allow_pickle: bool = False) -> BaseModel:
     """Read a base model directory's config and weight headers; BaseModelError when it cannot be
-    merged into (missing or damaged files, a quantized or pickled base)."""
+    merged into (missing or damaged files, a quantized base, a pickled one unless `allow_pickle`)."""
     try:
         mode = path.stat().st_mode
     except OSError:
@@ -173,55 +187,49 @@ def read_base(path: Path, written: str, *, hub_id: str | None = None) -> BaseMod
         raise BaseModelError("E036", f"the base model is quantized ({quantized}): pemlang merges into full-precision "
                              "weights only", notes=[f"{display_path(config_path)} has a quantization_config"],
                              hints=["merge into the unquantized base model, then quantize the merged model"])
-    index_path = path / INDEX_NAME
+    pickled = False
     index_name: str | None = None
-    if index_path.is_file():
-        index = _read_json(index_path, INDEX_NAME)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in weight_map.items()):
-            raise BaseModelError("E035", f"the base model's {INDEX_NAME} has no weight_map of tensor names to files",
-                                 notes=[display_path(index_path)])
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            if "/" in name or "\\" in name or name in (".", ".."):
-                raise BaseModelError("E035", f"the base model's {INDEX_NAME} names a file outside the directory",
-                                     notes=[f"{display_path(index_path)}: {name!r}"])
+    if (path / INDEX_NAME).is_file():
+        names, weight_map = _index(path, INDEX_NAME)
         index_name = INDEX_NAME
     elif (path / SINGLE_NAME).is_file():
         names, weight_map = [SINGLE_NAME], {}
     else:
-        pickled = [n for n in PICKLE_NAMES if (path / n).is_file()]
-        if pickled:
-            raise BaseModelError("E023", f"the base model's weights are pickled ({pickled[0]}): pemlang merges into "
-                                 "safetensors weights only", notes=[display_path(path / pickled[0])],
-                                 hints=["convert the base once: AutoModel.from_pretrained(BASE)"
-                                        ".save_pretrained(NEW_DIR) writes safetensors"])
-        raise BaseModelError("E035", "the base model has no safetensors weights",
-                             notes=[f"{display_path(path)} has neither {SINGLE_NAME} nor {INDEX_NAME}"])
+        found = [n for n in PICKLE_NAMES if (path / n).is_file()]
+        if not found:
+            raise BaseModelError("E035", "the base model has no safetensors weights",
+                                 notes=[f"{display_path(path)} has neither {SINGLE_NAME} nor {INDEX_NAME}"])
+        if not allow_pickle:
+            convert = ("convert the base once: AutoModel.from_pretrained(BASE).save_pretrained(NEW_DIR) writes "
+                       "safetensors")
+            raise BaseModelError("E023", f"the base model's weights are pickled ({found[0]}): pemlang merges into "
+                                 "safetensors weights only", notes=[display_path(path / found[0])],
+                                 hints=[convert + " (a Hub base's pickled weights are not used, even with "
+                                        "--allow-pickle)"] if hub_id is not None else
+                                 [convert, "or pass --allow-pickle (allow_pickle=True in the API) if you trust the "
+                                  "files; the merged model is written as safetensors"])
+        pickled = True
+        if (path / PICKLE_INDEX_NAME).is_file():
+            names, weight_map = _index(path, PICKLE_INDEX_NAME)
+            index_name = PICKLE_INDEX_NAME
+        else:
+            names, weight_map = [PICKLE_NAMES[0]], {}
     files: list[BaseFile] = []
     where: dict[str, int] = {}
     for name in names:
         file_path = path / name
         if not file_path.is_file():
             raise BaseModelError("E035", f"the base model's weight file {name} is missing",
-                                 notes=[f"{INDEX_NAME} names it; no such file: {display_path(file_path)}"]
+                                 notes=[f"{index_name} names it; no such file: {display_path(file_path)}"]
                                  if index_name else [display_path(file_path)],
                                  hints=["the download is incomplete: fetch the base model again"])
-        try:
-            tensors, metadata, data_start, size = read_safetensors_header(file_path)
-        except AdapterError as exc:
-            raise BaseModelError("E035", f"the base model's {exc.message}", notes=exc.notes,
-                                 hints=["the file is damaged (an interrupted download?): fetch the base model again"]
-                                 ) from None
-        expected = data_start + max((t.end for t in tensors.values()), default=0)
-        if expected > size:
-            raise BaseModelError("E035", f"the base model's weight file {name} is truncated",
-                                 notes=[f"{display_path(file_path)}: the header promises {expected} bytes, "
-                                        f"the file has {size}"],
-                                 hints=["the file was cut off (an interrupted copy or download?): fetch it again"])
-        number = len(files)
-        files.append(BaseFile(file_path, tensors, metadata, data_start, size))
+        if pickled:
+            files.append(_pickled_file(file_path))
+            tensors = files[-1].tensors
+        else:
+            files.append(_safetensors_file(file_path, name))
+            tensors = files[-1].tensors
+        number = len(files) - 1
         for tensor in tensors:
             if tensor in where:
                 raise BaseModelError("E035", f"tensor {tensor} is in two of the base model's weight files",
@@ -229,11 +237,106 @@ def read_base(path: Path, written: str, *, hub_id: str | None = None) -> BaseMod
             where[tensor] = number
     for tensor, name in weight_map.items():
         if tensor not in where or files[where[tensor]].path.name != name:
-            raise BaseModelError("E035", f"the base model's {INDEX_NAME} places {tensor} in {name}, which does not hold it",
-                                 notes=[display_path(path / name)],
+            raise BaseModelError("E035", f"the base model's {index_name} places {tensor} in {name}, which does not "
+                                 "hold it", notes=[display_path(path / name)],
                                  hints=["the index and the shards are from different downloads: fetch the base "
                                         "model again"])
     return BaseModel(path, written, config, tuple(files), index_name, where, identity(path, config, hub_id))
+
+
+def _index(path: Path, index_name: str) -> tuple[list[str], dict[str, str]]:
+    """The weight files an index names, and its weight_map."""
+    index_path = path / index_name
+    index = _read_json(index_path, index_name)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise BaseModelError("E035", f"the base model's {index_name} has no weight_map of tensor names to files",
+                             notes=[display_path(index_path)])
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise BaseModelError("E035", f"the base model's {index_name} names a file outside the directory",
+                                 notes=[f"{display_path(index_path)}: {name!r}"])
+    return names, weight_map
+
+
+def _safetensors_file(file_path: Path, name: str) -> BaseFile:
+    """A safetensors weight file's header, checked against the file's size."""
+    try:
+        tensors, metadata, data_start, size = read_safetensors_header(file_path)
+    except AdapterError as exc:
+        raise BaseModelError("E035", f"the base model's {exc.message}", notes=exc.notes,
+                             hints=["the file is damaged (an interrupted download?): fetch the base model again"]
+                             ) from None
+    expected = data_start + max((t.end for t in tensors.values()), default=0)
+    if expected > size:
+        raise BaseModelError("E035", f"the base model's weight file {name} is truncated",
+                             notes=[f"{display_path(file_path)}: the header promises {expected} bytes, "
+                                    f"the file has {size}"],
+                             hints=["the file was cut off (an interrupted copy or download?): fetch it again"])
+    return BaseFile(file_path, tensors, metadata, data_start, size)
+
+
+def load_pickled(file_path: Path) -> dict[str, Any]:
+    """A pickled state dict (`pytorch_model*.bin`) with torch's weights-only unpickler: memory-mapped
+    (tensors read when used) unless the file is in the legacy pre-zip format, which is read whole.
+    BaseModelError when it is not a state dict of named tensors."""
+    import torch
+
+    try:
+        mmap = zipfile.is_zipfile(file_path)
+        state = torch.load(file_path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 — torch reports a damaged or hostile pickle in many ways
+        raise BaseModelError("E035", f"the base model's weight file {file_path.name} cannot be read as PyTorch "
+                             "weights", notes=[f"{display_path(file_path)}: {_load_failure(exc)}"],
+                             hints=["the file is damaged, or holds objects that are not tensors (which could run code "
+                                    "when unpickled, and are never loaded): fetch the base model again"]) from None
+    odd = (f"it holds a {type(state).__name__}" if not isinstance(state, dict) else
+           next((f"{k!r} is a {type(v).__name__}, not a dense tensor" for k, v in state.items()
+                 if not isinstance(k, str) or not isinstance(v, torch.Tensor) or v.layout != torch.strided), None))
+    if odd is not None:
+        raise BaseModelError("E035", f"the base model's weight file {file_path.name} is not a state dict of "
+                             "named tensors", notes=[f"{display_path(file_path)}: {odd}"])
+    return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """What torch.load says went wrong, without its advice to load with weights_only=False."""
+    from .diagnostics import first_line
+
+    paragraphs = [p.strip() for p in str(exc).split("\n\n") if p.strip()]
+    told = [p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation",
+                                                          "Please file an issue", "In PyTorch"))]
+    if isinstance(exc, pickle.UnpicklingError) and told:
+        return "torch's weights-only unpickler refused it: " + " ".join(told[-1].split())[:300]
+    return first_line(exc)
+
+
+def _safetensors_dtype(dtype: Any) -> str | None:
+    import torch
+
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+    return names.get(dtype)
+
+
+def _pickled_file(file_path: Path) -> BaseFile:
+    """A pickled weight file's tensors (names, dtypes, shapes: the data stays on disk), placed one
+    after the other in the state dict's order as the safetensors file they become."""
+    state = load_pickled(file_path)
+    tensors: dict[str, TensorInfo] = {}
+    position = 0
+    for key, tensor in state.items():
+        dtype = _safetensors_dtype(tensor.dtype)
+        if dtype is None:
+            raise BaseModelError("E035", f"the base model's tensor {key} is {tensor.dtype}, which safetensors cannot "
+                                 "hold", notes=[display_path(file_path)])
+        nbytes = tensor.numel() * tensor.element_size()
+        tensors[key] = TensorInfo(key, dtype, tuple(tensor.shape), position, position + nbytes)
+        position += nbytes
+    return BaseFile(file_path, tensors, {"format": "pt"}, 0, os.stat(file_path).st_size, pickled=True)
 
 
 # -- the merged model's weight files -----------------------------------------------------------------
@@ -262,6 +365,12 @@ class Layout:
     files: tuple[OutFile, ...]
     index: str | None  # the index file of the written model (None: a single model.safetensors)
     max_shard_size: int | None = None  # resharded: the base's index is not copied, a new one is written
+    converted: bool = False  # from pickled weights: safetensors files of their own, a new index if sharded
+
+    @property
+    def new_index(self) -> bool:
+        """Whether the written model's index is written anew (the base's names other files)."""
+        return self.index is not None and (self.max_shard_size is not None or self.converted)
 
     @property
     def nbytes(self) -> int:
@@ -277,7 +386,13 @@ class Layout:
 def layout(base: BaseModel, max_shard_size: int | None = None) -> Layout:
     """The weight files of `base` merged: its own, or (with `max_shard_size`) new shards filled in
     the base's tensor order, a tensor larger than the size alone in its shard, as transformers'
-    save_pretrained shards; one shard is `model.safetensors`, several `model-0000i-of-0000n.safetensors`."""
+    save_pretrained shards; one shard is `model.safetensors`, several `model-0000i-of-0000n.safetensors`.
+    Pickled weights become safetensors files of the same tensors, one per base file, so named."""
+    if max_shard_size is None and base.pickled:
+        count = len(base.files)
+        return Layout(tuple(OutFile(SINGLE_NAME if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors",
+                                    f.tensors, f.metadata) for number, f in enumerate(base.files, 1)),
+                      INDEX_NAME if count > 1 else None, converted=True)
     if max_shard_size is None:
         return Layout(tuple(OutFile(f.path.name, f.tensors, f.metadata) for f in base.files), base.index)
     groups: list[list[TensorInfo]] = [[]]
@@ -298,7 +413,7 @@ def layout(base: BaseModel, max_shard_size: int | None = None) -> Layout:
             tensors[info.key] = TensorInfo(info.key, info.dtype, info.shape, position, position + info.nbytes)
             position += info.nbytes
         files.append(OutFile(name, tensors, meta))
-    return Layout(tuple(files), INDEX_NAME if len(groups) > 1 else None, max_shard_size)
+    return Layout(tuple(files), INDEX_NAME if len(groups) > 1 else None, max_shard_size, base.pickled)
 
 
 def merge_summary(base: BaseModel, changes: Iterable[Change], shards: Layout | None = None,
@@ -313,6 +428,8 @@ def merge_summary(base: BaseModel, changes: Iterable[Change], shards: Layout | N
     count = sum(len(f.tensors) for f in shards.files)
     plural = "s" if len(shards.files) != 1 else ""
     how = f"resharded at {human_bytes(shards.max_shard_size)}" if shards.max_shard_size else "as the base is"
+    if base.pickled:
+        how += "; safetensors, from the base's pickled weights"
     lines = [f"writes {len(shards.files)} weight file{plural} ({how}), {human_bytes(shards.nbytes)}; "
              f"{len(changed)} of {count} tensors change, every other is copied byte for byte"]
     for f in shards.files[:files_shown]:

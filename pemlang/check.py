@@ -825,7 +825,7 @@ def check_file(path: str | Path, **options) -> CheckedProgram:  # type: ignore[n
 
 
 def attach_into(checked: CheckedProgram, written: str, out_path: Path | None, *, base_dir: Path,
-                what: str = "into", index: int = 0) -> CheckedProgram:
+                what: str = "into", index: int = 0, allow_pickle: bool = False) -> CheckedProgram:
     """`checked` with output `index` merged into the base model `written` and written to `out_path`:
     the checks of `output x into "BASE" -> "DIR"` for the API's `save(into=…)` and the REPL's
     `:save … --into`, diagnostics about BASE pointing into its text (a source named `what`). An
@@ -836,7 +836,7 @@ def attach_into(checked: CheckedProgram, written: str, out_path: Path | None, *,
     source = Source(written, what)
     span = Span(0, len(source.text))
     checker = Checker(out.source or checked.source, mode=checked.mode, base_dir=base_dir, writes=True,
-                      spelling=checked.spelling)
+                      spelling=checked.spelling, allow_pickle=allow_pickle)
     for name, adapter in checked.inputs.items():
         checker.inputs[name] = adapter
         checker.input_paths[name] = adapter.path

@@ -181,7 +181,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from .basemodel import BaseModelError, read_base
 
         try:
-            render_model(read_base(Path(os.path.expanduser(location)), location))
+            render_model(read_base(Path(os.path.expanduser(location)), location, allow_pickle=args.allow_pickle))
         except BaseModelError as exc:
             _report([error(exc.code, exc.message.replace("the base model", "the model"), notes=exc.notes,
                            hints=exc.hints)])
@@ -673,8 +673,9 @@ class _Parser(argparse.ArgumentParser):
         return [*options, "--", *words] if words else options
 
 
-ALLOW_PICKLE = ("accept adapter_model.bin (pickled) adapters where there is no safetensors file; "
-                "they are loaded with torch's weights_only=True")
+ALLOW_PICKLE = ("accept adapter_model.bin (pickled) adapters, and pytorch_model.bin base models for `into`, "
+                "where there is no safetensors file; they are loaded with torch's weights_only=True "
+                "(a merged model is written as safetensors)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -181,7 +181,7 @@ def render_model(base: BaseModel, console=None) -> None:  # type: ignore[no-unty
         dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
     architectures = base.config.get("architectures")
     facts = [
-        ("kind", "a model (config.json and safetensors weights)"),
+        ("kind", f"a model (config.json and {'pickled' if base.pickled else 'safetensors'} weights)"),
         ("architecture", ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures
          else str(base.config.get("model_type") or "-")),
         ("recorded name", base.identity.name or "not recorded"),

@@ -13,6 +13,8 @@ base tensor it changes is read, W + ΔW computed in fp32 (ΔW = s·B·A, transpo
 (`modules_to_save`) replace the base's tensors. Memory holds one base tensor and its layer's
 factors. Every base file is read once; the base is never opened for writing. The base's other
 files (config, generation config, tokenizer, index) are copied unchanged and a model card written.
+A pickled base (`pytorch_model*.bin`, --allow-pickle) is memory-mapped by torch's weights-only
+unpickler and written as safetensors files (basemodel.layout), each tensor's bytes from its storage.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .basemodel import CARD_NAME, INDEX_NAME, BaseFile, Change, OutFile, layout
+from .basemodel import CARD_NAME, INDEX_NAME, BaseFile, Change, OutFile, layout, load_pickled
 from .diagnostics import PemError, display_path, error
 from .plan import PEFT_PREFIX, OutputPlan
 from .types import TORCH_DTYPE_NAMES
@@ -83,6 +85,14 @@ def _copy_range(source: int, target: int, begin: int, end: int, shift: int) -> N
         position += done
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` to `fd` at `offset`."""
+    view = data.cast("B")
+    while view:
+        count = os.pwrite(fd, view, offset)
+        view, offset = view[count:], offset + count
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
     """Whether every element is finite. Their sum is when they are (an inf or nan never sums to a
     finite number), and costs a tenth of isfinite; the element-wise check only where the sum is
@@ -120,13 +130,14 @@ class MergedModel:
             self.by_layer.setdefault(change.layer, []).append(change)
         self.pending = {change.target for change in out.changes}
         self.placed = {name: number for number, file in enumerate(self.shards.files) for name in file.tensors}
-        self.sources: list[int] = []  # the base's files, read
+        self.sources: list[int] = []  # the base's files, read (-1: a pickled one, in `self.pickled`)
+        self.pickled: dict[int, dict[str, torch.Tensor]] = {}  # a pickled base file's tensors, memory-mapped
         self.targets: list[int] = []  # the written files
         self.starts: list[int] = []  # where each written file's data begins
         self.lengths: list[int] = []  # each written header's length (without its 8-byte prefix)
         try:
             for file in self.base.files:
-                self.sources.append(os.open(file.path, os.O_RDONLY))
+                self.sources.append(-1 if file.pickled else os.open(file.path, os.O_RDONLY))
             for file in self.shards.files:
                 self._lay_out(file, meta)
         except BaseException:
@@ -150,6 +161,9 @@ class MergedModel:
                 continue
             number = self.base.where[info.key]
             base_file = self.base.files[number]
+            if base_file.pickled:  # its bytes from the tensor's storage
+                _pwrite_all(target, self._pickled_bytes(number, info.key), len(header) + info.begin)
+                continue
             begin = base_file.data_start + base_file.tensors[info.key].begin
             if run and run[0] == number and run[1] + run[3] == begin and run[2] + run[3] == len(header) + info.begin:
                 run[3] += info.nbytes
@@ -218,8 +232,11 @@ class MergedModel:
         written = self.placed[target]
         start_of_tensor = self.starts[written] + self.shards.files[written].tensors[target].begin
         for begin, size, block, rows in pieces:
-            data = bytearray(size)
-            _pread_all(self.sources[number], data, file.data_start + info.begin + begin, file.path.name)
+            if file.pickled:
+                data = bytearray(self._pickled_bytes(number, target)[begin:begin + size])
+            else:
+                data = bytearray(size)
+                _pread_all(self.sources[number], data, file.data_start + info.begin + begin, file.path.name)
             weight = torch.frombuffer(data, dtype=dtype).reshape(block) if data else torch.empty(block, dtype=dtype)
             merged = merge(weight.to(torch.float32, copy=True), rows).to(dtype).contiguous()
             if not _all_finite(merged) and _all_finite(weight):
@@ -227,12 +244,17 @@ class MergedModel:
                     "E027", f"the merged {target} is not finite in {info.dtype}",
                     notes=[f"{display_path(self.base.path)}: W + ΔW exceeds the largest {info.dtype} number"],
                     hints=["use smaller coefficients, or merge into a base of a wider dtype; nothing was written"])])
-            out = memoryview(merged.reshape(-1).view(torch.uint8).numpy()).cast("B")
-            offset = start_of_tensor + begin
-            while out:
-                count = os.pwrite(self.targets[written], out, offset)
-                out, offset = out[count:], offset + count
+            _pwrite_all(self.targets[written], memoryview(merged.reshape(-1).view(torch.uint8).numpy()),
+                        start_of_tensor + begin)
         self.pending.discard(target)
+
+    def _pickled_bytes(self, number: int, name: str) -> memoryview:
+        """The bytes of tensor `name` of pickled base file `number`, as safetensors stores them
+        (contiguous, little-endian): a view of its memory-mapped storage where it is contiguous."""
+        if number not in self.pickled:
+            self.pickled[number] = load_pickled(self.base.files[number].path)
+        tensor = self.pickled[number][name].contiguous()
+        return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
     # -- the end -----------------------------------------------------------------------------------
 
@@ -249,7 +271,7 @@ class MergedModel:
             if self.shards.max_shard_size is not None and source.name == INDEX_NAME:
                 continue  # resharded: the base's index names other files
             shutil.copyfile(source, self.staging / source.name)
-        if self.shards.max_shard_size is not None and self.shards.index is not None:
+        if self.shards.new_index:
             (self.staging / self.shards.index).write_text(json.dumps(self.shards.index_json(), indent=2) + "\n",
                                                           encoding="utf-8")
         architectures = self.base.config.get("architectures") or []
@@ -263,8 +285,9 @@ class MergedModel:
 
     def close(self) -> None:
         for fd in self.sources + self.targets:
-            os.close(fd)
-        self.sources, self.targets = [], []
+            if fd >= 0:
+                os.close(fd)
+        self.sources, self.targets, self.pickled = [], [], {}
 
 
 def merge_metadata(meta: Mapping[str, str], out: OutputPlan) -> dict[str, str]:
