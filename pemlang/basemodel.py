@@ -39,15 +39,9 @@ OUTPUT_EMBEDDINGS = ("lm_head", "cls.predictions.decoder", "embed_out", "lm_head
 INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared", "tok_embeddings")
 
 
-class BaseModelError(Exception):
-    """A base model cannot be used: a diagnostic code, message, notes and hints."""
-
-    def __init__(self, code: str, message: str, notes: Iterable[str] = (), hints: Iterable[str] = ()):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.notes = tuple(notes)
-        self.hints = tuple(hints)
+class BaseModelError(AdapterError):
+    """A base model cannot be used: a diagnostic code, message, notes and hints (as an adapter that
+    cannot be read carries them)."""
 
 
 @dataclass(frozen=True)

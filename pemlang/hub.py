@@ -110,33 +110,11 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False, headers_only: bool = Fal
             if not allow_pickle:
                 raise
             fetch("adapter_model.bin")
-    except hub_errors.GatedRepoError:
-        raise HubError(f"{where} is gated: its owner must grant you access",
-                       ("accept its terms on the Hub, then log in: `huggingface-cli login` (or set HF_TOKEN)",)) from None
-    except hub_errors.RepositoryNotFoundError:
-        raise HubError(f"no repository {ref.repo} on the Hub (or it is private)",
-                       ("check the name; for a private repository log in: `huggingface-cli login` (or set HF_TOKEN)",)
-                       ) from None
-    except hub_errors.RevisionNotFoundError:
-        raise HubError(f"{ref.repo} has no revision {ref.revision!r}", ("give a branch, tag or commit of the repository",)
-                       ) from None
-    except hub_errors.LocalEntryNotFoundError:
-        if _offline():
-            raise HubError(f"{where} is not in the Hugging Face cache, and downloading is off (HF_HUB_OFFLINE)",
-                           ("unset HF_HUB_OFFLINE to download it, or fetch it once where there is a connection",)
-                           ) from None
-        raise HubError(f"{where} could not be downloaded (no connection?) and is not in the cache",
-                       UNREACHABLE_HINTS) from None
-    except Unreachable as exc:
-        raise HubError(f"{where} could not be downloaded ({exc}) and is not in the cache", UNREACHABLE_HINTS
-                       ) from None
-    except hub_errors.EntryNotFoundError:
-        raise HubError(f"{where} holds no adapter (adapter_config.json and adapter_model.safetensors)",
-                       ("name the subfolder that holds it: hf://ORG/NAME/SUBFOLDER",)) from None
-    except (hub_errors.HfHubHTTPError, hub_errors.SafetensorsParsingError, OSError, ValueError) as exc:
-        from .diagnostics import first_line
-
-        raise HubError(f"cannot fetch {where}: {first_line(exc)}") from None
+    except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, hub_errors.SafetensorsParsingError, Unreachable,
+            OSError, ValueError) as exc:
+        raise _failure(exc, ref, where, (hub_errors.LocalEntryNotFoundError,),
+                       missing=(f"{where} holds no adapter (adapter_config.json and adapter_model.safetensors)",
+                                "name the subfolder that holds it: hf://ORG/NAME/SUBFOLDER")) from None
     return Resolved(ref, config.parent, _commit_of(config, ref))
 
 
@@ -161,32 +139,39 @@ def locate_model(text: str) -> Resolved:
         reach(ref.repo, f"{ref.subfolder}/config.json" if ref.subfolder else "config.json", ref.revision)
         snapshot = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns,
                                           etag_timeout=_timeout()))
-    except hub_errors.GatedRepoError:
-        raise HubError(f"{where} is gated: its owner must grant you access",
-                       ("accept its terms on the Hub, then log in: `huggingface-cli login` (or set HF_TOKEN)",)) from None
-    except hub_errors.RepositoryNotFoundError:
-        raise HubError(f"no repository {ref.repo} on the Hub (or it is private)",
-                       ("check the name; for a private repository log in: `huggingface-cli login` (or set HF_TOKEN)",)
-                       ) from None
-    except hub_errors.RevisionNotFoundError:
-        raise HubError(f"{ref.repo} has no revision {ref.revision!r}", ("give a branch, tag or commit of the repository",)
-                       ) from None
-    except (hub_errors.LocalEntryNotFoundError, FileNotFoundError):
-        if _offline():
-            raise HubError(f"{where} is not in the Hugging Face cache, and downloading is off (HF_HUB_OFFLINE)",
-                           ("unset HF_HUB_OFFLINE to download it, or fetch it once where there is a connection",)
-                           ) from None
-        raise HubError(f"{where} could not be downloaded (no connection?) and is not in the cache",
-                       UNREACHABLE_HINTS) from None
-    except Unreachable as exc:
-        raise HubError(f"{where} could not be downloaded ({exc}) and is not in the cache", UNREACHABLE_HINTS
-                       ) from None
-    except (hub_errors.HfHubHTTPError, OSError, ValueError) as exc:
-        from .diagnostics import first_line
-
-        raise HubError(f"cannot fetch {where}: {first_line(exc)}") from None
+    except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, Unreachable, OSError, ValueError) as exc:
+        raise _failure(exc, ref, where, (hub_errors.LocalEntryNotFoundError, FileNotFoundError)) from None
     commit = snapshot.name if _COMMIT.fullmatch(snapshot.name) else (ref.revision or "unknown")
     return Resolved(ref, snapshot / ref.subfolder if ref.subfolder else snapshot, commit)
+
+
+def _failure(exc: BaseException, ref: HubRef, where: str, not_cached: tuple[type[BaseException], ...], *,
+             missing: tuple[str, str] | None = None) -> HubError:
+    """What a failed fetch from the Hub says, with its hint: gated, no such repository or revision,
+    not cached while offline or unreachable, the files asked for missing (`missing`: message and
+    hint, where that has a meaning of its own), or the error's own first line."""
+    from huggingface_hub import errors as hub_errors
+
+    from .diagnostics import first_line
+
+    login = "log in: `huggingface-cli login` (or set HF_TOKEN)"
+    if isinstance(exc, hub_errors.GatedRepoError):
+        return HubError(f"{where} is gated: its owner must grant you access", (f"accept its terms on the Hub, then {login}",))
+    if isinstance(exc, hub_errors.RepositoryNotFoundError):
+        return HubError(f"no repository {ref.repo} on the Hub (or it is private)",
+                        (f"check the name; for a private repository {login}",))
+    if isinstance(exc, hub_errors.RevisionNotFoundError):
+        return HubError(f"{ref.repo} has no revision {ref.revision!r}", ("give a branch, tag or commit of the repository",))
+    if isinstance(exc, not_cached):
+        if _offline():
+            return HubError(f"{where} is not in the Hugging Face cache, and downloading is off (HF_HUB_OFFLINE)",
+                            ("unset HF_HUB_OFFLINE to download it, or fetch it once where there is a connection",))
+        return HubError(f"{where} could not be downloaded (no connection?) and is not in the cache", UNREACHABLE_HINTS)
+    if isinstance(exc, Unreachable):
+        return HubError(f"{where} could not be downloaded ({exc}) and is not in the cache", UNREACHABLE_HINTS)
+    if missing is not None and isinstance(exc, hub_errors.EntryNotFoundError):
+        return HubError(missing[0], (missing[1],))
+    return HubError(f"cannot fetch {where}: {first_line(exc)}")
 
 
 UNREACHABLE_HINTS = ("check the connection (and HF_ENDPOINT, if set); to work from the cache alone, without "

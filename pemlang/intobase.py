@@ -36,7 +36,7 @@ from .basemodel import CARD_NAME, INDEX_NAME, BaseFile, Change, OutFile, layout,
 from .diagnostics import PemError, display_path, error
 from .plan import PEFT_PREFIX, OutputPlan
 from .types import TORCH_DTYPE_NAMES
-from .writer import _digest, _dropped_lines, _fenced_text, _heading, _text, provenance_field
+from .writer import _dropped_lines, _fenced_text, _heading, _inputs_lines, _text, provenance_field
 
 HEADER_ROOM = 1024  # spaces reserved in each header: the final provenance (the inputs' hashes) goes in last
 COPY_CHUNK = 1 << 24  # bytes per copy_file_range call (and per read/write where the kernel cannot)
@@ -357,12 +357,7 @@ def merged_card(base: str | None, architectures: Sequence[str], meta: Mapping[st
     if params:
         lines += ["Params: " + ", ".join(f"`{k} = {v}`" for k, v in params.items()) + ".", ""]
     lines += _dropped_lines(meta)
-    inputs = provenance_field(meta, "pemlang.inputs", [])
-    if inputs:
-        lines += ["| input | adapter | sha256 |", "|---|---|---|"]
-        lines += [f"| {_text(i.get('name'))} | {_text(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
-                  if isinstance(i, dict)]
-        lines += [""]
+    lines += _inputs_lines(meta)
     lines += [f"Merged into {_text(into)}" + (f" ({_text(base)})" if base and base != into else "") + ": W + ΔW for "
               "each LoRA layer (ΔW in fp32, cast once to the weight's dtype), (IA)3 vectors multiplied in, heads "
               "replaced; every other tensor and file is the base's, byte for byte.", ""]

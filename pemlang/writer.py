@@ -114,6 +114,16 @@ def provenance_field(meta: Mapping[str, str], key: str, default: Any = None) -> 
         return default
 
 
+def _inputs_lines(meta: Mapping[str, str]) -> list[str]:
+    """A model card's table of the inputs (name, path, sha256), from the provenance metadata."""
+    inputs = provenance_field(meta, "pemlang.inputs", [])
+    if not inputs:
+        return []
+    return ["| input | adapter | sha256 |", "|---|---|---|",
+            *[f"| {_text(i.get('name'))} | {_text(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
+              if isinstance(i, dict)], ""]
+
+
 def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
     """The Hub's model card for a written adapter: YAML front matter (base_model, library_name,
     tags) and what made it — the program, each input with its sha256, the params — and how to load
@@ -146,12 +156,7 @@ def model_card(config: Mapping[str, Any], meta: Mapping[str, str]) -> str:
                   f"{_text(tuned.get('objective'))}, best value {_text(tuned.get('value'))} at trial "
                   f"{_text(tuned.get('trial'))} of {_text(tuned.get('trials'))}.", ""]
     lines += _dropped_lines(meta)
-    inputs = provenance_field(meta, "pemlang.inputs", [])
-    if inputs:
-        lines += ["| input | adapter | sha256 |", "|---|---|---|"]
-        lines += [f"| {_text(i.get('name'))} | {_text(i.get('path'))} | {_digest(i.get('sha256'))} |" for i in inputs
-                  if isinstance(i, dict)]
-        lines += [""]
+    lines += _inputs_lines(meta)
     program = meta.get("pemlang.program", "")
     if program:
         lines += ["The program:", "", *fenced(program.rstrip("\n")), ""]
