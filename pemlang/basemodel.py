@@ -106,6 +106,15 @@ class BaseModel:
         return kept
 
 
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a regular file (after links); False also where it cannot be looked at (a
+    name too long, a directory without permission: pathlib's is_file raises there)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _read_json(path: Path, what: str) -> Any:
     try:
         with path.open("rb") as f:
@@ -168,7 +177,7 @@ def read_base(path: Path, written: str, *, hub_id: str | None = None, allow_pick
                              hints=["a base model is a directory written by transformers' save_pretrained "
                                     "(config.json and *.safetensors)"])
     config_path = path / CONFIG_NAME
-    if not config_path.is_file():
+    if not _is_file(config_path):
         raise BaseModelError("E035", f"no {CONFIG_NAME} in the base model directory",
                              notes=[f"looked for {display_path(config_path)}"],
                              hints=["a base model is a directory written by transformers' save_pretrained"])
@@ -183,13 +192,13 @@ def read_base(path: Path, written: str, *, hub_id: str | None = None, allow_pick
                              hints=["merge into the unquantized base model, then quantize the merged model"])
     pickled = False
     index_name: str | None = None
-    if (path / INDEX_NAME).is_file():
+    if _is_file(path / INDEX_NAME):
         names, weight_map = _index(path, INDEX_NAME)
         index_name = INDEX_NAME
-    elif (path / SINGLE_NAME).is_file():
+    elif _is_file(path / SINGLE_NAME):
         names, weight_map = [SINGLE_NAME], {}
     else:
-        found = [n for n in PICKLE_NAMES if (path / n).is_file()]
+        found = [n for n in PICKLE_NAMES if _is_file(path / n)]
         if not found:
             raise BaseModelError("E035", "the base model has no safetensors weights",
                                  notes=[f"{display_path(path)} has neither {SINGLE_NAME} nor {INDEX_NAME}"])
@@ -203,7 +212,7 @@ def read_base(path: Path, written: str, *, hub_id: str | None = None, allow_pick
                                  [convert, "or pass --allow-pickle (allow_pickle=True in the API) if you trust the "
                                   "files; the merged model is written as safetensors"])
         pickled = True
-        if (path / PICKLE_INDEX_NAME).is_file():
+        if _is_file(path / PICKLE_INDEX_NAME):
             names, weight_map = _index(path, PICKLE_INDEX_NAME)
             index_name = PICKLE_INDEX_NAME
         else:
@@ -212,7 +221,7 @@ def read_base(path: Path, written: str, *, hub_id: str | None = None, allow_pick
     where: dict[str, int] = {}
     for name in names:
         file_path = path / name
-        if not file_path.is_file():
+        if not _is_file(file_path):
             raise BaseModelError("E035", f"the base model's weight file {name} is missing",
                                  notes=[f"{index_name} names it; no such file: {display_path(file_path)}"]
                                  if index_name else [display_path(file_path)],
@@ -530,9 +539,16 @@ def changes(base: BaseModel, module: ModuleType, *, fan_in_fan_out: bool = False
             if info.shape != expected:
                 misfits.append(Misfit("shape", key, info.key, expected, info.shape))
                 continue
-            found.append(Change(info.key, key, "ia3"))
             bias = base.tensor(f"{prefix}.bias")
             if bias is not None and not layer.feedforward:  # PEFT scales the bias of a non-feed-forward layer too
+                if bias.dtype not in FLOAT_DTYPES:
+                    misfits.append(Misfit("dtype", key, bias.key, dtype=bias.dtype))
+                    continue
+                if bias.shape != (max(layer.shape),):  # one scale per output feature
+                    misfits.append(Misfit("shape", key, bias.key, (max(layer.shape),), bias.shape))
+                    continue
+            found.append(Change(info.key, key, "ia3"))
+            if bias is not None and not layer.feedforward:
                 found.append(Change(bias.key, key, "ia3_bias"))
     for key, head in sorted(module.heads.items()):
         found_head = _head_target(base, head)
