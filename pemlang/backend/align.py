@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..operators import ceil_share
+from .dense import column_signs
 
 DROP = 1e-5  # singular values at or below this share of the largest are dropped (knots, iso)
 
@@ -36,13 +37,6 @@ def left_vectors(m: torch.Tensor) -> torch.Tensor:
     q, r = torch.linalg.qr(m.double())
     u, _, _ = torch.linalg.svd(r, full_matrices=False)
     return fix_signs(q @ u)
-
-
-def column_signs(u: torch.Tensor) -> torch.Tensor:
-    """1 × n: the sign of each column's largest-magnitude entry (1 for a zero column)."""
-    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))) if u.shape[0] else torch.ones((1, u.shape[1]))
-    signs[signs == 0] = 1
-    return signs
 
 
 def fix_signs(u: torch.Tensor) -> torch.Tensor:

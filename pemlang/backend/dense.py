@@ -24,6 +24,8 @@ from typing import TypeVar
 
 import torch
 
+from ..operators import ceil_share as keep_count  # ⌈d·n⌉ entries kept, d as written
+
 T = TypeVar("T")
 
 BLOCK = 1 << 18  # entries of an element-wise block on the CPU (1 MB in fp32: several fit a core's L2 and L3 share)
@@ -247,13 +249,6 @@ class Pool:
 # -- prune ---------------------------------------------------------------------------------------
 
 
-def keep_count(density: float, numel: int) -> int:
-    """⌈d·n⌉ with d as written (0.2 of 100 is 20, not the 21 that 0.2's binary value would give)."""
-    from decimal import Decimal
-
-    return min(numel, math.ceil(Decimal(repr(float(density))) * numel))
-
-
 class Cut:
     """Where `prune` cuts one ΔW: entries of magnitude below `threshold` go, and so do the entries
     equal to it at the flat indices `drop` (the last ones by position, beyond the ⌈d·n⌉ kept)."""
@@ -474,12 +469,19 @@ def _times_t(delta: torch.Tensor, left: torch.Tensor, spans: list[tuple[int, int
     return total  # type: ignore[no-any-return]
 
 
+def column_signs(u: torch.Tensor) -> torch.Tensor:
+    """1 × n: the sign of each column's largest-magnitude entry (1 for a zero column), the signs that
+    make singular vectors reproducible."""
+    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))) if u.shape[0] else torch.ones((1, u.shape[1]))
+    signs[signs == 0] = 1
+    return signs
+
+
 def signed_factors(left: torch.Tensor, s: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) = (√S·Vᵀ, U·√S) with fixed signs (the largest entry of each left singular vector
     positive), in fp32, so the bytes are reproducible. The singular values are split between the
     factors, so each holds about √ of ΔW's scale and fits a half-precision output where ΔW does."""
-    signs = torch.sign(left.gather(0, left.abs().argmax(dim=0, keepdim=True)))
-    signs[signs == 0] = 1
+    signs = column_signs(left)
     root = s.sqrt()
     return (right * (signs.T * root[:, None])).float(), ((left * signs) * root).float()
 

@@ -587,7 +587,7 @@ class TorchBackend:
         """
         rank = svd.layer_ranks.get(layer, 0)  # with energy=, the largest the data may choose
         energy = float(svd.options["energy"]) if "energy" in svd.options else None
-        terms = tuple(t for t in svd.terms if t.beta != 0 and self._has_layer(plan, t.source, layer))
+        terms = self._live(plan, svd.terms, layer)
         if rank == 0 or not terms:
             raise AssertionError("lowering gives svd sources only to layers they contribute to")
         if any(t.source in plan.calls and plan.calls[t.source].dense for t in terms):
@@ -603,26 +603,21 @@ class TorchBackend:
         inputs.stop_unless_finite([a, b], index, layer, "F32")  # a factorisation of NaN would only crash
         # In float64 (on the CPU with one thread, see `run`), then rounded to fp32; signs are fixed
         # (the largest entry of each left singular vector positive), so the bytes are reproducible.
-        q_b, r_b = torch.linalg.qr(b.double())
-        q_a, r_a = torch.linalg.qr(a.T.double())
-        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        u, s, vh = align.thin_svd(a, b)
         if energy is not None:
             rank = energy_rank(s, energy, rank)
         inputs.report.svd_dropped.setdefault(svd.id, {})[layer] = dropped_share(s, rank)
-        return signed_factors(q_b @ u[:, :rank], s[:rank], vh[:rank] @ q_a.T)
+        return signed_factors(u[:, :rank], s[:rank], vh[:rank])
 
     def _live(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str) -> tuple[PlanTerm, ...]:
         return tuple(t for t in terms if t.beta != 0 and self._has_layer(plan, t.source, layer))
 
-    def _spectrum(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, inputs: _Inputs,
+    def _spectrum(self, plan: Plan, terms: tuple[PlanTerm, ...], layer: str, shape: tuple[int, int], inputs: _Inputs,
                   cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The thin SVD (float64) of a low-rank argument's ΔW at one layer, from its stacked factors."""
+        """The thin SVD (float64) of a low-rank argument's ΔW at one layer of `shape`, from its
+        stacked factors (no component when no term contributes there)."""
         live = self._live(plan, terms, layer)
         if not live:
-            shape = next(plan.calls[t.source].layer_shapes[layer] if t.source in plan.calls
-                         else (plan.inputs[t.source].adapter.type.layers[layer].out_features,  # type: ignore[union-attr]
-                               plan.inputs[t.source].adapter.type.layers[layer].in_features)  # type: ignore[union-attr]
-                         for t in terms if self._has_layer(plan, t.source, layer))
             empty = torch.zeros(0, dtype=torch.float64, device=self.device)
             return empty.new_zeros((shape[0], 0)), empty, empty.new_zeros((0, shape[1]))
         a, b = self._stack(plan, live, layer, inputs, cache, index)
@@ -632,7 +627,7 @@ class TorchBackend:
     def _tsv(self, plan: Plan, call: CallStep, layer: str, inputs: _Inputs,
              cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """TSV-M over the arguments that have this layer (backend/align.py)."""
-        parts = [self._spectrum(plan, arg, layer, inputs, cache, index) for arg in call.args
+        parts = [self._spectrum(plan, arg, layer, call.layer_shapes[layer], inputs, cache, index) for arg in call.args
                  if any(self._has_layer(plan, t.source, layer) for t in arg)]
         u, s, vh = align.tsv(parts, float(call.options["keep"]))
         return signed_factors(*align.padded(u, s, vh, call.layer_ranks[layer]))
@@ -640,7 +635,7 @@ class TorchBackend:
     def _iso(self, plan: Plan, call: CallStep, layer: str, inputs: _Inputs,
              cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Iso-C: the argument's spectrum flattened to its mean (backend/align.py)."""
-        u, s, vh = align.iso(*self._spectrum(plan, call.args[0], layer, inputs, cache, index))
+        u, s, vh = align.iso(*self._spectrum(plan, call.args[0], layer, call.layer_shapes[layer], inputs, cache, index))
         return signed_factors(*align.padded(u, s, vh, call.layer_ranks[layer]))
 
     def _space(self, plan: Plan, call: CallStep, layer: str, inputs: _Inputs,
