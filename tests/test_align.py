@@ -509,28 +509,13 @@ def test_the_repl_types_a_space(llama: dict[str, Path]) -> None:
 def test_readme_align_snippet_runs_as_printed(example_root: Path) -> None:
     """The README's block in "Adapters that do not share a basis", as printed, from the repository
     root after the set-up command; and examples/align_merge.pem writes elsewhere."""
-    import os
-    import re
+    from readme_blocks import REPO, destinations, program_block, run_block
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Adapters that do not share a basis"):]
-    block = section[section.index("    mode exact"):]
-    block = block[: block.index("\n\n")]
-    program = example_root / "align_snippet.pem"
-    program.write_text("\n".join(line[4:] for line in block.splitlines()) + "\n", encoding="utf-8")
-    err = io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(example_root)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            status = main(["run", str(program), "--device", "cpu", "--force"])
-    finally:
-        os.chdir(cwd)
-    assert status == 0, err.getvalue()
-    outputs = re.findall(r'-> "([^"]+)"', block)
+    block = program_block("## Adapters that do not share a basis")
+    run_block(block, example_root, "align_snippet.pem")
+    outputs = destinations(block)
     assert len(outputs) == 4
     for directory in outputs:
         assert (example_root / directory / "adapter_model.safetensors").exists()
-    example = (Path(__file__).resolve().parent.parent / "examples" / "align_merge.pem").read_text(encoding="utf-8")
-    theirs = {os.path.normpath(f"examples/{d}") for d in re.findall(r'-> "([^"]+)"', example)}
-    assert theirs and not theirs & {os.path.normpath(d) for d in outputs}
+    theirs = destinations((REPO / "examples" / "align_merge.pem").read_text(encoding="utf-8"), "examples")
+    assert theirs and not theirs & outputs

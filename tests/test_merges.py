@@ -232,31 +232,15 @@ def test_every_front_end_takes_the_functions(adapters: Path, tmp_path: Path) -> 
 
 def test_readme_ties_snippet_runs_as_printed(example_root: Path) -> None:
     """The README's TIES block, as printed, from the repository root after the set-up command."""
-    import os
+    from readme_blocks import REPO, destinations, program_block, run_block
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### TIES, DARE and pruning, on ΔW"):]
-    block = section[section.index("    mode exact"):]
-    block = block[: block.index("\n\n")]
-    program = example_root / "ties_snippet.pem"
-    program.write_text("\n".join(line[4:] for line in block.splitlines()) + "\n", encoding="utf-8")
-    err = io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(example_root)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            status = main(["run", str(program), "--device", "cpu", "--force"])
-    finally:
-        os.chdir(cwd)
-    assert status == 0, err.getvalue()
+    block = program_block("### TIES, DARE and pruning, on ΔW")
+    run_block(block, example_root, "ties_snippet.pem")
     for name in ("ties", "dare_ties", "pruned"):
         assert (example_root / "examples" / "out" / name / "adapter_model.safetensors").exists()
     # the README then says to run examples/ties_merge.pem: it writes elsewhere (no E018 without --force)
-    import re
-
-    example = (Path(__file__).resolve().parent.parent / "examples" / "ties_merge.pem").read_text(encoding="utf-8")
-    theirs = {os.path.normpath(f"examples/{d}") for d in re.findall(r'-> "([^"]+)"', example)}
-    ours = {os.path.normpath(d) for d in re.findall(r'-> "([^"]+)"', block)}
+    theirs = destinations((REPO / "examples" / "ties_merge.pem").read_text(encoding="utf-8"), "examples")
+    ours = destinations(block)
     assert theirs and ours and not theirs & ours, theirs & ours
 
 
