@@ -1,4 +1,5 @@
-"""Merging in a shared basis ("Adapters that do not share a basis" in the README): pemlang's `core(…)` and `knots(…)` against the dense reference.
+"""Merging in a shared basis ("Adapters that do not share a basis" in the README): pemlang's `core(…)`
+and `knots(…)` against the dense reference.
 
     python benchmarks/align.py [--size tinyllama|7b|70b-slice|smoke] [--device cpu|cuda] [--methods core,knots]
                                [--routes pemlang,reference] [--reference-sample-layers 1] [--layers L]
@@ -69,7 +70,6 @@ DENSITY = 0.2
 METHODS = ("core", "knots")
 ROUTES = ("pemlang", "reference")
 DROP = 1e-5  # knots: singular values at most DROP·σ_max are dropped (as pemlang's knots)
-SMOKE = common.Shape("smoke", hidden=256, intermediate=704, layers=2, heads=8, kv_heads=2, rank=8)
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -271,7 +271,7 @@ def main() -> None:
     common.require_bench_extra()
     common.cuda_or_exit(args.device)
 
-    size = SMOKE if args.size == "smoke" else common.SIZES[args.size]
+    size = common.SMOKE if args.size == "smoke" else common.SIZES[args.size]
     shape = size.with_layers(args.layers or size.layers)
     flat_layers = 4 * shape.layers if args.flat_layers is None else args.flat_layers
     inputs = common.adapters(shape, independent=True)

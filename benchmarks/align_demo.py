@@ -304,11 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work).absolute() if args.work else Path(tempfile.mkdtemp(prefix="pemlang-align-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    phases: dict[str, float] = {}
-
-    def lap(name: str) -> None:
-        phases[name] = time.perf_counter() - start - sum(phases.values())
+    clock = common.Phases()
+    phases, lap = clock.seconds, clock.mark
 
     try:
         base = work / "base"
@@ -351,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([method.name, shown, method.mode, *(cell([s[t.name] for s in scores]) for t in TASKS),
                          cell(means), cell([s["rules"] for s in scores])])
         lap("merge + evaluate")
-        total = time.perf_counter() - start
+        total = time.perf_counter() - clock.start
 
         cosines = [a_cosine(adapters) for adapters in pairs]
         header = ["method", "expression", "mode", *(f"task {t.name.upper()}" for t in TASKS), "mean",

@@ -72,6 +72,8 @@ SIZES = {
     "7b": Shape("7b", hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, rank=16),
     "70b-slice": Shape("70b-slice", hidden=8192, intermediate=28672, layers=4, heads=64, kv_heads=8, rank=64),
 }
+# A tiny shape for checking a script itself in seconds (`--size smoke`), not for measuring.
+SMOKE = Shape("smoke", hidden=256, intermediate=704, layers=2, heads=8, kv_heads=2, rank=8, vocab=1024)
 
 
 def module_shapes(shape: Shape) -> dict[str, tuple[str, int, int]]:
@@ -242,6 +244,29 @@ scale = 1 if sys.platform == "darwin" else 1024
 with open(report, "w") as f:
     json.dump({"wall": wall, "maxrss": usage.ru_maxrss * scale, "returncode": os.waitstatus_to_exitcode(status)}, f)
 """
+
+
+class Phases:
+    """Seconds spent in each named phase of a run, each counted from the end of the one before:
+    `mark("import")` after the imports, `mark("load base")` after loading, … (`seconds`, in order)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.seconds[name] = time.perf_counter() - self.start - sum(self.seconds.values())
+
+
+def load_bf16_llama(path: Path | str):  # type: ignore[no-untyped-def]
+    """A Llama base model loaded in bfloat16, as the PEFT routes load it (transformers 5 names the
+    option `dtype`, 4 `torch_dtype`)."""
+    import torch
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return LlamaForCausalLM.from_pretrained(path, **{dtype_key: torch.bfloat16})
 
 
 def measure(command: list[str], *, env: dict[str, str] | None = None, check: bool = True) -> Measured:

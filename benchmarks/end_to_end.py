@@ -79,22 +79,16 @@ def CACHE_BASE(shape: common.Shape) -> Path:  # noqa: N802
 
 
 def peft_worker(args: argparse.Namespace) -> None:
-    start = time.perf_counter()
-    phases: dict[str, float] = {}
-
-    def mark(name: str) -> None:
-        phases[name] = time.perf_counter() - start - sum(phases.values())
+    clock = common.Phases()
+    phases, mark = clock.seconds, clock.mark
 
     import torch
+    import transformers  # noqa: F401 - timed with the other imports (load_bf16_llama uses it)
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
-    from transformers import LlamaForCausalLM
 
     mark("import")
-    import transformers
-
-    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = LlamaForCausalLM.from_pretrained(args.base, **{dtype_key: torch.bfloat16})
+    model = common.load_bf16_llama(args.base)
     if args.device != "cpu":
         model.to(args.device)
     mark("load base")

@@ -37,14 +37,12 @@ import shutil
 import statistics
 import struct
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SLACK = 64 * common.MiB
-SMOKE = common.Shape("smoke", hidden=256, intermediate=704, layers=2, heads=8, kv_heads=2, rank=8, vocab=1024)
 SLICE_LAYERS = {"7b": 4}  # sizes measured as a slice: their shape, fewer layers
 
 # The copy route, as a child: read each file of SOURCE in 16 MiB chunks, write it to TARGET, fsync.
@@ -106,20 +104,15 @@ def warm_page_cache(directory: Path) -> None:
 
 
 def peft_worker(args: argparse.Namespace) -> None:
-    start = time.perf_counter()
-    phases: dict[str, float] = {}
+    clock = common.Phases()
+    phases, mark = clock.seconds, clock.mark
 
-    def mark(name: str) -> None:
-        phases[name] = time.perf_counter() - start - sum(phases.values())
-
-    import torch
-    import transformers
+    import torch  # noqa: F401 - timed with the other imports
+    import transformers  # noqa: F401 - timed with the other imports (load_bf16_llama uses it)
     from peft import PeftModel
-    from transformers import LlamaForCausalLM
 
     mark("import")
-    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = LlamaForCausalLM.from_pretrained(args.base, **{dtype_key: torch.bfloat16})
+    model = common.load_bf16_llama(args.base)
     mark("load base")
     model = PeftModel.from_pretrained(model, args.adapter)
     mark("load adapter")
@@ -202,7 +195,7 @@ def main() -> None:
         print(f"into_base.py measures the CPU route only: --device {args.device} skipped")
         return
 
-    full = SMOKE if args.size == "smoke" else common.SIZES[args.size]
+    full = common.SMOKE if args.size == "smoke" else common.SIZES[args.size]
     default_layers = SLICE_LAYERS.get(args.size, full.layers)
     shape = full.with_layers(args.layers or default_layers)
     label = args.size if shape.layers == full.layers else f"{args.size} slice ({shape.layers} of {full.layers} layers)"
