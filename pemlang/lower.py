@@ -70,9 +70,13 @@ class _Lowering:
         """The rank of an argument's factors stacked at one layer (its terms of non-zero beta); a
         dense ΔW has full rank."""
         live = [t for t in arg.terms if t.beta != 0]
-        if any(isinstance(t.source, CallRef) and t.source.dense and self.has_layer(t, key) for t in live):
+        if self.dense_at(live, key):
             return min(shape)
         return sum(self.layer_rank(t, key) for t in live)
+
+    def dense_at(self, terms: list[Term], key: str) -> bool:
+        """Whether a dense function's result (prune, dare, ties) among `terms` has the layer."""
+        return any(isinstance(t.source, CallRef) and t.source.dense and self.has_layer(t, key) for t in terms)
 
     def svd_ranks(self, ref: CallRef, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, int], bool]:
         """svd's rank per layer, min(R, max_rank, stacked rank, out, in), and whether the ranks are
@@ -84,13 +88,10 @@ class _Lowering:
         live = [t for t in arg.terms if t.beta != 0]
         layer_ranks = {}
         adaptive = "energy" in options
-        for key, (out_features, in_features) in shapes.items():
-            if any(isinstance(t.source, CallRef) and t.source.dense and self.has_layer(t, key) for t in live):
-                stacked = min(out_features, in_features)  # a dense ΔW has full rank
-            else:
-                stacked = sum(self.layer_rank(t, key) for t in live)
+        for key, shape in shapes.items():
+            if not self.dense_at(live, key):  # (a dense ΔW has full rank, whatever the rest)
                 adaptive = adaptive or any(self.adaptive(t, key) for t in live)
-            layer_ranks[key] = min(*caps, stacked, out_features, in_features)
+            layer_ranks[key] = min(*caps, self.stacked_rank(arg, key, shape), *shape)
         return layer_ranks, adaptive
 
     def adaptive(self, term: Term, key: str) -> bool:
