@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .backend.torch_backend import all_finite
 from .basemodel import CARD_NAME, INDEX_NAME, BaseFile, Change, OutFile, layout, load_pickled
 from .diagnostics import PemError, display_path, error
 from .plan import PEFT_PREFIX, OutputPlan
@@ -91,13 +92,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while view:
         count = os.pwrite(fd, view, offset)
         view, offset = view[count:], offset + count
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every element is finite. Their sum is when they are (an inf or nan never sums to a
-    finite number), and costs a tenth of isfinite; the element-wise check only where the sum is
-    not (a non-finite element, or large finite ones overflowing the sum)."""
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def _within(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -261,7 +255,7 @@ class MergedModel:
             if dtype != torch.float32:
                 merged = self._buffer("cast", math.prod(block), dtype).view(block).copy_(merged)
             merged = merged.contiguous()
-            if not surely_finite and not _all_finite(merged) and _all_finite(weight):
+            if not surely_finite and not all_finite([merged]) and all_finite([weight]):
                 raise PemError([error(
                     "E027", f"the merged {target} is not finite in {info.dtype}",
                     notes=[f"{display_path(self.base.path)}: W + ΔW exceeds the largest {info.dtype} number"],

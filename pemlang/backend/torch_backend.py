@@ -240,7 +240,7 @@ class _Inputs:
     def stop_unless_finite(self, values: list[torch.Tensor], index: int, key: str, dtype: str) -> None:
         """Stop the run (_Stop) when any of `values` is not finite: the report blames this layer's
         inputs when one of them is not (E014), else the result of output `index` at `key` (E027)."""
-        if not _finite(values):
+        if not all_finite(values):
             if not self.blame():
                 self.report.non_finite_result = (index, key, dtype)
             raise _Stop
@@ -255,13 +255,13 @@ class _Stop(Exception):
     """Running stops: an input or a result is not finite (the report says which)."""
 
 
-def _finite(values: list[torch.Tensor]) -> bool:
+def all_finite(values: list[torch.Tensor]) -> bool:
     """Whether every value is finite, with one host sync for them all. A sum is finite only when
     every element is (NaN and ±inf propagate), so one reduction pass settles it, with no boolean
-    tensor per element; only a sum that overflows while every element is finite needs the exact
-    check after it."""
+    tensor per element (summed in fp32: a half-precision sum would overflow far sooner); only a
+    sum that overflows while every element is finite needs the exact check after it."""
     values = [v for v in values if v.numel()]
-    if not values or bool(torch.isfinite(torch.stack([v.sum() for v in values])).all()):
+    if not values or bool(torch.isfinite(torch.stack([v.sum(dtype=torch.float32) for v in values])).all()):
         return True
     return bool(torch.stack([torch.isfinite(v).all() for v in values]).all())
 
