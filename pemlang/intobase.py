@@ -11,7 +11,9 @@ base tensor it changes is read, W + ΔW computed in fp32 (ΔW = s·B·A, transpo
 `fan_in_fan_out` layer as PEFT does), cast once to the tensor's dtype and written at its offset.
 (IA)3 vectors multiply the weight (and a non-feed-forward layer's bias) as PEFT's merge does; heads
 (`modules_to_save`) replace the base's tensors. Memory holds one base tensor and its layer's
-factors. Every base file is read once; the base is never opened for writing. The base's other
+factors. Every base file is read once; the base is never opened for writing. The written model's
+pages are put on disk and dropped from the page cache every FLUSH_BYTES (MergedModel._wrote), so
+writing a 140 GB model neither fills memory with it nor evicts everything else. The base's other
 files (config, generation config, tokenizer, index) are copied unchanged and a model card written.
 A pickled base (`pytorch_model*.bin`, --allow-pickle) is memory-mapped by torch's weights-only
 unpickler and written as safetensors files (basemodel.layout), each tensor's bytes from its storage.
@@ -41,6 +43,7 @@ from .writer import _dropped_lines, _fenced_text, _heading, _inputs_lines, _text
 
 HEADER_ROOM = 1024  # spaces reserved in each header: the final provenance (the inputs' hashes) goes in last
 COPY_CHUNK = 1 << 24  # bytes per copy_file_range call (and per read/write where the kernel cannot)
+FLUSH_BYTES = 1 << 28  # bytes written to a file between flushes (see MergedModel._wrote)
 BLOCK_ELEMENTS = 1 << 22  # elements of a LoRA-changed base tensor merged at a time (16 MiB in fp32)
 TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPE_NAMES.items()}
 _LORA_A, _LORA_B, _IA3 = ".lora_A.weight", ".lora_B.weight", ".ia3_l"
@@ -139,6 +142,7 @@ class MergedModel:
         self.targets: list[int] = []  # the written files
         self.starts: list[int] = []  # where each written file's data begins
         self.lengths: list[int] = []  # each written header's length (without its 8-byte prefix)
+        self.unflushed: list[int] = []  # bytes written to each file since its last flush
         try:
             for file in self.base.files:
                 self.sources.append(-1 if file.pickled else os.open(file.path, os.O_RDONLY))
@@ -154,6 +158,8 @@ class MergedModel:
         the other in a base file and in this one are copied in one go."""
         target = os.open(self.staging / file.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.targets.append(target)
+        self.unflushed.append(0)
+        written = len(self.targets) - 1
         header = shard_header(file, meta)
         self.lengths.append(len(header) - 8)
         self.starts.append(len(header))
@@ -167,6 +173,7 @@ class MergedModel:
             base_file = self.base.files[number]
             if base_file.pickled:  # its bytes from the tensor's storage
                 _pwrite_all(target, self._pickled_bytes(number, info.key), len(header) + info.begin)
+                self._wrote(written, info.nbytes)
                 continue
             begin = base_file.data_start + base_file.tensors[info.key].begin
             if run and run[0] == number and run[1] + run[3] == begin and run[2] + run[3] == len(header) + info.begin:
@@ -174,9 +181,24 @@ class MergedModel:
                 continue
             if run:
                 _copy_range(self.sources[run[0]], target, run[1], run[1] + run[3], run[2] - run[1])
+                self._wrote(written, run[3])
             run = [number, begin, len(header) + info.begin, info.nbytes]
         if run:
             _copy_range(self.sources[run[0]], target, run[1], run[1] + run[3], run[2] - run[1])
+            self._wrote(written, run[3])
+
+    def _wrote(self, written: int, count: int) -> None:
+        """Count bytes written to file `written`; every FLUSH_BYTES, put them on disk and let the page
+        cache drop them. The written model's pages then stay a bounded part of memory however large
+        the model is, and the next writes reuse the pages just freed: a fresh page for every byte
+        written can cost more than the write (in a virtual machine that hands free memory back to
+        its host), and the final fsync has only the last part left to write."""
+        self.unflushed[written] += count
+        if self.unflushed[written] >= FLUSH_BYTES:
+            self.unflushed[written] = 0
+            os.fdatasync(self.targets[written])
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.targets[written], 0, 0, os.POSIX_FADV_DONTNEED)
 
     # -- the sink's side ---------------------------------------------------------------------------
 
@@ -262,6 +284,7 @@ class MergedModel:
                     hints=["use smaller coefficients, or merge into a base of a wider dtype; nothing was written"])])
             _pwrite_all(self.targets[written], memoryview(merged.reshape(-1).view(torch.uint8).numpy()),
                         start_of_tensor + begin)
+            self._wrote(written, size)
         self.pending.discard(target)
 
     def _pickled_bytes(self, number: int, name: str) -> memoryview:

@@ -243,6 +243,50 @@ def test_large_tensors_are_merged_in_blocks_of_rows(models: Path, tmp_path: Path
                    state(models / base), ulps=1)  # a block's B·A is another BLAS call: fp32 rounding
 
 
+@pytest.mark.parametrize("base", ["llama_bf16", "llama_sharded"])
+def test_the_written_model_leaves_the_page_cache_as_it_goes(models: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, base: str) -> None:
+    """Every FLUSH_BYTES written to a file, the file is put on disk (fdatasync) and dropped from the
+    page cache (POSIX_FADV_DONTNEED on that file, never on the base's): with a flush after nearly
+    every write, the same bytes as with none, and PEFT's merge."""
+    import os
+
+    from pemlang import intobase
+
+    calls: list[tuple[str, str]] = []
+    real_sync, real_advise = os.fdatasync, getattr(os, "posix_fadvise", None)
+
+    def fdatasync(fd: int) -> None:
+        calls.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_sync(fd)
+
+    def posix_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((f"fadvise {offset} {length} {advice}", os.readlink(f"/proc/self/fd/{fd}")))
+        assert real_advise is not None
+        real_advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(intobase, "BLOCK_ELEMENTS", 100)  # many writes to each file (the same blocks both times)
+    assert pemlang("eval", "--input", f"x={models / 'a'}", "--out", str(tmp_path / "whole"),
+                   "--into", str(models / base), "--", "x") == 0
+    assert calls == []  # a tiny model: nothing flushed before the end
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    if real_advise is not None:
+        monkeypatch.setattr(os, "posix_fadvise", posix_fadvise)
+    monkeypatch.setattr(intobase, "FLUSH_BYTES", 1000)
+    assert pemlang("eval", "--input", f"x={models / 'a'}", "--out", str(tmp_path / "m"),
+                   "--into", str(models / base), "--", "x") == 0
+    weights = sorted(p.name for p in (models / base).glob("*.safetensors"))
+    for name in weights:
+        assert (tmp_path / "m" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    synced = [path for what, path in calls if what == "fdatasync"]
+    assert len(synced) > 10 and {Path(p).name for p in synced} == set(weights)  # every file, many times
+    assert all(str(models) not in path for _, path in calls)  # the base is neither synced nor dropped
+    if real_advise is not None:
+        assert [(w, p) for w, p in calls if w.startswith("fadvise")] == [
+            (f"fadvise 0 0 {os.POSIX_FADV_DONTNEED}", p) for p in synced]
+    assert_matches(state(tmp_path / "m"), peft_merged(models / base, models / "a"), state(models / base), ulps=1)
+
+
 def test_ia3_multiplies_along_peft_axis(models: Path, tmp_path: Path) -> None:
     assert pemlang("eval", "--input", f"v={models / 'ia3'}", "--out", str(tmp_path / "m"),
                    "--into", str(models / "llama"), "--", "v") == 0

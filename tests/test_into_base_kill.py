@@ -119,6 +119,14 @@ def kill_myself() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def flush_often_and_kill_at(nth: int) -> None:
+    """In the child: flush every 1000 bytes written, and die at the n-th flush."""
+    from pemlang import intobase
+
+    intobase.FLUSH_BYTES = 1000
+    patch_nth(os, "fdatasync", nth, kill_myself)
+
+
 def test_kill_9_at_every_stage_of_the_write_leaves_the_old_or_the_new_model(made: Path, tmp_path: Path) -> None:
     from pemlang import writer
 
@@ -137,6 +145,7 @@ def test_kill_9_at_every_stage_of_the_write_leaves_the_old_or_the_new_model(made
         ("copying the first file's untouched tensors", lambda: patch_nth(os, "copy_file_range", 1, kill_myself), old),
         ("copying a later file's", lambda: patch_nth(os, "copy_file_range", files + 1, kill_myself), old),
         ("writing the merged tensors", lambda: patch_nth(os, "pwrite", files + 2, kill_myself), old),
+        ("putting part of a file on disk", lambda: flush_often_and_kill_at(3), old),
         ("flushing the first file", lambda: patch_nth(os, "fsync", 1, kill_myself), old),
         ("copying the base's other files", lambda: patch_nth(shutil, "copyfile", 1, kill_myself), old),
         ("before the swap, staging complete", lambda: patch_nth(writer, "_swap", 1, kill_myself), old),
@@ -161,14 +170,19 @@ def test_kill_9_at_every_stage_of_the_write_leaves_the_old_or_the_new_model(made
 
 
 @pytest.mark.parametrize(("owner", "name", "nth"), [(os, "copy_file_range", 2), (os, "pwrite", 2),
-                                                    (shutil, "copyfile", 1)],
-                         ids=["copying-untouched-tensors", "writing-merged-tensors", "copying-other-files"])
+                                                    (os, "fdatasync", 2), (shutil, "copyfile", 1)],
+                         ids=["copying-untouched-tensors", "writing-merged-tensors", "flushing-part-of-a-file",
+                              "copying-other-files"])
 @pytest.mark.parametrize("over_old", [False, True], ids=["new", "over-old"])
 def test_a_full_disk_mid_write_is_E018_and_leaves_nothing(made: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           owner: object, name: str, nth: int, over_old: bool) -> None:
     """ENOSPC from the kernel copy of the untouched tensors, from writing the second merged tensor
-    (after each file's header), or from copying config.json and the like: E018 naming DIR, no
+    (after each file's header), from putting part of a file on disk (where a full disk shows when the
+    file system allocates late), or from copying config.json and the like: E018 naming DIR, no
     staging left, an old model untouched."""
+    from pemlang import intobase
+
+    monkeypatch.setattr(intobase, "FLUSH_BYTES", 1000)  # flushed every few writes: the tiny base has many
     path = program(made, tmp_path)
     if over_old:
         assert run(path, 1)[0] == 0
