@@ -35,9 +35,9 @@ class IntoChecks:
         """The base model `written` names, read once per directory; None (reported) when it cannot
         be used."""
         hub_id = None
-        if hub.is_hub(written):  # its config, tokenizer and weights, in the Hub cache as inputs are
+        if hub.is_hub(written):  # its config, tokenizer and weights, in the Hub cache as inputs are (check: headers)
             try:
-                resolved = hub.locate_model(written)
+                resolved = hub.locate_model(written, headers_only=not self.writes)
             except hub.HubError as exc:
                 self._error("E035", f"base model {exc.message}", span, source=source, hints=exc.hints)
                 return None

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PREFIX = "hf://"
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -126,9 +127,11 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "mo
                "preprocessor_config.json")
 
 
-def locate_model(text: str) -> Resolved:
+def locate_model(text: str, *, headers_only: bool = False) -> Resolved:
     """`hf://org/name[/sub][@rev]` → the snapshot directory of a base model in the Hub cache, with
-    only MODEL_FILES fetched (or found cached); HubError as for adapters."""
+    only MODEL_FILES fetched (or found cached); HubError as for adapters. `headers_only` (`check`,
+    `plan`): where the weights are not cached, a stand-in with only their headers (see
+    _model_header_stand_in) instead of gigabytes of downloads."""
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import snapshot_download
 
@@ -137,6 +140,9 @@ def locate_model(text: str) -> Resolved:
     patterns = [f"{ref.subfolder}/{p}" if ref.subfolder else p for p in MODEL_FILES]
     try:
         reach(ref.repo, f"{ref.subfolder}/config.json" if ref.subfolder else "config.json", ref.revision)
+        stand_in = _model_header_stand_in(ref) if headers_only else None
+        if stand_in is not None:
+            return stand_in
         snapshot = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns,
                                           etag_timeout=_timeout()))
     except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, Unreachable, OSError, ValueError) as exc:
@@ -254,31 +260,97 @@ _STAND_INS: list[object] = []  # temporary directories, removed when the process
 def _header_stand_in(ref: HubRef, config: Path) -> Resolved:
     """The adapter's directory with its config and, for the weights, only their header read by
     HTTP range: written to a temporary directory as a sparse file of the full length."""
-    import json
     import shutil
-    import struct
-    import tempfile
 
     from huggingface_hub import HfApi
 
     commit = _commit_of(config, ref)
     name = f"{ref.subfolder}/adapter_model.safetensors" if ref.subfolder else "adapter_model.safetensors"
     parsed = HfApi().parse_safetensors_file_metadata(ref.repo, name, revision=commit)
+    directory = _stand_in_directory(ref, commit)
+    shutil.copyfile(config, directory / "adapter_config.json")
+    _write_header(directory / "adapter_model.safetensors", parsed)
+    return Resolved(ref, directory, commit)
+
+
+def _model_header_stand_in(ref: HubRef) -> Resolved | None:
+    """A base model's directory as `check` needs it when its weights are not cached: config.json
+    and the index fetched, each weight file only its header (HTTP range requests), as a sparse
+    file of the full length. None where the weights are cached already, where the Hub cannot be
+    asked (offline), or where the base has no safetensors weights: the caller fetches the snapshot
+    as `run` does, with the same diagnostics."""
+    import json
+    import shutil
+
+    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import errors as hub_errors
+
+    if _offline():
+        return None
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(ref.repo, filename, subfolder=ref.subfolder, revision=ref.revision,
+                                    etag_timeout=_timeout()))
+
+    config = fetch("config.json")
+    commit = _commit_of(config, ref)
+    try:
+        index: Path | None = fetch("model.safetensors.index.json")
+    except hub_errors.EntryNotFoundError:
+        index = None
+    if index is None:
+        names = ["model.safetensors"]
+    else:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, ValueError):
+            return None  # read_base of the snapshot says what is wrong with it
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            return None
+        names = sorted(set(weight_map.values()))
+        if any("/" in name or name.startswith(".") for name in names):
+            return None
+    full = [f"{ref.subfolder}/{name}" if ref.subfolder else name for name in names]
+    if all(isinstance(try_to_load_from_cache(ref.repo, name, revision=commit), str) for name in full):
+        return None
+    try:
+        parsed = [HfApi().parse_safetensors_file_metadata(ref.repo, name, revision=commit) for name in full]
+    except (hub_errors.EntryNotFoundError, hub_errors.SafetensorsParsingError):
+        return None  # no such weight file (a pickled base, a torn index), or a bad header: as `run` sees it
+    directory = _stand_in_directory(ref, commit)
+    shutil.copyfile(config, directory / "config.json")
+    if index is not None:
+        shutil.copyfile(index, directory / "model.safetensors.index.json")
+    for name, header in zip(names, parsed, strict=True):
+        _write_header(directory / name, header)
+    return Resolved(ref, directory, commit)
+
+
+def _stand_in_directory(ref: HubRef, commit: str) -> Path:
+    """A new directory for a stand-in, in a temporary directory removed when the process ends."""
+    import tempfile
+
+    scratch = tempfile.TemporaryDirectory(prefix="pemlang-hub-headers-")
+    _STAND_INS.append(scratch)  # kept alive (and so not removed) until the process ends
+    directory = Path(scratch.name) / ref.repo.replace("/", "--") / commit / (ref.subfolder or "")
+    directory.mkdir(parents=True)
+    return directory
+
+
+def _write_header(path: Path, parsed: Any) -> None:
+    """A safetensors file with the header huggingface_hub parsed, then a hole as long as its data."""
+    import json
+    import struct
+
     header: dict[str, object] = {"__metadata__": dict(parsed.metadata or {})} if parsed.metadata else {}
     end = 0
     for key, info in parsed.tensors.items():
         header[key] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": list(info.data_offsets)}
         end = max(end, int(info.data_offsets[1]))
     text = json.dumps(header, separators=(",", ":")).encode()
-    scratch = tempfile.TemporaryDirectory(prefix="pemlang-hub-headers-")
-    _STAND_INS.append(scratch)  # kept alive (and so not removed) until the process ends
-    directory = Path(scratch.name) / ref.repo.replace("/", "--") / commit / (ref.subfolder or "")
-    directory.mkdir(parents=True)
-    shutil.copyfile(config, directory / "adapter_config.json")
-    with (directory / "adapter_model.safetensors").open("wb") as f:
+    with path.open("wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         f.truncate(8 + len(text) + end)  # a hole: no tensor data is downloaded or stored
-    return Resolved(ref, directory, commit)
 
 
 def _offline() -> bool:

@@ -275,6 +275,64 @@ def test_check_reads_only_the_header_of_weights_not_cached(tmp_path: Path) -> No
         hub.close()
 
 
+def _big_base(directory: Path, *, sharded: bool) -> Path:
+    """A tiny Llama base as transformers saves it, with a 1 MiB extra tensor in (each of) its weight
+    files so that a header is a small part of the file; sharded: two files and an index."""
+    import torch
+    from peft_factory import save_base
+    from safetensors.torch import load_file, save_file
+
+    save_base(directory, max_shard_size="60KB" if sharded else None)
+    files = sorted(directory.glob("*.safetensors"))
+    for number, path in enumerate(files):
+        tensors = load_file(str(path))
+        tensors[f"extra.padding.{number}"] = torch.zeros(256, 1024)
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    if sharded:
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        for number, path in enumerate(files):
+            index["weight_map"][f"extra.padding.{number}"] = path.name
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_check_of_a_hub_base_reads_only_the_headers_of_its_weights(tmp_path: Path, sharded: bool) -> None:
+    """`output x into "hf://…"`: check and plan fetch config.json (and the index) and read each
+    weight file's header by HTTP range, never the weights, and show what run would write; nothing of
+    the weights lands in the cache. The same shards, tensors and changes as check of the base on disk."""
+    from peft_factory import lora
+
+    base = _big_base(tmp_path / "base", sharded=sharded)
+    adapter = lora(tmp_path / "a", 1)
+    weights = {p.name: p.read_bytes() for p in base.glob("*.safetensors")}
+    assert len(weights) == (2 if sharded else 1) and all(len(b) > 1_000_000 for b in weights.values())
+    files = {("org/base", p.name): p.read_bytes() for p in base.iterdir()}
+    hub = _FakeHub(files, SHA_A)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        shown = {}
+        for where in ("hf://org/base", str(base)):
+            program = tmp_path / "p.pem"
+            program.write_text(f'mode exact\ninput a = "{adapter}"\noutput a into "{where}" -> "out/m"\n')
+            for command in ("check", "plan"):
+                done = subprocess.run([sys.executable, "-m", "pemlang.cli", command, str(program)], text=True,
+                                      capture_output=True, env=env, timeout=120)
+                assert done.returncode == 0, done.stderr
+                shown[where, command] = done.stdout.replace(f"{where}@{SHA_A}", "BASE").replace(where, "BASE")
+        assert "writes " + ("2 weight files" if sharded else "1 weight file") in shown["hf://org/base", "check"]
+        for command in ("check", "plan"):  # the same, the base's commit aside
+            assert shown["hf://org/base", command] == shown[str(base), command]
+        for name in weights:  # check and plan: at most huggingface_hub's first range request (100 kB) each
+            assert 0 < hub.sent[name] <= 2 * 100_001 < len(weights[name]), (name, hub.sent)
+        assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing of the weights cached
+        assert not (tmp_path / "out").exists()
+    finally:
+        hub.close()
+
+
 @pytest.mark.parametrize("written, message, hint", [
     ("hf://org/nothing", "no repository org/nothing on the Hub (or it is private)", "huggingface-cli login"),
     ("hf://org/gated", "is gated", "huggingface-cli login"),
