@@ -97,6 +97,11 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         view, offset = view[count:], offset + count
 
 
+def _datasync(fd: int) -> None:
+    """Put a file's data on disk: fdatasync, or fsync where there is none (macOS)."""
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
 def _within(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether every element of a float tensor is finite and within the range of `dtype` (so that it
     stays finite once cast); False also when it cannot say cheaply (an empty tensor says True)."""
@@ -196,7 +201,7 @@ class MergedModel:
         self.unflushed[written] += count
         if self.unflushed[written] >= FLUSH_BYTES:
             self.unflushed[written] = 0
-            os.fdatasync(self.targets[written])
+            _datasync(self.targets[written])
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self.targets[written], 0, 0, os.POSIX_FADV_DONTNEED)
 
