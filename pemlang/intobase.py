@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .backend.torch_backend import all_finite
+from .backend.torch_backend import all_finite, read_at
 from .basemodel import CARD_NAME, INDEX_NAME, BaseFile, Change, OutFile, layout, load_pickled
 from .diagnostics import PemError, display_path, error
 from .plan import PEFT_PREFIX, OutputPlan
@@ -71,7 +71,8 @@ def _copy_range(source: int, target: int, begin: int, end: int, shift: int) -> N
     while position < end:
         count = min(COPY_CHUNK, end - position)
         try:
-            done = os.copy_file_range(source, target, count, position, position + shift)
+            kernel_copy = getattr(os, "copy_file_range", None)  # Linux's; elsewhere read and write
+            done = kernel_copy(source, target, count, position, position + shift) if kernel_copy else 0
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                 raise
@@ -117,7 +118,7 @@ def _pread_all(fd: int, data: bytearray | memoryview, offset: int, name: str) ->
     view = memoryview(data)
     position = 0
     while position < len(data):
-        count = os.preadv(fd, [view[position:]], offset + position)
+        count = read_at(fd, view[position:], offset + position)
         if count == 0:
             raise OSError(errno.EIO, f"{name} ended early")
         position += count

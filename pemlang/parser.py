@@ -237,9 +237,12 @@ _TERMINAL_WORDS = {
     "NUMBER": "a number",
     "STRING": 'a quoted path ("...")',
     "$END": "the end of the statement",
+    "<END-OF-FILE>": "the end of the statement",  # what Lark's fallback lexer calls it
     "HEADS_FROM": "'from'",
     "HEADS_DROP": "'drop'",
     "HEADS_MIX": "'mix'",
+    "_INTO": "'into'",
+    "_BASE": "'base'",
 }
 
 
@@ -253,6 +256,18 @@ def _describe_terminal(name: str) -> str:
     if pattern.type == "str":
         return f"'{pattern.value}'"
     return {"PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'"}.get(name, name.lower())
+
+
+_KEYWORDS = {"_INTO": "into", "_BASE": "base", "HEADS_FROM": "from", "HEADS_DROP": "drop", "HEADS_MIX": "mix"}
+
+
+def _close_keyword(word: str, expected: set[str]) -> str | None:
+    """The expected keyword a misspelt name most likely meant (`intoo`, `bsae`), if any."""
+    import difflib
+
+    words = [_KEYWORDS[t] for t in expected if t in _KEYWORDS]
+    close = difflib.get_close_matches(word.lower(), words, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _describe_token(token: Token) -> str:
@@ -273,7 +288,7 @@ def _plausible(expected: set[str], before: str) -> set[str]:
     if code.count("(") <= code.count(")"):
         expected = expected - {"RPAR", "COMMA"}
     if not code.lstrip().startswith("output"):
-        expected = expected - {"__ANON_0", "INTO"}
+        expected = expected - {"__ANON_0", "_INTO"}
     if {"PLUS", "STAR"} <= expected:
         expected = expected - {"LPAR"}  # a call's '(' after a name: rarely what was meant
     return expected
@@ -315,9 +330,16 @@ def _syntax_error(exc: UnexpectedInput, source: Source, chunk: _Chunk) -> Diagno
         if words:
             notes.append("expected " + (", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1
                                          else words[0]))
-    if token.type == "NAME" and "STRING" in expected:
+    before = text[chunk.start : span.start].split("#", 1)[0]
+    keyword = _close_keyword(str(token), expected) if token.type == "NAME" else None
+    if keyword is not None:
+        hints.append(f"did you mean `{keyword}`?")
+    elif token.type == "NAME" and "STRING" in expected:
         rest = text[span.start : chunk.end].split("#", 1)[0].strip()
-        hints.append(f'paths are written in double quotes: "{rest}"')
+        path = re.split(r'\s+(?:->|into|base)(?:\s|"|$)|"|\s+#', rest, maxsplit=1)[0].strip()
+        hints.append(f'paths are written in double quotes: "{path}"')
+    elif str(token) == "into" and before.lstrip().startswith("output") and "->" in before:
+        hints.append('`into "BASE"` comes before the arrow: output EXPR into "BASE" -> "DIR"')
     elif token.type in {"NAME", "NUMBER", "LPAR"} and {"PLUS", "STAR"} <= expected:
         hints.append("an operator (+ - * /) may be missing before this")
     elif token.type == "STRING" and "__ANON_0" in expected:

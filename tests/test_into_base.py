@@ -287,6 +287,28 @@ def test_the_written_model_leaves_the_page_cache_as_it_goes(models: Path, tmp_pa
     assert_matches(state(tmp_path / "m"), peft_merged(models / base, models / "a"), state(models / base), ulps=1)
 
 
+def test_without_linuxs_calls_the_same_model_is_written(models: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the system lacks copy_file_range, preadv, fdatasync and posix_fadvise (macOS), the
+    merge reads and writes through user space, fsyncs, drops nothing: the same bytes."""
+    import os
+
+    from pemlang import intobase
+
+    monkeypatch.setattr(intobase, "FLUSH_BYTES", 1000)
+    assert pemlang("eval", "--input", f"x={models / 'a'}", "--out", str(tmp_path / "linux"),
+                   "--into", str(models / "llama_sharded"), "--", "x") == 0
+    for name in ("copy_file_range", "preadv", "fdatasync", "posix_fadvise"):
+        monkeypatch.delattr(os, name, raising=False)
+    assert pemlang("eval", "--input", f"x={models / 'a'}", "--out", str(tmp_path / "other"),
+                   "--into", str(models / "llama_sharded"), "--", "x") == 0
+    assert snapshot_bytes(tmp_path / "other") == snapshot_bytes(tmp_path / "linux")
+
+
+def snapshot_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "README.md"}
+
+
 def test_ia3_multiplies_along_peft_axis(models: Path, tmp_path: Path) -> None:
     assert pemlang("eval", "--input", f"v={models / 'ia3'}", "--out", str(tmp_path / "m"),
                    "--into", str(models / "llama"), "--", "v") == 0

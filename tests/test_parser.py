@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,6 +88,35 @@ def test_every_broken_statement_is_reported() -> None:
     assert [d.code for d in diagnostics] == ["E001", "E001", "E001"]
     assert [Source(text).line_col(d.span.start)[0] for d in diagnostics] == [1, 2, 3]  # type: ignore[union-attr]
     assert program.statements == (ast.Binding(Name("w"), Number(1)),)
+
+
+@pytest.mark.parametrize(("line", "caret", "hint"), [
+    ('output a intoo "b" -> "o"', "intoo", "did you mean `into`?"),
+    ('input x = "a" basee "o/n"', "basee", "did you mean `base`?"),
+    ("heads fromx a", "fromx", "did you mean `from`?"),
+    ('output a -> "o" into "b"', "into", '`into "BASE"` comes before the arrow: output EXPR into "BASE" -> "DIR"'),
+    ('output a into adapters/base -> "o"', "adapters", 'paths are written in double quotes: "adapters/base"'),
+    ("output a -> out/m  # a comment", "out", 'paths are written in double quotes: "out/m"'),
+])
+def test_a_misspelt_or_misplaced_keyword_is_named(line: str, caret: str, hint: str) -> None:
+    """A keyword is a whole word: `intoo` is a name (not `into` then `o`), and the error says which
+    keyword was likely meant; a path's quoting hint stops where the path does."""
+    _, diagnostics = parse_program(Source(line + "\n", "t.pem"))
+    assert len(diagnostics) == 1 and diagnostics[0].code == "E001"
+    assert diagnostics[0].span is not None
+    assert line[diagnostics[0].span.start:diagnostics[0].span.end] == caret
+    assert list(diagnostics[0].hints) == [hint]
+
+
+def test_keywords_are_words_names_may_start_with() -> None:
+    text = ('input base = "a" base "o/n"\ninput intoo = "b"\nfromage = base + intoo\n'
+            'output fromage into"m" -> "o"\nheads from base\n')
+    program, diagnostics = parse_program(Source(text, "t.pem"))
+    assert diagnostics == []
+    assert [type(s).__name__ for s in program.statements] == ["InputStmt", "InputStmt", "Binding", "OutputStmt",
+                                                              "HeadsStmt"]
+    output = program.statements[3]
+    assert isinstance(output, ast.OutputStmt) and output.into == "m" and output.path == "o"
 
 
 # -- laws ---------------------------------------------------------------------------------------

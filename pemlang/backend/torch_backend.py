@@ -132,10 +132,20 @@ class _HashingReader:
     def _pread_into(self, view: memoryview, begin: int) -> None:
         position = 0
         while position < len(view):
-            count = os.preadv(self.fd, [view[position:]], begin + position)
+            count = read_at(self.fd, view[position:], begin + position)
             if count == 0:
                 raise OSError(errno.EIO, f"{self.path} ends inside a tensor (it was cut off while being read)")
             position += count
+
+
+def read_at(fd: int, view: memoryview, offset: int) -> int:
+    """Read from `fd` at `offset` into `view` (preadv: no copy in between; pread where the system
+    has no preadv, as macOS before Python 3.12); the number of bytes read, 0 at the end of the file."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    chunk = os.pread(fd, len(view), offset)
+    view[: len(chunk)] = chunk
+    return len(chunk)
 
 
 class _Inputs:
