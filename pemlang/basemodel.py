@@ -433,7 +433,7 @@ def merge_summary(base: BaseModel, changes: Iterable[Change], shards: Layout | N
     how = f"resharded at {human_bytes(shards.max_shard_size)}" if shards.max_shard_size else "as the base is"
     if base.pickled:
         how += "; safetensors, from the base's pickled weights"
-    lines = [f"writes {len(shards.files)} weight file{plural} ({how}), {human_bytes(shards.nbytes)}; "
+    lines = [f"writes {len(shards.files)} weight file{plural} ({how}), {human_bytes(shards.nbytes)} of tensors; "
              f"{len(changed)} of {count} tensors change, every other is copied byte for byte"]
     for f in shards.files[:files_shown]:
         lines.append(f"  {f.name}: {human_bytes(f.data_size)}, {len(changed & f.tensors.keys())} of "

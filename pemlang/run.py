@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -330,12 +331,15 @@ def summary_line(out: OutputPlan, lost: Sequence[Dropped] = ()) -> str:
     """`out/yelp_cls: LoRA r=8, 8 layers, 28.5 KiB F32` — one output, for the run summary; for an
     output made through svd, what each svd call dropped (`; svd(a, rank=4) dropped 12.3% of ‖ΔW‖²
     at most, 8.1% on average over 8 layers`)."""
-    if out.into is not None:
+    if out.into is not None:  # the files as written (resharded or not), their size on disk
         changed = len(out.changes)
+        names = [f.name for f in out.shards.files] if out.shards is not None else [f.path.name for f in out.into.files]
+        size = sum(os.path.getsize(out.path / name) for name in names) if out.path is not None else out.into.nbytes
+        base = out.into.written if out.into.written.startswith("hf://") else display_path(out.into.path)
         return (f"{display_path(out.path) if out.path is not None else out.name or out.expression}: "
-                f"{'LoRA' if out.kind == 'lora' else '(IA)3'} merged into {out.into.written}, {changed} "
-                f"tensor{'s' if changed != 1 else ''} changed in {len(out.into.files)} weight "
-                f"file{'s' if len(out.into.files) != 1 else ''}, {human_bytes(out.into.nbytes)}")
+                f"{'LoRA' if out.kind == 'lora' else '(IA)3'} merged into {base}, {changed} "
+                f"tensor{'s' if changed != 1 else ''} changed in {len(names)} weight "
+                f"file{'s' if len(names) != 1 else ''}, {human_bytes(size)}")
     ranks = sorted({step.rank for step in out.layers})
     kind = ("LoRA r=" + ("/".join(map(str, ranks)) if len(ranks) <= 3 else f"{ranks[0]}…{ranks[-1]}")
             if out.kind == "lora" else "(IA)3")

@@ -53,3 +53,32 @@ def test_domain_transfer_is_the_formula_and_loads(workdir: Path) -> None:
     base = LlamaForSequenceClassification.from_pretrained(workdir / "adapters" / "base", num_labels=2)
     model = PeftModel.from_pretrained(base, workdir / "out" / "yelp_cls")
     assert torch.equal(model.base_model.model.score.modules_to_save["default"].weight, cls["base_model.model.score.weight"])
+
+
+def test_the_readmes_merge_into_the_base_runs_as_printed(example_root: Path) -> None:
+    """The README's "Merging into the base model" block is examples/into_base.pem, and `pemlang run`
+    of it from the repository root prints the line the README shows; transformers loads the model."""
+    import os
+    import re
+
+    from readme_blocks import REPO, program_block
+    from transformers import AutoModelForCausalLM
+
+    block = program_block("## Merging into the base model")
+    program = (EXAMPLES / "into_base.pem").read_text(encoding="utf-8")
+    assert [line[4:] for line in block.splitlines()] == [line for line in program.splitlines()
+                                                         if line and not line.startswith("#")]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"\n    \$ pemlang run examples/into_base.pem\n    (wrote .*)\n", readme)
+    assert shown is not None
+    out = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(example_root)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(out):
+            assert main(["run", "examples/into_base.pem", "--device", "cpu", "--force"]) == 0
+    finally:
+        os.chdir(cwd)
+    assert out.getvalue().splitlines()[0] == shown.group(1)
+    model = AutoModelForCausalLM.from_pretrained(str(example_root / "examples" / "out" / "merged_model"))
+    assert type(model).__name__ == "LlamaForCausalLM"
