@@ -39,7 +39,7 @@ def expression(rank: int) -> str:
 
 
 def ties_oracle(deltas: list, density: float):  # type: ignore[no-untyped-def]
-    """The SPEC's TIES on weighted ΔW, written out with PEFT's own routine: unit weights over the
+    """TIES on weighted ΔW as pemlang defines it, written out with PEFT's own routine: unit weights over the
     weighted updates (its weights multiply after the sign election)."""
     import torch
     from peft.utils import merge_utils

@@ -47,7 +47,7 @@ _PEFT_TYPE_NAMES = {
     "VBLORA": "VB-LoRA", "HRA": "HRA", "BONE": "Bone", "LN_TUNING": "LayerNorm tuning",
     "POLY": "Poly", "XLORA": "X-LoRA", "ADAPTION_PROMPT": "adaption prompt", "RANDLORA": "RandLoRA",
 }
-# Config fields that change what a LoRA adapter computes beyond ΔW = s·B·A (SPEC §2.4).
+# Config fields that change what a LoRA adapter computes beyond ΔW = s·B·A.
 _UNSUPPORTED_LORA_FIELDS = {
     "use_dora": "DoRA (use_dora)",
     "lora_bias": "LoRA bias (lora_bias)",

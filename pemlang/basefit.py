@@ -1,4 +1,4 @@
-"""The checker's rules for `output x into "BASE" -> "DIR"` (SPEC §5.2): the base model is read (its
+"""The checker's rules for `output x into "BASE" -> "DIR"`: the base model is read (its
 config and weight headers), and the output must fit it — every layer's tensor present in the base
 with the module's shape, nothing on a tensor the base ties to another, the base neither quantized
 nor pickled (unless --allow-pickle, for a local base), DIR apart from

@@ -1,4 +1,4 @@
-"""Reading a base model directory for `output x into "BASE" -> "DIR"` (SPEC §5.2): config.json and
+"""Reading a base model directory for `output x into "BASE" -> "DIR"`: config.json and
 the safetensors headers of its weight files, never a tensor (pickled `.bin` weights, allowed with
 --allow-pickle, are memory-mapped: their tensors' names, dtypes and shapes without their data). What the checker needs to decide
 whether a module fits the base (which tensor each adapted layer changes, of what shape), and what
@@ -151,7 +151,7 @@ _HF_SNAPSHOT = re.compile(r"(?:^|/)models--[^/]+/snapshots/[0-9a-f]{40}$")
 
 
 def identity(path: Path, config: Mapping[str, Any], hub_id: str | None = None) -> BaseModelRef:
-    """Which model a base directory is, as far as it says (SPEC §5.1): a Hub id resolved here, a
+    """Which model a base directory is, as far as it says: a Hub id resolved here, a
     snapshot of the Hugging Face cache (`org/name` at its commit), or the `_name_or_path` its
     config.json records; not recorded otherwise (a plain local directory)."""
     if hub_id is not None:

@@ -1,7 +1,7 @@
-"""AST → typed program, collecting every diagnostic (SPEC §1, §2, §4).
+"""AST → typed program, collecting every diagnostic (README "A program", "Two meanings of `+`", "Diagnostics").
 
 Every module-valued expression is typed as a linear form over its sources (the inputs, and the
-results of `svd(...)`): per source the coefficients alpha and beta of SPEC §2. Scalars fold here.
+results of `svd(...)`): per source the coefficients alpha and beta (README "Two meanings of `+`"). Scalars fold here.
 The values it builds, and the CheckedProgram it returns, are defined in checked.py.
 The checker reads adapter signatures only (config + safetensors header), never tensor data.
 """
@@ -351,7 +351,7 @@ class Checker(CallChecks, IntoChecks):
                    into_source: Source | None = None) -> None:
         """Declare an output: `expr` must be a module; its directory must not clobber anything.
         `written` None declares an output evaluated to tensors only. `into` (a base model directory)
-        makes it a full model: the module merged into that base (SPEC §5.2)."""
+        makes it a full model: the module merged into that base (README "Merging into the base model")."""
         value = self.expr(expr)
         if isinstance(value, ScalarValue):
             self._error("E019", "an output must be a module, but this is a number", expr.span,
@@ -451,7 +451,7 @@ class Checker(CallChecks, IntoChecks):
         self.heads = stmt
 
     def _check_heads(self, value: ModuleValue, span: Span) -> None:
-        """SPEC §2.3: full tensors mix only as a convex combination."""
+        """Full tensors (heads) mix only as a convex combination."""
         if self.heads is not None and self.heads.policy in ("from", "drop"):
             return
         betas = {n: b for n, b in value.input_betas().items() if b != 0.0}

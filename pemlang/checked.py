@@ -1,6 +1,6 @@
 """The typed program the checker produces, and lowering, running and the faces consume: each
 module-valued expression a linear form Σ (alpha, beta) · source over the inputs and function results
-(SPEC §2), scalars folded, the outputs, and the settings a program was checked with."""
+(alpha scales A, beta scales B), scalars folded, the outputs, and the settings a program was checked with."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ TermSource = InputRef | CallRef
 
 @dataclass(frozen=True, slots=True)
 class Term:
-    """`alpha` scales A (paper mode); `beta` scales B, (IA)3 offsets and heads (SPEC §2)."""
+    """`alpha` scales A (paper mode); `beta` scales B, (IA)3 offsets and heads (paper mode's λ·(A, B) and ⊖)."""
 
     source: TermSource
     alpha: float
@@ -89,12 +89,12 @@ class ModuleValue:
         return self.terms[0].source.describe() if self.terms else "0"
 
     def scaled(self, factor: float) -> ModuleValue:
-        """λ·(A, B) = (λA, λB) (SPEC §2.1)."""
+        """λ·(A, B) = (λA, λB)."""
         return ModuleValue(tuple(Term(t.source, t.alpha * factor, t.beta * factor) for t in self.terms),
                            self.type)
 
     def negated(self) -> ModuleValue:
-        """⊖(A, B) = (A, −B): alpha is kept, beta changes sign (SPEC §2.1)."""
+        """⊖(A, B) = (A, −B): alpha is kept, beta changes sign."""
         return ModuleValue(tuple(Term(t.source, t.alpha, -t.beta) for t in self.terms), self.type)
 
     def plus(self, other: ModuleValue, combined: ModuleType) -> ModuleValue:

@@ -732,7 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--input-base", action="append", default=[], metavar="NAME=ORG/MODEL",
                           help="take input NAME as trained on this base model (when its config records another "
                                "name for it; a warning says so)")
-    evaluate.add_argument("--out", required=True, metavar="DIR", help="the output adapter directory")
+    evaluate.add_argument("--out", required=True, metavar="DIR",
+                          help="the output directory: an adapter, or with --into a full model")
     evaluate.add_argument("--into", default=None, metavar="BASE",
                           help="write a full model instead: the result merged into the base model directory BASE "
                                "(config.json + safetensors weights), which is never written")
@@ -802,9 +803,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--show", metavar="STUDY", default=None, help="print a study's trials, best point and plot")
     tune.set_defaults(handler=cmd_tune)
 
-    inspect = commands.add_parser("inspect", help="print an adapter's type signature")
+    inspect = commands.add_parser("inspect", help="print an adapter's type signature, or what a model directory is "
+                                                   "(a merged model: how it was made)")
     inspect.add_argument("adapter", metavar="ADAPTER_DIR|hf://ORG/NAME[@REV]",
-                         help="a PEFT adapter directory, or an adapter on the Hugging Face Hub")
+                         help="a PEFT adapter directory, or an adapter on the Hugging Face Hub; also a model "
+                              "directory (a base, or a model pemlang merged)")
     inspect.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE)
     inspect.set_defaults(handler=cmd_inspect)
     return parser

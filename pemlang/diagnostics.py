@@ -1,4 +1,4 @@
-"""Diagnostics: every user error and warning, and the one renderer that prints them (SPEC §4).
+"""Diagnostics: every user error and warning, and the one renderer that prints them (README "Diagnostics").
 
 A diagnostic carries a code, a message, the source span it is about, and notes and hints. The
 renderer prints them as rustc does:

@@ -1,4 +1,4 @@
-"""Writing a module merged into its base model (`output x into "BASE" -> "DIR"`, SPEC §5.2), streamed.
+"""Writing a module merged into its base model (`output x into "BASE" -> "DIR"`), streamed.
 
 Each of the base's weight files becomes a file of the same name in the staging directory, laid out
 before anything is computed: the same header (tensor names, dtypes, shapes, data offsets) with

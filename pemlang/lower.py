@@ -1,4 +1,4 @@
-"""Typed program → Plan: per output, per layer, the coefficients and shapes of SPEC §2.
+"""Typed program → Plan: per output, per layer, the coefficients and shapes of each input (README "Two meanings of `+`").
 
 Scalars were folded and repeated sources merged by the checker; lowering decides, per layer,
 which terms contribute, the output rank (paper: the inputs' rank; exact: the sum of the

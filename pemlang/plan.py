@@ -1,4 +1,4 @@
-"""The evaluation plan: what lowering produces and the backend executes (SPEC §2).
+"""The evaluation plan: what lowering produces and the backend executes.
 
 Per output, per layer, which sources combine how: the coefficients are folded numbers, ranks and
 dtypes are decided, and the adapter_config.json to write is built. The plan holds no tensors;
@@ -36,9 +36,9 @@ class PlanTerm:
 class LayerStep:
     """How one output layer is computed.
 
-    paper:  A = Σ alpha_i·A_i;  B = Σ beta_i·(s_i/s_out)·B_i                       (SPEC §2.1)
-    concat: A = [A_1; A_2; …];  B = [beta_1·s_1·B_1 | beta_2·s_2·B_2 | …], scaling 1   (SPEC §2.2)
-    ia3:    l = 1 + Σ beta_i·(l_i − 1)                                               (SPEC §2.1)
+    paper:  A = Σ alpha_i·A_i;  B = Σ beta_i·(s_i/s_out)·B_i
+    concat: A = [A_1; A_2; …];  B = [beta_1·s_1·B_1 | beta_2·s_2·B_2 | …], scaling 1
+    ia3:    l = 1 + Σ beta_i·(l_i − 1)
     """
 
     key: str
@@ -57,8 +57,8 @@ class LayerStep:
 class CallStep:
     """A function call (operators.OPERATORS), evaluated per layer from its arguments' ΔW.
 
-    svd:   the best rank-R approximation of its argument's ΔW (SPEC §2.2), low-rank
-    prune, dare, ties: element-wise on ΔW (SPEC §2.5), dense per layer
+    svd:   the best rank-R approximation of its argument's ΔW, low-rank
+    prune, dare, ties: element-wise on ΔW, dense per layer
     """
 
     id: str  # `svd#1`, `ties#2`: what PlanTerm.source names

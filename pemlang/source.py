@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-# Files that carry a program inside a config block (SPEC §7), rather than a .pem program.
+# Files that carry a program inside a config block (README "Configs"), rather than a .pem program.
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 
 

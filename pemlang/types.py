@@ -1,4 +1,4 @@
-"""Types of values: Scalar, and Module[kind, base, signature] (SPEC §1).
+"""Types of values: Scalar, and Module[kind, base, signature].
 
 A module's signature is everything the checker needs to decide whether modules combine: per
 adapted layer its shapes, rank and scaling, and the full tensors of `modules_to_save` (heads).

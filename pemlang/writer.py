@@ -1,4 +1,4 @@
-"""Writing PEFT adapter directories (SPEC §5), atomically and byte-for-byte reproducibly.
+"""Writing PEFT adapter directories, atomically and byte-for-byte reproducibly.
 
 Every write goes through `guard` first: an input (or a directory containing or inside one) is never
 written, an existing directory is replaced only with `force`, two outputs never share a directory,

@@ -1,6 +1,6 @@
 """The aligned merges on one layer, computed from LoRA factors: the bases of `core` and `knots`, the
-inputs' coordinates in them, and the spectral functions `tsv` and `iso` (SPEC "Merging in a shared
-basis").
+inputs' coordinates in them, and the spectral functions `tsv` and `iso` (README "Adapters that do
+not share a basis").
 
 Nothing here forms a d×k weight update: a basis comes from thin QRs of the stacked factors and the
 SVD of a small core, so a layer costs O((d + k)·R²) for R = Σ r_i. Work is in float64 (the bases'

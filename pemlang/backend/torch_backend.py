@@ -452,7 +452,7 @@ class TorchBackend:
 
     def _paper(self, step: LayerStep, inputs: _Inputs, cosines: dict[tuple[str, str], dict[str, tuple[float, int]]]
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A = Σ alpha_i·A_i;  B = Σ beta_i·(s_i/s_out)·B_i  (SPEC §2.1)."""
+        """A = Σ alpha_i·A_i;  B = Σ beta_i·(s_i/s_out)·B_i  (paper mode)."""
         a_out = torch.zeros((step.rank, step.shape[1]), dtype=torch.float32, device=self.device)
         b_out = torch.zeros((step.shape[0], step.rank), dtype=torch.float32, device=self.device)
         for term in step.terms:
@@ -554,7 +554,7 @@ class TorchBackend:
     def _concat(self, plan: Plan, step: LayerStep, inputs: _Inputs,
                 cache: dict[tuple[str, str], Any], index: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A = [A_1; A_2; …];  B = [beta_1·s_1·B_1 | …]: ΔW = Σ beta_i·s_i·B_i·A_i exactly (SPEC §2.2)."""
+        """A = [A_1; A_2; …];  B = [beta_1·s_1·B_1 | …]: ΔW = Σ beta_i·s_i·B_i·A_i exactly (exact mode)."""
         out_features, in_features = step.shape
         if not step.terms:
             return (torch.zeros((1, in_features), device=self.device),
@@ -586,7 +586,7 @@ class TorchBackend:
 
     def _svd(self, plan: Plan, svd: CallStep, layer: str, inputs: _Inputs,
              cache: dict[tuple[str, str], Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best rank-R approximation of ΔW at one layer (SPEC §2.2).
+        """Best rank-R approximation of ΔW at one layer (`svd`).
 
         Low-rank argument: B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), so ΔW = Q_b (R_b R_aᵀ) Q_aᵀ; the SVD
         of the small core U S Vᵀ gives ΔW = (Q_b U) S (Q_a V)ᵀ, at O((d + k)·m²) for a stacked rank m,
