@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .diagnostics import display_path
+from .suggest import near_directory
 from .types import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
@@ -226,7 +227,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG_NAME
     mode = _stat_mode(directory)
     if mode is None:
-        raise AdapterError("E012", "adapter directory not found", notes=[f"no such directory: {display_path(directory)}"])
+        near = near_directory(directory)
+        raise AdapterError("E012", "adapter directory not found", notes=[f"no such directory: {display_path(directory)}"],
+                           hints=[f"did you mean {display_path(near)}?"] if near is not None else [])
     if not stat.S_ISDIR(mode):
         raise AdapterError("E012", "not an adapter directory", notes=[f"{display_path(directory)} is {_kind(mode)}"],
                            hints=["an input is a PEFT adapter directory (adapter_config.json + weights)"])

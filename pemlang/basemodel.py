@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from .adapters import AdapterError, TensorInfo, read_safetensors_header
 from .diagnostics import display_path
+from .suggest import near_directory
 from .types import FLOAT_DTYPES, BaseModelRef, Head, Ia3Layer, LoraLayer, ModuleType
 
 CONFIG_NAME = "config.json"
@@ -170,8 +171,10 @@ def read_base(path: Path, written: str, *, hub_id: str | None = None, allow_pick
     try:
         mode = path.stat().st_mode
     except OSError:
+        near = near_directory(path)
         raise BaseModelError("E035", "base model directory not found",
-                             notes=[f"no such directory: {display_path(path)}"]) from None
+                             notes=[f"no such directory: {display_path(path)}"],
+                             hints=[f"did you mean {display_path(near)}?"] if near is not None else []) from None
     if not stat.S_ISDIR(mode):
         raise BaseModelError("E035", "the base model is not a directory", notes=[display_path(path)],
                              hints=["a base model is a directory written by transformers' save_pretrained "

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 RANKED = 64  # candidates difflib compares per question
 SCAN = 2000  # index entries looked at per question
@@ -115,3 +117,23 @@ def did_you_mean(name: str, candidates: Iterable[str] | NameIndex) -> list[str]:
     """A hint naming the closest candidate, if one is close."""
     close = closest_name(name, candidates)
     return [f"did you mean `{close}`?"] if close else []
+
+
+SIBLINGS_LOOKED_AT = 10_000  # entries of a directory compared with a missing name, at most
+
+
+def near_directory(path: Path) -> Path | None:
+    """A directory beside the missing `path` whose name is close to its name (`adapters/thta1` →
+    `adapters/theta1`), if its parent exists; the first SIBLINGS_LOOKED_AT entries are looked at."""
+    names = []
+    try:
+        with os.scandir(path.parent) as entries:
+            for number, entry in enumerate(entries):
+                if number >= SIBLINGS_LOOKED_AT:
+                    break
+                if not entry.name.startswith(".") and entry.is_dir():
+                    names.append(entry.name)
+    except (OSError, ValueError):
+        return None
+    close = closest_name(path.name, names) if names else None
+    return path.parent / close if close is not None else None

@@ -177,3 +177,26 @@ def test_sweep_ranges_are_the_decimals_written_not_float_noise() -> None:
     assert [sweep_suffix({name: v}, decimals) for v in values[:3]] == ["λ=0.000000", "λ=0.000005", "λ=0.000010"]
     name, values = parse_sweep("λ=0:1e-300:1e-303", max_points=2000)  # tiny steps are not "listed twice"
     assert len(values) == 1001 and len(set(values)) == 1001
+
+
+def test_a_missing_directory_names_a_close_one_beside_it(tmp_path: Path) -> None:
+    """A mistyped input or base directory is named with the directory beside it that it most
+    likely meant; a name close to nothing gets no guess."""
+    from peft_factory import lora, save_base
+
+    lora(tmp_path / "adapters" / "theta1", 1)
+    save_base(tmp_path / "adapters" / "base")
+    program = tmp_path / "p.pem"
+    for text, hint in [
+        ('input a = "adapters/thta1"\noutput a -> "out/m"\n', "did you mean adapters/theta1?"),
+        ('input a = "adapters/theta1"\noutput a into "adapters/bse" -> "out/m"\n', "did you mean adapters/base?"),
+        ('input a = "adapters/zzzzzzzz"\noutput a -> "out/m"\n', None),
+    ]:
+        program.write_text("mode exact\n" + text, encoding="utf-8")
+        with contextlib.chdir(tmp_path):
+            status, _, err = cli("check", "p.pem")
+        assert status == 1 and "no such directory" in err, err
+        if hint is None:
+            assert "did you mean" not in err, err
+        else:
+            assert f"= hint: {hint}" in err, err
