@@ -262,11 +262,9 @@ def _header_stand_in(ref: HubRef, config: Path) -> Resolved:
     HTTP range: written to a temporary directory as a sparse file of the full length."""
     import shutil
 
-    from huggingface_hub import HfApi
-
     commit = _commit_of(config, ref)
     name = f"{ref.subfolder}/adapter_model.safetensors" if ref.subfolder else "adapter_model.safetensors"
-    parsed = HfApi().parse_safetensors_file_metadata(ref.repo, name, revision=commit)
+    parsed = _read_header(ref.repo, name, commit)
     directory = _stand_in_directory(ref, commit)
     shutil.copyfile(config, directory / "adapter_config.json")
     _write_header(directory / "adapter_model.safetensors", parsed)
@@ -282,8 +280,9 @@ def _model_header_stand_in(ref: HubRef) -> Resolved | None:
     import json
     import shutil
 
-    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import filter_repo_objects
 
     if _offline():
         return None
@@ -302,19 +301,23 @@ def _model_header_stand_in(ref: HubRef) -> Resolved | None:
         names = ["model.safetensors"]
     else:
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+            index_json = json.loads(index.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None  # read_base of the snapshot says what is wrong with it
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             return None
         names = sorted(set(weight_map.values()))
         if any("/" in name or name.startswith(".") for name in names):
             return None
     full = [f"{ref.subfolder}/{name}" if ref.subfolder else name for name in names]
+    patterns = [f"{ref.subfolder}/{p}" if ref.subfolder else p for p in MODEL_FILES]
+    if len(list(filter_repo_objects(full, allow_patterns=patterns))) != len(full):
+        return None  # weight files `run` does not fetch (not model*.safetensors): its diagnostic, not a stand-in's
     if all(isinstance(try_to_load_from_cache(ref.repo, name, revision=commit), str) for name in full):
         return None
     try:
-        parsed = [HfApi().parse_safetensors_file_metadata(ref.repo, name, revision=commit) for name in full]
+        parsed = [_read_header(ref.repo, name, commit) for name in full]
     except (hub_errors.EntryNotFoundError, hub_errors.SafetensorsParsingError):
         return None  # no such weight file (a pickled base, a torn index), or a bad header: as `run` sees it
     directory = _stand_in_directory(ref, commit)
@@ -324,6 +327,38 @@ def _model_header_stand_in(ref: HubRef) -> Resolved | None:
     for name, header in zip(names, parsed, strict=True):
         _write_header(directory / name, header)
     return Resolved(ref, directory, commit)
+
+
+MAX_STAND_IN = 1 << 40  # bytes: more than any file on the Hub; a header claiming more is damaged
+
+
+def _read_header(repo: str, filename: str, revision: str) -> Any:
+    """huggingface_hub's parse of a weight file's header by HTTP range, checked for what a stand-in
+    needs: SafetensorsParsingError for a header it cannot stand for (huggingface_hub checks little:
+    a tensor entry that is not an object, offsets that are not two numbers, metadata that is not an
+    object), Unreachable when the HTTP client fails (timed out, connection dropped)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub_errors
+
+    damaged = hub_errors.SafetensorsParsingError(f"{filename}: the safetensors header is malformed")
+    try:
+        parsed = HfApi().parse_safetensors_file_metadata(repo, filename, revision=revision)
+    except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, hub_errors.SafetensorsParsingError):
+        raise
+    except (TypeError, AttributeError, ValueError, IndexError, KeyError):
+        raise damaged from None
+    except Exception as exc:  # noqa: BLE001 - whatever the HTTP client raises (timeouts, dropped connections)
+        from .diagnostics import first_line
+
+        raise Unreachable(first_line(exc) or type(exc).__name__) from None
+    if not isinstance(parsed.metadata, dict):
+        raise damaged
+    for info in parsed.tensors.values():
+        offsets = info.data_offsets
+        if (len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= MAX_STAND_IN):
+            raise damaged
+    return parsed
 
 
 def _stand_in_directory(ref: HubRef, commit: str) -> Path:

@@ -174,6 +174,19 @@ class _FakeHub:
                         hub.in_flight -= 1
 
             def _reply(self, body: bool) -> None:
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] == ["api", "models"]:  # snapshot_download's repository info and listing
+                    entries = [{"type": "file", "path": p, "rfilename": p, "size": len(d),
+                                "oid": hashlib.sha1(d).hexdigest()}
+                               for (r, p), d in hub.files.items() if r == "/".join(parts[2:4])]
+                    listed = json.dumps(entries if parts[4:5] == ["tree"] else
+                                        {"id": "/".join(parts[2:4]), "sha": hub.commit, "siblings": entries}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(listed)))
+                    self.end_headers()
+                    if body:
+                        self.wfile.write(listed)
+                    return
                 repo = "/".join(self.path.strip("/").split("/")[:2])
                 if repo in hub.errors:
                     status, code = hub.errors[repo]
@@ -331,6 +344,71 @@ def test_check_of_a_hub_base_reads_only_the_headers_of_its_weights(tmp_path: Pat
         assert not (tmp_path / "out").exists()
     finally:
         hub.close()
+
+
+def _header(header: object) -> bytes:
+    import struct
+
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + bytes(64)
+
+
+_F32 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize("file, data, message", [
+    ("model.safetensors", _header({"x": 5}), "an entry has exactly dtype, shape and data_offsets"),
+    ("model.safetensors", _header([1, 2]), "the header is not a JSON object"),
+    ("model.safetensors", _header({"__metadata__": 5, "x": _F32}), "__metadata__ is not a map of strings to strings"),
+    ("model.safetensors", _header({"x": {**_F32, "data_offsets": 16}}), "malformed data_offsets 16"),
+    ("model.safetensors", _header({"x": {**_F32, "data_offsets": [0]}}), "malformed data_offsets [0]"),
+    ("model.safetensors", _header({"x": {**_F32, "data_offsets": [0, 2**62]}}), "do not fit F32[4]"),
+    ("model.safetensors.index.json", b"[1]", "has no weight_map of tensor names to files"),
+    ("model.safetensors.index.json", json.dumps({"weight_map": {"x": "pytorch_model-1.safetensors"}}).encode(),
+     "weight file pytorch_model-1.safetensors is missing"),  # run does not fetch it: check must not pass it
+], ids=["entry", "list", "metadata", "offsets-int", "offsets-one", "offsets-huge", "index-list", "index-names"])
+def test_check_of_a_damaged_hub_base_says_what_run_says(tmp_path: Path, file: str, data: bytes, message: str) -> None:
+    """A hub base whose header or index is damaged: check says what run says about the snapshot (an
+    error at the `into`), never an internal error, and never passes what run would refuse."""
+    from peft_factory import lora, save_base
+
+    base = save_base(tmp_path / "base")
+    adapter = lora(tmp_path / "a", 1)
+    files = {("org/base", p.name): p.read_bytes() for p in base.iterdir()}
+    files[("org/base", file)] = data
+    if file.endswith(".json") and b"pytorch_model" in data:
+        files[("org/base", "pytorch_model-1.safetensors")] = files.pop(("org/base", "model.safetensors"))
+    hub = _FakeHub(files, SHA_A)
+    try:
+        program = tmp_path / "p.pem"
+        program.write_text(f'mode exact\ninput a = "{adapter}"\noutput a into "hf://org/base" -> "out/m"\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        for command in ("check", "run"):
+            done = subprocess.run([sys.executable, "-m", "pemlang.cli", command, str(program)], text=True,
+                                  capture_output=True, env=env, timeout=120)
+            assert done.returncode == 1 and "error[E035]" in done.stderr and message in done.stderr, (command, done.stderr)
+    finally:
+        hub.close()
+
+
+def test_a_hub_that_stops_answering_a_header_request_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HTTP client's own errors (a read timed out, a dropped connection) while reading a header
+    by range are Unreachable (a diagnostic with the connection hints), not an internal error."""
+    from huggingface_hub import HfApi
+
+    from pemlang import hub
+
+    class ReadTimeout(Exception):  # as the HTTP client under huggingface_hub raises it (not an OSError)
+        pass
+
+    def stalled(*args: object, **kwargs: object) -> None:
+        raise ReadTimeout("timed out")
+
+    monkeypatch.setattr(HfApi, "parse_safetensors_file_metadata", stalled)
+    with pytest.raises(hub.Unreachable, match="timed out"):
+        hub._read_header("org/base", "model.safetensors", SHA_A)
 
 
 @pytest.mark.parametrize("written, message, hint", [
