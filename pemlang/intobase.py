@@ -21,6 +21,7 @@ unpickler and written as safetensors files (basemodel.layout), each tensor's byt
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -204,7 +205,8 @@ class MergedModel:
             self.unflushed[written] = 0
             _datasync(self.targets[written])
             if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self.targets[written], 0, 0, os.POSIX_FADV_DONTNEED)
+                with contextlib.suppress(OSError):  # advice: a file system that does not take it loses nothing
+                    os.posix_fadvise(self.targets[written], 0, 0, os.POSIX_FADV_DONTNEED)
 
     # -- the sink's side ---------------------------------------------------------------------------
 

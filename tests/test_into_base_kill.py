@@ -203,6 +203,25 @@ def test_a_full_disk_mid_write_is_E018_and_leaves_nothing(made: Path, tmp_path: 
         assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pem"]
 
 
+def test_advice_the_file_system_does_not_take_loses_nothing(made: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """posix_fadvise is advice: where it fails (ESPIPE, EINVAL on some file systems) the model is
+    written all the same, the same bytes."""
+    from pemlang import intobase
+
+    path = program(made, tmp_path)
+    assert run(path, 2)[0] == 0
+    expected = snapshot(tmp_path / "m")
+
+    def refuse(*args: object) -> None:
+        raise OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
+
+    monkeypatch.setattr(intobase, "FLUSH_BYTES", 1000)
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    assert run(path, 2)[0] == 0
+    assert snapshot(tmp_path / "m") == expected
+
+
 def test_concurrent_writers_of_one_dir_take_turns(made: Path, tmp_path: Path) -> None:
     """A second writer of DIR that starts while the first is in the middle of writing waits for it:
     both succeed, the second's model is the one left, whole, and no staging remains."""
