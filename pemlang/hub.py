@@ -279,6 +279,7 @@ def _model_header_stand_in(ref: HubRef) -> Resolved | None:
     as `run` does, with the same diagnostics."""
     import json
     import shutil
+    from concurrent.futures import ThreadPoolExecutor
 
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -317,7 +318,8 @@ def _model_header_stand_in(ref: HubRef) -> Resolved | None:
     if all(isinstance(try_to_load_from_cache(ref.repo, name, revision=commit), str) for name in full):
         return None
     try:
-        parsed = [_read_header(ref.repo, name, commit) for name in full]
+        with ThreadPoolExecutor(max_workers=min(HEADER_READERS, len(full))) as pool:  # round trips overlap
+            parsed = list(pool.map(lambda name: _read_header(ref.repo, name, commit), full))
     except (hub_errors.EntryNotFoundError, hub_errors.SafetensorsParsingError):
         return None  # no such weight file (a pickled base, a torn index), or a bad header: as `run` sees it
     directory = _stand_in_directory(ref, commit)
@@ -329,6 +331,7 @@ def _model_header_stand_in(ref: HubRef) -> Resolved | None:
     return Resolved(ref, directory, commit)
 
 
+HEADER_READERS = 8  # weight files' headers read at once (a 70B base has 30 shards, some 100s)
 MAX_STAND_IN = 1 << 40  # bytes: more than any file on the Hub; a header claiming more is damaged
 
 
