@@ -265,9 +265,7 @@ def test_check_reads_only_the_header_of_weights_not_cached(tmp_path: Path) -> No
     try:
         program = tmp_path / "p.pem"
         program.write_text('input a = "hf://org/big"\ninput b = "hf://org/big/sub"\noutput a - b -> "out/d"\n')
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"),
-                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        env = _hub_env(tmp_path, hub.url)
         done = subprocess.run([sys.executable, "-m", "pemlang.cli", "check", str(program)], text=True,
                               capture_output=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
@@ -323,9 +321,7 @@ def test_check_of_a_hub_base_reads_only_the_headers_of_its_weights(tmp_path: Pat
     files = {("org/base", p.name): p.read_bytes() for p in base.iterdir()}
     hub = _FakeHub(files, SHA_A, delay=0.1 if sharded else 0.0)  # each answer slow: the shards' headers overlap
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"),
-                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        env = _hub_env(tmp_path, hub.url)
         shown = {}
         for where in ("hf://org/base", str(base)):
             program = tmp_path / "p.pem"
@@ -383,9 +379,7 @@ def test_check_of_a_damaged_hub_base_says_what_run_says(tmp_path: Path, file: st
     try:
         program = tmp_path / "p.pem"
         program.write_text(f'mode exact\ninput a = "{adapter}"\noutput a into "hf://org/base" -> "out/m"\n')
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"),
-                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        env = _hub_env(tmp_path, hub.url)
         for command in ("check", "run"):
             done = subprocess.run([sys.executable, "-m", "pemlang.cli", command, str(program)], text=True,
                                   capture_output=True, env=env, timeout=120)
@@ -428,9 +422,7 @@ def test_hub_errors_online(tmp_path: Path, written: str, message: str, hint: str
     try:
         program = tmp_path / "p.pem"
         program.write_text(f'input a = "{written}"\noutput a -> "out/a"\n')
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"),
-                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        env = _hub_env(tmp_path, hub.url)
         done = subprocess.run([sys.executable, "-m", "pemlang.cli", "check", str(program)], text=True,
                               capture_output=True, env=env, timeout=120)
     finally:
@@ -504,13 +496,19 @@ def test_names_that_are_not_repositories(cache: Path, written: str) -> None:
 # -- no connection: one short attempt per id, all ids at once ------------------------------------------
 
 
+def _hub_env(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
+    """The environment of a child pemlang that talks to the Hub at `endpoint`, with its own cache
+    under `tmp_path` and none of this machine's HF_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(tmp_path / "cache"),
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", **extra)
+    return env
+
+
 def _offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """No HF_HUB_OFFLINE, and a Hub endpoint where nothing listens (port 9, discard): every
     connection is refused, as on a machine without network."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(PYTHONPATH=str(REPO), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "cache"),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", **extra)
-    return env
+    return _hub_env(tmp_path, "http://127.0.0.1:9", **extra)
 
 
 def test_no_connection_fails_fast_and_names_hf_hub_offline(tmp_path: Path) -> None:
