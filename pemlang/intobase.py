@@ -66,8 +66,10 @@ def shard_header(file: BaseFile | OutFile, meta: Mapping[str, str], length: int 
     return struct.pack("<Q", length) + text + b" " * (length - len(text))
 
 
-def _copy_range(source: int, target: int, begin: int, end: int, shift: int) -> None:
-    """Bytes [begin, end) of `source` to `target` at begin + shift: in the kernel where it can."""
+def _copy_range(source: int, target: int, begin: int, end: int, shift: int,
+                copied: Callable[[int], None] = lambda count: None) -> None:
+    """Bytes [begin, end) of `source` to `target` at begin + shift: in the kernel where it can;
+    `copied` is told each chunk's bytes as they land."""
     position = begin
     while position < end:
         count = min(COPY_CHUNK, end - position)
@@ -88,6 +90,7 @@ def _copy_range(source: int, target: int, begin: int, end: int, shift: int) -> N
                 written = os.pwrite(target, view, offset)
                 view, offset = view[written:], offset + written
             done = len(data)
+        copied(done)
         position += done
 
 
@@ -167,6 +170,9 @@ class MergedModel:
         self.targets.append(target)
         self.unflushed.append(0)
         written = len(self.targets) - 1
+
+        def wrote(count: int) -> None:
+            self._wrote(written, count)
         header = shard_header(file, meta)
         self.lengths.append(len(header) - 8)
         self.starts.append(len(header))
@@ -187,12 +193,10 @@ class MergedModel:
                 run[3] += info.nbytes
                 continue
             if run:
-                _copy_range(self.sources[run[0]], target, run[1], run[1] + run[3], run[2] - run[1])
-                self._wrote(written, run[3])
+                _copy_range(self.sources[run[0]], target, run[1], run[1] + run[3], run[2] - run[1], wrote)
             run = [number, begin, len(header) + info.begin, info.nbytes]
         if run:
-            _copy_range(self.sources[run[0]], target, run[1], run[1] + run[3], run[2] - run[1])
-            self._wrote(written, run[3])
+            _copy_range(self.sources[run[0]], target, run[1], run[1] + run[3], run[2] - run[1], wrote)
 
     def _wrote(self, written: int, count: int) -> None:
         """Count bytes written to file `written`; every FLUSH_BYTES, put them on disk and let the page

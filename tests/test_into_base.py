@@ -287,6 +287,38 @@ def test_the_written_model_leaves_the_page_cache_as_it_goes(models: Path, tmp_pa
     assert_matches(state(tmp_path / "m"), peft_merged(models / base, models / "a"), state(models / base), ulps=1)
 
 
+def test_long_runs_of_untouched_tensors_are_flushed_as_they_are_copied(models: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tensors a module leaves alone are copied a chunk at a time, and each chunk counts towards
+    the next flush: a model whose adapter touches a few layers does not fill the page cache with the
+    rest before its first flush."""
+    import os
+
+    from pemlang import intobase
+
+    calls: list[str] = []
+    real_copy, real_sync = os.copy_file_range, os.fdatasync
+
+    def copy_file_range(*args: int) -> int:
+        calls.append("copy")
+        return real_copy(*args)
+
+    def fdatasync(fd: int) -> None:
+        calls.append("sync")
+        real_sync(fd)
+
+    monkeypatch.setattr(intobase, "COPY_CHUNK", 1024)
+    monkeypatch.setattr(intobase, "FLUSH_BYTES", 1024)  # every full chunk is a flush
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    assert pemlang("eval", "--input", f"x={models / 'mlp'}", "--out", str(tmp_path / "m"),
+                   "--into", str(models / "llama"), "--", "x") == 0
+    copies = [i for i, c in enumerate(calls) if c == "copy"]
+    syncs_while_copying = [i for i, c in enumerate(calls) if c == "sync" and i < copies[-1]]
+    assert len(copies) > 20 and len(syncs_while_copying) >= len(copies) // 2, calls
+    assert_matches(state(tmp_path / "m"), peft_merged(models / "llama", models / "mlp"), state(models / "llama"))
+
+
 def test_without_linuxs_calls_the_same_model_is_written(models: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the system lacks copy_file_range, preadv, fdatasync and posix_fadvise (macOS), the
