@@ -18,27 +18,19 @@ import pytest
 import torch
 from peft_factory import base_model
 from safetensors.torch import load_file
+from test_merges import INPUTS, PREFIX, input_deltas
 
 import pemlang
 from pemlang.cli import main
-
-PREFIX = "base_model.model."
-INPUTS = {"a": "llama_r8", "b": "llama_r8_b", "c": "llama_r8_c"}
-
 
 # -- oracles: PEFT's ΔW, a dense fp64 SVD ------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def deltas(adapters: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """ΔW = s·B·A per input and layer, as PEFT itself computes it (get_delta_weight), in fp64."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(base_model(), adapters / INPUTS["a"], adapter_name="a")
-    for name in ("b", "c"):
-        model.load_adapter(adapters / INPUTS[name], adapter_name=name)
-    layers = {n[len(PREFIX):]: m for n, m in model.named_modules() if hasattr(m, "lora_A")}
-    return {name: {k: m.get_delta_weight(name).detach().double() for k, m in layers.items()} for name in INPUTS}
+    """ΔW = s·B·A per input and layer, as PEFT itself computes it (get_delta_weight), in fp64 (PEFT's
+    fp32, widened exactly)."""
+    return {name: {k: d.double() for k, d in layers.items()} for name, layers in input_deltas(adapters).items()}
 
 
 def spectrum(delta: torch.Tensor) -> torch.Tensor:
