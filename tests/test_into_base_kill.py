@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import io
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from peft_factory import lora, save_base
+from test_kill import assert_lock_free, leftovers
 
 from pemlang.cli import main
 
@@ -58,18 +58,6 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def weight_files(made: Path) -> int:
     """The base's weight files: the writer's first pwrite calls are their headers, one each."""
     return len(list((made / "base").glob("*.safetensors")))
-
-
-def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
-
-
-def assert_lock_free(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if a lock was left held
-    finally:
-        os.close(fd)
 
 
 def patch_nth(owner: object, name: str, nth: int, action: Callable[[], None], *, after: bool = False) -> None:
