@@ -406,9 +406,7 @@ def plot(methods: list[str], results: dict, flat: list, baseline: int, shape: co
         axes[2].set_title("pemlang peak RSS (MiB) vs layers")
         axes[2].legend()
     fig.suptitle(f"core / knots, {shape.name} (* reference time scaled from sampled layers)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -397,6 +397,13 @@ def pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 100) -> None:  # type: ignore[no-untyped-def]
+    """Lay a finished figure out, write it to `path` and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

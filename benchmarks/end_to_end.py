@@ -348,9 +348,7 @@ def plot(results: dict, size: str, path: Path) -> None:  # type: ignore[type-arg
         ax.set_title(title + (", log scale" if key == "wall" else ""))
         ax.legend()
     fig.suptitle(f"end to end, {size} (* PEFT svd scaled from sampled layers)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

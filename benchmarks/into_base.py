@@ -381,9 +381,7 @@ def plot(results: dict, baseline: int, label: str, path: Path) -> None:  # type:
     axes[1].set_title("peak RSS (MiB)")
     axes[1].legend()
     fig.suptitle(f"merging into the base, {label}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

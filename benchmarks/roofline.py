@@ -140,9 +140,7 @@ def main() -> None:
     ax.barh(labels[::-1], seconds[::-1], color=["C2", "C1", "C2", "C0", "C0"][::-1])
     ax.set_xlabel(f"seconds (best of {args.repeat})")
     ax.set_title(f"roofline, {args.size}: {input_bytes / common.MiB:.0f} MiB in, {output_bytes / common.MiB:.0f} MiB out")
-    fig.tight_layout()
-    fig.savefig(md.with_suffix(".png"), dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, md.with_suffix(".png"))
     print(text)
     print(f"\nwrote {md} and {md.with_suffix('.png')}")
 

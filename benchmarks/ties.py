@@ -131,8 +131,7 @@ def main() -> None:
     ax.set_xscale("log")
     ax.set_xlabel("wall seconds (log)")
     ax.set_title(f"TIES + rank-{shape.rank} SVD, {shape.name}: {ratio:.1f}x")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
+    common.save_figure(fig, path.with_suffix(".png"), dpi=120)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     print(json.dumps({"ratio": ratio}))
 
