@@ -19,6 +19,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from . import ast
 from .diagnostics import Diagnostic, error
 from .source import Source, Span
+from .suggest import did_you_mean
 
 # A line that plainly starts a new statement: a keyword, or an unindented `name =`.
 _DEFINITION = re.compile(r"\s*(?:input\s+|param\s+)?([^\W\d]\w*)\s*=(?!=)")
@@ -261,15 +262,6 @@ def _describe_terminal(name: str) -> str:
 _KEYWORDS = {"_INTO": "into", "_BASE": "base", "HEADS_FROM": "from", "HEADS_DROP": "drop", "HEADS_MIX": "mix"}
 
 
-def _close_keyword(word: str, expected: set[str]) -> str | None:
-    """The expected keyword a misspelt name most likely meant (`intoo`, `bsae`), if any."""
-    import difflib
-
-    words = [_KEYWORDS[t] for t in expected if t in _KEYWORDS]
-    close = difflib.get_close_matches(word.lower(), words, n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
 def _describe_token(token: Token) -> str:
     if token.type == "$END":
         return "end of statement"
@@ -331,9 +323,10 @@ def _syntax_error(exc: UnexpectedInput, source: Source, chunk: _Chunk) -> Diagno
             notes.append("expected " + (", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1
                                          else words[0]))
     before = text[chunk.start : span.start].split("#", 1)[0]
-    keyword = _close_keyword(str(token), expected) if token.type == "NAME" else None
-    if keyword is not None:
-        hints.append(f"did you mean `{keyword}`?")
+    keyword = (did_you_mean(str(token).lower(), sorted(_KEYWORDS[t] for t in expected if t in _KEYWORDS))
+               if token.type == "NAME" else [])
+    if keyword:  # a misspelt keyword: `intoo`, `bsae`
+        hints += keyword
     elif token.type == "NAME" and "STRING" in expected:
         rest = text[span.start : chunk.end].split("#", 1)[0].strip()
         path = re.split(r'\s+(?:->|into|base)(?:\s|"|$)|"|\s+#', rest, maxsplit=1)[0].strip()
