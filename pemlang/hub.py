@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .diagnostics import first_line
+
 PREFIX = "hf://"
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _PATTERN = re.compile(rf"hf://(?P<repo>(?:{_REPO_PART}/)?{_REPO_PART})(?P<sub>(?:/[^@/]+)*)(?:@(?P<rev>[^@/\s]+))?")
@@ -91,15 +93,13 @@ def resolve(ref: HubRef, *, allow_pickle: bool = False, headers_only: bool = Fal
     stand-in file in a temporary directory: the header, then a hole as long as the tensor data."""
     try:
         from huggingface_hub import errors as hub_errors
-        from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - a dependency of peft
         raise HubError("hf:// inputs need huggingface_hub", ("pip install huggingface_hub",)) from None
     where = f"{ref.repo}" + (f"/{ref.subfolder}" if ref.subfolder else "") + (f"@{ref.revision}" if ref.revision else "")
 
     def fetch(filename: str) -> Path:
         reach(ref.repo, f"{ref.subfolder}/{filename}" if ref.subfolder else filename, ref.revision)
-        return Path(hf_hub_download(ref.repo, filename, subfolder=ref.subfolder, revision=ref.revision,
-                                    etag_timeout=_timeout()))
+        return _download(ref, filename)
 
     try:
         config = fetch("adapter_config.json")
@@ -140,7 +140,7 @@ def locate_model(text: str, *, headers_only: bool = False) -> Resolved:
     patterns = [f"{ref.subfolder}/{p}" if ref.subfolder else p for p in MODEL_FILES]
     try:
         reach(ref.repo, f"{ref.subfolder}/config.json" if ref.subfolder else "config.json", ref.revision)
-        stand_in = _model_header_stand_in(ref) if headers_only else None
+        stand_in = _model_header_stand_in(ref, patterns) if headers_only else None
         if stand_in is not None:
             return stand_in
         snapshot = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns,
@@ -157,8 +157,6 @@ def _failure(exc: BaseException, ref: HubRef, where: str, not_cached: tuple[type
     not cached while offline or unreachable, the files asked for missing (`missing`: message and
     hint, where that has a meaning of its own), or the error's own first line."""
     from huggingface_hub import errors as hub_errors
-
-    from .diagnostics import first_line
 
     login = "log in: `huggingface-cli login` (or set HF_TOKEN)"
     if isinstance(exc, hub_errors.GatedRepoError):
@@ -214,9 +212,12 @@ def reach(repo: str, filename: str, revision: str | None = None) -> None:
     except hub_errors.HfHubHTTPError:
         raise  # the Hub answered
     except Exception as exc:  # noqa: BLE001 - refused, timed out, no such host: whatever the HTTP client raises
-        from .diagnostics import first_line
+        raise _unreachable(exc) from None
 
-        raise Unreachable(first_line(exc) or type(exc).__name__) from None
+
+def _unreachable(exc: BaseException) -> Unreachable:
+    """What the HTTP client raised (refused, timed out, dropped), as Unreachable."""
+    return Unreachable(first_line(exc) or type(exc).__name__)
 
 
 def locate_all(texts: Iterable[str], *, allow_pickle: bool = False, headers_only: bool = False,
@@ -237,6 +238,14 @@ def locate_all(texts: Iterable[str], *, allow_pickle: bool = False, headers_only
         return {text: one(text) for text in wanted}
     with ThreadPoolExecutor(max_workers=min(8, len(wanted)), thread_name_prefix="pemlang-hub") as pool:
         return dict(zip(wanted, pool.map(one, wanted), strict=True))
+
+
+def _download(ref: HubRef, filename: str) -> Path:
+    """One file of `ref` (in its subfolder, at its revision) from the Hub cache, fetched if need be."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(ref.repo, filename, subfolder=ref.subfolder, revision=ref.revision,
+                                etag_timeout=_timeout()))
 
 
 def _commit_of(config: Path, ref: HubRef) -> str:
@@ -271,31 +280,27 @@ def _header_stand_in(ref: HubRef, config: Path) -> Resolved:
     return Resolved(ref, directory, commit)
 
 
-def _model_header_stand_in(ref: HubRef) -> Resolved | None:
+def _model_header_stand_in(ref: HubRef, patterns: list[str]) -> Resolved | None:
     """A base model's directory as `check` needs it when its weights are not cached: config.json
     and the index fetched, each weight file only its header (HTTP range requests), as a sparse
     file of the full length. None where the weights are cached already, where the Hub cannot be
     asked (offline), or where the base has no safetensors weights: the caller fetches the snapshot
-    as `run` does, with the same diagnostics."""
+    as `run` does, with the same diagnostics. `patterns`: the files `run` fetches (MODEL_FILES)."""
     import json
     import shutil
     from concurrent.futures import ThreadPoolExecutor
 
     from huggingface_hub import errors as hub_errors
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import filter_repo_objects
 
     if _offline():
         return None
 
-    def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(ref.repo, filename, subfolder=ref.subfolder, revision=ref.revision,
-                                    etag_timeout=_timeout()))
-
-    config = fetch("config.json")
+    config = _download(ref, "config.json")
     commit = _commit_of(config, ref)
     try:
-        index: Path | None = fetch("model.safetensors.index.json")
+        index: Path | None = _download(ref, "model.safetensors.index.json")
     except hub_errors.EntryNotFoundError:
         index = None
     if index is None:
@@ -312,7 +317,6 @@ def _model_header_stand_in(ref: HubRef) -> Resolved | None:
         if any("/" in name or name.startswith(".") for name in names):
             return None
     full = [f"{ref.subfolder}/{name}" if ref.subfolder else name for name in names]
-    patterns = [f"{ref.subfolder}/{p}" if ref.subfolder else p for p in MODEL_FILES]
     if len(list(filter_repo_objects(full, allow_patterns=patterns))) != len(full):
         return None  # weight files `run` does not fetch (not model*.safetensors): its diagnostic, not a stand-in's
     if all(isinstance(try_to_load_from_cache(ref.repo, name, revision=commit), str) for name in full):
@@ -351,9 +355,7 @@ def _read_header(repo: str, filename: str, revision: str) -> Any:
     except (TypeError, AttributeError, ValueError, IndexError, KeyError):
         raise damaged from None
     except Exception as exc:  # noqa: BLE001 - whatever the HTTP client raises (timeouts, dropped connections)
-        from .diagnostics import first_line
-
-        raise Unreachable(first_line(exc) or type(exc).__name__) from None
+        raise _unreachable(exc) from None
     if not isinstance(parsed.metadata, dict):
         raise damaged
     for info in parsed.tensors.values():
