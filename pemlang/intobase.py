@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .backend.torch_backend import all_finite, read_at
+from .backend.torch_backend import all_finite, read_exactly
 from .basemodel import CARD_NAME, INDEX_NAME, BaseFile, Change, OutFile, layout, load_pickled
 from .diagnostics import PemError, display_path, error
 from .plan import PEFT_PREFIX, OutputPlan
@@ -115,17 +115,6 @@ def _within(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     low, high = torch.aminmax(tensor)
     largest = torch.finfo(dtype).max
     return bool(-largest <= float(low)) and bool(float(high) <= largest)
-
-
-def _pread_all(fd: int, data: bytearray | memoryview, offset: int, name: str) -> None:
-    """Fill `data` from `fd` at `offset`."""
-    view = memoryview(data)
-    position = 0
-    while position < len(data):
-        count = read_at(fd, view[position:], offset + position)
-        if count == 0:
-            raise OSError(errno.EIO, f"{name} ended early")
-        position += count
 
 
 class MergedModel:
@@ -277,8 +266,8 @@ class MergedModel:
                 if size:
                     data.copy_(torch.frombuffer(self._pickled_bytes(number, target)[begin:begin + size], dtype=torch.uint8))
             else:
-                _pread_all(self.sources[number], data.numpy().data.cast("B"), file.data_start + info.begin + begin,
-                           file.path.name)
+                read_exactly(self.sources[number], data.numpy().data.cast("B"), file.data_start + info.begin + begin,
+                             f"{file.path.name} ended early")
             weight = data.view(dtype).reshape(block)
             wide = self._buffer("fp32", math.prod(block), torch.float32).view(block)
             wide.copy_(weight)

@@ -130,22 +130,23 @@ class _HashingReader:
         return data
 
     def _pread_into(self, view: memoryview, begin: int) -> None:
-        position = 0
-        while position < len(view):
-            count = read_at(self.fd, view[position:], begin + position)
-            if count == 0:
-                raise OSError(errno.EIO, f"{self.path} ends inside a tensor (it was cut off while being read)")
-            position += count
+        read_exactly(self.fd, view, begin, f"{self.path} ends inside a tensor (it was cut off while being read)")
 
 
-def read_at(fd: int, view: memoryview, offset: int) -> int:
-    """Read from `fd` at `offset` into `view` (preadv: no copy in between; pread where the system
-    has no preadv, as macOS before Python 3.12); the number of bytes read, 0 at the end of the file."""
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, [view], offset)
-    chunk = os.pread(fd, len(view), offset)
-    view[: len(chunk)] = chunk
-    return len(chunk)
+def read_exactly(fd: int, view: memoryview, offset: int, short: str) -> None:
+    """Fill `view` from `fd` at `offset` (preadv: no copy in between; pread where the system has no
+    preadv, as macOS before Python 3.12); OSError(EIO, `short`) if the file ends first."""
+    position = 0
+    while position < len(view):
+        if hasattr(os, "preadv"):
+            count = os.preadv(fd, [view[position:]], offset + position)
+        else:
+            chunk = os.pread(fd, len(view) - position, offset + position)
+            view[position:position + len(chunk)] = chunk
+            count = len(chunk)
+        if count == 0:
+            raise OSError(errno.EIO, short)
+        position += count
 
 
 class _Inputs:
